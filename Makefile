@@ -1,0 +1,83 @@
+# Two commands to start with:  make run   (the whole pipeline here)   make test   (the test suite)
+# Pool sizes and types come from the environment (see .env.example), e.g.
+#   AUDIO_CONCURRENCY=4 make worker-audio      or      make worker-audio AUDIO_CONCURRENCY=4
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+COMPOSE ?= docker compose
+PYTEST_ARGS ?=
+
+# Overrides given on the make command line reach the processes as environment variables.
+export INGEST_POOL INGEST_CONCURRENCY AUDIO_POOL AUDIO_CONCURRENCY \
+       TRANSCRIPTION_POOL TRANSCRIPTION_CONCURRENCY LOG_LEVEL
+
+.PHONY: install run test lint bench migrate beat flower worker-ingest worker-audio \
+        worker-transcription up down logs deploy clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+run: install                       ## the whole pipeline on this machine; Ctrl-C stops it
+	$(BIN)/bcfy run
+
+test: install                      ## the test suite (starts Redis/PostgreSQL if none answer)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install                     ## benchmarks; results land in bench/results/
+	$(BIN)/python bench/locks.py
+
+migrate: install
+	$(BIN)/bcfy migrate
+
+beat: install                      ## exactly one per deployment
+	$(BIN)/bcfy beat
+
+flower: install
+	$(BIN)/bcfy flower
+
+worker-ingest: install             ## polling, transcription dispatch, geo refresh
+	$(BIN)/bcfy worker ingest
+
+worker-audio: install              ## downloads and audio preparation
+	$(BIN)/bcfy worker audio
+
+worker-transcription: install      ## speech recognition (one process per CPU by default)
+	$(BIN)/bcfy worker transcription
+
+# --- containers (compose.yaml) ------------------------------------------------------------
+.env:
+	cp .env.example .env
+	@echo "made .env from .env.example: review it (secrets, FLOWER_BASIC_AUTH)"
+
+up: .env
+	$(COMPOSE) up -d --build
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow --tail=200
+
+# Migrate first, then replace beat, the workers and Flower one service at a time. A stopped
+# worker finishes its running tasks (warm shutdown, up to stop_grace_period); queued messages
+# wait in Redis for the new one.
+deploy: .env
+	$(COMPOSE) build
+	$(COMPOSE) up -d redis postgres
+	$(COMPOSE) run --rm migrate
+	for svc in worker-ingest worker-audio worker-transcription beat flower; do \
+	  $(COMPOSE) up -d --no-deps $$svc || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

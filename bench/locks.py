@@ -1,0 +1,125 @@
+"""The singleton lock's cost per run, against a bare Redis round trip measured in the same run.
+
+    python bench/locks.py [--runs 3000] [--redis-url redis://127.0.0.1:6379/14]
+
+Prints, and writes to bench/results/locks.txt:
+  * Redis round trips per run (counted at the connection) for a run that takes and releases the
+    lock, for a beat tick (which also records its slot), and for a skipped run;
+  * median microseconds of each, next to the median of a bare PING, and their ratio.
+Goal: at most 3 round trips per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workers.devservices import ThrowawayRedis, redis_reachable
+from workers.locks import SingletonLock
+
+RESULTS = Path(__file__).resolve().parent / "results" / "locks.txt"
+
+
+class CountingConnection(redis.Connection):
+    """Counts requests written to the socket: one per round trip (no pipelining here)."""
+
+    sent = 0
+
+    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        CountingConnection.sent += 1
+        return super().send_packed_command(command, check_health)
+
+
+def timed(fn, runs: int, chunk: int = 100) -> tuple[float, float]:
+    """(median microseconds per call over chunks, round trips per call)."""
+    CountingConnection.sent = 0
+    medians = []
+    for _ in range(runs // chunk):
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            fn()
+        medians.append((time.perf_counter() - t0) / chunk * 1e6)
+    return statistics.median(medians), CountingConnection.sent / (runs // chunk * chunk)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3000)
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    args = ap.parse_args()
+    server = None
+    url = args.redis_url
+    if not redis_reachable(url):
+        server = ThrowawayRedis().start()
+        url = server.url
+    pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    client = redis.Redis(connection_pool=pool)
+    try:
+        client.ping()  # connect, and load the scripts once, outside the measurement
+        SingletonLock(client, "bench.warm").acquire()
+        slot = iter(range(10**9))
+
+        def run_once() -> None:
+            # What a worker does per run: acquire, start the renewal thread, release.
+            lk = SingletonLock(client, "bench.job")
+            assert lk.acquire()
+            lk.start_renewing()
+            lk.release(allow_run_again=True)
+
+        def tick_once() -> None:
+            lk = SingletonLock(client, "bench.tick")
+            assert lk.acquire(tick_slot=next(slot), tick_ttl=60)
+            lk.release()
+
+        holder = SingletonLock(client, "bench.held")
+        holder.acquire()
+
+        def skipped_once() -> None:
+            assert not SingletonLock(client, "bench.held").acquire(trigger=True)
+
+        rows = []
+        for _ in range(3):  # interleave, so drift on a noisy machine hits every case alike
+            rows.append(
+                {
+                    "ping": timed(client.ping, args.runs),
+                    "run (acquire+release)": timed(run_once, args.runs),
+                    "beat tick (acquire+release)": timed(tick_once, args.runs),
+                    "skipped run": timed(skipped_once, args.runs),
+                }
+            )
+        holder.release()
+    finally:
+        client.delete(*[k for k in client.scan_iter("bcfy:job:{bench.*")] or ["-"])
+        client.close()
+        if server:
+            server.stop()
+
+    ping = statistics.median(r["ping"][0] for r in rows)
+    lines = [
+        f"# bench/locks.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  runs={args.runs} x3 rounds",
+        f"{'case':30} {'round trips':>11} {'median us':>10} {'x ping':>7}",
+    ]
+    for case in rows[0]:
+        us = statistics.median(r[case][0] for r in rows)
+        trips = statistics.median(r[case][1] for r in rows)
+        lines.append(f"{case:30} {trips:11.2f} {us:10.1f} {us / ping:7.2f}")
+    worst = max(statistics.median(r[c][1] for r in rows) for c in rows[0] if c != "ping")
+    lines.append(
+        f"goal: at most 3 round trips per run -> {'met' if worst <= 3 else 'NOT met'}"
+        f" (worst case {worst:.2f})"
+    )
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per job: ingest, audio, transcription, geo."""

@@ -1,0 +1,126 @@
+"""Real worker and beat processes for tests: start, watch their logs, stop or kill them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+class Proc:
+    """A child process in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], logdir: Path) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        def seen() -> bool:
+            if not self.alive() and text not in self.log():
+                raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+            return text in self.log()
+
+        wait_until(seen, timeout, f"{text!r} in {self.name}'s log")
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (the worker and its pool children)."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+                self.popen.wait(5)
+        self.kill_group()  # any pool child left behind
+        self._log.close()
+
+
+def celery(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "tests.jobapp", *args]
+
+
+def start_worker(
+    name: str,
+    env: Mapping[str, str],
+    logdir: Path,
+    *,
+    queues: str = "ingest",
+    concurrency: int = 1,
+    pool: str = "prefork",
+) -> Proc:
+    proc = Proc(
+        name,
+        celery(
+            [
+                "worker",
+                "-Q",
+                queues,
+                "-n",
+                f"{name}@%h",
+                "-P",
+                pool,
+                "-c",
+                str(concurrency),
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+            ]
+        ),
+        env,
+        logdir,
+    )
+    proc.wait_for_log("ready.")
+    return proc
+
+
+def start_beat(name: str, env: Mapping[str, str], logdir: Path) -> Proc:
+    schedule = logdir / f"{name}-schedule"
+    proc = Proc(name, celery(["beat", "-s", str(schedule), "--loglevel", "INFO"]), env, logdir)
+    proc.wait_for_log("beat: Starting...")
+    return proc

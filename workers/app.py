@@ -1,0 +1,127 @@
+"""The Celery app: `celery -A workers.app worker|beat|flower`.
+
+Three queues, each consumed by its own worker pool (see the Makefile's worker-* targets):
+  ingest         polling the service, transcription dispatch, geo refresh (light, I/O bound)
+  audio          downloads and audio preparation (I/O, then some CPU)
+  transcription  speech recognition (CPU bound, long)
+
+Settings that must agree:
+  * late acks with prefetch 1: a busy child holds no queued message, so an idle worker takes
+    the next tick; a tick redelivered after a crash is past its grace and dropped;
+  * every task's hard time limit is below the broker's visibility timeout (checked in settings),
+    so Redis never hands a message that may still be running to a second worker;
+  * no result backend: nothing reads task results; the pipeline's state lives in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from workers.settings import SettingsError, get_settings
+
+try:
+    settings = get_settings()
+except SettingsError as exc:
+    # A bad setting stops start-up with a message naming it, not a traceback.
+    sys.exit(f"bcfy: cannot start: {exc}")
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("ingest", "audio", "transcription")
+
+# Routed by task name; the first matching pattern wins.
+TASK_ROUTES = {
+    "tasks.transcription.dispatch_*": {"queue": "ingest"},
+    "tasks.transcription.*": {"queue": "transcription"},
+    "tasks.audio.*": {"queue": "audio"},
+    "tasks.ingest.*": {"queue": "ingest"},
+    "tasks.geo.*": {"queue": "ingest"},
+}
+
+app = Celery(
+    "bcfy",
+    broker=settings.redis_url.reveal(),
+    include=["tasks.ingest", "tasks.audio", "tasks.transcription", "tasks.geo"],
+)
+
+
+def _beat_schedule() -> dict[str, Any]:
+    from beat_schedule import build_beat_schedule
+
+    return build_beat_schedule(settings)
+
+
+def _beat_schedule_file() -> str:
+    """Beat keeps its last-run times here; the directory must exist before beat opens it."""
+    state = Path(settings.state_dir)
+    with contextlib.suppress(OSError):
+        state.mkdir(parents=True, exist_ok=True)
+    return str(state / "celerybeat-schedule")
+
+
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    event_serializer="json",
+    task_ignore_result=True,
+    result_backend=None,
+    task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+    task_default_queue="ingest",
+    task_routes=[TASK_ROUTES],
+    task_create_missing_queues=False,
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_time_limit=settings.job_time_limit_sec,
+    broker_transport_options={
+        "visibility_timeout": settings.broker_visibility_timeout_sec,
+    },
+    broker_connection_retry_on_startup=True,
+    # With late acks, a task still running when the broker connection drops would be
+    # delivered again elsewhere; cancelling it avoids running it twice.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Events for Flower.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    timezone="UTC",
+    enable_utc=True,
+    beat_schedule=_beat_schedule(),
+    beat_schedule_filename=_beat_schedule_file(),
+    beat_max_loop_interval=1,
+    # Beat saves its schedule after every tick: the file's age is its healthcheck.
+    beat_sync_every=1,
+)
+
+
+@signals.worker_process_init.connect
+def _pool_child_started(**_: Any) -> None:
+    """Each prefork child makes its own loop, pool and clients (after the fork, never before)."""
+    from workers.runtime import Runtime, mark_pool_child
+
+    mark_pool_child()
+    Runtime.current()
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    from workers.runtime import Runtime
+
+    Runtime.shutdown_current()
+
+
+@signals.task_revoked.connect
+def _tick_expired(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A tick that waited longer than its grace is dropped (misfire_grace_time): say so."""
+    if expired and request is not None:
+        log.warning(
+            "job %s: tick expired in the queue (older than its grace); dropped", request.task_name
+        )

@@ -1,0 +1,323 @@
+"""Periodic jobs: an `async def` body wrapped in the singleton lock, error isolation and a run log.
+
+    @periodic_job("tasks.ingest.poll_followed_playlists")
+    async def poll_followed_playlists(ctx: JobContext) -> None: ...
+
+Each run, in the worker process that received the message:
+  1. takes the job's lock (`workers.locks`); if another run holds it, or this beat tick's slot
+     already ran, the run is skipped: logged at WARNING, counted, recorded, never retried;
+  2. runs the body on the process's event loop while a thread renews the lock; the body is
+     cancelled when the lock is lost, the soft time limit passes or the process gets SIGTERM;
+  3. catches every exception at this boundary (logged with its traceback; the worker lives on);
+  4. releases the lock by compare-and-delete on every way out, then writes one `job_runs` row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import traceback
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import psycopg
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER
+from workers.app import app
+from workers.locks import Acquired, Released, SingletonLock, new_token
+from workers.runtime import Runtime, db_connection, in_pool_child
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+OK, ERROR, SKIPPED, LOST_LOCK = "ok", "error", "skipped", "lost_lock"
+
+
+class LockLost(Exception):
+    """The run's lock expired or was taken: it must not write anything more."""
+
+
+@dataclass
+class JobContext:
+    """What a job body gets: settings, the shared clients, and its lock's state."""
+
+    job: str
+    settings: Settings
+    runtime: Runtime
+    lock: SingletonLock
+    triggered: bool  # True for a direct trigger, False for a beat tick
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self.runtime.http
+
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """Borrow a database connection (always returned; commit on success)."""
+        return db_connection()
+
+    def ensure_lock(self) -> None:
+        """Call before a write that must not happen once another run may hold the lock."""
+        if self.lock.lost:
+            raise LockLost(self.job)
+
+
+JobBody = Callable[..., Awaitable[Any]]
+
+# Per-process registry: a body's name -> its Celery task, for triggers and tests.
+JOBS: dict[str, Task] = {}
+
+
+def periodic_job(
+    name: str,
+    *,
+    rerun_on_trigger: bool = False,
+    soft_time_limit: float | None = None,
+    time_limit: float | None = None,
+) -> Callable[[JobBody], Task]:
+    """Register an async job body as a singleton Celery task named `name`.
+
+    rerun_on_trigger: a trigger (not a beat tick) that arrives while the job runs makes the
+    running holder do one more pass when it finishes, instead of being dropped.
+    """
+    settings = get_settings()
+    soft = soft_time_limit or settings.job_soft_time_limit_sec
+    hard = time_limit or settings.job_time_limit_sec
+
+    def decorate(body: JobBody) -> Task:
+        def run(self: Task, **kwargs: Any) -> str:
+            return run_singleton(self, body, kwargs, rerun_on_trigger=rerun_on_trigger, soft=soft)
+
+        run.__doc__ = body.__doc__
+        run.__name__ = body.__name__
+        task = app.task(
+            name=name,
+            bind=True,
+            ignore_result=True,
+            # Acked when the run ends: with prefetch 1 a busy child holds no further tick, so
+            # an idle worker takes it. A tick redelivered after a crash is past its grace by
+            # then and dropped, so late acks never make a run late.
+            acks_late=True,
+            # Celery's signal-based limits are the backstop for a body that blocks its loop;
+            # the asyncio timeout at `soft` cancels a well-behaved body cleanly first.
+            soft_time_limit=(soft + hard) / 2,
+            time_limit=hard,
+        )(run)
+        JOBS[name] = task
+        return task
+
+    return decorate
+
+
+def lock_name(task_name: str, kwargs: dict[str, Any]) -> str:
+    """One lock per task, and per argument set where a task takes arguments."""
+    if not kwargs:
+        return task_name
+    digest = hashlib.sha1(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{task_name}:{digest[:16]}"
+
+
+def tick_slot(request: Any) -> tuple[int, float] | None:
+    """(slot, how long to remember it) for a beat tick; None for a direct trigger.
+
+    Beat sends each tick with `expires` = send time + grace, and the two headers. Ticks that
+    fall into the same interval-long slot are duplicates: two beat processes running by
+    mistake send one tick per slot each, and only the first may run.
+    """
+    headers = getattr(request, "headers", None) or {}
+    interval = headers.get(TICK_INTERVAL_HEADER) or getattr(request, TICK_INTERVAL_HEADER, None)
+    grace = headers.get(TICK_GRACE_HEADER) or getattr(request, TICK_GRACE_HEADER, None)
+    expires = request.expires
+    if not interval or grace is None or not expires:
+        return None
+    if isinstance(expires, str):
+        expires = datetime.fromisoformat(expires)
+    sent_at = expires.timestamp() - float(grace)
+    return int(sent_at // float(interval)), float(interval) + float(grace)
+
+
+def run_singleton(
+    task: Task, body: JobBody, kwargs: dict[str, Any], *, rerun_on_trigger: bool, soft: float
+) -> str:
+    rt = Runtime.current()
+    s = rt.settings
+    job = lock_name(task.name, kwargs)
+    worker = f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+    lock = SingletonLock(
+        rt.redis, job, ttl=s.lock_ttl_sec, renew_every=s.lock_renew_sec, token=new_token(worker)
+    )
+    tick = tick_slot(task.request)
+    started = _now()
+    try:
+        got = lock.acquire(
+            tick_slot=tick[0] if tick else None,
+            tick_ttl=tick[1] if tick else 0,
+            trigger=tick is None,
+        )
+    except Exception as exc:
+        # Without Redis nobody can tell whether another run holds the lock: do not run.
+        log.error("job %s not run: could not take its lock: %s", job, _error_text(exc))
+        _record_run(rt, job, worker, started, _now(), ERROR, f"lock unavailable: {exc}")
+        return ERROR
+    if not got:
+        if got.outcome is Acquired.DUPLICATE_TICK:
+            reason = f"duplicate beat tick: slot {tick[0] if tick else '?'} already ran"
+        else:
+            reason = f"already running, held by {got.holder}"
+        log.warning("job %s skipped: %s", job, reason)
+        _record_run(rt, job, worker, started, _now(), SKIPPED, reason)
+        return SKIPPED
+
+    ctx = JobContext(job, s, rt, lock, triggered=tick is None, kwargs=kwargs)
+    while True:
+        terminated: _Terminated | None = None
+        try:
+            outcome, error = _run_body_holding(rt, lock, body, ctx, soft)
+        except _Terminated as exc:
+            terminated, outcome, error = exc, ERROR, exc.reason
+        ended = _now()
+        released = Released.NOT_OURS
+        try:
+            if outcome != LOST_LOCK:
+                released = lock.release(allow_run_again=rerun_on_trigger and not terminated)
+                if released is Released.NOT_OURS:
+                    # The token check failed: the lock expired under us without the renewer
+                    # noticing (Redis unreachable for a whole TTL). The work itself finished.
+                    log.error("job %s: lock was no longer ours at release", job)
+        except Exception as exc:
+            # Redis unreachable: the lock frees itself when its TTL runs out.
+            log.error("job %s: could not release lock: %s", job, _error_text(exc))
+        finally:
+            _record_run(rt, job, worker, started, ended, outcome, error)
+        if terminated is not None:
+            raise terminated
+        if released is not Released.RUN_AGAIN:
+            return outcome
+        log.info("job %s: triggered while running; one more pass", job)
+        started = _now()
+
+
+def _run_body_holding(
+    rt: Runtime, lock: SingletonLock, body: JobBody, ctx: JobContext, soft: float
+) -> tuple[str, str | None]:
+    """Run the body once while renewing the lock. Returns (outcome, error text)."""
+    loop = rt.loop
+    why_cancelled: list[str] = []
+
+    deadlines: list[asyncio.Timeout] = []
+
+    async def guarded() -> Any:
+        async with asyncio.timeout(soft) as deadline:
+            deadlines.append(deadline)
+            return await body(ctx, **ctx.kwargs)
+
+    main = loop.create_task(guarded(), name=ctx.job)
+
+    def cancel(reason: str) -> None:
+        why_cancelled.append(reason)
+        main.cancel()
+
+    lock.on_lost = lambda: loop.call_soon_threadsafe(cancel, LOST_LOCK)
+    on_sigterm = _install_sigterm(loop, lambda: cancel("terminated by SIGTERM"))
+    lock.start_renewing()
+    try:
+        loop.run_until_complete(main)
+        return OK, None
+    except asyncio.CancelledError:
+        if lock.lost:
+            return LOST_LOCK, "lock lost while running; stopped before writing more"
+        reason = why_cancelled[0] if why_cancelled else "cancelled"
+        log.error("job %s: %s", ctx.job, reason)
+        if on_sigterm and "SIGTERM" in reason:
+            # Finish our bookkeeping (lock, run log), then let the process stop as asked.
+            raise _Terminated(reason) from None
+        return ERROR, reason
+    except LockLost:
+        return LOST_LOCK, "lock lost while running; stopped before writing more"
+    except TimeoutError:
+        if not (deadlines and deadlines[0].expired()):
+            log.exception("job %s failed", ctx.job)
+            return ERROR, "timed out"
+        log.error("job %s: soft time limit (%gs) reached; run cancelled", ctx.job, soft)
+        return ERROR, f"soft time limit ({soft:g}s) reached"
+    except SoftTimeLimitExceeded:
+        log.error("job %s: Celery soft time limit reached (event loop blocked?)", ctx.job)
+        return ERROR, "soft time limit reached (Celery backstop)"
+    except Exception as exc:
+        log.exception("job %s failed", ctx.job)
+        return ERROR, _error_text(exc)
+    finally:
+        lock.stop_renewing()
+        lock.on_lost = None
+        if on_sigterm:
+            loop.remove_signal_handler(signal.SIGTERM)
+        if not main.done():
+            # Interrupted from outside the loop (a Celery soft limit): cancel the body and let
+            # it unwind, so its connections and files are given back.
+            main.cancel()
+            try:
+                loop.run_until_complete(asyncio.wait([main], timeout=5))
+            except BaseException:
+                log.exception("job %s: body did not unwind cleanly", ctx.job)
+
+
+class _Terminated(SystemExit):
+    """Raised after cleanup when SIGTERM interrupted a run: the process then exits."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.reason = reason
+
+
+def _install_sigterm(loop: asyncio.AbstractEventLoop, on_term: Callable[[], None]) -> bool:
+    """In a prefork child, turn SIGTERM during a run into a clean cancel. Not in a main process:
+    there SIGTERM means Celery's own warm shutdown, which lets the run finish."""
+    if not in_pool_child():
+        return False
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    return True
+
+
+def _error_text(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text[:2000]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _record_run(
+    rt: Runtime,
+    job: str,
+    worker: str,
+    started: datetime,
+    ended: datetime,
+    outcome: str,
+    error: str | None,
+) -> None:
+    """One row per run in job_runs. A database outage must not break the job: log and go on."""
+
+    async def insert() -> None:
+        async with db_connection() as conn:
+            await conn.execute(
+                "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (job, worker, started, ended, outcome, error),
+            )
+
+    try:
+        rt.run(asyncio.wait_for(insert(), timeout=rt.settings.db_connect_timeout_sec))
+    except Exception as exc:
+        log.error("job %s: could not record run (%s): %s", job, outcome, _error_text(exc))

@@ -1,0 +1,280 @@
+"""Settings: read from the environment once, validated, frozen.
+
+Every process (worker, beat, CLI) calls `get_settings()`; the first call reads and validates
+the environment and a bad value stops start-up with `SettingsError`, whose message names the
+variable. Secrets are wrapped in `Secret` so that printing the settings never shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are missing or malformed."""
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+# --- field declarations -------------------------------------------------------------------
+# Each setting is a dataclass field whose metadata names its environment variable and how
+# to parse it. Defaults are the documented ones (.env.example mirrors this table).
+
+
+def _env(name: str, parse: Callable[[str], Any], default: Any, **checks: Any) -> Any:
+    return field(default=default, metadata={"env": name, "parse": parse, **checks})
+
+
+def _number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _integer(raw: str) -> int:
+    try:
+        return int(raw, 10)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _secret(raw: str) -> Secret:
+    return Secret(raw)
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], Secret]:
+    def parse(raw: str) -> Secret:
+        parts = urlsplit(raw.strip())
+        if parts.scheme not in schemes or not (parts.hostname or parts.path):
+            raise ValueError(
+                f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
+        return Secret(raw.strip())
+
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return raw.strip().rstrip("/")
+
+
+POOL_TYPES = ("prefork", "solo")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where things live. URLs may carry passwords, so they are Secrets.
+    database_url: Secret = _env(
+        "DATABASE_URL", _url(("postgresql", "postgres")), Secret("postgresql://localhost:5432/bcfy")
+    )
+    redis_url: Secret = _env(
+        "REDIS_URL", _url(("redis", "rediss", "unix")), Secret("redis://localhost:6379/0")
+    )
+    state_dir: str = _env("BCFY_STATE_DIR", _text, "var")
+
+    # The four periodic jobs (seconds between beat ticks), as in the old scheduler.
+    ingest_interval_sec: float = _env("INGEST_INTERVAL_SEC", _number, 10.0, min=0.1)
+    audio_worker_interval_sec: float = _env("AUDIO_WORKER_INTERVAL_SEC", _number, 5.0, min=0.1)
+    transcription_dispatch_interval_sec: float = _env(
+        "TRANSCRIPTION_DISPATCH_INTERVAL_SEC", _number, 30.0, min=0.1
+    )
+    geo_refresh_interval_sec: float = _env("GEO_REFRESH_INTERVAL_SEC", _number, 86400.0, min=1)
+    # A tick that waited in the queue longer than this is dropped (misfire_grace_time).
+    job_misfire_grace_sec: float = _env("JOB_MISFIRE_GRACE_SEC", _number, 30.0, min=0.1)
+
+    # Singleton lock: a few renewal periods long, so a crashed holder frees it quickly.
+    lock_ttl_sec: float = _env("LOCK_TTL_SEC", _number, 30.0, min=0.3)
+    lock_renew_sec: float = _env("LOCK_RENEW_SEC", _number, 10.0, min=0.05)
+
+    # Time limits of a periodic run; both stay below the broker's visibility timeout so a
+    # message is never handed to a second worker while the first may still be running it.
+    job_soft_time_limit_sec: float = _env("JOB_SOFT_TIME_LIMIT_SEC", _number, 270.0, min=1)
+    job_time_limit_sec: float = _env("JOB_TIME_LIMIT_SEC", _number, 300.0, min=1)
+    broker_visibility_timeout_sec: float = _env(
+        "BROKER_VISIBILITY_TIMEOUT_SEC", _number, 3600.0, min=10
+    )
+
+    # Per-process resources.
+    db_pool_min_size: int = _env("DB_POOL_MIN_SIZE", _integer, 1, min=0)
+    db_pool_max_size: int = _env("DB_POOL_MAX_SIZE", _integer, 4, min=1)
+    db_connect_timeout_sec: float = _env("DB_CONNECT_TIMEOUT_SEC", _number, 10.0, min=0.1)
+    http_connect_timeout_sec: float = _env("HTTP_CONNECT_TIMEOUT_SEC", _number, 5.0, min=0.1)
+    http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
+    http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
+
+    # Batch limits.
+    audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
+
+    # Worker pools, one per queue (`bcfy worker <queue>`, the Makefile's worker-* targets).
+    # Only prefork and solo: each pool process owns one event loop, which threads would share.
+    ingest_pool: str = _env("INGEST_POOL", _text, "prefork", choices=POOL_TYPES)
+    ingest_concurrency: int = _env("INGEST_CONCURRENCY", _integer, 3, min=1)
+    audio_pool: str = _env("AUDIO_POOL", _text, "prefork", choices=POOL_TYPES)
+    audio_concurrency: int = _env("AUDIO_CONCURRENCY", _integer, 2, min=1)
+    transcription_pool: str = _env("TRANSCRIPTION_POOL", _text, "prefork", choices=POOL_TYPES)
+    # 0: one process per CPU (recognition is CPU bound).
+    transcription_concurrency: int = _env("TRANSCRIPTION_CONCURRENCY", _integer, 0, min=0)
+
+    log_level: str = _env("LOG_LEVEL", _text, "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def describe(self) -> dict[str, str]:
+        """Every setting by its variable name, secrets redacted: safe to print."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                raw = value.reveal()
+                shown = redact_url(raw) if "://" in raw else ("***" if raw else "")
+            elif isinstance(value, float):
+                shown = f"{value:g}"
+            else:
+                shown = str(value)
+            out[f.metadata["env"]] = shown
+        return out
+
+
+def _check_field(f: dataclasses.Field[Any], value: Any) -> str | None:
+    meta = f.metadata
+    if "min" in meta and value < meta["min"]:
+        return f"must be at least {meta['min']}"
+    if "max" in meta and value > meta["max"]:
+        return f"must be at most {meta['max']}"
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}"
+    return None
+
+
+def _check_consistency(s: Settings) -> list[str]:
+    """Settings that are each valid but disagree with each other."""
+    problems = []
+    if s.lock_renew_sec * 2 > s.lock_ttl_sec:
+        problems.append(
+            f"LOCK_RENEW_SEC ({s.lock_renew_sec:g}) must be at most half of LOCK_TTL_SEC "
+            f"({s.lock_ttl_sec:g}), so that one failed renewal does not lose the lock"
+        )
+    if s.job_soft_time_limit_sec >= s.job_time_limit_sec:
+        problems.append(
+            f"JOB_SOFT_TIME_LIMIT_SEC ({s.job_soft_time_limit_sec:g}) must be below "
+            f"JOB_TIME_LIMIT_SEC ({s.job_time_limit_sec:g})"
+        )
+    if s.job_time_limit_sec >= s.broker_visibility_timeout_sec:
+        problems.append(
+            f"JOB_TIME_LIMIT_SEC ({s.job_time_limit_sec:g}) must be below "
+            f"BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g}), or a message "
+            "still running would be handed to a second worker"
+        )
+    if s.db_pool_min_size > s.db_pool_max_size:
+        problems.append(
+            f"DB_POOL_MIN_SIZE ({s.db_pool_min_size}) must not exceed "
+            f"DB_POOL_MAX_SIZE ({s.db_pool_max_size})"
+        )
+    if s.http_read_timeout_sec > s.http_total_timeout_sec:
+        problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
+    return problems
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise SettingsError naming each bad variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in dataclasses.fields(Settings):
+        name = f.metadata["env"]
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue  # the default applies
+        try:
+            value = f.metadata["parse"](raw)
+        except ValueError as exc:
+            # Never echo a secret's value back, even a malformed one.
+            shown = "" if f.type in ("Secret",) else f" {raw!r}"
+            problems.append(f"{name}{shown}: {exc}")
+            continue
+        problem = _check_field(f, value)
+        if problem:
+            problems.append(f"{name}={raw!r} {problem}")
+            continue
+        values[f.name] = value
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    settings = Settings(**values)
+    problems = _check_consistency(settings)
+    if problems:
+        raise SettingsError("inconsistent settings:\n  " + "\n  ".join(problems))
+    return settings
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read and validated on first use."""
+    global _settings
+    if _settings is None:
+        _settings = load_settings()
+    return _settings
+
+
+def reset_settings_cache() -> None:
+    """Forget the cached settings (tests that change the environment)."""
+    global _settings
+    _settings = None
