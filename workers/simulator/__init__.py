@@ -1,0 +1,1 @@
+"""A Broadcastify-compatible feed simulator: demo mode, and the service the tests talk to."""
