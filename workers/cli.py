@@ -1,31 +1,36 @@
 """`bcfy`: the operator's command line.
 
-bcfy migrate            apply pending schema migrations (creates the database if missing)
-bcfy settings           print the effective settings, secrets redacted
+    bcfy migrate                 apply pending schema migrations (creates the database if missing)
+    bcfy settings                print the effective settings, secrets redacted
+    bcfy run                     the whole pipeline on this machine (see workers.devrun)
+    bcfy worker QUEUE [ARGS]     a worker pool for one queue: ingest, audio or transcription
+    bcfy beat [ARGS]             the scheduler (run exactly one)
+    bcfy flower [ARGS]           the Flower dashboard
+    bcfy healthcheck WHAT        exit 0 when beat / a worker / Flower is healthy (compose)
+
+Other areas add their own subcommands: each module in COMMAND_MODULES has
+`add_commands(sub)`, which adds subparsers with `set_defaults(handler=fn)`, where
+`fn(args, settings) -> int` is the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from workers.settings import Settings, SettingsError, get_settings
 
-Command = Callable[[argparse.Namespace, Settings], int]
-_COMMANDS: dict[str, Command] = {}
+Handler = Callable[[argparse.Namespace, Settings], int]
+Subparsers = Any  # argparse's _SubParsersAction, which has no public name
+
+# Modules that add subcommands, besides the ones below.
+COMMAND_MODULES: list[str] = []
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    def register(fn: Command) -> Command:
-        _COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-@command("migrate")
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from workers.migrate import MigrationError, ensure_database, migrate
 
@@ -40,14 +45,12 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-@command("settings")
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, value in settings.describe().items():
         print(f"{name}={value}")
     return 0
 
 
-@command("run")
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from workers.devrun import run
 
@@ -60,28 +63,24 @@ def _exec(argv: list[str]) -> int:
     return 0  # not reached
 
 
-@command("worker")
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers.processes import worker_argv
 
     return _exec(worker_argv(args.queue, settings, args.celery_args))
 
 
-@command("beat")
 def _beat(args: argparse.Namespace, settings: Settings) -> int:
     from workers.processes import beat_argv
 
     return _exec(beat_argv(settings, args.celery_args))
 
 
-@command("flower")
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
     from workers.processes import flower_argv
 
     return _exec(flower_argv(settings, args.port, args.celery_args))
 
 
-@command("healthcheck")
 def _healthcheck(args: argparse.Namespace, settings: Settings) -> int:
     from workers.health import check
 
@@ -90,24 +89,37 @@ def _healthcheck(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcfy", description="Broadcastify calls pipeline")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("migrate", help="apply pending schema migrations")
-    sub.add_parser("settings", help="print the effective settings (secrets redacted)")
+def _add_core_commands(sub: Subparsers) -> None:
+    sub.add_parser("migrate", help="apply pending schema migrations").set_defaults(handler=_migrate)
+    sub.add_parser("settings", help="print the effective settings (secrets redacted)").set_defaults(
+        handler=_settings
+    )
     run = sub.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--flower-port", type=int, default=5555)
+    run.set_defaults(handler=_run)
     worker = sub.add_parser("worker", help="start the worker pool of one queue")
     worker.add_argument("queue", choices=["ingest", "audio", "transcription"])
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
+    worker.set_defaults(handler=_worker)
     beat = sub.add_parser("beat", help="start the scheduler (exactly one per deployment)")
     beat.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery beat")
+    beat.set_defaults(handler=_beat)
     flower = sub.add_parser("flower", help="start the Flower dashboard")
     flower.add_argument("--port", type=int, default=5555)
     flower.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery flower")
+    flower.set_defaults(handler=_flower)
     health = sub.add_parser("healthcheck", help="container healthchecks: exit 0 when healthy")
     health.add_argument("what", choices=["beat", "worker", "flower"])
     health.add_argument("arg", nargs="?", help="worker: its queue; flower: its port")
+    health.set_defaults(handler=_healthcheck)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcfy", description="Broadcastify calls pipeline")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_core_commands(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
@@ -118,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bcfy: cannot start: {exc}", file=sys.stderr)
         return 2
-    return _COMMANDS[args.command](args, settings)
+    handler: Handler = args.handler
+    return handler(args, settings)
 
 
 if __name__ == "__main__":

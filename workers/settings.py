@@ -161,8 +161,14 @@ class Settings:
     http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
-    # Batch limits.
+    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
+
+    # --- audio: claiming, downloading, validating, converting, storing (tasks/audio.py)
     audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
+
+    # --- transcription: dispatch and recognisers (tasks/transcription.py)
+
+    # --- operations: status, metrics, Flower, demo mode
 
     # Worker pools, one per queue (`bcfy worker <queue>`, the Makefile's worker-* targets).
     # Only prefork and solo: each pool process owns one event loop, which threads would share.
