@@ -164,6 +164,8 @@ class Settings:
     # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
 
     # --- audio: claiming, downloading, validating, converting, storing (tasks/audio.py)
+    # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
+    audio_store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
     audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
 
     # --- transcription: dispatch and recognisers (tasks/transcription.py)
