@@ -1,10 +1,553 @@
-"""Audio: claim pending calls, download, validate, convert and store their audio."""
+"""Audio: claim pending calls, download, validate, convert and store their audio.
+
+Two tasks on the `audio` queue:
+
+  tasks.audio.process_pending_audio   the periodic job (every AUDIO_WORKER_INTERVAL_SEC, and at
+        once when ingest stores new calls). A singleton, but it only *claims*: in one committed
+        transaction it takes up to AUDIO_WORKER_BATCH_SIZE due calls (FOR UPDATE SKIP LOCKED),
+        gives them a lease (owner, until) and sends them out as a few prepare_calls tasks. It
+        returns in milliseconds, so it never holds a pool process the downloads need.
+
+  tasks.audio.prepare_calls(call_ids, owner, more)   a handful of claimed calls, on whichever
+        audio pool process is free (late acks, prefetch 1: an idle process on any host takes
+        the next one, so two workers download about twice as fast as one). The calls are
+        downloaded at once (AUDIO_DOWNLOAD_CONCURRENCY), each validated and converted in an
+        executor, stored, and marked ready or failed. While it works, the task renews the
+        leases; it writes an outcome only while it still holds the lease (checked under a row
+        lock), so a call whose worker was presumed dead and which was claimed again is never
+        written twice. A call already ready is skipped, so a redelivered task does no harm.
+
+Backlog: no more than AUDIO_MAX_IN_FLIGHT calls are leased at once; the rest wait in PostgreSQL.
+A pass that claimed all it was allowed marks its tasks `more`, and each such task asks for the
+next pass when it finishes, so a backlog is worked off at the pool's pace, not the tick's.
+
+Failures: each attempt's reason is recorded (error_code, last_error). Policy refusals (scheme,
+host, address, size) fail at once; anything else is retried with exponential backoff until
+AUDIO_MAX_ATTEMPTS. A worker that dies mid-call leaves its lease to run out; the call is then
+claimed again (that counts as an attempt, so a call that kills its worker every time stops).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from celery import Task
+
+from workers.app import app
+from workers.audio_download import AudioFailure, Downloaded, UrlPolicy, download
+from workers.audio_prepare import PreparedAudio, validate_and_convert
+from workers.audio_store import FilesystemAudioStore, call_keys
 from workers.jobs import JobContext, periodic_job
+from workers.runtime import Runtime, db_connection
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CLAIM_JOB = "tasks.audio.process_pending_audio"
+PREPARE_TASK = "tasks.audio.prepare_calls"
+# The transcription stage's dispatcher, triggered by name (it belongs to tasks.transcription).
+TRANSCRIPTION_DISPATCH = "tasks.transcription.dispatch_ready_calls"
 
 
-@periodic_job("tasks.audio.process_pending_audio", rerun_on_trigger=True)
+# --- claiming -------------------------------------------------------------------------------
+
+# A call whose lease ran out on its last allowed attempt: its worker died on it every time.
+FAIL_EXHAUSTED_LEASES = """
+UPDATE call_audio c
+   SET state = 'failed', error_code = 'worker_lost',
+       last_error = 'the worker died during attempt ' || c.attempts
+                    || ' (lease of ' || c.lease_owner || ' ran out); no attempts left',
+       lease_until = NULL, next_attempt_at = now(), updated_at = now()
+ WHERE c.call_id IN (SELECT call_id FROM call_audio
+                      WHERE state = 'downloading' AND next_attempt_at <= now()
+                        AND attempts >= %(max_attempts)s
+                      FOR UPDATE SKIP LOCKED)
+RETURNING c.call_id
+"""
+
+# Due: pending past its backoff, or downloading with its lease run out (next_attempt_at is kept
+# equal to lease_until while downloading). Room: the in-flight cap less the live leases.
+CLAIM = """
+WITH room AS (
+    SELECT GREATEST(0, LEAST(%(batch)s, %(max_in_flight)s - (
+        SELECT count(*) FROM call_audio WHERE state = 'downloading' AND lease_until > now()
+    ))) AS n
+), due AS (
+    SELECT call_id FROM call_audio
+     WHERE state IN ('pending', 'downloading') AND next_attempt_at <= now()
+     ORDER BY next_attempt_at, call_id
+     LIMIT (SELECT n FROM room)
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE call_audio c
+   SET state = 'downloading', attempts = c.attempts + 1, lease_owner = %(owner)s,
+       lease_until = now() + make_interval(secs => %(lease)s),
+       next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+  FROM due
+ WHERE c.call_id = due.call_id
+RETURNING c.call_id, (SELECT n FROM room)
+"""
+
+# Claimed calls whose tasks could not be sent (broker down) go back, as if never claimed.
+UNCLAIM = """
+UPDATE call_audio
+   SET state = 'pending', attempts = attempts - 1, lease_until = NULL, next_attempt_at = now(),
+       updated_at = now()
+ WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    owner: str
+    call_ids: list[int]
+    room: int  # how many this pass was allowed to claim
+
+    @property
+    def full(self) -> bool:
+        """It took all it was allowed: more calls may be waiting."""
+        return bool(self.call_ids) and len(self.call_ids) >= self.room
+
+
+def new_owner() -> str:
+    """A claim's name: readable (host, process) and unique."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:10]}"
+
+
+async def claim_pending_calls(
+    conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
+) -> Claim:
+    """Lease up to AUDIO_WORKER_BATCH_SIZE due calls to `owner` (commit to make it count)."""
+    cur = await conn.execute(
+        CLAIM,
+        {
+            "batch": settings.audio_worker_batch_size,
+            "max_in_flight": settings.audio_max_in_flight,
+            "owner": owner,
+            "lease": settings.audio_lease_sec,
+        },
+    )
+    rows = await cur.fetchall()
+    room = rows[0][1] if rows else 0
+    return Claim(owner, sorted(r[0] for r in rows), room)
+
+
+async def fail_exhausted_leases(
+    conn: psycopg.AsyncConnection[Any], settings: Settings
+) -> list[int]:
+    cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio_max_attempts})
+    return [r[0] for r in await cur.fetchall()]
+
+
+def split_evenly(ids: list[int], most: int) -> list[list[int]]:
+    """Chunks of at most `most`, as even as possible (20 by 8 -> 7, 7, 6)."""
+    if not ids:
+        return []
+    count = -(-len(ids) // most)
+    size, extra = divmod(len(ids), count)
+    chunks, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(ids[start:end])
+        start = end
+    return chunks
+
+
+def store_for(settings: Settings) -> FilesystemAudioStore:
+    return FilesystemAudioStore(settings.audio_store_dir)
+
+
+def stale_temp_age(settings: Settings) -> float:
+    """A temporary file untouched this long has no live writer: downloads have a deadline and
+    their writers renew leases far more often."""
+    return 2 * max(settings.audio_lease_sec, settings.http_total_timeout_sec)
+
+
+@periodic_job(CLAIM_JOB, rerun_on_trigger=True)
 async def process_pending_audio(ctx: JobContext) -> None:
-    """Claim a batch of pending calls and prepare their audio. (Filled by the audio issue.)"""
+    """Claim a batch of due calls and hand them to the audio pool."""
+    s = ctx.settings
+    loop = asyncio.get_running_loop()
+    swept = await loop.run_in_executor(None, store_for(s).sweep_temps, stale_temp_age(s))
+    if swept:
+        log.warning("audio: removed %d abandoned temporary files", swept)
+    owner = new_owner()
+    async with ctx.connection() as conn:
+        lost = await fail_exhausted_leases(conn, s)
+        claim = await claim_pending_calls(conn, s, owner)
+        ctx.ensure_lock()  # raising here rolls the claim back
+    if lost:
+        log.warning(
+            "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
+        )
+    if not claim.call_ids:
+        return
+    chunks = split_evenly(claim.call_ids, s.audio_download_concurrency)
+    sent = 0
+    try:
+        for chunk in chunks:
+            app.send_task(
+                PREPARE_TASK, kwargs={"call_ids": chunk, "owner": owner, "more": claim.full}
+            )
+            sent += 1
+    except Exception:
+        unsent = [c for chunk in chunks[sent:] for c in chunk]
+        async with ctx.connection() as conn:
+            await conn.execute(UNCLAIM, {"ids": unsent, "owner": owner})
+        log.exception("audio: could not send %d claimed calls to the pool; released", len(unsent))
+        raise
+    log.info(
+        "audio: claimed %d calls as %s, sent as %d tasks%s",
+        len(claim.call_ids),
+        owner,
+        len(chunks),
+        " (more waiting)" if claim.full else "",
+    )
+
+
+# --- preparing claimed calls ----------------------------------------------------------------
+
+TAKE_OVER = """
+WITH mine AS (
+    UPDATE call_audio
+       SET lease_until = now() + make_interval(secs => %(lease)s),
+           next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+     WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
+    RETURNING call_id, attempts
+), logged AS (
+    INSERT INTO call_audio_attempts (call_id, attempt, lease_owner, worker)
+    SELECT call_id, attempts, %(owner)s, %(worker)s FROM mine
+    RETURNING id, call_id
+)
+SELECT m.call_id, m.attempts, l.id, r.url, r.duration_sec, r.playlist_uuid, r.started_at
+  FROM mine m JOIN logged l USING (call_id) JOIN bcfy_calls_raw r ON r.id = m.call_id
+ ORDER BY m.call_id
+"""
+
+RENEW = """
+UPDATE call_audio
+   SET lease_until = now() + make_interval(secs => %(lease)s),
+       next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+ WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
+"""
+
+HOLD_LEASE = """
+SELECT attempts FROM call_audio
+ WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+   FOR UPDATE
+"""
+
+MARK_READY = """
+UPDATE call_audio
+   SET state = 'ready', lease_until = NULL, next_attempt_at = now(), error_code = NULL,
+       last_error = NULL, original_path = %(original_path)s, original_bytes = %(original_bytes)s,
+       original_sha256 = %(original_sha256)s, original_codec = %(codec)s,
+       prepared_path = %(prepared_path)s, prepared_bytes = %(prepared_bytes)s,
+       prepared_sha256 = %(prepared_sha256)s, measured_duration_sec = %(duration)s,
+       ready_at = now(), updated_at = now()
+ WHERE call_id = %(call_id)s
+"""
+
+MARK_FAILED = """
+UPDATE call_audio
+   SET state = %(state)s, lease_until = NULL,
+       next_attempt_at = now() + make_interval(secs => %(delay)s),
+       error_code = %(code)s, last_error = %(error)s, updated_at = now()
+ WHERE call_id = %(call_id)s
+"""
+
+END_ATTEMPT = """
+UPDATE call_audio_attempts
+   SET ended_at = now(), outcome = %(outcome)s, error_code = %(code)s, error = %(error)s,
+       bytes = %(bytes)s, download_ms = %(download_ms)s, prepare_ms = %(prepare_ms)s
+ WHERE id = %(attempt_id)s
+"""
+
+
+@dataclass
+class ClaimedCall:
+    call_id: int
+    attempt: int
+    attempt_id: int
+    url: str
+    duration_sec: float | None
+    playlist_uuid: Any
+    started_at: datetime
+    download_ms: int | None = None
+    prepare_ms: int | None = None
+    bytes: int | None = None
+
+
+@dataclass
+class ChunkOutcome:
+    ready: int = 0
+    retry: int = 0
+    failed: int = 0
+    lease_lost: int = 0
+    skipped: int = 0  # not ours any more (ready already, or claimed again) when the task began
+
+
+def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
+    """Delay before the next attempt after `attempts` attempts."""
+    delay = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
+    delay = min(delay, settings.audio_retry_max_sec)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
+    return delay
+
+
+class CallPreparer:
+    """Prepares one task's claimed calls on this process's loop, HTTP client and pool."""
+
+    def __init__(self, settings: Settings, http: Any, owner: str, worker: str) -> None:
+        self.s = settings
+        self.http = http
+        self.owner = owner
+        self.worker = worker
+        self.store = store_for(settings)
+        self.policy = UrlPolicy(
+            tuple(settings.audio_allowed_hosts), tuple(settings.audio_allowed_internal_networks)
+        )
+        self.slots = asyncio.Semaphore(settings.audio_download_concurrency)
+        self.in_progress: set[int] = set()
+
+    async def run(self, call_ids: list[int]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        calls = await self.take_over(call_ids)
+        outcome.skipped = len(call_ids) - len(calls)
+        if not calls:
+            return outcome
+        self.in_progress = {c.call_id for c in calls}
+        renewer = asyncio.create_task(self.renew_leases())
+        try:
+            results = await asyncio.gather(*(self.prepare(c) for c in calls))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        for result in results:
+            setattr(outcome, result, getattr(outcome, result) + 1)
+        return outcome
+
+    async def take_over(self, call_ids: list[int]) -> list[ClaimedCall]:
+        """Renew the leases still ours and log an attempt for each; skip the rest."""
+        async with db_connection() as conn:
+            cur = await conn.execute(
+                TAKE_OVER,
+                {
+                    "ids": call_ids,
+                    "owner": self.owner,
+                    "worker": self.worker,
+                    "lease": self.s.audio_lease_sec,
+                },
+            )
+            rows = await cur.fetchall()
+        return [ClaimedCall(*row) for row in rows]
+
+    async def renew_leases(self) -> None:
+        """Keep the leases of unfinished calls alive while this task works on them."""
+        every = self.s.audio_lease_sec / 3
+        while True:
+            await asyncio.sleep(every)
+            ids = sorted(self.in_progress)
+            if not ids:
+                return
+            try:
+                async with db_connection() as conn:
+                    await conn.execute(
+                        RENEW, {"ids": ids, "owner": self.owner, "lease": self.s.audio_lease_sec}
+                    )
+            except Exception as exc:
+                log.warning("audio: could not renew leases of %s: %s", ids, exc)
+
+    async def prepare(self, call: ClaimedCall) -> str:
+        """Download, validate, convert and store one call. Returns its outcome's name; never
+        raises (one call's failure never stops its batch)."""
+        loop = asyncio.get_running_loop()
+        original = flac = None
+        try:
+            await loop.run_in_executor(None, self.store.discard_temps, call.call_id)
+            original = self.store.temp_file(call.call_id, "original")
+            flac = self.store.temp_file(call.call_id, "prepared")
+            async with self.slots:
+                got = await self.download(call, original)
+            started = time.monotonic()
+            prepared = await loop.run_in_executor(
+                None,
+                functools.partial(
+                    validate_and_convert,
+                    original,
+                    flac,
+                    expected_duration=call.duration_sec,
+                    tolerance=self.s.audio_duration_tolerance,
+                    silence_dbfs=self.s.audio_silence_dbfs,
+                ),
+            )
+            call.prepare_ms = int((time.monotonic() - started) * 1000)
+            return await self.mark_ready(call, got, prepared, original, flac)
+        except AudioFailure as failure:
+            return await self.mark_failed(call, failure)
+        except Exception as exc:
+            log.exception("audio: call %s: unexpected error", call.call_id)
+            return await self.mark_failed(
+                call, AudioFailure("internal", f"{type(exc).__name__}: {exc}")
+            )
+        finally:
+            self.in_progress.discard(call.call_id)
+            self.store.discard(original, flac)
+
+    async def download(self, call: ClaimedCall, dest: Path) -> Downloaded:
+        got = await download(
+            self.http,
+            call.url,
+            dest,
+            self.policy,
+            max_bytes=self.s.audio_max_bytes,
+            max_redirects=self.s.audio_max_redirects,
+            timeout_sec=self.s.http_total_timeout_sec,
+        )
+        call.download_ms = int(got.elapsed_sec * 1000)
+        call.bytes = got.size
+        return got
+
+    async def mark_ready(
+        self,
+        call: ClaimedCall,
+        got: Downloaded,
+        prepared: PreparedAudio,
+        original: Path,
+        flac: Path,
+    ) -> str:
+        """Under the row lock, and only while the lease is ours: move the files to their final
+        names and record them. A claim made after our lease ran out cannot interleave."""
+        original_key, prepared_key = call_keys(
+            call.call_id, call.playlist_uuid, call.started_at, prepared.extension
+        )
+        loop = asyncio.get_running_loop()
+        async with db_connection() as conn:
+            cur = await conn.execute(HOLD_LEASE, {"call_id": call.call_id, "owner": self.owner})
+            if await cur.fetchone() is None:
+                await self.end_attempt(conn, call, "lease_lost", None, None)
+                log.warning("audio: call %s: lease lost before it was stored", call.call_id)
+                return "lease_lost"
+            await loop.run_in_executor(None, self.store.promote, original, original_key)
+            await loop.run_in_executor(None, self.store.promote, flac, prepared_key)
+            await conn.execute(
+                MARK_READY,
+                {
+                    "call_id": call.call_id,
+                    "original_path": original_key,
+                    "original_bytes": got.size,
+                    "original_sha256": got.sha256,
+                    "codec": prepared.codec,
+                    "prepared_path": prepared_key,
+                    "prepared_bytes": prepared.flac_bytes,
+                    "prepared_sha256": prepared.flac_sha256,
+                    "duration": prepared.duration_sec,
+                },
+            )
+            await self.end_attempt(conn, call, "ready", None, None)
+        return "ready"
+
+    async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> str:
+        async with db_connection() as conn:
+            cur = await conn.execute(HOLD_LEASE, {"call_id": call.call_id, "owner": self.owner})
+            row = await cur.fetchone()
+            if row is None:
+                await self.end_attempt(conn, call, "lease_lost", failure.code, failure.detail)
+                return "lease_lost"
+            attempts = row[0]
+            final = not failure.retry or attempts >= self.s.audio_max_attempts
+            delay = 0.0 if final else backoff_sec(self.s, attempts, failure.retry_after)
+            await conn.execute(
+                MARK_FAILED,
+                {
+                    "call_id": call.call_id,
+                    "state": "failed" if final else "pending",
+                    "delay": delay,
+                    "code": failure.code,
+                    "error": failure.detail[:2000],
+                },
+            )
+            await self.end_attempt(
+                conn, call, "failed" if final else "retry", failure.code, failure.detail
+            )
+        if final:
+            log.warning(
+                "audio: call %s failed after %d attempts: %s", call.call_id, attempts, failure
+            )
+            return "failed"
+        log.info(
+            "audio: call %s attempt %d: %s; next in %.0fs", call.call_id, attempts, failure, delay
+        )
+        return "retry"
+
+    async def end_attempt(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        call: ClaimedCall,
+        outcome: str,
+        code: str | None,
+        error: str | None,
+    ) -> None:
+        await conn.execute(
+            END_ATTEMPT,
+            {
+                "attempt_id": call.attempt_id,
+                "outcome": outcome,
+                "code": code,
+                "error": error[:2000] if error else None,
+                "bytes": call.bytes,
+                "download_ms": call.download_ms,
+                "prepare_ms": call.prepare_ms,
+            },
+        )
+
+
+_settings = get_settings()
+
+
+@app.task(
+    name=PREPARE_TASK,
+    bind=True,
+    ignore_result=True,
+    # Acked when done: a worker lost mid-task has the message delivered again, and the calls
+    # still leased to this claim are then prepared by the next process (others are skipped).
+    acks_late=True,
+    # The asyncio deadline at the soft limit cancels the calls cleanly (their leases then run
+    # out and they are claimed again); Celery's limits are the backstop.
+    soft_time_limit=(_settings.job_soft_time_limit_sec + _settings.job_time_limit_sec) / 2,
+    time_limit=_settings.job_time_limit_sec,
+)
+def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = False) -> dict:
+    """Prepare a few claimed calls at once; then hand ready ones to transcription."""
+    rt = Runtime.current()
+    worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
+    preparer = CallPreparer(rt.settings, rt.http, owner, worker)
+    outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
+    if outcome.ready:
+        app.send_task(TRANSCRIPTION_DISPATCH)
+    if more:
+        app.send_task(CLAIM_JOB)
+    log.info(
+        "audio: %d calls: %d ready, %d to retry, %d failed, %d lease lost, %d skipped",
+        len(call_ids),
+        outcome.ready,
+        outcome.retry,
+        outcome.failed,
+        outcome.lease_lost,
+        outcome.skipped,
+    )
+    return outcome.__dict__

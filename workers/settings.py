@@ -120,6 +120,52 @@ def _http_url(raw: str) -> str:
 POOL_TYPES = ("prefork", "solo")
 
 
+class NameList(tuple[str, ...]):
+    """A comma-separated setting, shown as it is written."""
+
+    def __str__(self) -> str:
+        return ",".join(self)
+
+
+def _host_list(raw: str) -> NameList:
+    hosts = []
+    for item in (part.strip().lower() for part in raw.split(",")):
+        if not item:
+            continue
+        if item.startswith("["):  # [IPv6] or [IPv6]:port
+            name, _, port = item[1:].partition("]")
+            port = port.removeprefix(":")
+            labels_ok = name.count(":") >= 2 and all(c in "0123456789abcdef:." for c in name)
+        else:
+            name, _, port = item.partition(":")
+            name = name.removeprefix("*.")
+            labels_ok = all(label and label.replace("-", "").isalnum() for label in name.split("."))
+        if (
+            not name
+            or not labels_ok
+            or "/" in item
+            or "@" in item
+            or (port and not (port.isdigit() and 0 < int(port) < 65536))
+        ):
+            raise ValueError(f"{item!r} is not a host, host:port or *.domain")
+        hosts.append(item)
+    return NameList(hosts)
+
+
+def _network_list(raw: str) -> NameList:
+    import ipaddress
+
+    networks = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network (CIDR, e.g. 127.0.0.1/32)") from None
+    return NameList(networks)
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where things live. URLs may carry passwords, so they are Secrets.
@@ -167,6 +213,38 @@ class Settings:
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
     audio_store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
     audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
+    # Claimed calls not yet finished, across all audio workers: no claim beyond this many, so
+    # a backlog waits in PostgreSQL, not in the broker where leases would run out.
+    audio_max_in_flight: int = _env("AUDIO_MAX_IN_FLIGHT", _integer, 60, min=1)
+    # Downloads at once in one audio pool process; also the calls per fanned-out task.
+    audio_download_concurrency: int = _env(
+        "AUDIO_DOWNLOAD_CONCURRENCY", _integer, 8, min=1, max=256
+    )
+    # A claim's lease; renewed while the call is worked on. A dead worker's calls are claimed
+    # again this long after its last renewal.
+    audio_lease_sec: float = _env("AUDIO_LEASE_SEC", _number, 120.0, min=1)
+    audio_max_attempts: int = _env("AUDIO_MAX_ATTEMPTS", _integer, 3, min=1, max=100)
+    # Backoff before attempt n+1: base * 2^(n-1), at most the max (Retry-After if longer).
+    audio_retry_base_sec: float = _env("AUDIO_RETRY_BASE_SEC", _number, 30.0, min=0)
+    audio_retry_max_sec: float = _env("AUDIO_RETRY_MAX_SEC", _number, 3600.0, min=0)
+    audio_max_bytes: int = _env("AUDIO_MAX_BYTES", _integer, 25_000_000, min=1024)
+    audio_max_redirects: int = _env("AUDIO_MAX_REDIRECTS", _integer, 3, min=0, max=20)
+    # Hosts audio may come from, `host` or `host:port` (a bare host allows the scheme's default
+    # port only); `*.example.com` allows subdomains. The service's audio hosts by default.
+    audio_allowed_hosts: NameList = _env(
+        "AUDIO_ALLOWED_HOSTS",
+        _host_list,
+        NameList(("calls.broadcastify.com", "calls-ai-1.broadcastify.com")),
+    )
+    # Loopback, private, link-local and reserved addresses are refused unless inside one of
+    # these networks (CIDR). Tests and demo mode allow the simulator's: 127.0.0.1/32.
+    audio_allowed_internal_networks: NameList = _env(
+        "AUDIO_ALLOWED_INTERNAL_NETWORKS", _network_list, NameList()
+    )
+    # Validation: the decoded duration within this fraction of the API's; silent when no
+    # 100 ms window is louder than this (RMS, dB full scale).
+    audio_duration_tolerance: float = _env("AUDIO_DURATION_TOLERANCE", _number, 0.15, min=0, max=10)
+    audio_silence_dbfs: float = _env("AUDIO_SILENCE_DBFS", _number, -50.0, min=-120, max=0)
 
     # --- transcription: dispatch and recognisers (tasks/transcription.py)
 
@@ -237,6 +315,13 @@ def _check_consistency(s: Settings) -> list[str]:
         )
     if s.http_read_timeout_sec > s.http_total_timeout_sec:
         problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
+    if s.audio_retry_base_sec > s.audio_retry_max_sec:
+        problems.append("AUDIO_RETRY_BASE_SEC must not exceed AUDIO_RETRY_MAX_SEC")
+    if s.audio_max_in_flight < s.audio_worker_batch_size:
+        problems.append(
+            f"AUDIO_MAX_IN_FLIGHT ({s.audio_max_in_flight}) must be at least "
+            f"AUDIO_WORKER_BATCH_SIZE ({s.audio_worker_batch_size})"
+        )
     return problems
 
 

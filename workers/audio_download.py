@@ -1,0 +1,368 @@
+"""Downloading a call's audio from a URL that came from outside, safely.
+
+The URL is the service's `url` field: data, not configuration. Before every request, the first
+and each redirect alike:
+  * only http and https, no user:password@ in the URL;
+  * the host (and port) must be in AUDIO_ALLOWED_HOSTS;
+  * the host is resolved without blocking the event loop (`loop.getaddrinfo`, which runs in
+    the default executor), and *every* address it resolves to must be public: loopback,
+    private, link-local, multicast, reserved and unspecified addresses are refused unless they
+    lie in AUDIO_ALLOWED_INTERNAL_NETWORKS;
+  * the request then goes to the address that was checked, not to the name: the URL carries
+    the IP, the Host header carries the name, and for https the TLS server name (SNI, and so
+    the certificate check) is the name (httpcore's `sni_hostname`). A second DNS answer,
+    different from the one checked (DNS rebinding), is never asked for.
+Redirects are followed here, one hop at a time, never by httpx (the shared client has
+follow_redirects=False). The body is streamed to a file, counted against AUDIO_MAX_BYTES whether
+or not a Content-Length was sent, hashed as it arrives, and the whole download has a deadline.
+
+Known limits: a proxy configured through the environment (HTTP_PROXY) would receive the IP URL;
+the pipeline sets none. Keep-alive connections are pooled by IP, so two allowed names on one
+IP may share a TLS connection made for the first name (the certificate covered that name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+REDIRECTS = {301, 302, 303, 307, 308}
+# Bodies that are certainly not audio: an error page, a JSON error, a login form.
+NOT_AUDIO_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
+CHUNK = 64 * 1024
+
+
+class AudioFailure(Exception):
+    """Why a call's audio could not be prepared: a short code, a precise text, and whether
+    another attempt may succeed (policy refusals never will)."""
+
+    def __init__(
+        self, code: str, detail: str, *, retry: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.retry = retry
+        self.retry_after = retry_after
+
+
+def refused(code: str, detail: str) -> AudioFailure:
+    """A policy refusal: trying again cannot help, so the call fails at once."""
+    return AudioFailure(code, detail, retry=False)
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    sha256: str
+    content_type: str
+    url: str  # the URL the body came from, after redirects
+    redirects: int
+    elapsed_sec: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checked hop: where the URL points, and the address we will connect to."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    address: str
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for host, without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _internal_kind(ip: IPAddress) -> str | None:
+    """What makes an address internal, or None for a public one."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return _internal_kind(ip.ipv4_mapped)
+    for kind, flag in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("private", ip.is_private),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+        ("not globally reachable", not ip.is_global),
+    ):
+        if flag:
+            return kind
+    return None
+
+
+def split_host_port(entry: str) -> tuple[str, str]:
+    """'host', 'host:port', '[v6]' or '[v6]:port' -> (host, port or '')."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest.removeprefix(":")
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, ""
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Which URLs audio may be fetched from (see the module's docstring)."""
+
+    allowed_hosts: tuple[str, ...]
+    allowed_internal_networks: tuple[str, ...] = ()
+    resolver: Resolver = field(default=system_resolver, compare=False)
+
+    def _host_allowed(self, scheme: str, host: str, port: int) -> bool:
+        for entry in self.allowed_hosts:
+            name, entry_port = split_host_port(entry)
+            if entry_port:
+                if int(entry_port) != port:
+                    continue
+            elif port != DEFAULT_PORTS[scheme]:
+                continue
+            if name.startswith("*."):
+                if host.endswith(name[1:]) and host != name[2:]:
+                    return True
+            elif host == name:
+                return True
+        return False
+
+    def _address_allowed(self, ip: IPAddress) -> bool:
+        return any(
+            ip in ipaddress.ip_network(net)
+            for net in self.allowed_internal_networks
+            if ipaddress.ip_network(net).version == ip.version
+        )
+
+    def _check_addresses(self, host: str, addresses: list[str], literal: bool) -> None:
+        for text in addresses:
+            ip = ipaddress.ip_address(text.split("%", 1)[0])
+            kind = _internal_kind(ip)
+            if kind is not None and not self._address_allowed(ip):
+                via = "" if literal else f" ({host} resolves to it)"
+                raise refused(
+                    "internal_address",
+                    f"{ip} is a {kind} address{via}; not in AUDIO_ALLOWED_INTERNAL_NETWORKS",
+                )
+
+    def check_url(self, url: str) -> tuple[str, str, int]:
+        """(scheme, host, port) of an acceptable URL; raises AudioFailure otherwise. An IP
+        address in the URL is judged as an address first (the more telling reason); a name
+        not in the allowlist is refused before it is ever resolved."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise refused("bad_url", f"{url!r}: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise refused("disallowed_scheme", f"{scheme or 'no'} scheme in {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise refused("bad_url", "credentials in the URL")
+        host = (parts.hostname or "").rstrip(".").lower()
+        if not host:
+            raise refused("bad_url", f"no host in {url!r}")
+        port = port or DEFAULT_PORTS[scheme]
+        if _ip_literal(host) is not None:
+            self._check_addresses(host, [host], literal=True)
+        if not self._host_allowed(scheme, host, port):
+            shown = host if port == DEFAULT_PORTS[scheme] else f"{_bracketed(host)}:{port}"
+            raise refused("disallowed_host", f"{shown} is not in AUDIO_ALLOWED_HOSTS")
+        return scheme, host, port
+
+    async def check(self, url: str) -> Target:
+        """Check the URL, resolve its host and check every address; the address to use."""
+        scheme, host, port = self.check_url(url)
+        if _ip_literal(host) is not None:
+            return Target(url, scheme, host, port, host)
+        try:
+            addresses = await self.resolver(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise AudioFailure("dns_error", f"cannot resolve {host}: {exc}") from None
+        if not addresses:
+            raise AudioFailure("dns_error", f"{host} resolves to no address")
+        self._check_addresses(host, addresses, literal=False)
+        return Target(url, scheme, host, port, addresses[0])
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
+    """URL (to the checked IP), headers and extensions for one request to `target`."""
+    parts = urlsplit(target.url)
+    ip_host = _bracketed(str(ipaddress.ip_address(target.address.split("%", 1)[0])))
+    default = target.port == DEFAULT_PORTS[target.scheme]
+    netloc = ip_host if default else f"{ip_host}:{target.port}"
+    host = _bracketed(target.host)
+    host_header = host if default else f"{host}:{target.port}"
+    url = urlunsplit((target.scheme, netloc, parts.path or "/", parts.query, ""))
+    headers = {"Host": host_header, "Accept-Encoding": "identity", "Accept": "audio/*, */*;q=0.5"}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return url, headers, extensions
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_response(response: httpx.Response, url: str, max_bytes: int) -> None:
+    status = response.status_code
+    if status != 200:
+        reason = response.reason_phrase or ""
+        raise AudioFailure(
+            f"http_{status}",
+            f"GET {url} answered {status} {reason}".rstrip(),
+            retry_after=_retry_after(response) if status in (429, 503) else None,
+        )
+    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith(NOT_AUDIO_TYPES):
+        raise AudioFailure("not_audio", f"GET {url} answered Content-Type {content_type}")
+    length = response.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+        raise refused("too_large", f"Content-Length {int(length)} exceeds {max_bytes} bytes")
+
+
+async def download(
+    client: httpx.AsyncClient,
+    url: str,
+    dest: Path,
+    policy: UrlPolicy,
+    *,
+    max_bytes: int,
+    max_redirects: int,
+    timeout_sec: float,
+) -> Downloaded:
+    """Fetch `url` into `dest` (created or truncated), under the policy. Raises AudioFailure.
+
+    On failure `dest` may hold a partial body: the caller owns the file and removes it.
+    """
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_sec):
+            return await _download(client, url, dest, policy, max_bytes, max_redirects, started)
+    except TimeoutError:
+        raise AudioFailure(
+            "timeout", f"download of {url} took longer than {timeout_sec:g}s"
+        ) from None
+
+
+async def _download(
+    client: httpx.AsyncClient,
+    url: str,
+    dest: Path,
+    policy: UrlPolicy,
+    max_bytes: int,
+    max_redirects: int,
+    started: float,
+) -> Downloaded:
+    current = url
+    for hop in range(max_redirects + 1):
+        try:
+            target = await policy.check(current)
+        except AudioFailure as exc:
+            if not hop:
+                raise
+            raise AudioFailure(
+                exc.code, f"redirect {hop} to {current}: {exc.detail}", retry=exc.retry
+            ) from None
+        request_url, headers, extensions = _request_for(target)
+        try:
+            async with client.stream(
+                "GET", request_url, headers=headers, extensions=extensions
+            ) as response:
+                if response.status_code in REDIRECTS and "location" in response.headers:
+                    current = urljoin(current, response.headers["location"])
+                    continue
+                _check_response(response, current, max_bytes)
+                size, digest = await _stream_to_file(response, dest, max_bytes)
+                return Downloaded(
+                    path=dest,
+                    size=size,
+                    sha256=digest,
+                    content_type=response.headers.get("content-type", ""),
+                    url=current,
+                    redirects=hop,
+                    elapsed_sec=time.monotonic() - started,
+                )
+        except httpx.RemoteProtocolError as exc:
+            raise AudioFailure("truncated", f"GET {current}: {exc}") from None
+        except httpx.TimeoutException as exc:
+            raise AudioFailure(
+                "timeout", f"GET {current}: {type(exc).__name__} {exc}".rstrip()
+            ) from None
+        except httpx.HTTPError as exc:
+            raise AudioFailure(
+                "network", f"GET {current}: {type(exc).__name__} {exc}".rstrip()
+            ) from None
+    raise AudioFailure("too_many_redirects", f"more than {max_redirects} redirects from {url}")
+
+
+async def _stream_to_file(response: httpx.Response, dest: Path, max_bytes: int) -> tuple[int, str]:
+    """Write the body to dest, counting and hashing it; stop past max_bytes."""
+    declared = response.headers.get("content-length")
+    expected = int(declared) if declared and declared.strip().isdigit() else None
+    digest = hashlib.sha256()
+    size = 0
+    loop = asyncio.get_running_loop()
+    fd = await loop.run_in_executor(None, _open_for_writing, dest)
+    try:
+        async for chunk in response.aiter_raw(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise refused("too_large", f"body exceeds {max_bytes} bytes (no Content-Length)")
+            digest.update(chunk)
+            await loop.run_in_executor(None, _write_all, fd, chunk)
+    finally:
+        await loop.run_in_executor(None, os.close, fd)
+    if expected is not None and size != expected:
+        raise AudioFailure("truncated", f"received {size} of {expected} bytes")
+    if size == 0:
+        raise AudioFailure("not_audio", "empty body")
+    return size, digest.hexdigest()
+
+
+def _open_for_writing(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
