@@ -76,10 +76,13 @@ def _claim_redis_db(base_url: str) -> tuple[str, redis.Redis]:
     """An empty database index that no one else uses, marked as ours."""
     claim_key = "bcfy:test-session"
     for index in range(15, 0, -1):
-        client = redis.Redis.from_url(base_url, db=index)
-        if client.set(claim_key, str(os.getpid()), nx=True) and client.dbsize() == 1:
-            url = base_url.rsplit("/", 1)[0] + f"/{index}"
-            return url, client
+        # The index goes in the URL: a URL's own /N would override a db= argument.
+        url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
+        client = redis.Redis.from_url(url)
+        if client.set(claim_key, str(os.getpid()), nx=True):
+            if client.dbsize() == 1:
+                return url, client
+            client.delete(claim_key)  # someone's data lives here: not ours to use
         client.close()
     raise RuntimeError(f"no empty Redis database index free on {base_url}")
 
