@@ -131,3 +131,13 @@ def clean(services: Services) -> Iterator[Services]:
     reset_settings_cache()
     yield services
     reset_settings_cache()
+
+
+@pytest.fixture
+def sim():
+    """A Broadcastify feed simulator on a free port: real clock, demo credentials (DEMO_API_KEYS,
+    DEMO_USERS), no playlists yet. Tests wanting a ManualClock make their own FeedSimulator."""
+    from workers.simulator import FeedSimulator
+
+    with FeedSimulator(seed=1) as simulator:
+        yield simulator
