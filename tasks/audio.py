@@ -10,16 +10,19 @@ Two tasks on the `audio` queue:
 
   tasks.audio.prepare_calls(call_ids, owner, more)   a handful of claimed calls, on whichever
         audio pool process is free (late acks, prefetch 1: an idle process on any host takes
-        the next one, so two workers download about twice as fast as one). The calls are
-        downloaded at once (AUDIO_DOWNLOAD_CONCURRENCY), each validated and converted in an
-        executor, stored, and marked ready or failed. While it works, the task renews the
+        the next one, so two workers download about twice as fast as one). A task holds up to
+        twice AUDIO_DOWNLOAD_CONCURRENCY calls and downloads that many at once; each call is
+        validated and converted in an executor as soon as it has arrived (while the next ones
+        download), stored, and marked ready or failed. While it works, the task renews the
         leases; it writes an outcome only while it still holds the lease (checked under a row
         lock), so a call whose worker was presumed dead and which was claimed again is never
         written twice. A call already ready is skipped, so a redelivered task does no harm.
 
 Backlog: no more than AUDIO_MAX_IN_FLIGHT calls are leased at once; the rest wait in PostgreSQL.
-A pass that claimed all it was allowed marks its tasks `more`, and each such task asks for the
-next pass when it finishes, so a backlog is worked off at the pool's pace, not the tick's.
+A pass that claimed all it was allowed marks its first task `more`, which asks for the next
+pass as it starts: the next batch is queued while this one is worked on. A pass that finds the
+cap reached leaves a note in Redis, and the next task to finish (having made room) asks for a
+pass. So a backlog is worked off at the pool's pace, not the tick's.
 
 Failures: each attempt's reason is recorded (error_code, last_error). Policy refusals (scheme,
 host, address, size) fail at once; anything else is retried with exponential backoff until
@@ -59,6 +62,9 @@ CLAIM_JOB = "tasks.audio.process_pending_audio"
 PREPARE_TASK = "tasks.audio.prepare_calls"
 # The transcription stage's dispatcher, triggered by name (it belongs to tasks.transcription).
 TRANSCRIPTION_DISPATCH = "tasks.transcription.dispatch_ready_calls"
+# Set by a pass that found the in-flight cap reached; the next task to finish takes it and asks
+# for a pass, since it has just made room.
+CLAIM_WANTED_KEY = "bcfy:audio:claim-wanted"
 
 
 # --- claiming -------------------------------------------------------------------------------
@@ -165,6 +171,12 @@ def split_evenly(ids: list[int], most: int) -> list[list[int]]:
     return chunks
 
 
+def calls_per_task(settings: Settings) -> int:
+    """Twice the downloads a process runs at once: while the first calls are being converted
+    (CPU), the next ones are already downloading (network), in the same process."""
+    return 2 * settings.audio_download_concurrency
+
+
 def store_for(settings: Settings) -> FilesystemAudioStore:
     return FilesystemAudioStore(settings.audio_store_dir)
 
@@ -188,19 +200,22 @@ async def process_pending_audio(ctx: JobContext) -> None:
         lost = await fail_exhausted_leases(conn, s)
         claim = await claim_pending_calls(conn, s, owner)
         ctx.ensure_lock()  # raising here rolls the claim back
+    if claim.room == 0:
+        ctx.runtime.redis.set(CLAIM_WANTED_KEY, owner, ex=max(1, int(s.audio_lease_sec)))
     if lost:
         log.warning(
             "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
         )
     if not claim.call_ids:
         return
-    chunks = split_evenly(claim.call_ids, s.audio_download_concurrency)
+    chunks = split_evenly(claim.call_ids, calls_per_task(s))
     sent = 0
     try:
         for chunk in chunks:
-            app.send_task(
-                PREPARE_TASK, kwargs={"call_ids": chunk, "owner": owner, "more": claim.full}
-            )
+            # The first task of a full claim asks for the next pass as it starts, so the next
+            # batch is queued while this one is worked on (one request per batch, not per task).
+            more = claim.full and sent == 0
+            app.send_task(PREPARE_TASK, kwargs={"call_ids": chunk, "owner": owner, "more": more})
             sent += 1
     except Exception:
         unsent = [c for chunk in chunks[sent:] for c in chunk]
@@ -231,7 +246,8 @@ WITH mine AS (
     SELECT call_id, attempts, %(owner)s, %(worker)s FROM mine
     RETURNING id, call_id
 )
-SELECT m.call_id, m.attempts, l.id, r.url, r.duration_sec, r.playlist_uuid, r.started_at
+SELECT m.call_id, m.attempts, l.id, r.url, r.duration_sec, r.playlist_uuid, r.started_at,
+       r.size_bytes
   FROM mine m JOIN logged l USING (call_id) JOIN bcfy_calls_raw r ON r.id = m.call_id
  ORDER BY m.call_id
 """
@@ -249,15 +265,27 @@ SELECT attempts FROM call_audio
    FOR UPDATE
 """
 
+# Ready, and the attempt's log line, in one statement; the UPDATE keeps the row locked until
+# the transaction ends, and the files are moved in between. Returns 0 when the lease was lost.
 MARK_READY = """
-UPDATE call_audio
-   SET state = 'ready', lease_until = NULL, next_attempt_at = now(), error_code = NULL,
-       last_error = NULL, original_path = %(original_path)s, original_bytes = %(original_bytes)s,
-       original_sha256 = %(original_sha256)s, original_codec = %(codec)s,
-       prepared_path = %(prepared_path)s, prepared_bytes = %(prepared_bytes)s,
-       prepared_sha256 = %(prepared_sha256)s, measured_duration_sec = %(duration)s,
-       ready_at = now(), updated_at = now()
- WHERE call_id = %(call_id)s
+WITH done AS (
+    UPDATE call_audio
+       SET state = 'ready', lease_until = NULL, next_attempt_at = now(), error_code = NULL,
+           last_error = NULL, original_path = %(original_path)s,
+           original_bytes = %(original_bytes)s, original_sha256 = %(original_sha256)s,
+           original_codec = %(codec)s, prepared_path = %(prepared_path)s,
+           prepared_bytes = %(prepared_bytes)s, prepared_sha256 = %(prepared_sha256)s,
+           measured_duration_sec = %(duration)s, ready_at = now(), updated_at = now()
+     WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+    RETURNING call_id
+), logged AS (
+    UPDATE call_audio_attempts
+       SET ended_at = now(),
+           outcome = CASE WHEN EXISTS (SELECT 1 FROM done) THEN 'ready' ELSE 'lease_lost' END,
+           bytes = %(bytes)s, download_ms = %(download_ms)s, prepare_ms = %(prepare_ms)s
+     WHERE id = %(attempt_id)s
+)
+SELECT count(*) FROM done
 """
 
 MARK_FAILED = """
@@ -285,6 +313,7 @@ class ClaimedCall:
     duration_sec: float | None
     playlist_uuid: Any
     started_at: datetime
+    expected_bytes: int | None  # the record's `size`, when the service gave one
     download_ms: int | None = None
     prepare_ms: int | None = None
     bytes: int | None = None
@@ -306,6 +335,23 @@ def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = N
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
     return delay
+
+
+def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailure:
+    """A body shorter than the record's `size` that then fails to decode, or decodes short, was
+    cut off: say so. (The size alone never rejects a call: it is not always given, nor sure.)"""
+    if (
+        failure.code in ("not_audio", "duration_mismatch")
+        and call.expected_bytes
+        and call.bytes is not None
+        and call.bytes < call.expected_bytes
+    ):
+        return AudioFailure(
+            "truncated",
+            f"received {call.bytes} of the {call.expected_bytes} bytes the service announced"
+            f" ({failure.detail})",
+        )
+    return failure
 
 
 class CallPreparer:
@@ -378,9 +424,7 @@ class CallPreparer:
         loop = asyncio.get_running_loop()
         original = flac = None
         try:
-            await loop.run_in_executor(None, self.store.discard_temps, call.call_id)
-            original = self.store.temp_file(call.call_id, "original")
-            flac = self.store.temp_file(call.call_id, "prepared")
+            original, flac = await loop.run_in_executor(None, self.fresh_temps, call.call_id)
             async with self.slots:
                 got = await self.download(call, original)
             started = time.monotonic()
@@ -398,7 +442,7 @@ class CallPreparer:
             call.prepare_ms = int((time.monotonic() - started) * 1000)
             return await self.mark_ready(call, got, prepared, original, flac)
         except AudioFailure as failure:
-            return await self.mark_failed(call, failure)
+            return await self.mark_failed(call, diagnose_short_body(call, failure))
         except Exception as exc:
             log.exception("audio: call %s: unexpected error", call.call_id)
             return await self.mark_failed(
@@ -407,6 +451,11 @@ class CallPreparer:
         finally:
             self.in_progress.discard(call.call_id)
             self.store.discard(original, flac)
+
+    def fresh_temps(self, call_id: int) -> tuple[Path, Path]:
+        """Drop what an earlier, dead attempt left; two new temporary files. (Blocking.)"""
+        self.store.discard_temps(call_id)
+        return self.store.temp_file(call_id, "original"), self.store.temp_file(call_id, "prepared")
 
     async def download(self, call: ClaimedCall, dest: Path) -> Downloaded:
         got = await download(
@@ -430,24 +479,20 @@ class CallPreparer:
         original: Path,
         flac: Path,
     ) -> str:
-        """Under the row lock, and only while the lease is ours: move the files to their final
-        names and record them. A claim made after our lease ran out cannot interleave."""
+        """Record the call as ready, only while the lease is ours, and move its files to their
+        final names while the row stays locked: a claim made after our lease ran out cannot
+        interleave, and a failed move rolls the record back."""
         original_key, prepared_key = call_keys(
             call.call_id, call.playlist_uuid, call.started_at, prepared.extension
         )
         loop = asyncio.get_running_loop()
         async with db_connection() as conn:
-            cur = await conn.execute(HOLD_LEASE, {"call_id": call.call_id, "owner": self.owner})
-            if await cur.fetchone() is None:
-                await self.end_attempt(conn, call, "lease_lost", None, None)
-                log.warning("audio: call %s: lease lost before it was stored", call.call_id)
-                return "lease_lost"
-            await loop.run_in_executor(None, self.store.promote, original, original_key)
-            await loop.run_in_executor(None, self.store.promote, flac, prepared_key)
-            await conn.execute(
+            cur = await conn.execute(
                 MARK_READY,
                 {
                     "call_id": call.call_id,
+                    "owner": self.owner,
+                    "attempt_id": call.attempt_id,
                     "original_path": original_key,
                     "original_bytes": got.size,
                     "original_sha256": got.sha256,
@@ -456,9 +501,18 @@ class CallPreparer:
                     "prepared_bytes": prepared.flac_bytes,
                     "prepared_sha256": prepared.flac_sha256,
                     "duration": prepared.duration_sec,
+                    "bytes": call.bytes,
+                    "download_ms": call.download_ms,
+                    "prepare_ms": call.prepare_ms,
                 },
             )
-            await self.end_attempt(conn, call, "ready", None, None)
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                log.warning("audio: call %s: lease lost before it was stored", call.call_id)
+                return "lease_lost"
+            await loop.run_in_executor(
+                None, self.store.promote, [(original, original_key), (flac, prepared_key)]
+            )
         return "ready"
 
     async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> str:
@@ -533,14 +587,16 @@ _settings = get_settings()
 )
 def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = False) -> dict:
     """Prepare a few claimed calls at once; then hand ready ones to transcription."""
+    if more:
+        app.send_task(CLAIM_JOB)
     rt = Runtime.current()
     worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
     preparer = CallPreparer(rt.settings, rt.http, owner, worker)
     outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
     if outcome.ready:
         app.send_task(TRANSCRIPTION_DISPATCH)
-    if more:
-        app.send_task(CLAIM_JOB)
+    if rt.redis.delete(CLAIM_WANTED_KEY):
+        app.send_task(CLAIM_JOB)  # a pass found no room; this task has just made some
     log.info(
         "audio: %d calls: %d ready, %d to retry, %d failed, %d lease lost, %d skipped",
         len(call_ids),

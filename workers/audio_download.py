@@ -45,6 +45,7 @@ REDIRECTS = {301, 302, 303, 307, 308}
 # Bodies that are certainly not audio: an error page, a JSON error, a login form.
 NOT_AUDIO_TYPES = ("text/", "application/json", "application/xml", "application/xhtml")
 CHUNK = 64 * 1024
+FLUSH_AT = 1024 * 1024
 
 
 class AudioFailure(Exception):
@@ -335,11 +336,13 @@ async def _download(
 
 
 async def _stream_to_file(response: httpx.Response, dest: Path, max_bytes: int) -> tuple[int, str]:
-    """Write the body to dest, counting and hashing it; stop past max_bytes."""
+    """Write the body to dest, counting and hashing it; stop past max_bytes. Writes go through
+    the executor in blocks of FLUSH_AT (a typical call is one block), never on the loop."""
     declared = response.headers.get("content-length")
     expected = int(declared) if declared and declared.strip().isdigit() else None
     digest = hashlib.sha256()
     size = 0
+    pending = bytearray()
     loop = asyncio.get_running_loop()
     fd = await loop.run_in_executor(None, _open_for_writing, dest)
     try:
@@ -348,9 +351,12 @@ async def _stream_to_file(response: httpx.Response, dest: Path, max_bytes: int) 
             if size > max_bytes:
                 raise refused("too_large", f"body exceeds {max_bytes} bytes (no Content-Length)")
             digest.update(chunk)
-            await loop.run_in_executor(None, _write_all, fd, chunk)
+            pending += chunk
+            if len(pending) >= FLUSH_AT:
+                block, pending = bytes(pending), bytearray()
+                await loop.run_in_executor(None, _write_all, fd, block)
     finally:
-        await loop.run_in_executor(None, os.close, fd)
+        await loop.run_in_executor(None, _write_and_close, fd, bytes(pending))
     if expected is not None and size != expected:
         raise AudioFailure("truncated", f"received {size} of {expected} bytes")
     if size == 0:
@@ -360,6 +366,15 @@ async def _stream_to_file(response: httpx.Response, dest: Path, max_bytes: int) 
 
 def _open_for_writing(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    """The last block, then the data to disk (the file is renamed into place later)."""
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

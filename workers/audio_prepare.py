@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workers.audio_codec import AudioDecodeError, decode, loudest_window_dbfs, write_flac
 from workers.audio_download import AudioFailure
-from workers.audio_store import file_digest
+from workers.audio_store import file_digest, sync_file
 
 # FFmpeg demuxer name -> the extension the original is stored under.
 EXTENSIONS = {"mp3": "mp3", "aac": "aac", "wav": "wav", "ogg": "ogg", "flac": "flac"}
@@ -70,6 +70,7 @@ def validate_and_convert(
             f"(threshold {silence_dbfs:g} dBFS) over {measured:.2f}s",
         )
     write_flac(decoded.samples, flac_out, decoded.rate)
+    sync_file(flac_out)  # now, not later while the call's row is locked
     size, sha = file_digest(flac_out)
     return PreparedAudio(
         codec=decoded.info.codec,

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
+import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -33,11 +34,11 @@ PREPARED_SUFFIX = ".16k.flac"
 
 class AudioStore(Protocol):
     def temp_file(self, call_id: int, what: str) -> Path:
-        """A new, unique local path for work in progress on one call."""
+        """A new, empty local file, unique, for work in progress on one call."""
         ...
 
-    def promote(self, temp: Path, key: str) -> None:
-        """Make `temp` durable under `key`, atomically (write-then-rename)."""
+    def promote(self, files: Sequence[tuple[Path, str]]) -> None:
+        """Make each temporary file durable under its key, atomically (write, then rename)."""
         ...
 
     def discard(self, *paths: Path | None) -> None:
@@ -67,6 +68,15 @@ def call_keys(
     return str(base / f"{call_id}.{extension}"), str(base / f"{call_id}{PREPARED_SUFFIX}")
 
 
+def sync_file(path: Path) -> None:
+    """Flush a written file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def file_digest(path: Path) -> tuple[int, str]:
     """(size, sha256 hex) of a file."""
     digest = hashlib.sha256()
@@ -86,8 +96,11 @@ class FilesystemAudioStore:
         self.temp_dir = self.root / TEMP_DIR
 
     def temp_file(self, call_id: int, what: str) -> Path:
+        """Created empty and exclusively (O_EXCL), so the name is ours alone."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        return self.temp_dir / f"{call_id}.{what}.{secrets.token_hex(6)}.part"
+        fd, name = tempfile.mkstemp(dir=self.temp_dir, prefix=f"{call_id}.{what}.", suffix=".part")
+        os.close(fd)
+        return Path(name)
 
     def local_path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -95,16 +108,18 @@ class FilesystemAudioStore:
             raise ValueError(f"{key!r} is outside the audio store")
         return path
 
-    def promote(self, temp: Path, key: str) -> None:
-        final = self.local_path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-        _fsync_dir(final.parent)
+    def promote(self, files: Sequence[tuple[Path, str]]) -> None:
+        """Data to disk (already there when the writer used sync_file: then this is cheap),
+        rename, then the renames to disk, one directory flush per directory."""
+        directories: set[Path] = set()
+        for temp, key in files:
+            final = self.local_path(key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            sync_file(temp)
+            os.replace(temp, final)
+            directories.add(final.parent)
+        for directory in directories:
+            _fsync_dir(directory)
 
     def discard(self, *paths: Path | None) -> None:
         for path in paths:

@@ -216,9 +216,10 @@ class Settings:
     # Claimed calls not yet finished, across all audio workers: no claim beyond this many, so
     # a backlog waits in PostgreSQL, not in the broker where leases would run out.
     audio_max_in_flight: int = _env("AUDIO_MAX_IN_FLIGHT", _integer, 60, min=1)
-    # Downloads at once in one audio pool process; also the calls per fanned-out task.
+    # Downloads at once in one audio pool process; a task takes up to twice as many calls, so
+    # conversions (CPU) overlap the next downloads (network).
     audio_download_concurrency: int = _env(
-        "AUDIO_DOWNLOAD_CONCURRENCY", _integer, 8, min=1, max=256
+        "AUDIO_DOWNLOAD_CONCURRENCY", _integer, 5, min=1, max=256
     )
     # A claim's lease; renewed while the call is worked on. A dead worker's calls are claimed
     # again this long after its last renewal.

@@ -1,0 +1,286 @@
+"""The audio stage's throughput with real worker processes, against a baseline in the same run.
+
+    python bench/audio.py [--calls 200] [--latency 0.2] [--rounds 3]
+
+Publishes CALLS calls on the feed simulator, whose audio answers each come LATENCY late,
+stores them as ingest does, sends the
+claim job one trigger (as ingest does; no beat), and times until every call is ready:
+downloaded, validated, converted, stored. Each configuration runs ROUNDS times (median shown),
+with its workers started once, outside the timing:
+
+  * one worker of one pool process, AUDIO_DOWNLOAD_CONCURRENCY=1     (the baseline)
+  * one worker of one pool process, the default concurrency
+  * two workers of one pool process each, the default concurrency
+  * the shipped pool (AUDIO_CONCURRENCY=2 processes) as one worker, and as two workers
+
+Also: worker CPU seconds per call (all processes of the workers, from /proc), and CPU seconds
+per minute of audio for validation plus conversion alone (in this process).
+
+Goals: default concurrency >= 0.8 x the concurrency over the baseline; two workers >= 1.6 x one.
+This machine has two cores, which the server, PostgreSQL and Redis share with the workers: two
+workers can show that the claim and fan-out do not serialise work that waits on the network;
+they cannot show more CPU than two cores give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import redis
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.audio_helpers import CLIPS, publish, slow_audio  # noqa: E402
+from tests.procs import Proc, wait_until  # noqa: E402
+from workers.audio_prepare import validate_and_convert  # noqa: E402
+from workers.devservices import (  # noqa: E402
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    postgres_reachable,
+    redis_reachable,
+)
+from workers.migrate import migrate  # noqa: E402
+from workers.settings import load_settings  # noqa: E402
+from workers.simulator import FeedSimulator  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "audio.txt"
+CLAIM_JOB = "tasks.audio.process_pending_audio"
+DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    workers: int
+    processes: int
+    concurrency: int
+
+
+def group_cpu_sec(pgid: int) -> float:
+    """User + system CPU of every live process in a process group (a worker and its pool)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def start_worker(name: str, env: dict[str, str], logdir: Path, processes: int) -> Proc:
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "audio"]
+    argv += ["-n", f"{name}@%h", "-P", "prefork", "-c", str(processes)]
+    argv += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
+    proc = Proc(name, argv, env, logdir)
+    proc.wait_for_log("ready.", timeout=60)
+    return proc
+
+
+def one_round(
+    db: psycopg.Connection, broker: redis.Redis, sim: FeedSimulator, calls: int, procs: list[Proc]
+) -> tuple[float, float]:
+    """(seconds from trigger to the last call ready, worker CPU seconds meanwhile)."""
+    db.execute("TRUNCATE bcfy_calls_raw, call_audio, call_audio_attempts")
+    playlist = sim.add_playlist()
+    for _ in range(calls):
+        publish(sim, db, playlist)
+    cpu0 = sum(group_cpu_sec(p.pid) for p in procs)
+    t0 = time.perf_counter()
+    trigger(broker)
+    wait_until(
+        lambda: (
+            db.execute("SELECT count(*) FROM call_audio WHERE state = 'ready'").fetchone()[0]
+            == calls
+        ),
+        600,
+        "every call ready",
+        every=0.02,
+    )
+    elapsed = time.perf_counter() - t0
+    cpu = sum(group_cpu_sec(p.pid) for p in procs) - cpu0
+    bad = db.execute("SELECT count(*) FROM call_audio_attempts WHERE outcome <> 'ready'").fetchone()
+    assert bad[0] == 0, "a call failed during the bench"
+    return elapsed, cpu
+
+
+_trigger_app = None
+
+
+def trigger(broker: redis.Redis) -> None:
+    """What ingest does after storing new calls: send the claim job by name."""
+    global _trigger_app
+    if _trigger_app is None:
+        from celery import Celery
+
+        kw = broker.connection_pool.connection_kwargs
+        _trigger_app = Celery(broker=f"redis://{kw['host']}:{kw['port']}/{kw['db']}")
+        _trigger_app.conf.update(task_serializer="json", accept_content=["json"])
+    _trigger_app.send_task(CLAIM_JOB, queue="audio")
+
+
+def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
+    """CPU seconds to validate and convert one minute of served audio (decode + FLAC)."""
+    with TemporaryDirectory() as tmp:
+        audio = 0.0
+        t0 = time.process_time()
+        for _ in range(repeats):
+            for clip in CLIPS:
+                original = Path(tmp) / "in.m4a"
+                original.write_bytes(clip.data)
+                validate_and_convert(
+                    original,
+                    Path(tmp) / "out.flac",
+                    expected_duration=clip.duration,
+                    tolerance=0.15,
+                    silence_dbfs=-50,
+                )
+                audio += clip.duration
+        return (time.process_time() - t0) / (audio / 60)
+
+
+def fresh_database(admin_dsn: str) -> tuple[str, str]:
+    name = f"bcfy_bench_audio_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+    migrate(url, say=lambda _: None)
+    return name, url
+
+
+def empty_redis_db(base_url: str) -> str:
+    for index in range(14, 0, -1):
+        url = base_url.rsplit("/", 1)[0] + f"/{index}"
+        client = redis.Redis.from_url(url)
+        if client.set("bcfy:bench-session", "1", nx=True) and client.dbsize() == 1:
+            client.close()
+            return url
+        client.close()
+    raise RuntimeError("no empty Redis database index")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--logs", help="keep the workers' logs in this directory")
+    ap.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="instead of the default"
+    )
+    args = ap.parse_args()
+
+    servers: list[ThrowawayPostgres | ThrowawayRedis] = []
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    if not postgres_reachable(admin):
+        servers.append(ThrowawayPostgres().start())
+        admin = servers[-1].dsn  # type: ignore[union-attr]
+    redis_base = "redis://127.0.0.1:6379/0"
+    if not redis_reachable(redis_base):
+        servers.append(ThrowawayRedis().start())
+        redis_base = servers[-1].url  # type: ignore[union-attr]
+    dbname, db_url = fresh_database(admin)
+    redis_url = empty_redis_db(redis_base)
+    broker = redis.Redis.from_url(redis_url)
+    sim = FeedSimulator(seed=1).start()
+    slow_audio(sim, args.latency)
+    d = args.concurrency
+    configs = [
+        Config("1 worker x 1 process, concurrency 1", 1, 1, 1),
+        Config(f"1 worker x 1 process, concurrency {d}", 1, 1, d),
+        Config(f"2 workers x 1 process, concurrency {d}", 2, 1, d),
+        Config(f"1 worker x 2 processes, concurrency {d}", 1, 2, d),
+        Config(f"2 workers x 2 processes, concurrency {d}", 2, 2, d),
+    ]
+    results: dict[str, tuple[float, float]] = {}
+    try:
+        with TemporaryDirectory() as tmp, psycopg.connect(db_url, autocommit=True) as db:
+            logdir = Path(args.logs or tmp)
+            logdir.mkdir(parents=True, exist_ok=True)
+            for config in configs:
+                env = {
+                    "DATABASE_URL": db_url,
+                    "REDIS_URL": redis_url,
+                    "BCFY_STATE_DIR": f"{tmp}/state",
+                    "AUDIO_STORE_DIR": f"{tmp}/store",
+                    "AUDIO_ALLOWED_HOSTS": sim.audio_host,
+                    "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
+                    "AUDIO_DOWNLOAD_CONCURRENCY": str(config.concurrency),
+                    "LOG_LEVEL": "WARNING",
+                }
+                procs = [
+                    start_worker(f"bench{i}", env, logdir, config.processes)
+                    for i in range(config.workers)
+                ]
+                try:
+                    runs = [
+                        one_round(db, broker, sim, args.calls, procs) for _ in range(args.rounds)
+                    ]
+                finally:
+                    for p in procs:
+                        p.stop(timeout=10)
+                elapsed = statistics.median(r[0] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                results[config.name] = (elapsed, cpu)
+                print(f"{config.name:42} {args.calls / elapsed:7.1f} calls/s", flush=True)
+    finally:
+        sim.stop()
+        broker.flushdb()
+        broker.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+        for s in servers:
+            s.stop()
+
+    per_minute = conversion_cpu_per_audio_minute()
+    rate = {name: args.calls / elapsed for name, (elapsed, _) in results.items()}
+    base, one, two = (rate[c.name] for c in configs[:3])
+    pool_one, pool_two = rate[configs[3].name], rate[configs[4].name]
+    lines = [
+        f"# bench/audio.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  calls={args.calls}"
+        f"  latency={args.latency * 1000:.0f} ms  rounds={args.rounds} (medians)"
+        f"  cpus={os.cpu_count()}",
+        f"{'configuration':42} {'calls/s':>8} {'x base':>7} {'cpu ms/call':>12}",
+    ]
+    for name, (_, cpu) in results.items():
+        lines.append(
+            f"{name:42} {rate[name]:8.1f} {rate[name] / base:7.2f} {cpu / args.calls * 1000:12.1f}"
+        )
+    lines += [
+        f"validation + conversion: {per_minute:.3f} CPU s per minute of audio",
+        f"goal: concurrency {d} >= {0.8 * d:.1f} x concurrency 1 -> "
+        f"{'met' if one / base >= 0.8 * d else 'NOT met'} ({one / base:.2f} x)",
+        f"goal: two workers >= 1.6 x one (1 process each) -> "
+        f"{'met' if two / one >= 1.6 else 'NOT met'} ({two / one:.2f} x)",
+        f"shipped pool (2 processes per worker): two workers {pool_two / pool_one:.2f} x one",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    if d == DEFAULT_CONCURRENCY:  # the committed figures are the defaults
+        RESULTS.write_text(text + "\n")
+    print(json.dumps({k: round(v, 2) for k, v in rate.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The audio stage with real worker processes on real PostgreSQL and Redis, fed by the feed
+simulator over real HTTP: one trigger drains a backlog in batches no larger than the batch
+size; each bad call fails with its reason; two workers share the work without ever taking the
+same call; SIGKILL of a worker mid-batch ends with every call ready exactly once after the
+lease, and the temporary files it left are gone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from celery import Celery
+
+from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
+from tests.conftest import Services
+from tests.procs import Proc, start_worker, wait_until
+from workers.audio_store import FilesystemAudioStore
+from workers.simulator import AudioFault, FeedSimulator
+
+pytestmark = pytest.mark.slow
+
+CLAIM_JOB = "tasks.audio.process_pending_audio"
+DISPATCH = "tasks.transcription.dispatch_ready_calls"
+
+
+@pytest.fixture
+def db(clean: Services) -> Iterator[psycopg.Connection]:
+    with clean.db() as conn:
+        truncate_calls(conn)
+        yield conn
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(timeout=5)
+
+
+@pytest.fixture
+def client(clean: Services) -> Iterator[Celery]:
+    app = Celery(broker=clean.redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    yield app
+    app.close()
+
+
+def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:
+    return {
+        "DATABASE_URL": services.database_url,
+        "REDIS_URL": services.redis_url,
+        "BCFY_STATE_DIR": str(tmp_path / "state"),
+        "AUDIO_STORE_DIR": str(tmp_path / "store"),
+        "AUDIO_ALLOWED_HOSTS": sim.audio_host,
+        "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
+        "LOCK_TTL_SEC": "5",
+        "LOCK_RENEW_SEC": "1",
+        **extra,
+    }
+
+
+def start_audio_beat(env: dict, tmp_path: Path) -> Proc:
+    """The production beat schedule (workers.app), with the audio job's interval from env."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat"]
+    argv += ["-s", str(tmp_path / "beat-schedule"), "--loglevel", "INFO"]
+    proc = Proc("beat", argv, env, tmp_path)
+    proc.wait_for_log("beat: Starting...")
+    return proc
+
+
+def add_calls(db, sim: FeedSimulator, n: int) -> dict[int, dict]:
+    playlist = sim.add_playlist()
+    return dict(publish(sim, db, playlist) for _ in range(n))
+
+
+def states(db) -> dict[str, int]:
+    rows = db.execute("SELECT state, count(*) FROM call_audio GROUP BY 1").fetchall()
+    return dict(rows)
+
+
+def attempts(db) -> list[tuple]:
+    return db.execute(
+        "SELECT call_id, lease_owner, worker, outcome FROM call_audio_attempts ORDER BY id"
+    ).fetchall()
+
+
+def assert_stored_files_match(db, store_dir: Path) -> int:
+    store = FilesystemAudioStore(store_dir)
+    ready = [r for r in audio_rows(db).values() if r["state"] == "ready"]
+    for row in ready:
+        for kind in ("original", "prepared"):
+            data = store.local_path(row[f"{kind}_path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == row[f"{kind}_sha256"], row["call_id"]
+            assert len(data) == row[f"{kind}_bytes"]
+    assert store.temp_files() == [], "no temporary file left behind"
+    return len(ready)
+
+
+def queued_tasks(services: Services, queue: str) -> list[str]:
+    r = services.redis()
+    return [json.loads(m)["headers"]["task"] for m in r.lrange(queue, 0, -1)]
+
+
+def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
+    db, clean, procs, client, sim, tmp_path
+):
+    slow_audio(sim, 0.05)
+    calls = add_calls(db, sim, 45)
+    env = make_env(clean, tmp_path, sim, AUDIO_WORKER_BATCH_SIZE="10", AUDIO_MAX_IN_FLIGHT="20")
+    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
+    # What ingest does after storing new calls; no beat runs in this test.
+    client.send_task(CLAIM_JOB, queue="audio")
+    wait_until(lambda: states(db).get("ready") == len(calls), 60, "every call ready")
+
+    per_claim: dict[str, int] = {}
+    for _, owner, _, outcome in attempts(db):
+        assert outcome == "ready"
+        per_claim[owner] = per_claim.get(owner, 0) + 1
+    assert len(attempts(db)) == len(calls), "each call prepared once"
+    assert max(per_claim.values()) <= 10, f"a claim took more than the batch: {per_claim}"
+    assert len(per_claim) >= 5
+    assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
+    assert sim.requests["audio"] == len(calls), "each file downloaded once"
+    assert DISPATCH in queued_tasks(clean, "ingest"), "transcription dispatch was triggered"
+
+
+def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(
+    db, clean, procs, sim, tmp_path
+):
+    playlist = sim.add_playlist()
+    good = dict(publish(sim, db, playlist) for _ in range(6))
+    reasons = {
+        AudioFault.MISSING: ("http_404", "answered 404", 2),
+        AudioFault.TRUNCATED: ("truncated", "bytes the service announced", 2),
+        AudioFault.WRONG_TYPE: ("not_audio", "Content-Type text/html", 2),
+        AudioFault.OVERSIZE: ("too_large", "Content-Length", 1),
+        AudioFault.OVERSIZE_UNDECLARED: ("too_large", "exceeds 25000000 bytes", 1),
+        AudioFault.SILENCE: ("silence", "silent from end to end", 2),
+        AudioFault.REDIRECT_INTERNAL: (
+            "internal_address",
+            "169.254.169.254 is a link-local address",
+            1,
+        ),
+    }
+    bad = {publish(sim, db, playlist, fault)[0]: why for fault, why in reasons.items()}
+    bad[insert_call(db, "https://example.com/call.m4a", 4.0)] = (
+        "disallowed_host",
+        "example.com is not in AUDIO_ALLOWED_HOSTS",
+        1,
+    )
+    env = make_env(
+        clean,
+        tmp_path,
+        sim,
+        AUDIO_WORKER_INTERVAL_SEC="1",
+        AUDIO_MAX_ATTEMPTS="2",
+        AUDIO_RETRY_BASE_SEC="0.5",
+    )
+    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
+    procs.append(start_audio_beat(env, tmp_path))
+    wait_until(lambda: states(db) == {"ready": len(good), "failed": len(bad)}, 60, "all settled")
+    rows = audio_rows(db)
+    for call_id, (code, text, tries) in bad.items():
+        row = rows[call_id]
+        assert row["error_code"] == code and text in row["last_error"], row
+        assert row["attempts"] == tries, f"{code}: {row['attempts']} attempts"
+    assert assert_stored_files_match(db, tmp_path / "store") == len(good)
+
+
+def test_two_workers_share_the_work_and_never_take_the_same_call(
+    db, clean, procs, client, sim, tmp_path
+):
+    slow_audio(sim, 0.3)
+    calls = add_calls(db, sim, 64)
+    env = make_env(
+        clean,
+        tmp_path,
+        sim,
+        AUDIO_WORKER_BATCH_SIZE="16",
+        AUDIO_MAX_IN_FLIGHT="32",
+        AUDIO_DOWNLOAD_CONCURRENCY="4",
+    )
+    procs += [
+        start_worker(name, env, tmp_path, queues="audio", concurrency=2) for name in ("a1", "a2")
+    ]
+    client.send_task(CLAIM_JOB, queue="audio")
+    wait_until(lambda: states(db).get("ready") == len(calls), 90, "every call ready")
+
+    rows = attempts(db)
+    assert len(rows) == len(calls) and len({r[0] for r in rows}) == len(calls)
+    by_host: dict[str, int] = {}
+    for _, _, worker, _ in rows:
+        host = worker.split("@")[0]
+        by_host[host] = by_host.get(host, 0) + 1
+    assert set(by_host) == {"a1", "a2"}, by_host
+    assert min(by_host.values()) >= len(calls) // 4, f"one worker idled: {by_host}"
+    assert sim.requests["audio"] == len(calls), "each file downloaded once"
+    assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
+
+
+def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, procs, sim, tmp_path):
+    slow_audio(sim, 2.0)
+    calls = add_calls(db, sim, 20)
+    env = make_env(
+        clean,
+        tmp_path,
+        sim,
+        AUDIO_WORKER_BATCH_SIZE="20",
+        AUDIO_DOWNLOAD_CONCURRENCY="7",
+        AUDIO_LEASE_SEC="3",
+        AUDIO_WORKER_INTERVAL_SEC="1",
+    )
+    doomed = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
+    procs.append(doomed)
+    procs.append(start_audio_beat(env, tmp_path))
+    # The first chunk's downloads are under way (their attempts are logged as they start).
+    wait_until(lambda: len(attempts(db)) >= 6, 30, "downloads under way")
+    killed = {r[0] for r in attempts(db)}
+    doomed.kill_group(signal.SIGKILL)
+    doomed.popen.wait(10)
+    assert states(db).get("ready", 0) == 0
+    assert FilesystemAudioStore(tmp_path / "store").temp_files(), "the dead left temp files"
+    time.sleep(1)
+    procs.append(start_worker("a2", env, tmp_path, queues="audio", concurrency=2))
+    wait_until(lambda: states(db).get("ready") == len(calls), 60, "every call ready")
+
+    rows = audio_rows(db)
+    for call_id in calls:
+        done = [a for a in attempts(db) if a[0] == call_id and a[3] == "ready"]
+        assert len(done) == 1, f"call {call_id} ready {len(done)} times"
+        assert done[0][2].startswith("a2@")
+        if call_id in killed:
+            assert rows[call_id]["attempts"] == 2, "claimed again after the lease ran out"
+    abandoned = [a for a in attempts(db) if a[3] is None]
+    assert {a[0] for a in abandoned} == killed
+    assert all(a[2].startswith("a1@") for a in abandoned)
+    assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
