@@ -118,6 +118,7 @@ def _http_url(raw: str) -> str:
 
 
 POOL_TYPES = ("prefork", "solo")
+TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,57 @@ class Settings:
     audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
 
     # --- transcription: dispatch and recognisers (tasks/transcription.py)
+    # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
+    transcribe_backend: str = _env(
+        "TRANSCRIBE_BACKEND", _text, "pocketsphinx", choices=TRANSCRIBE_BACKENDS
+    )
+    transcribe_language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
+    # Custom vocabulary: comma-separated words and phrases (unit names, streets). openai: sent
+    # in the prompt; pocketsphinx: each phrase becomes a word of its own in the dictionary
+    # and the language model (its words must have pronunciations).
+    transcribe_vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
+    # Dispatch (the periodic job): which calls, how many, and how far ahead of the workers.
+    transcribe_max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
+    transcribe_dispatch_batch: int = _env(
+        "TRANSCRIBE_DISPATCH_BATCH", _integer, 100, min=1, max=10000
+    )
+    transcribe_dispatch_order: str = _env(
+        "TRANSCRIBE_DISPATCH_ORDER", _text, "oldest", choices=("oldest", "newest")
+    )
+    transcribe_queue_max: int = _env("TRANSCRIBE_QUEUE_MAX", _integer, 200, min=1)
+    transcribe_dispatch_lease_sec: float = _env(
+        "TRANSCRIBE_DISPATCH_LEASE_SEC", _number, 900.0, min=1
+    )
+    # The per-call task: time limits (hard < BROKER_VISIBILITY_TIMEOUT_SEC), retries.
+    transcribe_soft_time_limit_sec: float = _env(
+        "TRANSCRIBE_SOFT_TIME_LIMIT_SEC", _number, 240.0, min=1
+    )
+    transcribe_time_limit_sec: float = _env("TRANSCRIBE_TIME_LIMIT_SEC", _number, 300.0, min=2)
+    transcribe_max_attempts: int = _env("TRANSCRIBE_MAX_ATTEMPTS", _integer, 5, min=1, max=100)
+    transcribe_retry_backoff_sec: float = _env(
+        "TRANSCRIBE_RETRY_BACKOFF_SEC", _number, 15.0, min=0.1
+    )
+    transcribe_retry_backoff_max_sec: float = _env(
+        "TRANSCRIBE_RETRY_BACKOFF_MAX_SEC", _number, 600.0, min=0.1
+    )
+    # openai: any OpenAI-compatible /v1/audio/transcriptions (OpenAI, faster-whisper servers,
+    # whisper.cpp server, vLLM).
+    transcribe_openai_base_url: str = _env(
+        "TRANSCRIBE_OPENAI_BASE_URL", _http_url, "https://api.openai.com/v1"
+    )
+    transcribe_openai_api_key: Secret = _env("TRANSCRIBE_OPENAI_API_KEY", _secret, Secret(""))
+    transcribe_openai_model: str = _env("TRANSCRIBE_OPENAI_MODEL", _text, "whisper-1")
+    transcribe_openai_timeout_sec: float = _env(
+        "TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1
+    )
+    # Segments the service itself thinks are probably not speech are dropped (radio hiss
+    # makes Whisper invent sentences).
+    transcribe_no_speech_threshold: float = _env(
+        "TRANSCRIBE_NO_SPEECH_THRESHOLD", _number, 0.6, min=0.0, max=1.0
+    )
+    # pocketsphinx: extra pronunciations, a file of "word PH O N E S" lines (CMUdict style),
+    # for words the bundled dictionary lacks.
+    transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
     # --- operations: status, metrics, Flower, demo mode
 
@@ -237,6 +289,56 @@ def _check_consistency(s: Settings) -> list[str]:
         )
     if s.http_read_timeout_sec > s.http_total_timeout_sec:
         problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
+    problems += _check_transcription(s)
+    return problems
+
+
+def _check_transcription(s: Settings) -> list[str]:
+    problems = []
+    if s.transcribe_soft_time_limit_sec >= s.transcribe_time_limit_sec:
+        problems.append(
+            f"TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g}) must be below "
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g})"
+        )
+    if s.transcribe_time_limit_sec >= s.broker_visibility_timeout_sec:
+        problems.append(
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g}) must be below "
+            f"BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g}), or a message "
+            "still running would be handed to a second worker"
+        )
+    # A retry waits in the worker as an unacknowledged message: past the visibility timeout
+    # Redis would hand it out a second time.
+    if s.transcribe_retry_backoff_max_sec * 2 > s.broker_visibility_timeout_sec:
+        problems.append(
+            f"TRANSCRIBE_RETRY_BACKOFF_MAX_SEC ({s.transcribe_retry_backoff_max_sec:g}) must be "
+            f"at most half of BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g})"
+        )
+    if s.transcribe_retry_backoff_sec > s.transcribe_retry_backoff_max_sec:
+        problems.append(
+            "TRANSCRIBE_RETRY_BACKOFF_SEC must not exceed TRANSCRIBE_RETRY_BACKOFF_MAX_SEC"
+        )
+    if s.transcribe_backend == "openai":
+        if s.transcribe_openai_timeout_sec >= s.transcribe_soft_time_limit_sec:
+            problems.append(
+                f"TRANSCRIBE_OPENAI_TIMEOUT_SEC ({s.transcribe_openai_timeout_sec:g}) must be "
+                f"below TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g})"
+            )
+        if not s.transcribe_openai_model:
+            problems.append("TRANSCRIBE_OPENAI_MODEL must be set when TRANSCRIBE_BACKEND=openai")
+        host = urlsplit(s.transcribe_openai_base_url).hostname or ""
+        if host.endswith("openai.com") and not s.transcribe_openai_api_key:
+            problems.append(
+                f"TRANSCRIBE_OPENAI_API_KEY must be set for {s.transcribe_openai_base_url} "
+                "(TRANSCRIBE_BACKEND=openai)"
+            )
+    if s.transcribe_backend == "pocketsphinx" and s.transcribe_language.lower() not in (
+        "en",
+        "en-us",
+    ):
+        problems.append(
+            f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the pocketsphinx backend has only "
+            "its bundled US English model (use en, or TRANSCRIBE_BACKEND=openai)"
+        )
     return problems
 
 
