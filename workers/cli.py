@@ -28,7 +28,9 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 
 # Modules that add subcommands, besides the ones below.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "workers.search",
+]
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
