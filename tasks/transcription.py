@@ -102,7 +102,7 @@ class DispatchOutcome:
     held_back: bool  # True: the queue was full, nothing was picked
 
 
-def _pick_sql(order: str) -> str:
+def pick_sql(order: str) -> str:
     direction = "DESC" if order == "newest" else "ASC"
     return f"""
         WITH picked AS (
@@ -132,12 +132,15 @@ async def mark_dispatched(settings: Settings, limit: int) -> list[int]:
     """Mark up to `limit` due calls as dispatched (committed on return), in dispatch order."""
     async with db_connection() as conn:
         cur = await conn.execute(
-            _pick_sql(settings.transcribe_dispatch_order),
+            pick_sql(settings.transcribe_dispatch_order),
             {
                 "max_age": settings.transcribe_max_age_hours * 3600,
                 "limit": limit,
                 "lease": settings.transcribe_dispatch_lease_sec,
             },
+            # Planned afresh each time: a cached generic plan, made while the tables were
+            # small, would hash-join every ready call once they are not.
+            prepare=False,
         )
         rows = await cur.fetchall()
     rows.sort(key=lambda r: (r[1], r[0]), reverse=settings.transcribe_dispatch_order == "newest")
