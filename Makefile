@@ -35,6 +35,7 @@ lint: install
 
 bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/locks.py
+	$(BIN)/python bench/simulator.py
 
 migrate: install
 	$(BIN)/bcfy migrate
