@@ -114,20 +114,20 @@ def validate_call(record: Any, latest_ts: float) -> dict[str, Any]:
     if any(c.isspace() for c in url):
         raise Rejected("url contains white space")
 
-    start = _number(record, "start_ts", EARLIEST_TS, latest_ts)
-    end = _number(record, "end_ts", EARLIEST_TS, latest_ts + MAX_CALL_SEC)
     duration = _number(record, "duration", -math.inf, math.inf)
     if duration is not None:
         if duration < 0:
-            raise Rejected(f"duration is negative: {duration:g}")
+            raise Rejected(f"duration is negative: {_fmt(duration)}")
         if duration > MAX_CALL_SEC:
-            raise Rejected(f"duration is absurd: {duration:g} s (over {MAX_CALL_SEC} s)")
+            raise Rejected(f"duration is absurd: {_fmt(duration)} s (over {MAX_CALL_SEC} s)")
+    start = _number(record, "start_ts", EARLIEST_TS, latest_ts)
+    end = _number(record, "end_ts", EARLIEST_TS, latest_ts + MAX_CALL_SEC)
     start = float(ts) if start is None else start
     if end is not None:
         if end < start:
-            raise Rejected(f"end_ts ({end:g}) is before the start ({start:g})")
+            raise Rejected(f"end_ts ({_fmt(end)}) is before the start ({_fmt(start)})")
         if end - start > MAX_CALL_SEC:
-            raise Rejected(f"call is absurdly long: {end - start:g} s from start to end_ts")
+            raise Rejected(f"call is absurdly long: {_fmt(end - start)} s from start to end_ts")
         if duration is None:
             duration = end - start
     elif duration is not None:
@@ -193,8 +193,12 @@ def _number(record: dict[str, Any], name: str, low: float, high: float) -> float
     if not math.isfinite(number):
         raise Rejected(f"{name} is not a finite number")
     if not low <= number <= high:
-        raise Rejected(f"{name} is out of range: {number:g}")
+        raise Rejected(f"{name} is out of range: {_fmt(number)}")
     return number
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
 
 
 def _show(value: Any) -> str:

@@ -11,8 +11,6 @@ import pytest
 from workers.bcfy_api import TransientError
 from workers.simulator.geo import COUNTIES, COUNTRIES, STATES
 
-pytest_plugins = ("tests.ingest_fixtures",)
-
 GEO = "tasks.geo.refresh_geo_data"
 US_STATES = {s["stid"] for s in STATES if s["coid"] == 1}
 

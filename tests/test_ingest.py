@@ -14,8 +14,6 @@ import pytest
 from tests.ingest_fixtures import SECRET, Ingest
 from workers.simulator import OMIT
 
-pytest_plugins = ("tests.ingest_fixtures",)
-
 POLL = "tasks.ingest.poll_followed_playlists"
 
 

@@ -9,8 +9,6 @@ import uuid as uuid_mod
 from tests.ingest_fixtures import Ingest
 from tests.procs import ROOT
 
-pytest_plugins = ("tests.ingest_fixtures",)
-
 
 def bcfy(ing: Ingest, *args: str) -> subprocess.CompletedProcess[str]:
     import os

@@ -117,6 +117,11 @@ class BroadcastifyClient:
         # on the service's clock.
         self.server_offset = 0.0
         self._config_error: tuple[float, str] | None = None  # (held until, message)
+        self._backoff = wait_exponential_jitter(
+            multiplier=settings.bcfy_retry_backoff_sec,
+            max=settings.bcfy_retry_backoff_max_sec,
+            jitter=settings.bcfy_retry_backoff_sec,
+        )
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -227,12 +232,7 @@ class BroadcastifyClient:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, TransientError) and exc.retry_after is not None:
             return min(exc.retry_after, s.bcfy_retry_budget_sec)
-        backoff = wait_exponential_jitter(
-            initial=s.bcfy_retry_backoff_sec,
-            max=s.bcfy_retry_backoff_max_sec,
-            jitter=s.bcfy_retry_backoff_sec,
-        )
-        return backoff(state)
+        return self._backoff(state)
 
     @staticmethod
     def _log_retry(state: RetryCallState) -> None:
