@@ -65,6 +65,8 @@ INT8 = 2**63 - 1
 # Seconds the seam stays behind our estimate of the service's clock: covers the second being
 # published and the clocks' disagreement before the first answer tells us the service's time.
 SEAM_LAG_SEC = 10
+# An archive window is read only once the service's clock is this far past its end.
+SETTLE_SEC = 2
 
 # Typed columns: (record field, row key, kind, lowest, highest).
 _INTEGERS = (
@@ -538,9 +540,13 @@ async def poll_playlist(
         records = split_page(page.calls, latest)
         new_cursor = _next_cursor(playlist_uuid, cursor, page.last_pos, page.server_time, records)
         gap = _missed_by_retention(ctx, cursor, page.server_time)
+        unknown = {row["g"] for row in records.rows} - set(_group_ids(groups))
         async with ctx.connection() as conn:
             ctx.ensure_lock()
             stored = await store_page(conn, poll, records, new_cursor=new_cursor)
+            if unknown:
+                # The playlist gained groups since it was added: back-fill must cover them too.
+                groups = await _add_groups(conn, playlist_uuid, sorted(unknown))
             if gap:
                 await _plan_backfill(conn, playlist_uuid, groups, *gap)
     except Exception as exc:
@@ -608,6 +614,19 @@ def _group_ids(groups: Any) -> list[str]:
         if isinstance(gid, str | int) and not isinstance(gid, bool) and str(gid) not in found:
             found.append(str(gid))
     return found
+
+
+async def _add_groups(
+    conn: psycopg.AsyncConnection[Any], playlist_uuid: str, group_ids: list[str]
+) -> Any:
+    log.info("playlist %s: calls from new groups %s", playlist_uuid, ", ".join(group_ids))
+    cur = await conn.execute(
+        "UPDATE bcfy_playlists SET groups = groups || %s::jsonb, updated_at = now()"
+        " WHERE uuid = %s RETURNING groups",
+        (json.dumps([{"groupId": g} for g in group_ids]), playlist_uuid),
+    )
+    row = await cur.fetchone()
+    return row[0] if row else []
 
 
 def _retention_margin(ctx: JobContext) -> float:
@@ -697,10 +716,14 @@ class Gap:
     until_ts: int
 
 
-async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap) -> int:
+async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap) -> int | None:
     """Read one window of a gap and store it, advancing the gap in the same transaction.
-    Returns the calls new; raises on failure (after logging the failed request)."""
+    Returns the calls new, or None when the window is not complete on the service's clock
+    yet; raises on failure (after logging the failed request)."""
     end = min(gap.next_ts + int(ctx.settings.ingest_backfill_window_sec) - 1, gap.until_ts)
+    if end > math.floor(api.server_now()) - SETTLE_SEC:
+        # Calls with ts up to `end` may still be published: reading now could miss some.
+        return None
     poll = PollRecord(
         gap.playlist_uuid,
         datetime.now(UTC),
@@ -746,7 +769,7 @@ async def backfill_gaps(ctx: JobContext) -> None:
     s = ctx.settings
     api = ctx.runtime.bcfy_api
     deadline = time.monotonic() + s.ingest_backfill_budget_sec
-    failed: list[int] = []
+    skipped: list[int] = []  # failed or not complete yet: not again in this run
     errors: list[str] = []
     new = 0
     while time.monotonic() < deadline:
@@ -759,7 +782,7 @@ async def backfill_gaps(ctx: JobContext) -> None:
                 "   AND (b.attempts = 0 OR b.updated_at"
                 "        <= now() - make_interval(secs => least(3600, 5 * 2 ^ b.attempts)))"
                 " ORDER BY b.next_ts, b.id LIMIT %s",
-                (failed, s.ingest_backfill_concurrency),
+                (skipped, s.ingest_backfill_concurrency),
             )
             gaps = [Gap(*row) for row in await cur.fetchall()]
         if not gaps:
@@ -771,9 +794,11 @@ async def backfill_gaps(ctx: JobContext) -> None:
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
-                failed.append(gap.id)
+                skipped.append(gap.id)
                 errors.append(f"{gap.group_id} from {gap.next_ts}: {result}")
                 log.warning("back-fill of group %s failed: %s", gap.group_id, result)
+            elif result is None:
+                skipped.append(gap.id)  # not complete yet: the next trigger reads it
             else:
                 new += result
     if new:

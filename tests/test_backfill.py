@@ -227,3 +227,22 @@ def test_a_paused_playlist_keeps_its_gap_and_a_removed_one_drops_it(ingest_manua
     assert len(ing.sql("SELECT 1 FROM bcfy_backfill")) == 3
     ing.sql("DELETE FROM bcfy_playlists")
     assert not ing.sql("SELECT 1 FROM bcfy_backfill")
+
+
+def test_groups_seen_in_answers_are_back_filled_too(ingest_manual):
+    ing = ingest_manual
+    with_retention(ing)
+    uuid = ing.sim.add_playlist(calls_per_minute=12)
+    ing.advance(60)
+    all_groups = sorted({c["groupId"] for c in ing.sim.calls(uuid)})
+    assert len(all_groups) == 3
+    ing.follow(uuid, groups=all_groups[:1])  # what was stored when it was added: one group
+    poll_every_10s(ing, 6)
+    first = ing.polls(uuid)[0]["last_pos"]
+    assert groups_of(ing, uuid) == all_groups  # learnt from the calls served
+    ing.advance(3 * HOUR)
+    poll_every_10s(ing, 1)
+    assert sorted(g for (g,) in ing.sql("SELECT group_id FROM bcfy_backfill")) == all_groups
+    drain(ing)
+    poll_every_10s(ing, 1)
+    assert_each_call_once(ing, uuid, since=first)

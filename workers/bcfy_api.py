@@ -143,9 +143,7 @@ class BroadcastifyClient:
             calls = []
         if not isinstance(calls, list):
             raise BroadcastifyError("live answer: 'calls' is not a list", status=status)
-        server_time = _optional_int(body.get("serverTime"), "serverTime", status)
-        if server_time is not None:
-            self.server_offset = server_time - self.clock()
+        server_time = self._learn_server_time(body, status)
         return LivePage(
             status=status,
             server_time=server_time,
@@ -167,6 +165,7 @@ class BroadcastifyClient:
         calls = body.get("calls", [])
         if not isinstance(calls, list):
             raise BroadcastifyError("group_archives answer: 'calls' is not a list", status=status)
+        self._learn_server_time(body, status)
         return status, calls
 
     async def countries(self) -> list[dict[str, Any]]:
@@ -179,8 +178,14 @@ class BroadcastifyClient:
         return await self._list(f"/common/v1/counties/{int(state_id)}", "counties")
 
     def server_now(self) -> float:
-        """The service's clock, as far as we know it."""
+        """The service's clock, as far as we know it (ours until an answer says otherwise)."""
         return self.clock() + self.server_offset
+
+    def _learn_server_time(self, body: dict[str, Any], status: int) -> int | None:
+        server_time = _optional_int(body.get("serverTime"), "serverTime", status)
+        if server_time is not None:
+            self.server_offset = server_time - self.clock()
+        return server_time
 
     async def _list(self, path: str, key: str) -> list[dict[str, Any]]:
         """A list answer; its wrapper key is not documented: `key` and `data` are both seen."""
