@@ -36,6 +36,7 @@ lint: install
 bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/locks.py
 	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/ingest.py
 
 migrate: install
 	$(BIN)/bcfy migrate

@@ -1,6 +1,6 @@
 """Ingestion's two headline figures, each against baselines measured in the same run.
 
-    python bench/ingest.py [--rounds 15] [--page 1000] [--hours 12] [--seed 5]
+    python bench/ingest.py [--rounds 15] [--page 1000] [--hours 24] [--seed 5]
 
 1. Storage rate: calls stored per second from live pages of 1,000 records, served by the feed
    simulator over HTTP and decoded by the API client, then stored
@@ -395,7 +395,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--page", type=int, default=1000)
-    ap.add_argument("--hours", type=float, default=12.0)
+    ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
 

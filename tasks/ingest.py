@@ -44,7 +44,12 @@ from typing import Any
 import psycopg
 
 from workers.app import app
-from workers.bcfy_api import BroadcastifyClient, BroadcastifyError, ConfigurationError
+from workers.bcfy_api import (
+    BroadcastifyClient,
+    BroadcastifyError,
+    ConfigurationError,
+    retry_budget,
+)
 from workers.jobs import JobContext, periodic_job
 
 log = logging.getLogger(__name__)
@@ -691,6 +696,16 @@ async def _plan_backfill(
     conn: psycopg.AsyncConnection[Any], playlist_uuid: str, groups: Any, first: int, last: int
 ) -> None:
     gids = _group_ids(groups)
+    if not gids:
+        log.error(
+            "playlist %s: calls with ts in [%d, %d] cannot be back-filled: no groups known"
+            " (run `bcfy playlists add %s` again)",
+            playlist_uuid,
+            first,
+            last,
+            playlist_uuid,
+        )
+        return
     await conn.execute(
         "INSERT INTO bcfy_backfill (playlist_uuid, group_id, next_ts, until_ts)"
         " SELECT %s, g, %s, %s FROM unnest(%s::text[]) AS g",
@@ -768,11 +783,16 @@ async def backfill_gaps(ctx: JobContext) -> None:
     one while gaps remain)."""
     s = ctx.settings
     api = ctx.runtime.bcfy_api
-    deadline = time.monotonic() + s.ingest_backfill_budget_sec
+    # The budget, and a last round of requests with their retries, end inside the soft limit.
+    one_round = retry_budget(s) + s.http_total_timeout_sec
+    budget = min(s.ingest_backfill_budget_sec, s.job_soft_time_limit_sec - one_round)
+    deadline = time.monotonic() + max(0.0, budget)
     skipped: list[int] = []  # failed or not complete yet: not again in this run
     errors: list[str] = []
     new = 0
-    while time.monotonic() < deadline:
+    first = True
+    while first or time.monotonic() < deadline:
+        first = False
         async with ctx.connection() as conn:
             cur = await conn.execute(
                 "SELECT b.id, b.playlist_uuid::text, b.group_id, b.next_ts, b.until_ts"

@@ -77,3 +77,24 @@ def test_add_with_an_unknown_key_says_so(ingest):
     out = bcfy(ing, "add", ing.sim.add_playlist())
     assert out.returncode == 1 and "BCFY_API_KEY_ID" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_resuming_goes_on_from_the_cursor_or_from_now(ingest):
+    ing = ingest
+    uuid = ing.sim.add_playlist(calls_per_minute=0)
+    assert bcfy(ing, "add", uuid).returncode == 0
+    ing.sql("UPDATE bcfy_playlists SET cursor_pos = 1750000000")
+    ing.sql(
+        "INSERT INTO bcfy_backfill (playlist_uuid, group_id, next_ts, until_ts)"
+        " VALUES (%s, 'g', 1, 2)",
+        uuid,
+    )
+    assert bcfy(ing, "sync", uuid, "off").returncode == 0
+    resumed = bcfy(ing, "sync", uuid, "on")
+    assert "goes on from 2025-06-15 15:06:40 UTC" in resumed.stdout
+    assert ing.sql("SELECT cursor_pos FROM bcfy_playlists")[0][0] == 1750000000
+    fresh = bcfy(ing, "sync", uuid, "on", "--from-now")
+    assert fresh.returncode == 0 and "goes on from" not in fresh.stdout
+    assert ing.sql("SELECT cursor_pos FROM bcfy_playlists")[0][0] is None
+    assert not ing.sql("SELECT 1 FROM bcfy_backfill")
+    assert bcfy(ing, "sync", uuid, "off", "--from-now").returncode == 2

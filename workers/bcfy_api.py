@@ -216,7 +216,7 @@ class BroadcastifyClient:
             retry=retry_if_exception_type(TransientError),
             stop=stop_any(
                 stop_after_attempt(s.bcfy_retry_attempts),
-                stop_before_delay(s.bcfy_retry_budget_sec),
+                stop_before_delay(retry_budget(s)),
             ),
             wait=self._wait,
             before_sleep=self._log_retry,
@@ -236,7 +236,7 @@ class BroadcastifyClient:
         s = self.settings
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(exc.retry_after, s.bcfy_retry_budget_sec)
+            return min(exc.retry_after, retry_budget(s))
         return self._backoff(state)
 
     @staticmethod
@@ -393,6 +393,13 @@ class BroadcastifyClient:
         self._user = (int(uid), utk)
         self._forget_token()
         log.info("bcfy api: logged in as %s (uid %s)", s.bcfy_username, uid)
+
+
+def retry_budget(settings: Settings) -> float:
+    """Seconds within which retries may start: BCFY_RETRY_BUDGET_SEC, cut down so that the
+    last attempt (up to HTTP_TOTAL_TIMEOUT_SEC) still ends inside a job's soft time limit."""
+    room = settings.job_soft_time_limit_sec - settings.http_total_timeout_sec
+    return max(0.0, min(settings.bcfy_retry_budget_sec, room))
 
 
 # --- helpers ---------------------------------------------------------------------------------

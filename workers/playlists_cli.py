@@ -37,6 +37,11 @@ def add_commands(sub: Any) -> None:
     sync = what.add_parser("sync", help="pause (off) or resume (on) polling a playlist")
     sync.add_argument("uuid", type=_uuid)
     sync.add_argument("state", choices=["on", "off"])
+    sync.add_argument(
+        "--from-now",
+        action="store_true",
+        help="on: start again from the latest calls instead of back-filling the paused time",
+    )
     sync.set_defaults(handler=set_sync)
 
 
@@ -188,19 +193,40 @@ def remove_playlist(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def set_sync(args: argparse.Namespace, settings: Settings) -> int:
-    name = _run(
-        _one(
-            "UPDATE bcfy_playlists SET sync = %s, updated_at = now()"
-            " WHERE uuid = %s RETURNING name",
-            args.state == "on",
-            args.uuid,
-        )
-    )
-    if name is _MISSING:
+    on = args.state == "on"
+    if args.from_now and not on:
+        print("bcfy playlists sync: --from-now goes with on", file=sys.stderr)
+        return 2
+    row = _run(_set_sync(args.uuid, on, args.from_now))
+    if row is _MISSING:
         print(f"bcfy playlists sync: {args.uuid} is not followed (add it first)", file=sys.stderr)
         return 1
-    print(f"{args.uuid} ({name or 'no name'}): polling {'on' if args.state == 'on' else 'paused'}")
+    name, cursor = row
+    print(f"{args.uuid} ({name or 'no name'}): polling {'on' if on else 'paused'}")
+    if on and cursor is not None:
+        since = datetime.fromtimestamp(cursor, UTC).strftime("%F %T UTC")
+        print(
+            f"it goes on from {since}; calls since then older than the live endpoint keeps are"
+            " read from the archives (billed). --from-now starts from the latest calls instead."
+        )
     return 0
+
+
+async def _set_sync(playlist_uuid: str, on: bool, from_now: bool) -> Any:
+    async with db_connection() as conn:
+        if from_now:
+            # init=1 on the next poll: the latest calls, no back-fill of the paused time.
+            await conn.execute(
+                "DELETE FROM bcfy_backfill WHERE playlist_uuid = %s", (playlist_uuid,)
+            )
+        cur = await conn.execute(
+            "UPDATE bcfy_playlists SET sync = %s, updated_at = now(),"
+            " cursor_pos = CASE WHEN %s THEN NULL ELSE cursor_pos END"
+            " WHERE uuid = %s RETURNING name, cursor_pos",
+            (on, from_now, playlist_uuid),
+        )
+        row = await cur.fetchone()
+    return _MISSING if row is None else row
 
 
 _MISSING: Any = object()

@@ -292,19 +292,6 @@ def _check_consistency(s: Settings) -> list[str]:
             f"BCFY_JWT_RENEW_MARGIN_SEC ({s.bcfy_jwt_renew_margin_sec:g}) must be at most half "
             f"of BCFY_JWT_LIFETIME_SEC ({s.bcfy_jwt_lifetime_sec:g})"
         )
-    one_request = s.bcfy_retry_budget_sec + s.http_total_timeout_sec
-    if one_request >= s.job_soft_time_limit_sec:
-        problems.append(
-            f"BCFY_RETRY_BUDGET_SEC + HTTP_TOTAL_TIMEOUT_SEC ({one_request:g}) must be below "
-            f"JOB_SOFT_TIME_LIMIT_SEC ({s.job_soft_time_limit_sec:g}): a request with its "
-            "retries has to fit inside one run"
-        )
-    elif s.ingest_backfill_budget_sec + one_request >= s.job_soft_time_limit_sec:
-        problems.append(
-            f"INGEST_BACKFILL_BUDGET_SEC ({s.ingest_backfill_budget_sec:g}) plus one request "
-            f"with its retries ({one_request:g}) must be below JOB_SOFT_TIME_LIMIT_SEC "
-            f"({s.job_soft_time_limit_sec:g})"
-        )
     if s.bcfy_retry_backoff_sec > s.bcfy_retry_backoff_max_sec:
         problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
     if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
