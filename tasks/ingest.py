@@ -18,7 +18,9 @@ an older one is clamped silently). When a cursor is too old (after downtime), th
 records the gap in bcfy_backfill, one row per group of the playlist, and moves the cursor to a
 seam just behind the service's present, in one transaction; live polling goes on from the seam
 at once. `backfill_gaps` then reads each gap from group_archives in windows of at most 8 h,
-oldest first, storing each window and advancing past it in one transaction.
+oldest first, storing each window and advancing past it in one transaction. An answer whose
+serverTime shows that the service left out part of what was asked (the request took longer
+than planned, or our clock is behind) records that part as a gap too.
 
 The seam: live `pos=S` serves the calls published after second S; group_archives serves calls
 by `ts` in [start, end]. A gap (C, S] is read from the archives as ts in [C+1, S], and S is
@@ -50,7 +52,7 @@ from workers.bcfy_api import (
     ConfigurationError,
     retry_budget,
 )
-from workers.jobs import JobContext, periodic_job
+from workers.jobs import JobContext, LockLost, periodic_job
 
 log = logging.getLogger(__name__)
 
@@ -530,16 +532,10 @@ async def poll_playlist(
     try:
         if cursor is not None:
             cursor = await _leap_past_retention(ctx, api, playlist_uuid, cursor, groups)
-            poll = PollRecord(playlist_uuid, poll.started_at, "pos", pos_sent=cursor)
+            poll = dataclasses.replace(poll, pos_sent=cursor)
         page = await api.live_calls(playlist_uuid, pos=cursor, init=cursor is None)
-        poll = PollRecord(
-            playlist_uuid,
-            poll.started_at,
-            poll.mode,
-            http_status=page.status,
-            pos_sent=cursor,
-            last_pos=page.last_pos,
-            server_time=page.server_time,
+        poll = dataclasses.replace(
+            poll, http_status=page.status, last_pos=page.last_pos, server_time=page.server_time
         )
         latest = (page.server_time or api.server_now()) + FUTURE_SLACK_SEC
         records = split_page(page.calls, latest)
@@ -554,6 +550,8 @@ async def poll_playlist(
                 groups = await _add_groups(conn, playlist_uuid, sorted(unknown))
             if gap:
                 await _plan_backfill(conn, playlist_uuid, groups, *gap)
+    except LockLost as exc:
+        return PollOutcome(playlist_uuid, polled=True, error=exc)  # the job stops; no writes
     except Exception as exc:
         if not isinstance(exc, BroadcastifyError):
             log.exception("playlist %s: poll failed", playlist_uuid)
@@ -761,6 +759,8 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
                     " updated_at = now() WHERE id = %s",
                     (end + 1, gap.id),
                 )
+    except LockLost:
+        raise
     except Exception as exc:
         await log_failed_poll(ctx, poll, exc)
         try:
@@ -793,6 +793,7 @@ async def backfill_gaps(ctx: JobContext) -> None:
     first = True
     while first or time.monotonic() < deadline:
         first = False
+        ctx.ensure_lock()
         async with ctx.connection() as conn:
             cur = await conn.execute(
                 "SELECT b.id, b.playlist_uuid::text, b.group_id, b.next_ts, b.until_ts"
@@ -855,6 +856,7 @@ async def poll_followed_playlists(ctx: JobContext) -> None:
             return await poll_playlist(ctx, api, uuid)
 
     outcomes = await asyncio.gather(*(poll_one(uuid) for uuid in playlists))
+    ctx.ensure_lock()  # a poll that found the lock lost stopped: so does the run
     if any(o.new for o in outcomes):
         await _trigger(AUDIO_JOB)
     async with ctx.connection() as conn:
