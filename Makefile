@@ -35,6 +35,8 @@ lint: install
 
 bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/locks.py
+	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/transcribe.py
 
 migrate: install

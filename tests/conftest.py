@@ -30,6 +30,9 @@ from workers.settings import reset_settings_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Fixtures of the ingestion tests (ingest, ingest_manual).
+pytest_plugins = ("tests.ingest_fixtures",)
+
 
 @dataclass
 class Services:
@@ -76,10 +79,13 @@ def _claim_redis_db(base_url: str) -> tuple[str, redis.Redis]:
     """An empty database index that no one else uses, marked as ours."""
     claim_key = "bcfy:test-session"
     for index in range(15, 0, -1):
-        client = redis.Redis.from_url(base_url, db=index)
-        if client.set(claim_key, str(os.getpid()), nx=True) and client.dbsize() == 1:
-            url = base_url.rsplit("/", 1)[0] + f"/{index}"
-            return url, client
+        # The index goes in the URL: a URL's own /N would override a db= argument.
+        url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
+        client = redis.Redis.from_url(url)
+        if client.set(claim_key, str(os.getpid()), nx=True):
+            if client.dbsize() == 1:
+                return url, client
+            client.delete(claim_key)  # someone's data lives here: not ours to use
         client.close()
     raise RuntimeError(f"no empty Redis database index free on {base_url}")
 
@@ -128,3 +134,13 @@ def clean(services: Services) -> Iterator[Services]:
     reset_settings_cache()
     yield services
     reset_settings_cache()
+
+
+@pytest.fixture
+def sim():
+    """A Broadcastify feed simulator on a free port: real clock, demo credentials (DEMO_API_KEYS,
+    DEMO_USERS), no playlists yet. Tests wanting a ManualClock make their own FeedSimulator."""
+    from workers.simulator import FeedSimulator
+
+    with FeedSimulator(seed=1) as simulator:
+        yield simulator

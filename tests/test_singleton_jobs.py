@@ -6,6 +6,7 @@ within the lock's TTL, renewal, lost locks, expired ticks, duplicate beats, time
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,3 +250,21 @@ def test_revoking_a_running_job_releases_its_lock(env, procs, tmp_path, clean, c
     # The next run is not blocked by a stale lock.
     client.send_task(SLEEPER, queue="ingest", kwargs={})
     wait_until(lambda: len(notes(r, "test:starts")) == 2, 15, "the next run to start")
+
+
+def test_sigterm_to_a_worker_lets_the_running_job_finish_and_release(
+    env, procs, tmp_path, clean, client
+):
+    env |= {"TEST_SLEEP_SEC": "3"}
+    worker = start_worker("w1", env, tmp_path)
+    procs.append(worker)
+    client.send_task(SLEEPER, queue="ingest")
+    r = clean.redis()
+    wait_until(lambda: notes(r, "test:starts"), 10, "the run to start")
+    worker.popen.send_signal(signal.SIGTERM)  # what `docker stop` and `bcfy run` send
+
+    assert worker.popen.wait(20) == 0
+    (ok,) = outcomes(clean, SLEEPER, "ok")
+    assert (ok[2] - ok[1]).total_seconds() >= 3, "the run was finished, not cut short"
+    assert len(notes(r, "test:ends")) == 1
+    assert holder_of(r, SLEEPER) is None

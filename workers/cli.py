@@ -28,9 +28,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 
 # Modules that add subcommands, besides the ones below.
-COMMAND_MODULES: list[str] = [
-    "workers.search",
-]
+COMMAND_MODULES: list[str] = ["workers.simulator.cli", "workers.playlists_cli", "workers.search"]
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -117,6 +117,15 @@ def _http_url(raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _code_list(raw: str) -> str:
+    """A comma-separated list of codes or ids, normalised: "us, ca" -> "US,CA"."""
+    items = [item.strip().upper() for item in raw.split(",") if item.strip()]
+    for item in items:
+        if not item.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"{item!r} is not a code or an id")
+    return ",".join(items)
+
+
 POOL_TYPES = ("prefork", "solo")
 TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
@@ -163,6 +172,46 @@ class Settings:
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
     # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
+    # The service (workers/bcfy_api.py). Key id, secret and app id come from the developer
+    # portal; the user name and password only for non-public playlists.
+    bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
+    bcfy_api_key_id: str = _env("BCFY_API_KEY_ID", _text, "")
+    bcfy_api_key: Secret = _env("BCFY_API_KEY", _secret, Secret(""))
+    bcfy_app_id: str = _env("BCFY_APP_ID", _text, "")
+    bcfy_username: str = _env("BCFY_USERNAME", _text, "")
+    bcfy_password: Secret = _env("BCFY_PASSWORD", _secret, Secret(""))
+    # Token lifetime (the service refuses over 24 h; recommends 1 h or less), and how long
+    # before its expiry a token is replaced.
+    bcfy_jwt_lifetime_sec: float = _env("BCFY_JWT_LIFETIME_SEC", _number, 3600.0, min=60, max=86400)
+    bcfy_jwt_renew_margin_sec: float = _env("BCFY_JWT_RENEW_MARGIN_SEC", _number, 60.0, min=0)
+    # Retries of transient failures (timeouts, connection errors, 429, 5xx): at most this many
+    # attempts, no new attempt after the budget, exponential backoff with jitter in between.
+    bcfy_retry_attempts: int = _env("BCFY_RETRY_ATTEMPTS", _integer, 4, min=1, max=20)
+    bcfy_retry_budget_sec: float = _env("BCFY_RETRY_BUDGET_SEC", _number, 60.0, min=0)
+    bcfy_retry_backoff_sec: float = _env("BCFY_RETRY_BACKOFF_SEC", _number, 0.5, min=0)
+    bcfy_retry_backoff_max_sec: float = _env("BCFY_RETRY_BACKOFF_MAX_SEC", _number, 15.0, min=0)
+    # Playlists polled at once by one ingest run.
+    ingest_poll_concurrency: int = _env("INGEST_POLL_CONCURRENCY", _integer, 4, min=1, max=64)
+    # The service asks for at most one poll of a selector every 5 s.
+    ingest_min_poll_gap_sec: float = _env("INGEST_MIN_POLL_GAP_SEC", _number, 5.0, min=0)
+    # How old a `pos` the live endpoint still answers for in full (older ones are clamped
+    # silently). Not published: too low only starts back-fill sooner, too high loses calls.
+    ingest_live_max_pos_age_sec: float = _env("INGEST_LIVE_MAX_POS_AGE_SEC", _number, 600.0, min=60)
+    # Back-fill from group_archives: window per request (the service allows 8 h at most),
+    # archive requests at once per playlist, and the time one run spends on it before it
+    # leaves the rest (progress is kept) to the next run.
+    ingest_backfill_window_sec: float = _env(
+        "INGEST_BACKFILL_WINDOW_SEC", _number, 28800.0, min=60, max=28800
+    )
+    ingest_backfill_concurrency: int = _env(
+        "INGEST_BACKFILL_CONCURRENCY", _integer, 2, min=1, max=16
+    )
+    ingest_backfill_budget_sec: float = _env("INGEST_BACKFILL_BUDGET_SEC", _number, 120.0, min=1)
+    # Geo refresh scope: countries by ISO code, country code or coid; states by code or stid
+    # (empty: every state of those countries). Requests at once.
+    geo_countries: str = _env("GEO_COUNTRIES", _code_list, "US")
+    geo_states: str = _env("GEO_STATES", _code_list, "")
+    geo_concurrency: int = _env("GEO_CONCURRENCY", _integer, 4, min=1, max=32)
 
     # --- audio: claiming, downloading, validating, converting, storing (tasks/audio.py)
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
@@ -289,6 +338,19 @@ def _check_consistency(s: Settings) -> list[str]:
         )
     if s.http_read_timeout_sec > s.http_total_timeout_sec:
         problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
+    # --- ingestion
+    if s.bcfy_jwt_renew_margin_sec * 2 > s.bcfy_jwt_lifetime_sec:
+        problems.append(
+            f"BCFY_JWT_RENEW_MARGIN_SEC ({s.bcfy_jwt_renew_margin_sec:g}) must be at most half "
+            f"of BCFY_JWT_LIFETIME_SEC ({s.bcfy_jwt_lifetime_sec:g})"
+        )
+    if s.bcfy_retry_backoff_sec > s.bcfy_retry_backoff_max_sec:
+        problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
+    if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
+        problems.append(
+            f"INGEST_LIVE_MAX_POS_AGE_SEC ({s.ingest_live_max_pos_age_sec:g}) must be at least "
+            f"twice INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g})"
+        )
     problems += _check_transcription(s)
     return problems
 
