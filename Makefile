@@ -36,6 +36,8 @@ lint: install
 bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/locks.py
 	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/audio.py
 
 migrate: install

@@ -34,8 +34,7 @@ CREATE TABLE call_audio (
     measured_duration_sec double precision,
     ready_at          timestamptz,
     updated_at        timestamptz NOT NULL DEFAULT now(),
-    CHECK (state <> 'ready' OR (prepared_path IS NOT NULL AND prepared_sha256 IS NOT NULL
-                                AND ready_at IS NOT NULL)),
+    CHECK (state <> 'ready' OR (prepared_path IS NOT NULL AND ready_at IS NOT NULL)),
     CHECK (state <> 'downloading' OR (lease_owner IS NOT NULL AND lease_until IS NOT NULL))
 );
 -- The claim's path: due calls (pending past their backoff, or leases run out), oldest first.

@@ -30,6 +30,9 @@ from workers.settings import reset_settings_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Fixtures of the ingestion tests (ingest, ingest_manual).
+pytest_plugins = ("tests.ingest_fixtures",)
+
 
 @dataclass
 class Services:

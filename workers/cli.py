@@ -28,7 +28,12 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 
 # Modules that add subcommands, besides the ones below.
-COMMAND_MODULES: list[str] = ["workers.simulator.cli", "workers.audio_cli"]
+COMMAND_MODULES: list[str] = [
+    "workers.simulator.cli",
+    "workers.playlists_cli",
+    "workers.search",
+    "workers.audio_cli",
+]
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

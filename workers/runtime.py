@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import psycopg
@@ -21,6 +21,9 @@ import redis
 from psycopg_pool import AsyncConnectionPool
 
 from workers.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from workers.bcfy_api import BroadcastifyClient
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class Runtime:
         self._db: AsyncConnectionPool | None = None
         self._http: httpx.AsyncClient | None = None
         self._redis: redis.Redis | None = None
+        self._bcfy_api: BroadcastifyClient | None = None
 
     @classmethod
     def current(cls) -> Runtime:
@@ -93,6 +97,15 @@ class Runtime:
         return self._http
 
     @property
+    def bcfy_api(self) -> BroadcastifyClient:
+        """The process's Broadcastify API client (on `http`; caches its token across runs)."""
+        if self._bcfy_api is None:
+            from workers.bcfy_api import BroadcastifyClient
+
+            self._bcfy_api = BroadcastifyClient(self.settings, self.http)
+        return self._bcfy_api
+
+    @property
     def redis(self) -> redis.Redis:
         """A synchronous Redis client for locks and counters (used outside the event loop)."""
         if self._redis is None:
@@ -129,6 +142,7 @@ class Runtime:
                 self._redis.close()
             loop.close()
             self._http = self._db = self._redis = None
+            self._bcfy_api = None
 
 
 _pool_child_pid: int | None = None

@@ -117,7 +117,17 @@ def _http_url(raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _code_list(raw: str) -> str:
+    """A comma-separated list of codes or ids, normalised: "us, ca" -> "US,CA"."""
+    items = [item.strip().upper() for item in raw.split(",") if item.strip()]
+    for item in items:
+        if not item.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"{item!r} is not a code or an id")
+    return ",".join(items)
+
+
 POOL_TYPES = ("prefork", "solo")
+TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
 
 class NameList(tuple[str, ...]):
@@ -208,6 +218,46 @@ class Settings:
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
     # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
+    # The service (workers/bcfy_api.py). Key id, secret and app id come from the developer
+    # portal; the user name and password only for non-public playlists.
+    bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
+    bcfy_api_key_id: str = _env("BCFY_API_KEY_ID", _text, "")
+    bcfy_api_key: Secret = _env("BCFY_API_KEY", _secret, Secret(""))
+    bcfy_app_id: str = _env("BCFY_APP_ID", _text, "")
+    bcfy_username: str = _env("BCFY_USERNAME", _text, "")
+    bcfy_password: Secret = _env("BCFY_PASSWORD", _secret, Secret(""))
+    # Token lifetime (the service refuses over 24 h; recommends 1 h or less), and how long
+    # before its expiry a token is replaced.
+    bcfy_jwt_lifetime_sec: float = _env("BCFY_JWT_LIFETIME_SEC", _number, 3600.0, min=60, max=86400)
+    bcfy_jwt_renew_margin_sec: float = _env("BCFY_JWT_RENEW_MARGIN_SEC", _number, 60.0, min=0)
+    # Retries of transient failures (timeouts, connection errors, 429, 5xx): at most this many
+    # attempts, no new attempt after the budget, exponential backoff with jitter in between.
+    bcfy_retry_attempts: int = _env("BCFY_RETRY_ATTEMPTS", _integer, 4, min=1, max=20)
+    bcfy_retry_budget_sec: float = _env("BCFY_RETRY_BUDGET_SEC", _number, 60.0, min=0)
+    bcfy_retry_backoff_sec: float = _env("BCFY_RETRY_BACKOFF_SEC", _number, 0.5, min=0)
+    bcfy_retry_backoff_max_sec: float = _env("BCFY_RETRY_BACKOFF_MAX_SEC", _number, 15.0, min=0)
+    # Playlists polled at once by one ingest run.
+    ingest_poll_concurrency: int = _env("INGEST_POLL_CONCURRENCY", _integer, 4, min=1, max=64)
+    # The service asks for at most one poll of a selector every 5 s.
+    ingest_min_poll_gap_sec: float = _env("INGEST_MIN_POLL_GAP_SEC", _number, 5.0, min=0)
+    # How old a `pos` the live endpoint still answers for in full (older ones are clamped
+    # silently). Not published: too low only starts back-fill sooner, too high loses calls.
+    ingest_live_max_pos_age_sec: float = _env("INGEST_LIVE_MAX_POS_AGE_SEC", _number, 600.0, min=60)
+    # Back-fill from group_archives: window per request (the service allows 8 h at most),
+    # archive requests at once per playlist, and the time one run spends on it before it
+    # leaves the rest (progress is kept) to the next run.
+    ingest_backfill_window_sec: float = _env(
+        "INGEST_BACKFILL_WINDOW_SEC", _number, 28800.0, min=60, max=28800
+    )
+    ingest_backfill_concurrency: int = _env(
+        "INGEST_BACKFILL_CONCURRENCY", _integer, 2, min=1, max=16
+    )
+    ingest_backfill_budget_sec: float = _env("INGEST_BACKFILL_BUDGET_SEC", _number, 120.0, min=1)
+    # Geo refresh scope: countries by ISO code, country code or coid; states by code or stid
+    # (empty: every state of those countries). Requests at once.
+    geo_countries: str = _env("GEO_COUNTRIES", _code_list, "US")
+    geo_states: str = _env("GEO_STATES", _code_list, "")
+    geo_concurrency: int = _env("GEO_CONCURRENCY", _integer, 4, min=1, max=32)
 
     # --- audio: claiming, downloading, validating, converting, storing (tasks/audio.py)
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
@@ -248,6 +298,57 @@ class Settings:
     audio_silence_dbfs: float = _env("AUDIO_SILENCE_DBFS", _number, -50.0, min=-120, max=0)
 
     # --- transcription: dispatch and recognisers (tasks/transcription.py)
+    # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
+    transcribe_backend: str = _env(
+        "TRANSCRIBE_BACKEND", _text, "pocketsphinx", choices=TRANSCRIBE_BACKENDS
+    )
+    transcribe_language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
+    # Custom vocabulary: comma-separated words and phrases (unit names, streets). openai: sent
+    # in the prompt; pocketsphinx: each phrase becomes a word of its own in the dictionary
+    # and the language model (its words must have pronunciations).
+    transcribe_vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
+    # Dispatch (the periodic job): which calls, how many, and how far ahead of the workers.
+    transcribe_max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
+    transcribe_dispatch_batch: int = _env(
+        "TRANSCRIBE_DISPATCH_BATCH", _integer, 100, min=1, max=10000
+    )
+    transcribe_dispatch_order: str = _env(
+        "TRANSCRIBE_DISPATCH_ORDER", _text, "oldest", choices=("oldest", "newest")
+    )
+    transcribe_queue_max: int = _env("TRANSCRIBE_QUEUE_MAX", _integer, 200, min=1)
+    transcribe_dispatch_lease_sec: float = _env(
+        "TRANSCRIBE_DISPATCH_LEASE_SEC", _number, 900.0, min=1
+    )
+    # The per-call task: time limits (hard < BROKER_VISIBILITY_TIMEOUT_SEC), retries.
+    transcribe_soft_time_limit_sec: float = _env(
+        "TRANSCRIBE_SOFT_TIME_LIMIT_SEC", _number, 240.0, min=1
+    )
+    transcribe_time_limit_sec: float = _env("TRANSCRIBE_TIME_LIMIT_SEC", _number, 300.0, min=2)
+    transcribe_max_attempts: int = _env("TRANSCRIBE_MAX_ATTEMPTS", _integer, 5, min=1, max=100)
+    transcribe_retry_backoff_sec: float = _env(
+        "TRANSCRIBE_RETRY_BACKOFF_SEC", _number, 15.0, min=0.1
+    )
+    transcribe_retry_backoff_max_sec: float = _env(
+        "TRANSCRIBE_RETRY_BACKOFF_MAX_SEC", _number, 600.0, min=0.1
+    )
+    # openai: any OpenAI-compatible /v1/audio/transcriptions (OpenAI, faster-whisper servers,
+    # whisper.cpp server, vLLM).
+    transcribe_openai_base_url: str = _env(
+        "TRANSCRIBE_OPENAI_BASE_URL", _http_url, "https://api.openai.com/v1"
+    )
+    transcribe_openai_api_key: Secret = _env("TRANSCRIBE_OPENAI_API_KEY", _secret, Secret(""))
+    transcribe_openai_model: str = _env("TRANSCRIBE_OPENAI_MODEL", _text, "whisper-1")
+    transcribe_openai_timeout_sec: float = _env(
+        "TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1
+    )
+    # Segments the service itself thinks are probably not speech are dropped (radio hiss
+    # makes Whisper invent sentences).
+    transcribe_no_speech_threshold: float = _env(
+        "TRANSCRIBE_NO_SPEECH_THRESHOLD", _number, 0.6, min=0.0, max=1.0
+    )
+    # pocketsphinx: extra pronunciations, a file of "word PH O N E S" lines (CMUdict style),
+    # for words the bundled dictionary lacks.
+    transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
     # --- operations: status, metrics, Flower, demo mode
 
@@ -322,6 +423,69 @@ def _check_consistency(s: Settings) -> list[str]:
         problems.append(
             f"AUDIO_MAX_IN_FLIGHT ({s.audio_max_in_flight}) must be at least "
             f"AUDIO_WORKER_BATCH_SIZE ({s.audio_worker_batch_size})"
+        )
+    # --- ingestion
+    if s.bcfy_jwt_renew_margin_sec * 2 > s.bcfy_jwt_lifetime_sec:
+        problems.append(
+            f"BCFY_JWT_RENEW_MARGIN_SEC ({s.bcfy_jwt_renew_margin_sec:g}) must be at most half "
+            f"of BCFY_JWT_LIFETIME_SEC ({s.bcfy_jwt_lifetime_sec:g})"
+        )
+    if s.bcfy_retry_backoff_sec > s.bcfy_retry_backoff_max_sec:
+        problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
+    if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
+        problems.append(
+            f"INGEST_LIVE_MAX_POS_AGE_SEC ({s.ingest_live_max_pos_age_sec:g}) must be at least "
+            f"twice INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g})"
+        )
+    problems += _check_transcription(s)
+    return problems
+
+
+def _check_transcription(s: Settings) -> list[str]:
+    problems = []
+    if s.transcribe_soft_time_limit_sec >= s.transcribe_time_limit_sec:
+        problems.append(
+            f"TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g}) must be below "
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g})"
+        )
+    if s.transcribe_time_limit_sec >= s.broker_visibility_timeout_sec:
+        problems.append(
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g}) must be below "
+            f"BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g}), or a message "
+            "still running would be handed to a second worker"
+        )
+    # A retry waits in the worker as an unacknowledged message: past the visibility timeout
+    # Redis would hand it out a second time.
+    if s.transcribe_retry_backoff_max_sec * 2 > s.broker_visibility_timeout_sec:
+        problems.append(
+            f"TRANSCRIBE_RETRY_BACKOFF_MAX_SEC ({s.transcribe_retry_backoff_max_sec:g}) must be "
+            f"at most half of BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g})"
+        )
+    if s.transcribe_retry_backoff_sec > s.transcribe_retry_backoff_max_sec:
+        problems.append(
+            "TRANSCRIBE_RETRY_BACKOFF_SEC must not exceed TRANSCRIBE_RETRY_BACKOFF_MAX_SEC"
+        )
+    if s.transcribe_backend == "openai":
+        if s.transcribe_openai_timeout_sec >= s.transcribe_soft_time_limit_sec:
+            problems.append(
+                f"TRANSCRIBE_OPENAI_TIMEOUT_SEC ({s.transcribe_openai_timeout_sec:g}) must be "
+                f"below TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g})"
+            )
+        if not s.transcribe_openai_model:
+            problems.append("TRANSCRIBE_OPENAI_MODEL must be set when TRANSCRIBE_BACKEND=openai")
+        host = urlsplit(s.transcribe_openai_base_url).hostname or ""
+        if host.endswith("openai.com") and not s.transcribe_openai_api_key:
+            problems.append(
+                f"TRANSCRIBE_OPENAI_API_KEY must be set for {s.transcribe_openai_base_url} "
+                "(TRANSCRIBE_BACKEND=openai)"
+            )
+    if s.transcribe_backend == "pocketsphinx" and s.transcribe_language.lower() not in (
+        "en",
+        "en-us",
+    ):
+        problems.append(
+            f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the pocketsphinx backend has only "
+            "its bundled US English model (use en, or TRANSCRIBE_BACKEND=openai)"
         )
     return problems
 

@@ -1,0 +1,492 @@
+"""Transcription: the embedded recogniser's speed and accuracy, dispatch throughput, and the
+transcription pool's throughput with one and with two worker processes.
+
+    python bench/transcribe.py [--rounds 3] [--pool-calls 32] [--dispatch-calls 2000]
+
+Prints, and writes to bench/results/transcribe.txt:
+  * pocketsphinx on the 16 spoken test calls (prepared 16 kHz FLAC): real-time factor (total
+    processing / total audio, and the median per call), against decoding the FLAC alone as the
+    baseline measured in the same run; word error rate against the calls' known text, without
+    and with a custom vocabulary;
+  * dispatch: calls per second through the dispatcher (mark + commit + one message per call),
+    against publishing the same messages alone; and the latency of one pass of 100 with
+    100,000 transcribed calls in the window against an empty window (the partial index at
+    work: a pass costs what it sends, not what was transcribed before);
+  * the pool: calls per second with one and with two `bcfy worker transcription` processes of
+    one pool process each (production command line, real Redis and PostgreSQL), rounds
+    interleaved, medians. Goal: two workers at least 1.6 x one.
+Uses the local PostgreSQL / Redis when they answer (its own database, dropped at the end, and an
+empty Redis database index), else throwaway servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import redis
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from workers.audio_codec import convert_for_recognizers, decode_mono  # noqa: E402
+from workers.devservices import (  # noqa: E402
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    postgres_reachable,
+    redis_reachable,
+)
+from workers.migrate import migrate  # noqa: E402
+from workers.simulator.make_clips import CLIPS_DIR  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "transcribe.txt"
+CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]
+# Unit names from the calls, as an operator would list them.
+VOCABULARY = "engine twelve, medic three, unit five, ladder seven, battalion chief, engine four"
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
+    """Word-level Levenshtein distance: substitutions + deletions + insertions."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+class Services:
+    def __init__(self, redis_base: str | None, pg_base: str | None) -> None:
+        self.servers: list[Any] = []
+        if not (redis_base and redis_reachable(redis_base)):
+            server = ThrowawayRedis().start()
+            self.servers.append(server)
+            redis_base = server.url
+        if not (pg_base and postgres_reachable(pg_base)):
+            server = ThrowawayPostgres().start()
+            self.servers.append(server)
+            pg_base = server.dsn
+        self.pg_base = pg_base
+        self.redis_url = self._free_redis_db(redis_base)
+        self.dbname = f"bcfy_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_base, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
+        self.database_url = pg_base.rsplit("/", 1)[0] + f"/{self.dbname}"
+        migrate(self.database_url, say=lambda _: None)
+
+    @staticmethod
+    def _free_redis_db(base: str) -> str:
+        for index in range(12, 0, -1):
+            url = urlunsplit(urlsplit(base)._replace(path=f"/{index}"))
+            client = redis.Redis.from_url(url)
+            try:
+                if client.set("bcfy:bench", str(os.getpid()), nx=True) and client.dbsize() == 1:
+                    return url
+                if client.get("bcfy:bench") == str(os.getpid()).encode():
+                    client.delete("bcfy:bench")
+            finally:
+                client.close()
+        raise SystemExit(f"no empty Redis database index on {base}")
+
+    def db(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def close(self) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        client.flushdb()
+        client.close()
+        with psycopg.connect(self.pg_base, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(self.dbname)
+                )
+            )
+        for server in self.servers:
+            server.stop()
+
+
+def reset(services: Services) -> None:
+    with services.db() as conn:
+        conn.execute("TRUNCATE bcfy_calls_raw, job_runs CASCADE")
+    client = redis.Redis.from_url(services.redis_url)
+    client.delete("transcription", "unacked", "unacked_index")
+    client.close()
+
+
+def add_ready_calls(services: Services, clips: list[str], done: bool = False) -> list[int]:
+    """Ready calls, one per entry of `clips` (their prepared FLAC), a second apart, in bulk."""
+    with services.db() as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                """INSERT INTO bcfy_calls_raw (group_id, call_ts, started_at, url, raw)
+                   SELECT '7001-101', extract(epoch FROM ts)::bigint, ts,
+                          'https://calls.example/' || n || '-' || md5(random()::text), '{}'
+                     FROM (SELECT n, now() - interval '1 hour' + n * interval '1 second' AS ts
+                             FROM generate_series(1, %s) n) s
+                   RETURNING id""",
+                (len(clips),),
+            ).fetchall()
+        ]
+        conn.execute(
+            """UPDATE call_audio a SET state = 'ready', prepared_path = u.path, ready_at = now()
+                 FROM unnest(%s::bigint[], %s::text[]) AS u(id, path)
+                WHERE a.call_id = u.id""",
+            (ids, [f"prepared/{Path(c).stem}.flac" for c in clips]),
+        )
+        if done:
+            conn.execute(
+                "UPDATE call_transcription SET state = 'done', due_at = NULL, finished_at = now()"
+                " WHERE call_id = ANY(%s)",
+                (ids,),
+            )
+    return ids
+
+
+# --- 1. the recogniser -----------------------------------------------------------------------
+
+
+def bench_recognizer(store: Path, rounds: int) -> list[str]:
+    from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
+
+    files = [(store / "prepared" / f"{Path(c['file']).stem}.flac", c) for c in CLIPS]
+    plain = PocketsphinxRecognizer()
+    tuned = PocketsphinxRecognizer(vocabulary=[t.strip() for t in VOCABULARY.split(",")])
+    plain.transcribe(files[0][0], name="warm-up")
+    times: dict[str, list[float]] = {c["file"]: [] for c in CLIPS}
+    decode_times: dict[str, list[float]] = {c["file"]: [] for c in CLIPS}
+    texts: dict[str, str] = {}
+    for _ in range(rounds):
+        for path, clip in files:
+            t0 = time.perf_counter()
+            decode_mono(path)
+            decode_times[clip["file"]].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            result = plain.transcribe(path, name=clip["file"])
+            times[clip["file"]].append(time.perf_counter() - t0)
+            texts[clip["file"]] = result.text
+    tuned_texts = {c["file"]: tuned.transcribe(p, name=c["file"]).text for p, c in files}
+
+    audio = sum(c["duration"] for c in CLIPS)
+    processing = sum(statistics.median(times[c["file"]]) for c in CLIPS)
+    decoding = sum(statistics.median(decode_times[c["file"]]) for c in CLIPS)
+    per_call = [statistics.median(times[c["file"]]) / c["duration"] for c in CLIPS]
+    ref_words = sum(len(c["text"].split()) for c in CLIPS)
+
+    def wer(hyps: dict[str, str]) -> float:
+        errors = sum(word_errors(c["text"].split(), hyps[c["file"]].split()) for c in CLIPS)
+        return errors / ref_words
+
+    return [
+        f"## pocketsphinx on the {len(CLIPS)} spoken calls ({audio:.1f} s of audio,"
+        f" {ref_words} words), median of {rounds} rounds",
+        f"{'real-time factor (total)':40} {processing / audio:8.3f}",
+        f"{'real-time factor (median per call)':40} {statistics.median(per_call):8.3f}",
+        f"{'baseline: FLAC decoding alone, RTF':40} {decoding / audio:8.4f}",
+        f"{'recognition / decoding':40} {processing / decoding:8.1f} x",
+        f"{'word error rate':40} {wer(texts):8.1%}",
+        f"{'word error rate, with vocabulary':40} {wer(tuned_texts):8.1%}"
+        f"   ({len(VOCABULARY.split(','))} unit names)",
+    ]
+
+
+# --- 2. dispatch -------------------------------------------------------------------------------
+
+
+def bench_dispatch(services: Services, n: int) -> list[str]:
+    from tasks.transcription import (
+        dispatch_once,
+        mark_dispatched,
+        pick_sql,
+        publish_transcriptions,
+    )
+    from workers.runtime import Runtime
+    from workers.settings import load_settings
+
+    settings = load_settings(
+        {**os.environ, "TRANSCRIBE_DISPATCH_BATCH": "500", "TRANSCRIBE_QUEUE_MAX": "1000000"}
+    )
+    rt = Runtime.current()
+    client = redis.Redis.from_url(services.redis_url)
+
+    reset(services)
+    ids = add_ready_calls(services, ["call01.m4a"] * n)
+    publish_transcriptions(settings, ids[:50])  # warm up: connection, serialiser
+    client.delete("transcription")
+    t0 = time.perf_counter()
+    for start in range(0, n, 500):
+        publish_transcriptions(settings, ids[start : start + 500])
+    publish_only = time.perf_counter() - t0
+    assert client.llen("transcription") == n
+    client.delete("transcription")
+
+    t0 = time.perf_counter()
+    sent = 0
+    while True:
+        outcome = rt.run(dispatch_once(settings, client))
+        if not outcome.sent:
+            break
+        sent += outcome.sent
+    dispatch = time.perf_counter() - t0
+    assert sent == n == client.llen("transcription"), (sent, n)
+
+    def pass_latency(done: int) -> list[float]:
+        reset(services)
+        if done:
+            add_ready_calls(services, ["call01.m4a"] * done, done=True)
+        add_ready_calls(services, ["call01.m4a"] * 100)
+        with services.db() as conn:  # what autovacuum does after a bulk load
+            conn.execute("VACUUM ANALYZE call_transcription, call_audio")
+        walls, server = [], []
+        for _ in range(9):
+            t = time.perf_counter()
+            assert len(rt.run(mark_dispatched(settings, 100))) == 100
+            walls.append(time.perf_counter() - t)
+            with services.db() as conn:
+                conn.execute(
+                    "UPDATE call_transcription SET state = 'pending', due_at = now()"
+                    " WHERE state = 'dispatched'"
+                )
+                conn.execute("BEGIN")
+                plan = conn.execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + pick_sql("oldest"),
+                    {"max_age": 72 * 3600, "limit": 100, "lease": 900},
+                ).fetchone()[0]
+                conn.execute("ROLLBACK")
+            server.append(plan[0]["Execution Time"] / 1000)
+        return walls, server
+
+    walls: dict[int, list[float]] = {0: [], 100000: []}
+    server: dict[int, list[float]] = {0: [], 100000: []}
+    for _ in range(2):  # interleaved: background work (autovacuum, neighbours) hits both
+        for done in walls:
+            w, x = pass_latency(done)
+            walls[done] += w
+            server[done] += x
+    latency = {done: statistics.median(times) for done, times in walls.items()}
+    executing = {done: statistics.median(times) for done, times in server.items()}
+    client.close()
+    Runtime.shutdown_current()
+    return [
+        f"## dispatch, {n} ready calls, batches of 500",
+        f"{'baseline: publishing alone, calls/s':40} {n / publish_only:8.0f}",
+        f"{'dispatcher (mark+commit+publish), calls/s':40} {n / dispatch:8.0f}"
+        f"   ({publish_only / dispatch:.2f} x publishing alone)",
+        *(
+            f"{f'one pass of 100, {done} done in window, ms':40} {t * 1000:8.1f}"
+            f"   (query executing {executing[done] * 1000:.2f} ms,"
+            f" {executing[done] / executing[0]:.2f} x empty)"
+            for done, t in latency.items()
+        ),
+    ]
+
+
+# --- 3. the pool -------------------------------------------------------------------------------
+
+
+def start_workers(k: int, env: dict[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
+    """k `bcfy worker transcription` processes (one pool process each), ready."""
+    from workers.processes import worker_argv
+    from workers.settings import load_settings
+
+    settings = load_settings(env)
+    procs = []
+    for i in range(k):
+        argv = worker_argv("transcription", settings, ["--without-mingle", "--without-gossip"])
+        argv[argv.index("--hostname") + 1] = f"bench{i}@%h"
+        log_path = logdir / f"worker{i}-{time.monotonic_ns()}.log"
+        with open(log_path, "wb") as log:
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + 60
+        while b"ready." not in log_path.read_bytes():
+            if time.monotonic() > deadline or procs[-1].poll() is not None:
+                stop_workers(procs)
+                raise SystemExit(f"worker did not start:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def pool_run(services: Services, k: int, calls: int, env: dict[str, str], logdir: Path) -> float:
+    """Wall seconds for k worker processes to transcribe `calls` calls sent at once."""
+    from tasks.transcription import mark_dispatched, publish_transcriptions
+    from workers.runtime import Runtime
+    from workers.settings import load_settings
+
+    reset(services)
+    clips = [CLIPS[i % len(CLIPS)]["file"] for i in range(calls)]
+    add_ready_calls(services, clips)
+    procs = start_workers(k, env, logdir)
+    try:
+        settings = load_settings({**env, "TRANSCRIBE_QUEUE_MAX": "1000000"})
+        t0 = time.perf_counter()
+        ids = Runtime.current().run(mark_dispatched(settings, calls))
+        publish_transcriptions(settings, ids)
+        with services.db() as conn:
+            while conn.execute("SELECT count(*) FROM transcripts").fetchone()[0] < calls:
+                if time.perf_counter() - t0 > 600:
+                    raise SystemExit("the pool did not finish within 10 minutes")
+                time.sleep(0.05)
+        return time.perf_counter() - t0
+    finally:
+        stop_workers(procs)
+        Runtime.shutdown_current()
+
+
+def _decode_share(paths: list[Path]) -> None:
+    from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
+
+    recognizer = PocketsphinxRecognizer()
+    for path in paths:
+        recognizer.transcribe(path, name=path.name)
+
+
+def plain_processes(store: Path, calls: int, k: int) -> float:
+    """Baseline: wall seconds for k bare processes (no Celery, no database) to recognise the
+    same calls, split evenly: what this machine can do in parallel right now."""
+    files = [
+        store / "prepared" / f"{Path(CLIPS[i % len(CLIPS)]['file']).stem}.flac"
+        for i in range(calls)
+    ]
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=_decode_share, args=(files[i::k],)) for i in range(k)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return time.perf_counter() - t0
+
+
+def bench_pool(services: Services, store: Path, calls: int, rounds: int) -> list[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRANSCRIPTION_CONCURRENCY": "1",
+        "TRANSCRIPTION_POOL": "prefork",
+        "LOG_LEVEL": "INFO",  # the worker says "ready." at INFO
+    }
+    logdir = Path(tempfile.mkdtemp(prefix="bcfy-bench-workers-"))
+    audio = sum(CLIPS[i % len(CLIPS)]["duration"] for i in range(calls))
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    bare: dict[int, list[float]] = {1: [], 2: []}
+    try:
+        for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
+            for k in (1, 2):
+                walls[k].append(pool_run(services, k, calls, env, logdir))
+                bare[k].append(plain_processes(store, calls, k))
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    one, two = statistics.median(walls[1]), statistics.median(walls[2])
+    bare_one, bare_two = statistics.median(bare[1]), statistics.median(bare[2])
+    speedup, machine = one / two, bare_one / bare_two
+
+    def shown(ws: list[float]) -> str:
+        return ", ".join(f"{w:.1f}" for w in ws)
+
+    return [
+        f"## transcription pool, {calls} calls ({audio:.0f} s of audio) sent at once,"
+        f" {rounds} rounds interleaved, medians",
+        f"{'1 worker: calls/s':40} {calls / one:8.2f}   ({audio / one:.1f} s of audio per s;"
+        f" walls {shown(walls[1])} s)",
+        f"{'2 workers: calls/s':40} {calls / two:8.2f}   ({audio / two:.1f} s of audio per s;"
+        f" walls {shown(walls[2])} s)",
+        f"{'baseline: 1 bare process: calls/s':40} {calls / bare_one:8.2f}"
+        f"   (walls {shown(bare[1])} s)",
+        f"{'baseline: 2 bare processes: calls/s':40} {calls / bare_two:8.2f}"
+        f"   (walls {shown(bare[2])} s)",
+        f"{'pool overhead, 1 worker vs 1 bare':40} {one / bare_one:8.2f} x",
+        f"{'this machine now, 2 vs 1 bare processes':40} {machine:8.2f} x",
+        f"goal: 2 workers >= 1.6 x 1 worker -> {'met' if speedup >= 1.6 else 'NOT met'}"
+        f" ({speedup:.2f} x; {speedup / machine:.0%} of what the machine gave bare processes)",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pool-calls", type=int, default=32)
+    ap.add_argument("--dispatch-calls", type=int, default=2000)
+    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/"))
+    ap.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    ap.add_argument("--skip-pool", action="store_true", help="no worker processes")
+    args = ap.parse_args()
+
+    services = Services(args.redis_url, args.database_url)
+    store = Path(tempfile.mkdtemp(prefix="bcfy-bench-audio-"))
+    try:
+        (store / "prepared").mkdir()
+        for clip in CLIPS:
+            convert_for_recognizers(
+                CLIPS_DIR / clip["file"], store / "prepared" / f"{Path(clip['file']).stem}.flac"
+            )
+        # Everything below, in this process and in the workers, uses these.
+        os.environ.update(
+            DATABASE_URL=services.database_url,
+            REDIS_URL=services.redis_url,
+            AUDIO_STORE_DIR=str(store),
+            BCFY_STATE_DIR=str(store / "state"),
+        )
+        load = os.getloadavg()
+        lines = [
+            f"# bench/transcribe.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}"
+            f"  load at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
+            *bench_recognizer(store, args.rounds),
+            *bench_dispatch(services, args.dispatch_calls),
+        ]
+        if not args.skip_pool:
+            lines += bench_pool(services, store, args.pool_calls, max(2, args.rounds - 1))
+        load = os.getloadavg()
+        lines.append(f"load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    finally:
+        services.close()
+        shutil.rmtree(store, ignore_errors=True)
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

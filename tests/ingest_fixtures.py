@@ -1,0 +1,194 @@
+"""Fixtures for the ingestion tests: a feed simulator, settings pointing at it, and the jobs run
+in this process on real PostgreSQL and Redis.
+
+    def test_x(ingest):                      # a simulator on the real clock
+    def test_y(ingest_manual):               # a simulator and the API client on a ManualClock
+        uuid = ingest.sim.add_playlist(calls_per_minute=60)
+        ingest.follow(uuid)
+        assert ingest.poll() == "ok"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import Services
+from workers.runtime import Runtime
+from workers.settings import reset_settings_cache
+from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+
+KEY_ID = next(iter(DEMO_API_KEYS))
+SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
+
+# Tables the ingestion owns, emptied before each test.
+TABLES = (
+    "bcfy_calls_raw, bcfy_playlists, bcfy_playlist_poll_log, bcfy_calls_quarantine,"
+    " bcfy_backfill, bcfy_countries, bcfy_states, bcfy_counties"
+)
+
+
+@dataclass
+class Ingest:
+    services: Services
+    sim: FeedSimulator
+    clock: ManualClock | None
+    monkeypatch: pytest.MonkeyPatch
+
+    # --- settings ----------------------------------------------------------------------------
+
+    def configure(self, **values: Any) -> None:
+        """Set ingestion settings (by variable name) for the next job runs."""
+        for name, value in values.items():
+            self.monkeypatch.setenv(name, str(value))
+        self.reset_runtime()
+
+    def reset_runtime(self) -> None:
+        Runtime.shutdown_current()
+        reset_settings_cache()
+        if self.clock is not None:
+            Runtime.current().bcfy_api.clock = self.clock
+
+    @property
+    def api(self) -> Any:
+        return Runtime.current().bcfy_api
+
+    # --- running the jobs in this process ----------------------------------------------------
+
+    def poll(self) -> str:
+        from tasks.ingest import poll_followed_playlists
+
+        return poll_followed_playlists.apply().get()
+
+    def backfill(self) -> str:
+        from tasks.ingest import backfill_gaps
+
+        return backfill_gaps.apply().get()
+
+    def refresh_geo(self) -> str:
+        from tasks.geo import refresh_geo_data
+
+        return refresh_geo_data.apply().get()
+
+    def advance(self, seconds: float) -> None:
+        assert self.clock is not None, "a ManualClock test"
+        self.clock.advance(seconds)
+
+    # --- the database ------------------------------------------------------------------------
+
+    def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with self.services.db() as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def follow(self, uuid: str, *, groups: list[str] | None = None) -> None:
+        """Follow a playlist as `bcfy playlists add` does (its groups from playlist_get)."""
+        from workers.playlists_cli import _add
+
+        Runtime.current().run(_add(uuid))
+        if groups is not None:
+            import json
+
+            self.sql(
+                "UPDATE bcfy_playlists SET groups = %s::jsonb WHERE uuid = %s",
+                json.dumps([{"groupId": g} for g in groups]),
+                uuid,
+            )
+
+    def stored_urls(self, uuid: str | None = None) -> list[str]:
+        if uuid is None:
+            return [u for (u,) in self.sql("SELECT url FROM bcfy_calls_raw ORDER BY id")]
+        return [
+            u
+            for (u,) in self.sql(
+                "SELECT url FROM bcfy_calls_raw WHERE playlist_uuid = %s ORDER BY id", uuid
+            )
+        ]
+
+    def cursor(self, uuid: str) -> int | None:
+        return self.sql("SELECT cursor_pos FROM bcfy_playlists WHERE uuid = %s", uuid)[0][0]
+
+    def polls(self, uuid: str | None = None) -> list[dict[str, Any]]:
+        with self.services.db() as conn:
+            cur = conn.cursor(row_factory=_dict_row)
+            cur.execute(
+                "SELECT * FROM bcfy_playlist_poll_log"
+                + (" WHERE playlist_uuid = %s" if uuid else "")
+                + " ORDER BY id",
+                (uuid,) if uuid else (),
+            )
+            return cur.fetchall()
+
+    def runs(self, job: str) -> list[tuple[str, str | None]]:
+        return self.sql("SELECT outcome, error FROM job_runs WHERE job = %s ORDER BY id", job)
+
+
+def _dict_row(cursor: Any) -> Any:
+    from psycopg.rows import dict_row
+
+    return dict_row(cursor)
+
+
+def _point_celery_at(redis_url: str) -> None:
+    """The app took its broker from the settings when first imported; triggers sent by jobs
+    in this process must land in the test's Redis database."""
+    from workers.app import app
+
+    if app.conf.broker_url != redis_url:
+        app.conf.broker_url = redis_url
+        pool = getattr(app, "_pool", None)
+        if pool is not None:
+            pool.force_close_all()
+            app._pool = None
+
+
+def _make(
+    services: Services, monkeypatch: pytest.MonkeyPatch, clock: ManualClock | None
+) -> Iterator[Ingest]:
+    with services.db() as conn:
+        conn.execute(f"TRUNCATE {TABLES} CASCADE")
+    sim = FeedSimulator(clock=clock, seed=7).start()
+    env = {
+        "BCFY_API_BASE": sim.url,
+        "BCFY_API_KEY_ID": KEY_ID,
+        "BCFY_API_KEY": SECRET,
+        "BCFY_APP_ID": APP_ID,
+        "BCFY_RETRY_BACKOFF_SEC": "0.05",
+        "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
+        "LOCK_TTL_SEC": "10",
+        "LOCK_RENEW_SEC": "2",
+    }
+    if clock is not None:
+        # The clock is the test's: the 5 s rule is the simulator's, on that clock.
+        env["INGEST_MIN_POLL_GAP_SEC"] = "0"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in list(os.environ):
+        if name.startswith(("INGEST_", "GEO_", "BCFY_")) and name not in env:
+            monkeypatch.delenv(name)
+    _point_celery_at(services.redis_url)
+    ingest = Ingest(services, sim, clock, monkeypatch)
+    ingest.reset_runtime()
+    try:
+        yield ingest
+    finally:
+        Runtime.shutdown_current()
+        reset_settings_cache()
+        sim.stop()
+
+
+@pytest.fixture
+def ingest(clean: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ingest]:
+    yield from _make(clean, monkeypatch, None)
+
+
+START = 1_750_000_000.0
+
+
+@pytest.fixture
+def ingest_manual(clean: Services, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ingest]:
+    yield from _make(clean, monkeypatch, ManualClock(START))

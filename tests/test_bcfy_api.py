@@ -1,0 +1,241 @@
+"""The API client over real HTTP against the simulator: its tokens, timeouts, retry policy and
+the errors it raises."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from workers.bcfy_api import (
+    BroadcastifyClient,
+    BroadcastifyError,
+    ConfigurationError,
+    TokenRejected,
+    TransientError,
+)
+from workers.settings import load_settings
+from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+
+KEY_ID = next(iter(DEMO_API_KEYS))
+SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
+
+
+@pytest.fixture
+def sim() -> Iterator[FeedSimulator]:
+    with FeedSimulator(seed=3) as simulator:
+        simulator.faults.min_poll_interval = 0
+        yield simulator
+
+
+def client_for(base: str, clock: Any = time.time, **env: Any) -> tuple[BroadcastifyClient, Any]:
+    settings = load_settings(
+        {
+            "BCFY_API_BASE": base,
+            "BCFY_API_KEY_ID": KEY_ID,
+            "BCFY_API_KEY": SECRET,
+            "BCFY_APP_ID": APP_ID,
+            "BCFY_RETRY_BACKOFF_SEC": "0.05",
+            "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
+            **{k: str(v) for k, v in env.items()},
+        }
+    )
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.http_connect_timeout_sec,
+            read=settings.http_read_timeout_sec,
+            write=settings.http_read_timeout_sec,
+            pool=settings.http_connect_timeout_sec,
+        )
+    )
+    return BroadcastifyClient(settings, http, clock=clock), http
+
+
+def run(base: str, call: Any, clock: Any = time.time, **env: Any) -> tuple[Any, BroadcastifyClient]:
+    """Make a client, await call(client), close it: (result or exception, client)."""
+
+    async def go() -> Any:
+        api, http = client_for(base, clock, **env)
+        try:
+            try:
+                return await call(api), api
+            except Exception as exc:
+                return exc, api
+        finally:
+            await http.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(1_750_000_000.5)
+
+
+@pytest.fixture
+def sim_on_clock(clock: ManualClock) -> Iterator[FeedSimulator]:
+    with FeedSimulator(clock=clock, seed=3) as simulator:
+        yield simulator
+
+
+def test_the_token_is_the_services_hs256_jwt(sim_on_clock, clock):
+    sim = sim_on_clock
+    seen = []
+    real_send = BroadcastifyClient._send
+
+    async def spy(self, method, path, params, data, token):
+        seen.append(token)
+        return await real_send(self, method, path, params, data, token)
+
+    BroadcastifyClient._send = spy
+    try:
+        result, _ = run(sim.url, lambda api: api.countries(), clock, BCFY_JWT_LIFETIME_SEC=1800)
+    finally:
+        BroadcastifyClient._send = real_send
+    assert isinstance(result, list) and result
+    (token,) = seen
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "HS256", "typ": "JWT", "kid": KEY_ID}
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    assert claims == {"iss": APP_ID, "iat": 1_750_000_000, "exp": 1_750_001_800}
+
+
+def test_the_token_is_cached_until_the_margin(sim_on_clock, clock):
+    sim = sim_on_clock
+
+    async def calls(api: BroadcastifyClient) -> list[int]:
+        minted = []
+        for step in (0, 100, 100, 100, 100):  # 0, 100, 200, 300, 400 s
+            clock.advance(step)
+            await api.countries()
+            minted.append(api.tokens_minted)
+        return minted
+
+    minted, _ = run(sim.url, calls, clock, BCFY_JWT_LIFETIME_SEC=400, BCFY_JWT_RENEW_MARGIN_SEC=150)
+    # Renewed once it is within 150 s of its 400 s: at 300 s, then again at 300 + 250.
+    assert minted == [1, 1, 1, 2, 2]
+
+
+def test_user_auth_adds_sub_and_utk(sim):
+    uuid = sim.add_playlist(public=False, calls_per_minute=0)
+    result, api = run(
+        sim.url,
+        lambda api: api.playlist_get(uuid),
+        BCFY_USERNAME="demo",
+        BCFY_PASSWORD="demo",
+    )
+    assert result["uuid"] == uuid
+    # (sub is an integer, as the service wants, not the string PyJWT checks for by default)
+    claims = jwt.decode(api._token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
+    assert claims["sub"] == 1001 and isinstance(claims["utk"], str) and claims["utk"]
+    refused, _ = run(
+        sim.url,
+        lambda api: api.playlist_get(uuid),
+        BCFY_USERNAME="demo",
+        BCFY_PASSWORD="wrong",
+    )
+    assert isinstance(refused, ConfigurationError) and "login as BCFY_USERNAME" in str(refused)
+    assert "wrong" not in str(refused)
+
+
+def test_retry_after_as_an_http_date_is_honoured(sim):
+    sim.faults.fail_next_429 = 1
+
+    class DateRetry:
+        def __str__(self) -> str:
+            return email.utils.formatdate(time.time() + 2, usegmt=True)
+
+    sim.faults.retry_after = DateRetry()  # the header is whatever str() gives
+    started = time.monotonic()
+    result, _ = run(sim.url, lambda api: api.countries())
+    assert isinstance(result, list)
+    assert time.monotonic() - started >= 1.0
+    assert sim.requests["countries"] == 2
+
+
+def test_retries_stop_at_the_attempt_bound(sim):
+    sim.faults.fail_next_500 = 10
+    result, _ = run(sim.url, lambda api: api.countries(), BCFY_RETRY_ATTEMPTS=3)
+    assert isinstance(result, TransientError) and result.status == 500
+    assert sim.requests["countries"] == 3
+
+
+def test_no_attempt_starts_after_the_budget(sim):
+    sim.faults.fail_next_429, sim.faults.retry_after = 10, 1
+    started = time.monotonic()
+    result, _ = run(
+        sim.url, lambda api: api.countries(), BCFY_RETRY_ATTEMPTS=10, BCFY_RETRY_BUDGET_SEC=2.5
+    )
+    took = time.monotonic() - started
+    assert isinstance(result, TransientError) and result.status == 429
+    assert 2 <= sim.requests["countries"] <= 4
+    assert took < 2.5 + 1.5
+
+
+def test_a_slow_answer_times_out_and_is_retried(sim):
+    sim.faults.latency = 1.5
+    started = time.monotonic()
+    result, _ = run(
+        sim.url,
+        lambda api: api.countries(),
+        HTTP_TOTAL_TIMEOUT_SEC=0.5,
+        HTTP_READ_TIMEOUT_SEC=0.5,
+        BCFY_RETRY_ATTEMPTS=2,
+    )
+    assert isinstance(result, TransientError) and "timed out" in str(result)
+    assert sim.requests["countries"] == 2
+    assert time.monotonic() - started < 3
+
+
+def test_a_refused_connection_is_retried_then_reported():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result, _ = run(f"http://127.0.0.1:{port}", lambda api: api.countries(), BCFY_RETRY_ATTEMPTS=2)
+    assert isinstance(result, TransientError) and "ConnectError" in str(result)
+
+
+def test_a_4xx_is_an_error_and_not_retried(sim):
+    async def call(api: BroadcastifyClient) -> Any:
+        return await api.request("GET", "/calls/v1/no_such_method")
+
+    result, _ = run(sim.url, call)
+    assert isinstance(result, BroadcastifyError) and not isinstance(result, TransientError)
+    assert result.status == 404
+
+
+def test_error_103_twice_is_token_rejected(sim):
+    sim.faults.error_in_200, sim.faults.error_in_200_code = 2, 103
+    result, api = run(sim.url, lambda api: api.countries())
+    assert isinstance(result, TokenRejected) and api.tokens_minted == 2
+    assert sim.requests["countries"] == 2
+
+
+def test_error_108_is_a_configuration_error_and_held(sim):
+    async def twice(api: BroadcastifyClient) -> list[Any]:
+        out = []
+        for _ in range(2):
+            try:
+                await api.countries()
+            except ConfigurationError as exc:
+                out.append(exc)
+        return out
+
+    errors, _ = run(sim.url, twice, BCFY_API_KEY_ID="unknown")
+    assert len(errors) == 2 and all("BCFY_API_KEY_ID" in str(e) for e in errors)
+    assert sim.requests["countries"] == 1, "the second call was not sent"
+
+
+def test_live_calls_needs_a_cursor_or_init():
+    async def call(api: BroadcastifyClient) -> Any:
+        return await api.live_calls("x")
+
+    result, _ = run("http://127.0.0.1:9", call)
+    assert isinstance(result, ValueError)

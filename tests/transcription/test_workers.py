@@ -1,0 +1,314 @@
+"""The transcription pool for real: worker processes on real Redis and PostgreSQL, the embedded
+recogniser or a local OpenAI-compatible service, duplicate deliveries, retries, failures, and
+workers killed with SIGKILL in the middle of a call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tests.procs import ROOT, start_worker, wait_until
+from tests.transcription.conftest import CLIP_TEXT, worker_env
+from tests.transcription.fake_openai import Reply
+
+pytestmark = pytest.mark.slow
+
+DISPATCH = "tasks.transcription.dispatch_ready_calls"
+TRANSCRIBE = "tasks.transcription.transcribe_call"
+
+
+def openai_env(service, **extra):
+    return {
+        "TRANSCRIBE_BACKEND": "openai",
+        "TRANSCRIBE_OPENAI_BASE_URL": service.base_url,
+        "TRANSCRIBE_OPENAI_MODEL": "whisper-test",
+        "TRANSCRIBE_OPENAI_TIMEOUT_SEC": "30",
+        "TRANSCRIBE_SOFT_TIME_LIMIT_SEC": "40",
+        "TRANSCRIBE_TIME_LIMIT_SEC": "45",
+        **extra,
+    }
+
+
+def mark_dispatched(calls, call_id):
+    """What the dispatcher does before it sends a call's message."""
+    with calls.db() as conn:
+        conn.execute(
+            "UPDATE call_transcription SET state = 'dispatched', dispatch_count = 1,"
+            " due_at = now() + interval '15 minutes' WHERE call_id = %s",
+            (call_id,),
+        )
+
+
+def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tmp_path, client):
+    env = worker_env(calls.services, calls.store, tmp_path)
+    procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
+    procs.append(start_worker("asr", env, tmp_path, queues="transcription", concurrency=2))
+    clips = ["call01.m4a", "call10.m4a", "call12.m4a", "call14.m4a"]
+    ids = {calls.add(clip): clip for clip in clips}
+
+    # How the audio stage wakes the dispatcher when calls become ready: by name.
+    client.send_task(DISPATCH, queue="ingest")
+    wait_until(lambda: len(calls.transcripts()) == len(ids), 90, "every call transcribed")
+
+    for t in calls.transcripts():
+        reference = CLIP_TEXT[ids[t["call_id"]]].split()
+        found = sum((Counter(reference) & Counter(t["text"].split())).values())
+        assert found >= len(reference) // 2, (t["text"], reference)
+        assert (t["backend"], t["language"]) == ("pocketsphinx", "en")
+        assert 0 < t["confidence"] <= 1 and t["processing_sec"] > 0
+        assert t["segments"] and t["segments"][0]["text"]
+        state = calls.state(t["call_id"])
+        assert (state["state"], state["attempts"], state["due_at"]) == ("done", 1, None)
+    with calls.db() as conn:
+        assert conn.execute(
+            "SELECT outcome FROM job_runs WHERE job = %s", (DISPATCH,)
+        ).fetchall() == [("ok",)]
+        hits = conn.execute(
+            "SELECT call_id FROM transcripts WHERE search @@ websearch_to_tsquery('english',"
+            " 'structure fire')"
+        ).fetchall()
+    assert [h[0] for h in hits] == [i for i, c in ids.items() if c == "call01.m4a"]
+
+
+def test_a_duplicate_delivery_makes_no_second_transcript(calls, procs, tmp_path, client):
+    env = worker_env(calls.services, calls.store, tmp_path)
+    worker = start_worker("asr", env, tmp_path, queues="transcription", concurrency=2)
+    procs.append(worker)
+    call_id = calls.add("call04.m4a")
+    mark_dispatched(calls, call_id)
+    for _ in range(3):  # the same call delivered three times, two of them at once
+        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
+    wait_until(lambda: worker.log().count("duplicate delivery dropped") >= 2, 30, "duplicates")
+    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    wait_until(lambda: worker.log().count("duplicate delivery dropped") >= 3, 30, "a late one")
+
+    assert len(calls.transcripts(call_id)) == 1
+    assert worker.log().count(f"call {call_id} transcribed by") == 1, "recognised once"
+    assert calls.state(call_id)["attempts"] == 1
+
+
+def test_transient_failures_are_retried_with_backoff(calls, procs, tmp_path, client, service):
+    service.replies += [
+        Reply(503, {"error": {"message": "model is loading"}}),
+        Reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"}),
+    ]
+    env = worker_env(
+        calls.services,
+        calls.store,
+        tmp_path,
+        **openai_env(service, TRANSCRIBE_RETRY_BACKOFF_SEC="0.5"),
+    )
+    worker = start_worker("asr", env, tmp_path, queues="transcription")
+    procs.append(worker)
+    call_id = calls.add()
+    mark_dispatched(calls, call_id)
+    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
+
+    (t,) = calls.transcripts(call_id)
+    assert (t["text"], t["backend"], t["model"]) == (
+        "Engine 12 respond to a structure fire.",
+        "openai",
+        "whisper-test",
+    )
+    assert calls.state(call_id)["attempts"] == 3
+    log = worker.log()
+    assert "attempt 1/5 failed" in log and "HTTP 503: model is loading" in log
+    assert "attempt 2/5 failed" in log and "429 rate limited: slow down" in log
+    # Retry-After: 2 was honoured over the 1 s backoff of the second attempt.
+    assert "retry in 2s" in log
+    arrivals = service.request_times
+    assert arrivals[2] - arrivals[1] >= 1.9
+
+
+def test_permanent_failures_are_recorded_with_the_reason(calls, procs, tmp_path, client, service):
+    refused = Reply(400, {"error": {"message": "Audio file might be corrupted"}})
+    service.replies.append(refused)
+    service.default = Reply(503, {"error": {"message": "down for maintenance"}})
+    env = worker_env(
+        calls.services,
+        calls.store,
+        tmp_path,
+        **openai_env(service, TRANSCRIBE_MAX_ATTEMPTS="2", TRANSCRIBE_RETRY_BACKOFF_SEC="0.2"),
+    )
+    procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
+    bad_audio, never_up = calls.add(), calls.add()
+    for call_id in (bad_audio, never_up):
+        mark_dispatched(calls, call_id)
+        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+        wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
+
+    refused_state = calls.state(bad_audio)
+    assert refused_state["attempts"] == 1, "a refusal is not retried"
+    assert "HTTP 400: Audio file might be corrupted" in refused_state["last_error"]
+    exhausted = calls.state(never_up)
+    assert exhausted["attempts"] == 2
+    assert exhausted["last_error"].startswith("gave up after 2 attempts; last error:")
+    assert "HTTP 503: down for maintenance" in exhausted["last_error"]
+    assert calls.transcripts() == []
+    assert len(service.requests) == 3
+
+
+def test_audio_that_is_missing_or_undecodable_fails_with_the_reason(calls, procs, tmp_path, client):
+    env = worker_env(calls.services, calls.store, tmp_path)
+    procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
+    (calls.store / "prepared" / "garbage.flac").write_bytes(b"<html>not audio</html>")
+    missing, garbage = calls.add(), calls.add()
+    with calls.db() as conn:
+        calls.make_ready(conn, missing, "prepared/nowhere.flac")
+        calls.make_ready(conn, garbage, "prepared/garbage.flac")
+    for call_id in (missing, garbage):
+        mark_dispatched(calls, call_id)
+        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    for call_id in (missing, garbage):
+        wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
+    assert "prepared audio is missing" in calls.state(missing)["last_error"]
+    assert "nowhere.flac" in calls.state(missing)["last_error"]
+    assert "prepared audio cannot be decoded" in calls.state(garbage)["last_error"]
+    assert calls.state(garbage)["attempts"] == 1
+
+
+def pool_child(calls, call_id) -> int:
+    claimed_by = wait_until(
+        lambda: calls.state(call_id)["claimed_by"], 30, "the call to be claimed"
+    )
+    return int(claimed_by.rsplit(":", 1)[1])
+
+
+def claim_ran_out(calls, call_id) -> bool:
+    with calls.db() as conn:
+        (due,) = conn.execute(
+            "SELECT due_at <= now() FROM call_transcription WHERE call_id = %s", (call_id,)
+        ).fetchone()
+    return bool(due)
+
+
+def test_sigkill_of_the_pool_process_mid_task_ends_with_one_transcript(
+    calls, procs, tmp_path, client, service
+):
+    # The worker's claim lasts its hard time limit (+10 s); keep that short here.
+    held = threading.Event()
+    service.replies.append(Reply(hold=held))
+    env = worker_env(
+        calls.services,
+        calls.store,
+        tmp_path,
+        **openai_env(
+            service,
+            TRANSCRIBE_OPENAI_TIMEOUT_SEC="5",
+            TRANSCRIBE_SOFT_TIME_LIMIT_SEC="6",
+            TRANSCRIBE_TIME_LIMIT_SEC="8",
+        ),
+    )
+    procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
+    worker = start_worker("asr", env, tmp_path, queues="transcription")
+    procs.append(worker)
+    call_id = calls.add()
+    client.send_task(DISPATCH, queue="ingest")
+    service.wait_for_requests(1)  # the worker is waiting for the service: mid-task
+
+    os.kill(pool_child(calls, call_id), signal.SIGKILL)
+    held.set()
+    # Late acks + task_reject_on_worker_lost: the worker puts the message back at once; the
+    # new pool process finds the dead one's claim and drops it.
+    worker.wait_for_log("duplicate delivery dropped", timeout=30)
+    assert calls.transcripts(call_id) == []
+    assert "WorkerLostError" in worker.log() or "SIGKILL" in worker.log()
+
+    # The claim runs out (hard limit + margin): the dispatcher sends the call again.
+    wait_until(lambda: claim_ran_out(calls, call_id), 40, "the dead worker's claim to run out")
+    client.send_task(DISPATCH, queue="ingest")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 30, "the call transcribed")
+    time.sleep(1)
+    assert len(calls.transcripts(call_id)) == 1
+    state = calls.state(call_id)
+    assert (state["attempts"], state["dispatch_count"]) == (2, 2)
+    assert len(service.requests) == 2
+
+
+def test_sigkill_of_the_whole_worker_mid_task_ends_with_one_transcript(
+    calls, procs, tmp_path, client, service
+):
+    held = threading.Event()
+    service.replies.append(Reply(hold=held))
+    env = worker_env(
+        calls.services,
+        calls.store,
+        tmp_path,
+        **openai_env(
+            service,
+            TRANSCRIBE_OPENAI_TIMEOUT_SEC="5",
+            TRANSCRIBE_SOFT_TIME_LIMIT_SEC="6",
+            TRANSCRIBE_TIME_LIMIT_SEC="8",
+            # Short, so that Redis hands the dead worker's message out again within the test.
+            BROKER_VISIBILITY_TIMEOUT_SEC="30",
+            JOB_SOFT_TIME_LIMIT_SEC="10",
+            JOB_TIME_LIMIT_SEC="20",
+            TRANSCRIBE_RETRY_BACKOFF_MAX_SEC="15",
+        ),
+    )
+    procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
+    first = start_worker("asr1", env, tmp_path, queues="transcription")
+    procs.append(first)
+    call_id = calls.add()
+    client.send_task(DISPATCH, queue="ingest")
+    service.wait_for_requests(1)
+    pool_child(calls, call_id)
+
+    first.kill_group()  # worker and pool process: nobody left to put the message back
+    killed_at = time.monotonic()
+    held.set()
+    second = start_worker("asr2", env, tmp_path, queues="transcription")
+    procs.append(second)
+
+    # The message is unacknowledged in Redis until the visibility timeout; the call comes
+    # back through the dispatcher when the dead worker's claim runs out.
+    wait_until(lambda: claim_ran_out(calls, call_id), 40, "the dead worker's claim to run out")
+    assert calls.transcripts(call_id) == []
+    client.send_task(DISPATCH, queue="ingest")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 30, "the call transcribed")
+
+    # Past the visibility timeout Redis hands the dead worker's message out again. Kombu's
+    # workers sweep for such messages only every ~100 s; run the same sweep now.
+    wait_until(lambda: time.monotonic() - killed_at > 31, 40, "the visibility timeout")
+    with client.connection_for_write(transport_options={"visibility_timeout": 30}) as connection:
+        connection.default_channel.qos.restore_visible(num=100)
+    second.wait_for_log("already transcribed: duplicate delivery dropped", timeout=30)
+    assert len(calls.transcripts(call_id)) == 1
+    assert second.log().count(f"call {call_id} transcribed by") == 1
+    assert calls.state(call_id)["attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TRANSCRIBE_VOCABULARY": "Medic 3"}, "TRANSCRIBE_VOCABULARY"),
+        ({"TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent.dict"}, "TRANSCRIBE_POCKETSPHINX_DICT"),
+        ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_OPENAI_API_KEY"),
+    ],
+)
+def test_a_transcription_worker_with_a_misconfigured_backend_does_not_start(env, named, clean):
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "transcription"],
+        cwd=ROOT,
+        env={
+            "PATH": os.environ["PATH"],
+            "REDIS_URL": clean.redis_url,
+            "DATABASE_URL": clean.database_url,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "bcfy: cannot start" in out.stderr and named in out.stderr
+    assert "Traceback" not in out.stderr

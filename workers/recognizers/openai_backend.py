@@ -1,0 +1,210 @@
+"""Any OpenAI-compatible transcription service: `POST {base}/audio/transcriptions`.
+
+OpenAI itself, faster-whisper servers, the whisper.cpp server and vLLM all take the same
+multipart form: the file, `model`, `language`, a `prompt` (here: the custom vocabulary, which
+Whisper then spells as given) and `response_format=verbose_json`, whose segments carry times,
+`avg_logprob` (the confidence) and `no_speech_prob`. Segments the model itself thinks are
+probably not speech are dropped: radio hiss makes Whisper invent whole sentences.
+
+The request runs on the process's shared httpx client (workers.runtime) with its own read
+timeout and an overall deadline. 429 and 5xx are transient (429's Retry-After is passed on);
+other refusals are permanent for this call, with the service's message as the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from workers.recognizers import (
+    PermanentRecognitionError,
+    Recognition,
+    RecognizerConfigError,
+    Segment,
+    TransientRecognitionError,
+    run_on_loop,
+    vocabulary_terms,
+)
+from workers.runtime import Runtime
+from workers.settings import Settings
+
+TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAIRecognizer:
+    backend = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.transcribe_openai_model:
+            raise RecognizerConfigError("TRANSCRIBE_OPENAI_MODEL must be set")
+        self.settings = settings
+        self.model = settings.transcribe_openai_model
+        self.url = settings.transcribe_openai_base_url.rstrip("/") + "/audio/transcriptions"
+        self.prompt = prompt_for(vocabulary_terms(settings.transcribe_vocabulary))
+        self.language = settings.transcribe_language.split("-")[0].lower() or None
+
+    def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
+        audio = audio_path.read_bytes()
+        rt = Runtime.current()
+        return run_on_loop(rt.loop, self.transcribe_bytes(rt.http, audio, name))
+
+    async def transcribe_bytes(
+        self, http: httpx.AsyncClient, audio: bytes, name: str
+    ) -> Recognition:
+        s = self.settings
+        form = {
+            "model": self.model,
+            "response_format": "verbose_json",
+            "temperature": "0",
+            "timestamp_granularities[]": "segment",
+        }
+        if self.language:
+            form["language"] = self.language
+        if self.prompt:
+            form["prompt"] = self.prompt
+        headers = {"Accept": "application/json"}
+        key = s.transcribe_openai_api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key.reveal()}"
+        limit = s.transcribe_openai_timeout_sec
+        timeout = httpx.Timeout(
+            connect=s.http_connect_timeout_sec,
+            read=limit,
+            write=limit,
+            pool=s.http_connect_timeout_sec,
+        )
+        try:
+            async with asyncio.timeout(limit):
+                response = await http.post(
+                    self.url,
+                    data=form,
+                    files={"file": (name, audio, "audio/flac")},
+                    headers=headers,
+                    timeout=timeout,
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            raise TransientRecognitionError(
+                f"{self.url}: no answer within {limit:g}s (TRANSCRIBE_OPENAI_TIMEOUT_SEC)"
+            ) from None
+        except httpx.TransportError as exc:
+            raise TransientRecognitionError(f"{self.url}: {type(exc).__name__}: {exc}") from None
+        return self.parse_response(response)
+
+    def parse_response(self, response: httpx.Response) -> Recognition:
+        status = response.status_code
+        if status == 429:
+            raise TransientRecognitionError(
+                f"{self.url}: 429 rate limited: {_error_message(response)}",
+                retry_after=retry_after_sec(response.headers.get("Retry-After")),
+            )
+        if status in TRANSIENT_STATUSES or status >= 500:
+            raise TransientRecognitionError(
+                f"{self.url}: HTTP {status}: {_error_message(response)}",
+                retry_after=retry_after_sec(response.headers.get("Retry-After")),
+            )
+        if not 200 <= status < 300:
+            raise PermanentRecognitionError(
+                f"{self.url}: HTTP {status}: {_error_message(response)}"
+            )
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PermanentRecognitionError(
+                f"{self.url}: the answer is not JSON (is response_format=verbose_json "
+                f"supported?): {response.text[:200]!r}"
+            ) from None
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            raise PermanentRecognitionError(f"{self.url}: no text in the answer: {str(body)[:200]}")
+        return parse_verbose_json(
+            body,
+            model=self.model,
+            language=self.language,
+            no_speech_threshold=self.settings.transcribe_no_speech_threshold,
+        )
+
+
+def prompt_for(terms: list[str]) -> str:
+    """Whisper continues its prompt's style and spelling: a plain list of the terms works."""
+    return ", ".join(terms) + "." if terms else ""
+
+
+def parse_verbose_json(
+    body: dict[str, Any], *, model: str, language: str | None, no_speech_threshold: float
+) -> Recognition:
+    """The transcript from a verbose_json answer, without the segments that are probably not
+    speech. Confidence: exp of the duration-weighted mean avg_logprob of the kept segments."""
+    raw_segments = body.get("segments")
+    duration = _number(body.get("duration"))
+    if not isinstance(raw_segments, list):
+        # A plain `json` answer from a server that ignores verbose_json: text only.
+        text = " ".join(body["text"].split())
+        return Recognition(text, model, body.get("language") or language, None, [], duration)
+    kept: list[Segment] = []
+    weighted, total = 0.0, 0.0
+    for seg in raw_segments:
+        if not isinstance(seg, dict):
+            continue
+        no_speech = _number(seg.get("no_speech_prob"))
+        if no_speech is not None and no_speech > no_speech_threshold:
+            continue
+        text = " ".join(str(seg.get("text") or "").split())
+        if not text:
+            continue
+        start, end = _number(seg.get("start")) or 0.0, _number(seg.get("end")) or 0.0
+        logprob = _number(seg.get("avg_logprob"))
+        confidence = _unit(math.exp(logprob)) if logprob is not None else None
+        kept.append(Segment(round(start, 2), round(end, 2), text, confidence))
+        if logprob is not None:
+            weight = max(end - start, 0.01)
+            weighted += logprob * weight
+            total += weight
+    return Recognition(
+        text=" ".join(s.text for s in kept),
+        model=model,
+        language=str(body.get("language") or language or "") or None,
+        confidence=_unit(math.exp(weighted / total)) if total else None,
+        segments=kept,
+        audio_duration_sec=duration,
+    )
+
+
+def retry_after_sec(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(response: httpx.Response) -> str:
+    """OpenAI-style {"error": {"message": ...}}, else the start of the body."""
+    try:
+        body = response.json()
+        message = body["error"]["message"] if isinstance(body.get("error"), dict) else body
+    except Exception:
+        message = response.text
+    return " ".join(str(message).split())[:300]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _unit(value: float) -> float:
+    return round(min(1.0, max(0.0, value)), 4)

@@ -1,0 +1,200 @@
+"""`bcfy search`: what was said, over PostgreSQL full-text search.
+
+    bcfy search "structure fire" [--playlist NAME|UUID] [--group GROUP_ID] [--since 6h|DATE]
+                [--limit 20] [--json]
+
+The query is web-search syntax (websearch_to_tsquery): words are ANDed and stemmed ("fires"
+finds "fire"), "quoted phrases" match in order, `or` and `-word` work. Newest call first; each
+hit shows the call's time, playlist, talkgroup, a snippet with the matches highlighted
+(ts_headline, computed for the shown rows only) and the path of its audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from workers.settings import Settings
+
+Subparsers = Any
+
+# The snippet's highlight marks, replaced for the terminal or kept for --json.
+_START, _STOP = "\x02", "\x03"
+
+SEARCH_SQL = f"""
+WITH q AS (SELECT websearch_to_tsquery('english', %(query)s) AS query),
+hits AS (
+    SELECT t.call_id, t.text, t.confidence, c.started_at, c.playlist_uuid, c.group_id,
+           coalesce(c.display, c.descr, c.grouping) AS talkgroup,
+           coalesce(a.original_path, a.prepared_path) AS audio_path
+      FROM transcripts t
+      JOIN bcfy_calls_raw c ON c.id = t.call_id
+      LEFT JOIN call_audio a ON a.call_id = t.call_id
+     CROSS JOIN q
+     WHERE t.search @@ q.query
+       AND (%(playlist)s::text IS NULL OR c.playlist_uuid IN (
+                SELECT p.uuid FROM bcfy_playlists p
+                 WHERE p.uuid::text = lower(%(playlist)s) OR lower(p.name) = lower(%(playlist)s)))
+       AND (%(group)s::text IS NULL OR c.group_id = %(group)s)
+       AND (%(since)s::timestamptz IS NULL OR c.started_at >= %(since)s)
+     ORDER BY c.started_at DESC, c.id DESC
+     LIMIT %(limit)s
+)
+SELECT h.call_id, h.started_at, p.name, h.playlist_uuid, h.group_id, h.talkgroup,
+       ts_headline('english', h.text, q.query,
+                   'StartSel={_START}, StopSel={_STOP}, MaxWords=35, MinWords=15'),
+       h.audio_path, h.confidence
+  FROM hits h
+ CROSS JOIN q
+  LEFT JOIN bcfy_playlists p ON p.uuid = h.playlist_uuid
+ ORDER BY h.started_at DESC, h.call_id DESC
+"""
+
+
+@dataclass(frozen=True)
+class Hit:
+    call_id: int
+    started_at: datetime
+    playlist: str | None
+    playlist_uuid: str | None
+    group_id: str
+    talkgroup: str | None
+    snippet: str  # matches between _START and _STOP
+    audio_path: str | None  # absolute, or None when the call has no stored audio
+    confidence: float | None
+
+
+def search_transcripts(
+    conn: psycopg.Connection[Any],
+    query: str,
+    *,
+    audio_store_dir: str,
+    playlist: str | None = None,
+    group: str | None = None,
+    since: datetime | None = None,
+    limit: int = 20,
+) -> list[Hit]:
+    rows = conn.execute(
+        SEARCH_SQL,
+        {"query": query, "playlist": playlist, "group": group, "since": since, "limit": limit},
+    ).fetchall()
+    store = Path(audio_store_dir).resolve()
+    return [
+        Hit(
+            call_id=r[0],
+            started_at=r[1],
+            playlist=r[2],
+            playlist_uuid=str(r[3]) if r[3] else None,
+            group_id=r[4],
+            talkgroup=r[5],
+            snippet=r[6],
+            audio_path=str(store / r[7]) if r[7] else None,
+            confidence=r[8],
+        )
+        for r in rows
+    ]
+
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(raw: str, now: datetime | None = None) -> datetime:
+    """`90m`, `6h`, `2d`, `1w` before now, or an ISO date/time (UTC unless it says otherwise)."""
+    match = _RELATIVE.match(raw)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2)
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: amount})
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since {raw!r}: expected an age like 30m, 6h, 2d, 1w or a date like 2024-05-01"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {raw!r}")
+    return value
+
+
+def _search(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.query.strip():
+        print("bcfy search: give some words to look for", file=sys.stderr)
+        return 2
+    try:
+        with psycopg.connect(
+            settings.database_url.reveal(),
+            connect_timeout=int(settings.db_connect_timeout_sec),
+            autocommit=True,
+        ) as conn:
+            hits = search_transcripts(
+                conn,
+                args.query,
+                audio_store_dir=settings.audio_store_dir,
+                playlist=args.playlist,
+                group=args.group,
+                since=args.since,
+                limit=args.limit,
+            )
+    except psycopg.OperationalError as exc:
+        print(f"bcfy search: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = []
+        for h in hits:
+            item = asdict(h)
+            item["started_at"] = h.started_at.isoformat()
+            item["snippet"] = h.snippet.replace(_START, "").replace(_STOP, "")
+            item["highlighted"] = h.snippet.replace(_START, "<b>").replace(_STOP, "</b>")
+            out.append(item)
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    if not hits:
+        print("no matching calls")
+        return 0
+    start, stop = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
+    for h in hits:
+        when = h.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        playlist = h.playlist or h.playlist_uuid or "-"
+        group = f"{h.group_id} ({h.talkgroup})" if h.talkgroup else h.group_id
+        print(f"{when}  {playlist}  {group}")
+        print(f"    {h.snippet.replace(_START, start).replace(_STOP, stop)}")
+        print(f"    {h.audio_path or '(no audio stored)'}")
+    print(f"{len(hits)} call{'s' if len(hits) != 1 else ''}, newest first")
+    return 0
+
+
+def add_commands(sub: Subparsers) -> None:
+    search = sub.add_parser(
+        "search",
+        help="search what was said (full-text, newest first)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument("query", help='words to look for, e.g. "structure fire"')
+    search.add_argument("--playlist", help="only calls from this playlist (name or uuid)")
+    search.add_argument("--group", help="only calls of this talkgroup (its groupId)")
+    search.add_argument(
+        "--since", type=parse_since, help="only calls since: 30m, 6h, 2d, 1w or a date"
+    )
+    search.add_argument(
+        "--limit", type=_positive, default=20, help="at most this many (default 20)"
+    )
+    search.add_argument("--json", action="store_true", help="print JSON")
+    search.set_defaults(handler=_search)
