@@ -99,7 +99,7 @@ def one_round(
     db: psycopg.Connection, broker: redis.Redis, sim: FeedSimulator, calls: int, procs: list[Proc]
 ) -> tuple[float, float]:
     """(seconds from trigger to the last call ready, worker CPU seconds meanwhile)."""
-    db.execute("TRUNCATE bcfy_calls_raw, call_audio, call_audio_attempts")
+    db.execute("TRUNCATE bcfy_calls_raw CASCADE")
     playlist = sim.add_playlist()
     for _ in range(calls):
         publish(sim, db, playlist)

@@ -93,4 +93,4 @@ def audio_rows(conn: psycopg.Connection) -> dict[int, dict]:
 
 
 def truncate_calls(conn: psycopg.Connection) -> None:
-    conn.execute("TRUNCATE bcfy_calls_raw, call_audio, call_audio_attempts")
+    conn.execute("TRUNCATE bcfy_calls_raw CASCADE")  # call_audio and what refers to calls
