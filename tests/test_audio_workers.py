@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from celery import Celery
 
 from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
 from tests.conftest import Services
-from tests.procs import Proc, start_worker, wait_until
+from tests.procs import ROOT, Proc, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
 from workers.simulator import AudioFault, FeedSimulator
 
@@ -243,3 +244,48 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     assert {a[0] for a in abandoned} == killed
     assert all(a[2].startswith("a1@") for a in abandoned)
     assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
+
+
+def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
+    db, clean, procs, client, sim, tmp_path
+):
+    """The hand-off: ingest stores new calls and triggers the audio job by name; no beat runs."""
+    from tests.ingest_fixtures import APP_ID, KEY_ID, SECRET
+
+    playlist = sim.add_playlist()
+    records = [sim.publish_call(playlist) for _ in range(6)]
+    records.append(sim.publish_call(playlist, audio=AudioFault.MISSING))
+    time.sleep(1.2)  # published calls show from the next whole second
+    env = make_env(
+        clean,
+        tmp_path,
+        sim,
+        BCFY_API_BASE=sim.url,
+        BCFY_API_KEY_ID=KEY_ID,
+        BCFY_API_KEY=SECRET,
+        BCFY_APP_ID=APP_ID,
+        AUDIO_MAX_ATTEMPTS="1",
+    )
+    follow = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "playlists", "add", playlist],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert follow.returncode == 0, follow.stderr
+    procs.append(start_worker("ing", env, tmp_path, queues="ingest", concurrency=1))
+    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
+    client.send_task("tasks.ingest.poll_followed_playlists", queue="ingest")
+    wait_until(lambda: states(db) == {"ready": 6, "failed": 1}, 60, "the calls prepared")
+
+    ready = db.execute(
+        "SELECT r.url FROM call_audio a JOIN bcfy_calls_raw r ON r.id = a.call_id"
+        " WHERE a.state = 'ready'"
+    ).fetchall()
+    assert sorted(u for (u,) in ready) == sorted(r["url"] for r in records[:6])
+    # Transcription picks them up from here (its trigger on call_audio made their rows).
+    (queued,) = db.execute("SELECT count(*) FROM call_transcription").fetchone()
+    assert queued == 6
+    assert assert_stored_files_match(db, tmp_path / "store") == 6
