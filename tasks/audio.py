@@ -326,6 +326,7 @@ class ChunkOutcome:
     failed: int = 0
     lease_lost: int = 0
     skipped: int = 0  # not ours any more (ready already, or claimed again) when the task began
+    unrecorded: int = 0  # the outcome could not be written (database down): the lease runs out
 
 
 def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
@@ -421,6 +422,17 @@ class CallPreparer:
     async def prepare(self, call: ClaimedCall) -> str:
         """Download, validate, convert and store one call. Returns its outcome's name; never
         raises (one call's failure never stops its batch)."""
+        try:
+            return await self.prepare_or_raise(call)
+        except Exception:
+            log.exception(
+                "audio: call %s: its outcome could not be recorded; it is claimed again when "
+                "its lease runs out",
+                call.call_id,
+            )
+            return "unrecorded"
+
+    async def prepare_or_raise(self, call: ClaimedCall) -> str:
         loop = asyncio.get_running_loop()
         original = flac = None
         try:
@@ -598,12 +610,13 @@ def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = Fals
     if rt.redis.delete(CLAIM_WANTED_KEY):
         app.send_task(CLAIM_JOB)  # a pass found no room; this task has just made some
     log.info(
-        "audio: %d calls: %d ready, %d to retry, %d failed, %d lease lost, %d skipped",
+        "audio: %d calls: %d ready, %d to retry, %d failed, %d lease lost, %d skipped%s",
         len(call_ids),
         outcome.ready,
         outcome.retry,
         outcome.failed,
         outcome.lease_lost,
         outcome.skipped,
+        f", {outcome.unrecorded} not recorded" if outcome.unrecorded else "",
     )
     return outcome.__dict__
