@@ -7,6 +7,7 @@ database (dropped at the end) and its own empty Redis database index (flushed at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -90,35 +91,56 @@ def _claim_redis_db(base_url: str) -> tuple[str, redis.Redis]:
     raise RuntimeError(f"no empty Redis database index free on {base_url}")
 
 
-@pytest.fixture(scope="session")
-def services() -> Iterator[Services]:
-    redis_gen, pg_gen = _redis_base(), _postgres_base()
-    redis_base, pg_base = next(redis_gen), next(pg_gen)
+_session = contextlib.ExitStack()
+_services: Services | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find or start the servers, make this session's database, and point the environment at
+    them before any test module is imported: modules that read the settings at import (the
+    Celery app takes its broker from them) then see this session's servers."""
+    global _services
+    redis_base = _session.enter_context(contextlib.contextmanager(_redis_base)())
+    pg_base = _session.enter_context(contextlib.contextmanager(_postgres_base)())
     redis_url, claim = _claim_redis_db(redis_base)
+    _session.callback(claim.close)
+    _session.callback(claim.flushdb)
     dbname = f"bcfy_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_base, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    _session.callback(_drop_database, pg_base, dbname)
     database_url = urlunsplit(urlsplit(pg_base)._replace(path=f"/{dbname}"))
     migrate(database_url, say=lambda _: None)
-    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "REDIS_URL")}
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        _session.callback(_restore_env, name, os.environ.get(name))
     os.environ["DATABASE_URL"], os.environ["REDIS_URL"] = database_url, redis_url
     reset_settings_cache()
-    try:
-        yield Services(database_url, redis_url, pg_base)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        claim.flushdb()
-        claim.close()
-        with psycopg.connect(pg_base, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
-        for gen in (redis_gen, pg_gen):
-            next(gen, None)
+    _services = Services(database_url, redis_url, pg_base)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _session.close()
+
+
+def _drop_database(admin_dsn: str, dbname: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+        )
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    """This session's PostgreSQL database (migrated) and Redis database index."""
+    assert _services is not None
+    return _services
 
 
 @pytest.fixture

@@ -133,19 +133,6 @@ def _dict_row(cursor: Any) -> Any:
     return dict_row(cursor)
 
 
-def _point_celery_at(redis_url: str) -> None:
-    """The app took its broker from the settings when first imported; triggers sent by jobs
-    in this process must land in the test's Redis database."""
-    from workers.app import app
-
-    if app.conf.broker_url != redis_url:
-        app.conf.broker_url = redis_url
-        pool = getattr(app, "_pool", None)
-        if pool is not None:
-            pool.force_close_all()
-            app._pool = None
-
-
 def _make(
     services: Services, monkeypatch: pytest.MonkeyPatch, clock: ManualClock | None
 ) -> Iterator[Ingest]:
@@ -170,7 +157,6 @@ def _make(
     for name in list(os.environ):
         if name.startswith(("INGEST_", "GEO_", "BCFY_")) and name not in env:
             monkeypatch.delenv(name)
-    _point_celery_at(services.redis_url)
     ingest = Ingest(services, sim, clock, monkeypatch)
     ingest.reset_runtime()
     try:
