@@ -39,6 +39,7 @@ bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/audio.py
+	$(BIN)/python bench/e2e.py
 
 migrate: install
 	$(BIN)/bcfy migrate
