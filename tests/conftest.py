@@ -18,8 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import redis
+from celery import Celery
 from psycopg import sql
 
+from tests.procs import Proc
 from workers.devservices import (
     ThrowawayPostgres,
     ThrowawayRedis,
@@ -166,3 +168,28 @@ def sim():
 
     with FeedSimulator(seed=1) as simulator:
         yield simulator
+
+
+@pytest.fixture
+def client(clean: Services) -> Iterator[Celery]:
+    """A bare Celery client on the test broker: sends by task name, like other stages do."""
+    app = Celery(broker=clean.redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def stop_grace() -> float:
+    """Seconds a worker stopped after a test gets to finish its tasks before it is killed."""
+    return 5
+
+
+@pytest.fixture
+def procs(stop_grace: float) -> Iterator[list[Proc]]:
+    """Worker and beat processes a test starts (append them): stopped after it, with their
+    pool children."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(timeout=stop_grace)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from celery import Celery
 
 from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
 from tests.conftest import Services
@@ -36,22 +35,6 @@ def db(clean: Services) -> Iterator[psycopg.Connection]:
     with clean.db() as conn:
         truncate_calls(conn)
         yield conn
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=5)
-
-
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
 
 
 def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:

@@ -8,16 +8,14 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER
 from tests.conftest import Services
-from tests.procs import Proc, start_beat, start_worker, wait_until
+from tests.procs import start_beat, start_worker, wait_until
 from workers.locks import holder_of, skip_count
 
 pytestmark = pytest.mark.slow
@@ -38,19 +36,8 @@ def env(clean: Services, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=3)
-
-
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
+def stop_grace() -> float:
+    return 3  # the jobs here sleep for long; no test needs them finished after it
 
 
 def runs(services: Services, job: str) -> list[tuple]:

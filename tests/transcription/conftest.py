@@ -19,10 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import Celery
 
 from tests.conftest import Services
-from tests.procs import Proc
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio_codec import convert_for_recognizers
 from workers.runtime import Runtime
@@ -143,23 +141,6 @@ def use_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 def service() -> Iterator[FakeTranscriptionService]:
     with fake_service() as s:
         yield s
-
-
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    """A bare Celery client on the test broker: sends by task name, like other stages do."""
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=5)
 
 
 def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
