@@ -49,6 +49,16 @@ class Services:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 
+    def worker_env(self, tmp_path: Path, **values: str) -> dict[str, str]:
+        """The environment of a worker or beat a test starts: these servers, its state under
+        tmp_path, and `values`."""
+        return {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "BCFY_STATE_DIR": str(tmp_path / "state"),
+            **values,
+        }
+
 
 # BCFY_TEST_SERVERS=throwaway skips reachable servers: how the suite runs where there are none.
 REUSE = os.environ.get("BCFY_TEST_SERVERS", "reuse") != "throwaway"

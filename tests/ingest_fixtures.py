@@ -32,6 +32,16 @@ TABLES = (
 )
 
 
+def api_env(sim: FeedSimulator) -> dict[str, str]:
+    """The settings that point the Broadcastify client at the simulator, with its demo key."""
+    return {
+        "BCFY_API_BASE": sim.url,
+        "BCFY_API_KEY_ID": KEY_ID,
+        "BCFY_API_KEY": SECRET,
+        "BCFY_APP_ID": APP_ID,
+    }
+
+
 @dataclass
 class Ingest:
     services: Services
@@ -140,10 +150,7 @@ def _make(
         conn.execute(f"TRUNCATE {TABLES} CASCADE")
     sim = FeedSimulator(clock=clock, seed=7).start()
     env = {
-        "BCFY_API_BASE": sim.url,
-        "BCFY_API_KEY_ID": KEY_ID,
-        "BCFY_API_KEY": SECRET,
-        "BCFY_APP_ID": APP_ID,
+        **api_env(sim),
         "BCFY_RETRY_BACKOFF_SEC": "0.05",
         "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
         "LOCK_TTL_SEC": "10",

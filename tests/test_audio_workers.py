@@ -20,6 +20,7 @@ import pytest
 
 from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
 from tests.conftest import Services
+from tests.ingest_fixtures import api_env
 from tests.procs import ROOT, Proc, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
 from workers.simulator import AudioFault, FeedSimulator
@@ -38,17 +39,15 @@ def db(clean: Services) -> Iterator[psycopg.Connection]:
 
 
 def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:
-    return {
-        "DATABASE_URL": services.database_url,
-        "REDIS_URL": services.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(tmp_path / "store"),
-        "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-        "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-        "LOCK_TTL_SEC": "5",
-        "LOCK_RENEW_SEC": "1",
-        **extra,
-    }
+    env = services.worker_env(
+        tmp_path,
+        AUDIO_STORE_DIR=str(tmp_path / "store"),
+        AUDIO_ALLOWED_HOSTS=sim.audio_host,
+        AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+        LOCK_TTL_SEC="5",
+        LOCK_RENEW_SEC="1",
+    )
+    return env | extra
 
 
 def start_audio_beat(env: dict, tmp_path: Path) -> Proc:
@@ -233,8 +232,6 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
     db, clean, procs, client, sim, tmp_path
 ):
     """The hand-off: ingest stores new calls and triggers the audio job by name; no beat runs."""
-    from tests.ingest_fixtures import APP_ID, KEY_ID, SECRET
-
     playlist = sim.add_playlist()
     records = [sim.publish_call(playlist) for _ in range(6)]
     records.append(sim.publish_call(playlist, audio=AudioFault.MISSING))
@@ -243,10 +240,7 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
         clean,
         tmp_path,
         sim,
-        BCFY_API_BASE=sim.url,
-        BCFY_API_KEY_ID=KEY_ID,
-        BCFY_API_KEY=SECRET,
-        BCFY_APP_ID=APP_ID,
+        **api_env(sim),
         AUDIO_MAX_ATTEMPTS="1",
     )
     follow = subprocess.run(

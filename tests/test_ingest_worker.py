@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
-from tests.ingest_fixtures import APP_ID, KEY_ID, SECRET, TABLES
+from tests.ingest_fixtures import TABLES, api_env
 from tests.procs import ROOT, start_worker, wait_until
 from workers.simulator import FeedSimulator
 
@@ -28,21 +28,16 @@ def setup(clean: Services, tmp_path: Path) -> Iterator[tuple[FeedSimulator, dict
     with clean.db() as conn:
         conn.execute(f"TRUNCATE {TABLES} CASCADE")
     with FeedSimulator(seed=11) as sim:
-        env = {
-            "DATABASE_URL": clean.database_url,
-            "REDIS_URL": clean.redis_url,
-            "BCFY_STATE_DIR": str(tmp_path / "state"),
-            "BCFY_API_BASE": sim.url,
-            "BCFY_API_KEY_ID": KEY_ID,
-            "BCFY_API_KEY": SECRET,
-            "BCFY_APP_ID": APP_ID,
-            "LOCK_TTL_SEC": "6",
-            "LOCK_RENEW_SEC": "2",
-            "INGEST_LIVE_MAX_POS_AGE_SEC": "120",
-            "BCFY_RETRY_BUDGET_SEC": "10",
-            "HTTP_TOTAL_TIMEOUT_SEC": "10",
-            "HTTP_READ_TIMEOUT_SEC": "10",
-        }
+        env = clean.worker_env(
+            tmp_path,
+            **api_env(sim),
+            LOCK_TTL_SEC="6",
+            LOCK_RENEW_SEC="2",
+            INGEST_LIVE_MAX_POS_AGE_SEC="120",
+            BCFY_RETRY_BUDGET_SEC="10",
+            HTTP_TOTAL_TIMEOUT_SEC="10",
+            HTTP_READ_TIMEOUT_SEC="10",
+        )
         yield sim, env
 
 

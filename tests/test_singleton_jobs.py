@@ -25,14 +25,9 @@ SLEEPER = "tests.jobs.sleeper"
 
 @pytest.fixture
 def env(clean: Services, tmp_path: Path) -> dict[str, str]:
-    return {
-        "DATABASE_URL": clean.database_url,
-        "REDIS_URL": clean.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "LOCK_TTL_SEC": "3",
-        "LOCK_RENEW_SEC": "1",
-        "JOB_MISFIRE_GRACE_SEC": "30",
-    }
+    return clean.worker_env(
+        tmp_path, LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1", JOB_MISFIRE_GRACE_SEC="30"
+    )
 
 
 @pytest.fixture

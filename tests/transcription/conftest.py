@@ -144,14 +144,9 @@ def service() -> Iterator[FakeTranscriptionService]:
 
 
 def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "DATABASE_URL": services.database_url,
-        "REDIS_URL": services.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(store),
-        "LOCK_TTL_SEC": "3",
-        "LOCK_RENEW_SEC": "1",
-    }
+    env = services.worker_env(
+        tmp_path, AUDIO_STORE_DIR=str(store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
+    )
     env.update(extra)
     # Keep the worker's environment from this process's monkeypatched settings.
     for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
