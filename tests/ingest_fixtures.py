@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Services
+from tests.procs import run_cli
 from workers.runtime import Runtime
 from workers.settings import reset_settings_cache
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
@@ -40,6 +41,12 @@ def api_env(sim: FeedSimulator) -> dict[str, str]:
         "BCFY_API_KEY": SECRET,
         "BCFY_APP_ID": APP_ID,
     }
+
+
+def follow_with_cli(env: dict[str, str], uuid: str) -> None:
+    """Follow a playlist with `bcfy playlists add`, run as the operator runs it."""
+    out = run_cli("playlists", "add", uuid, env=env)
+    assert out.returncode == 0, out.stderr
 
 
 @dataclass

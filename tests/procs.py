@@ -80,6 +80,21 @@ class Proc:
         self._log.close()
 
 
+def run_cli(
+    *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`bcfy ARGS` as an operator runs it, in a process of its own with `env` (and, unless `env`
+    gives one, a PATH of the system's directories only)."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def celery(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tests.jobapp", *args]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ import pytest
 
 from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
 from tests.conftest import Services
-from tests.ingest_fixtures import api_env
-from tests.procs import ROOT, Proc, start_worker, wait_until
+from tests.ingest_fixtures import api_env, follow_with_cli
+from tests.procs import Proc, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
 from workers.simulator import AudioFault, FeedSimulator
 
@@ -243,15 +242,7 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
         **api_env(sim),
         AUDIO_MAX_ATTEMPTS="1",
     )
-    follow = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "playlists", "add", playlist],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert follow.returncode == 0, follow.stderr
+    follow_with_cli(env, playlist)
     procs.append(start_worker("ing", env, tmp_path, queues="ingest", concurrency=1))
     procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
     client.send_task("tasks.ingest.poll_followed_playlists", queue="ingest")

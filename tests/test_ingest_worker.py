@@ -4,8 +4,6 @@ trigger them, against the simulator on the real clock."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
-from tests.ingest_fixtures import TABLES, api_env
-from tests.procs import ROOT, start_worker, wait_until
+from tests.ingest_fixtures import TABLES, api_env, follow_with_cli
+from tests.procs import start_worker, wait_until
 from workers.simulator import FeedSimulator
 
 pytestmark = pytest.mark.slow
@@ -41,18 +39,6 @@ def setup(clean: Services, tmp_path: Path) -> Iterator[tuple[FeedSimulator, dict
         yield sim, env
 
 
-def follow(env: dict[str, str], uuid: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "playlists", "add", uuid],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-
-
 def count(services: Services, query: str) -> int:
     with services.db() as conn:
         return conn.execute(query).fetchone()[0]
@@ -65,7 +51,7 @@ def test_a_worker_polls_on_trigger_stores_every_call_and_backfills(
     uuid = sim.add_playlist(calls_per_minute=90)
     sim.publish_call(uuid)
     time.sleep(1.5)
-    follow(env, uuid)
+    follow_with_cli(env, uuid)
     procs.append(start_worker("ingest1", env, tmp_path, queues="ingest", concurrency=2))
 
     client.send_task(POLL, queue="ingest")
