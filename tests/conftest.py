@@ -8,11 +8,13 @@ database (dropped at the end) and its own empty Redis database index (flushed at
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -20,6 +22,7 @@ import pytest
 import redis
 from celery import Celery
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 
 from tests.procs import Proc
 from workers.devservices import (
@@ -58,6 +61,26 @@ class Services:
             "BCFY_STATE_DIR": str(tmp_path / "state"),
             **values,
         }
+
+    def job_runs(self, job: str, outcome: str | None = None) -> list[Any]:
+        """The job's runs as job_runs records them (all, or those with `outcome`), in the order
+        they started: rows of (outcome, started_at, ended_at, error, worker)."""
+        with self.db() as conn:
+            cur = conn.cursor(row_factory=namedtuple_row)
+            return cur.execute(
+                "SELECT outcome, started_at, ended_at, error, worker FROM job_runs"
+                " WHERE job = %(job)s AND (%(outcome)s::text IS NULL OR outcome = %(outcome)s)"
+                " ORDER BY started_at, id",
+                {"job": job, "outcome": outcome},
+            ).fetchall()
+
+    def queued_tasks(self, queue: str) -> list[str]:
+        """The task names of the messages waiting in a Celery queue."""
+        client = self.redis()
+        try:
+            return [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
+        finally:
+            client.close()
 
 
 # BCFY_TEST_SERVERS=throwaway skips reachable servers: how the suite runs where there are none.

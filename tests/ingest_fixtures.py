@@ -141,7 +141,7 @@ class Ingest:
             return cur.fetchall()
 
     def runs(self, job: str) -> list[tuple[str, str | None]]:
-        return self.sql("SELECT outcome, error FROM job_runs WHERE job = %s ORDER BY id", job)
+        return [(r.outcome, r.error) for r in self.services.job_runs(job)]
 
 
 def _dict_row(cursor: Any) -> Any:

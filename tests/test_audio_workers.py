@@ -7,7 +7,6 @@ lease, and the temporary files it left are gone."""
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import sys
 import time
@@ -86,11 +85,6 @@ def assert_stored_files_match(db, store_dir: Path) -> int:
     return len(ready)
 
 
-def queued_tasks(services: Services, queue: str) -> list[str]:
-    r = services.redis()
-    return [json.loads(m)["headers"]["task"] for m in r.lrange(queue, 0, -1)]
-
-
 def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
     db, clean, procs, client, sim, tmp_path
 ):
@@ -111,7 +105,7 @@ def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
     assert len(per_claim) >= 5
     assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
     assert sim.requests["audio"] == len(calls), "each file downloaded once"
-    assert DISPATCH in queued_tasks(clean, "ingest"), "transcription dispatch was triggered"
+    assert DISPATCH in clean.queued_tasks("ingest"), "transcription dispatch was triggered"
 
 
 def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(

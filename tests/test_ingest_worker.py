@@ -3,7 +3,6 @@ trigger them, against the simulator on the real clock."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,26 +64,19 @@ def test_a_worker_polls_on_trigger_stores_every_call_and_backfills(
         30,
         "a second poll",
     )
-    wait_until(
-        lambda: count(clean, f"SELECT count(*) FROM job_runs WHERE job = '{POLL}'") == 2,
-        10,
-        "both runs recorded",
-    )
+    wait_until(lambda: len(clean.job_runs(POLL)) == 2, 10, "both runs recorded")
 
     # Everything served is stored, once; each record read once.
     with clean.db() as conn:
         stored = [u for (u,) in conn.execute("SELECT url FROM bcfy_calls_raw").fetchall()]
-        runs = conn.execute(
-            "SELECT outcome, worker FROM job_runs WHERE job = %s", (POLL,)
-        ).fetchall()
         modes = [m for (m,) in conn.execute("SELECT mode FROM bcfy_playlist_poll_log ORDER BY id")]
     served = [c["url"] for c in sim.calls(uuid) if sim.served_count(c)]
     assert len(stored) >= 5 and sorted(stored) == sorted(served)
     assert sim.billed_records == len(stored)
     assert modes == ["init", "pos"]
-    assert all(o == "ok" and w.startswith("ingest1@") for o, w in runs)
+    assert all(r.outcome == "ok" and r.worker.startswith("ingest1@") for r in clean.job_runs(POLL))
     # The audio job was told, by name, on its own queue.
-    queued = [json.loads(m)["headers"]["task"] for m in clean.redis().lrange("audio", 0, -1)]
+    queued = clean.queued_tasks("audio")
     assert queued and set(queued) == {"tasks.audio.process_pending_audio"}
 
     # Down longer than the service keeps a cursor: the next poll records the gap, triggers
@@ -100,7 +92,7 @@ def test_a_worker_polls_on_trigger_stores_every_call_and_backfills(
     client.send_task(POLL, queue="ingest")
     wait_until(
         lambda: (
-            count(clean, f"SELECT count(*) FROM job_runs WHERE job = '{BACKFILL}'") >= 1
+            len(clean.job_runs(BACKFILL)) >= 1
             and count(clean, "SELECT count(*) FROM bcfy_backfill") == 0
         ),
         30,
