@@ -194,6 +194,19 @@ def clean(services: Services) -> Iterator[Services]:
 
 
 @pytest.fixture
+def db(clean: Services) -> Iterator[psycopg.Connection]:
+    """A connection (autocommit) to the database with no calls in it, as the audio tests start;
+    the process's runtime is shut down after the test."""
+    from tests.audio_helpers import truncate_calls
+    from workers.runtime import Runtime
+
+    with clean.db() as conn:
+        truncate_calls(conn)
+        yield conn
+    Runtime.shutdown_current()
+
+
+@pytest.fixture
 def sim():
     """A Broadcastify feed simulator on a free port: real clock, demo credentials (DEMO_API_KEYS,
     DEMO_USERS), no playlists yet. Tests wanting a ManualClock make their own FeedSimulator."""

@@ -10,13 +10,11 @@ import hashlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
+from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio
 from tests.conftest import Services
 from tests.ingest_fixtures import api_env, follow_with_cli
 from tests.procs import Proc, start_worker, wait_until
@@ -27,13 +25,6 @@ pytestmark = pytest.mark.slow
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
-
-
-@pytest.fixture
-def db(clean: Services) -> Iterator[psycopg.Connection]:
-    with clean.db() as conn:
-        truncate_calls(conn)
-        yield conn
 
 
 def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:
