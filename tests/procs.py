@@ -95,8 +95,8 @@ def run_cli(
     )
 
 
-def celery(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tests.jobapp", *args]
+def celery(args: list[str], app: str = "tests.jobapp") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, *args]
 
 
 def start_worker(
@@ -134,8 +134,11 @@ def start_worker(
     return proc
 
 
-def start_beat(name: str, env: Mapping[str, str], logdir: Path) -> Proc:
+def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "tests.jobapp") -> Proc:
+    """Beat with the app's schedule: the test jobs of tests.jobapp, or production's (workers.app,
+    its intervals from env)."""
     schedule = logdir / f"{name}-schedule"
-    proc = Proc(name, celery(["beat", "-s", str(schedule), "--loglevel", "INFO"]), env, logdir)
+    argv = celery(["beat", "-s", str(schedule), "--loglevel", "INFO"], app)
+    proc = Proc(name, argv, env, logdir)
     proc.wait_for_log("beat: Starting...")
     return proc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio
 from tests.conftest import Services
 from tests.ingest_fixtures import api_env, follow_with_cli
-from tests.procs import Proc, start_worker, wait_until
+from tests.procs import start_beat, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
 from workers.simulator import AudioFault, FeedSimulator
 
@@ -37,15 +36,6 @@ def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: st
         LOCK_RENEW_SEC="1",
     )
     return env | extra
-
-
-def start_audio_beat(env: dict, tmp_path: Path) -> Proc:
-    """The production beat schedule (workers.app), with the audio job's interval from env."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat"]
-    argv += ["-s", str(tmp_path / "beat-schedule"), "--loglevel", "INFO"]
-    proc = Proc("beat", argv, env, tmp_path)
-    proc.wait_for_log("beat: Starting...")
-    return proc
 
 
 def add_calls(db, sim: FeedSimulator, n: int) -> dict[int, dict]:
@@ -132,7 +122,7 @@ def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(
         AUDIO_RETRY_BASE_SEC="0.5",
     )
     procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
-    procs.append(start_audio_beat(env, tmp_path))
+    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
     wait_until(lambda: states(db) == {"ready": len(good), "failed": len(bad)}, 60, "all settled")
     rows = audio_rows(db)
     for call_id, (code, text, tries) in bad.items():
@@ -187,7 +177,7 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     )
     doomed = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
     procs.append(doomed)
-    procs.append(start_audio_beat(env, tmp_path))
+    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
     # The first chunk's downloads are under way (their attempts are logged as they start).
     wait_until(lambda: len(attempts(db)) >= 6, 30, "downloads under way")
     killed = {r[0] for r in attempts(db)}
