@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ PROGRESS_EVERY_SEC = 5.0
 DEMO_PLAYLISTS = 2
 DEMO_CALLS_PER_MINUTE = 6.0  # per playlist: enough to watch, light enough for two cores
 DEMO_BACKLOG_CALLS = 3  # per playlist, published before the first poll: transcripts come quickly
+# Fixed, so that a second `make run` on the same database follows the same demo playlists
+# (their cursors carry on) instead of adding new ones beside playlists that no longer exist.
+DEMO_PLAYLIST_UUIDS = [
+    str(uuid_mod.uuid5(uuid_mod.NAMESPACE_URL, f"bcfy-demo-playlist-{n}"))
+    for n in range(1, DEMO_PLAYLISTS + 1)
+]
 
 
 @dataclass
@@ -97,14 +104,12 @@ class Supervisor:
         from workers.simulator import DEMO_API_KEYS, FeedSimulator
 
         sim = self.simulator = FeedSimulator(DEMO_API_KEYS, seed=int(time.time())).start()
-        uuids = []
-        for n in range(DEMO_PLAYLISTS):
-            uuid = sim.add_playlist(
-                name=f"Demo playlist {n + 1}", calls_per_minute=DEMO_CALLS_PER_MINUTE
+        for n, uuid in enumerate(DEMO_PLAYLIST_UUIDS, start=1):
+            sim.add_playlist(
+                uuid, name=f"Demo playlist {n}", calls_per_minute=DEMO_CALLS_PER_MINUTE
             )
             for _ in range(DEMO_BACKLOG_CALLS):
                 sim.publish_call(uuid)
-            uuids.append(uuid)
         kid, (secret, app_id) = next(iter(DEMO_API_KEYS.items()))
         self.env |= {
             "BCFY_DEMO": "true",
@@ -120,11 +125,22 @@ class Supervisor:
             f"demo mode: feed simulator on {sim.url} with {DEMO_PLAYLISTS} playlists, "
             f"{DEMO_CALLS_PER_MINUTE:g} calls a minute each"
         )
-        return uuids
+        return DEMO_PLAYLIST_UUIDS
 
     def follow(self, uuids: list[str]) -> None:
         for uuid in uuids:
             self.run_cli(["playlists", "add", uuid])
+
+    def pause_demo_playlists(self) -> None:
+        """The real service does not know the demo playlists: stop polling them, if followed."""
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            paused = conn.execute(
+                "UPDATE bcfy_playlists SET sync = false WHERE uuid = ANY(%s::uuid[]) AND sync"
+                " RETURNING uuid::text",
+                (DEMO_PLAYLIST_UUIDS,),
+            ).fetchall()
+        for (uuid,) in paused:
+            print(f"  demo playlist {uuid} paused (bcfy playlists remove {uuid} to drop it)")
 
     def run_cli(self, args: list[str]) -> None:
         out = subprocess.run(
