@@ -35,12 +35,7 @@ TABLES = (
 
 def api_env(sim: FeedSimulator) -> dict[str, str]:
     """The settings that point the Broadcastify client at the simulator, with its demo key."""
-    return {
-        "BCFY_API_BASE": sim.url,
-        "BCFY_API_KEY_ID": KEY_ID,
-        "BCFY_API_KEY": SECRET,
-        "BCFY_APP_ID": APP_ID,
-    }
+    return {k: v for k, v in sim.pipeline_env().items() if k.startswith("BCFY_")}
 
 
 def follow_with_cli(env: dict[str, str], uuid: str) -> None:

@@ -21,21 +21,10 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from tests.procs import ROOT, wait_until
+from tests.procs import ROOT, run_cli, wait_until
 from workers.devservices import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def bcfy(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def processes_with(marker: str) -> list[int]:
@@ -128,7 +117,7 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
         print(f"\nfirst transcript {took:.0f}s after `bcfy run` started")
 
         # The operator's view while it runs.
-        status = bcfy("status", "--json", env=run_env)
+        status = run_cli("status", "--json", env=run_env)
         assert status.returncode == 0, status.stdout + status.stderr
         snap = json.loads(status.stdout)
         assert snap["stages"]["ingest"]["done"]["5m"] >= 1
@@ -141,7 +130,7 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
             "ok",
             "skipped",
         )
-        text = bcfy("status", env=run_env).stdout
+        text = run_cli("status", env=run_env).stdout
         assert "transcription" in text and "Demo playlist 1" in text and "workers online" in text
 
         scrape = wait_until(
@@ -189,7 +178,7 @@ def _get(url: str) -> str | None:
 def test_flower_refuses_to_start_without_a_login_outside_demo_mode(run_env):
     env = {**run_env, "BCFY_DEMO": "false"}
     env.pop("FLOWER_BASIC_AUTH", None)
-    out = bcfy("flower", "--port", str(free_port()), env=env)
+    out = run_cli("flower", "--port", str(free_port()), env=env)
     assert out.returncode == 2
     assert "FLOWER_BASIC_AUTH" in out.stderr
 
@@ -197,7 +186,7 @@ def test_flower_refuses_to_start_without_a_login_outside_demo_mode(run_env):
 def test_flower_asks_for_its_login(run_env, tmp_path):
     port = free_port()
     env = {**run_env, "FLOWER_BASIC_AUTH": "ops:s3cret-pass"}
-    bcfy("migrate", env=env)
+    run_cli("migrate", env=env)
     flower = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "flower", "--port", str(port), "--address=127.0.0.1"],
         cwd=ROOT,
@@ -211,7 +200,7 @@ def test_flower_asks_for_its_login(run_env, tmp_path):
         assert httpx.get(url, timeout=10).status_code == 401
         assert httpx.get(url, auth=("ops", "wrong"), timeout=10).status_code == 401
         assert httpx.get(url, auth=("ops", "s3cret-pass"), timeout=10).status_code == 200
-        healthy = bcfy("healthcheck", "flower", str(port), env=env)
+        healthy = run_cli("healthcheck", "flower", str(port), env=env)
         assert healthy.returncode == 0, healthy.stdout
     finally:
         flower.terminate()
@@ -221,7 +210,7 @@ def test_flower_asks_for_its_login(run_env, tmp_path):
 
 def test_status_says_what_is_unreachable_and_shows_the_rest(run_env):
     env = {**run_env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
-    out = bcfy("status", "--json", env=env)
+    out = run_cli("status", "--json", env=env)
     assert out.returncode == 1
     snap = json.loads(out.stdout)
     assert any(p.startswith("database unavailable") for p in snap["problems"])

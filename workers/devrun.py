@@ -110,17 +110,7 @@ class Supervisor:
             )
             for _ in range(DEMO_BACKLOG_CALLS):
                 sim.publish_call(uuid)
-        kid, (secret, app_id) = next(iter(DEMO_API_KEYS.items()))
-        self.env |= {
-            "BCFY_DEMO": "true",
-            "BCFY_API_BASE": sim.url,
-            "BCFY_API_KEY_ID": kid,
-            "BCFY_API_KEY": secret,
-            "BCFY_APP_ID": app_id,
-            "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-            # The simulator is on loopback, which downloads refuse unless told otherwise.
-            "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-        }
+        self.env |= {"BCFY_DEMO": "true", **sim.pipeline_env()}
         print(
             f"demo mode: feed simulator on {sim.url} with {DEMO_PLAYLISTS} playlists, "
             f"{DEMO_CALLS_PER_MINUTE:g} calls a minute each"
