@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 export INGEST_POOL INGEST_CONCURRENCY AUDIO_POOL AUDIO_CONCURRENCY \
        TRANSCRIPTION_POOL TRANSCRIPTION_CONCURRENCY LOG_LEVEL
 
-.PHONY: install run test lint bench migrate beat flower worker-ingest worker-audio \
+
+.PHONY: install run test lint bench migrate beat flower metrics status worker-ingest worker-audio \
         worker-transcription up down logs deploy clean
 
 $(VENV)/.installed: pyproject.toml
@@ -47,8 +48,14 @@ migrate: install
 beat: install                      ## exactly one per deployment
 	$(BIN)/bcfy beat
 
-flower: install
+flower: install                    ## needs FLOWER_BASIC_AUTH=user:password outside demo mode
 	$(BIN)/bcfy flower
+
+metrics: install                   ## the pipeline's Prometheus metrics on :9108/metrics
+	$(BIN)/bcfy metrics
+
+status: install
+	$(BIN)/bcfy status
 
 worker-ingest: install             ## polling, transcription dispatch, geo refresh
 	$(BIN)/bcfy worker ingest
@@ -80,7 +87,7 @@ deploy: .env
 	$(COMPOSE) build
 	$(COMPOSE) up -d redis postgres
 	$(COMPOSE) run --rm migrate
-	for svc in worker-ingest worker-audio worker-transcription beat flower; do \
+	for svc in worker-ingest worker-audio worker-transcription beat flower metrics; do \
 	  $(COMPOSE) up -d --no-deps $$svc || exit 1; \
 	done
 

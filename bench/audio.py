@@ -30,33 +30,22 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
-from psycopg import sql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.audio_helpers import CLIPS, publish, slow_audio  # noqa: E402
-from tests.procs import Proc, wait_until  # noqa: E402
-from workers.audio_prepare import validate_and_convert  # noqa: E402
-from workers.devservices import (  # noqa: E402
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_reachable,
-    redis_reachable,
-)
-from workers.migrate import migrate  # noqa: E402
-from workers.settings import load_settings  # noqa: E402
-from workers.simulator import FeedSimulator  # noqa: E402
+from bench._common import heading, report, servers, start_worker
+from tests.audio_helpers import CLIPS, publish, slow_audio
+from tests.procs import Proc, wait_until
+from workers.audio_prepare import validate_and_convert
+from workers.settings import load_settings
+from workers.simulator import FeedSimulator
 
-RESULTS = ROOT / "bench" / "results" / "audio.txt"
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -84,15 +73,6 @@ def group_cpu_sec(pgid: int) -> float:
         if int(fields[2]) == pgid:  # pgrp
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
-
-
-def start_worker(name: str, env: dict[str, str], logdir: Path, processes: int) -> Proc:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "audio"]
-    argv += ["-n", f"{name}@%h", "-P", "prefork", "-c", str(processes)]
-    argv += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
-    proc = Proc(name, argv, env, logdir)
-    proc.wait_for_log("ready.", timeout=60)
-    return proc
 
 
 def one_round(
@@ -157,26 +137,6 @@ def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
         return (time.process_time() - t0) / (audio / 60)
 
 
-def fresh_database(admin_dsn: str) -> tuple[str, str]:
-    name = f"bcfy_bench_audio_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-    migrate(url, say=lambda _: None)
-    return name, url
-
-
-def empty_redis_db(base_url: str) -> str:
-    for index in range(14, 0, -1):
-        url = base_url.rsplit("/", 1)[0] + f"/{index}"
-        client = redis.Redis.from_url(url)
-        if client.set("bcfy:bench-session", "1", nx=True) and client.dbsize() == 1:
-            client.close()
-            return url
-        client.close()
-    raise RuntimeError("no empty Redis database index")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
@@ -188,20 +148,6 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    servers: list[ThrowawayPostgres | ThrowawayRedis] = []
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    if not postgres_reachable(admin):
-        servers.append(ThrowawayPostgres().start())
-        admin = servers[-1].dsn  # type: ignore[union-attr]
-    redis_base = "redis://127.0.0.1:6379/0"
-    if not redis_reachable(redis_base):
-        servers.append(ThrowawayRedis().start())
-        redis_base = servers[-1].url  # type: ignore[union-attr]
-    dbname, db_url = fresh_database(admin)
-    redis_url = empty_redis_db(redis_base)
-    broker = redis.Redis.from_url(redis_url)
-    sim = FeedSimulator(seed=1).start()
-    slow_audio(sim, args.latency)
     d = args.concurrency
     configs = [
         Config("1 worker x 1 process, concurrency 1", 1, 1, 1),
@@ -211,55 +157,52 @@ def main() -> None:
         Config(f"2 workers x 2 processes, concurrency {d}", 2, 2, d),
     ]
     results: dict[str, tuple[float, float]] = {}
-    try:
-        with TemporaryDirectory() as tmp, psycopg.connect(db_url, autocommit=True) as db:
-            logdir = Path(args.logs or tmp)
-            logdir.mkdir(parents=True, exist_ok=True)
-            for config in configs:
-                env = {
-                    "DATABASE_URL": db_url,
-                    "REDIS_URL": redis_url,
-                    "BCFY_STATE_DIR": f"{tmp}/state",
-                    "AUDIO_STORE_DIR": f"{tmp}/store",
-                    "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-                    "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-                    "AUDIO_DOWNLOAD_CONCURRENCY": str(config.concurrency),
-                    "LOG_LEVEL": "WARNING",
-                }
-                procs = [
-                    start_worker(f"bench{i}", env, logdir, config.processes)
-                    for i in range(config.workers)
-                ]
-                try:
-                    runs = [
-                        one_round(db, broker, sim, args.calls, procs) for _ in range(args.rounds)
-                    ]
-                finally:
-                    for p in procs:
-                        p.stop(timeout=10)
-                elapsed = statistics.median(r[0] for r in runs)
-                cpu = statistics.median(r[1] for r in runs)
-                results[config.name] = (elapsed, cpu)
-                print(f"{config.name:42} {args.calls / elapsed:7.1f} calls/s", flush=True)
-    finally:
-        sim.stop()
-        broker.flushdb()
-        broker.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
-        for s in servers:
-            s.stop()
+    with (
+        servers() as services,
+        services.redis() as broker,
+        FeedSimulator(seed=1) as sim,
+        TemporaryDirectory() as tmp,
+        services.db() as db,
+    ):
+        slow_audio(sim, args.latency)
+        logdir = Path(args.logs or tmp)
+        logdir.mkdir(parents=True, exist_ok=True)
+        for config in configs:
+            env = {
+                "DATABASE_URL": services.database_url,
+                "REDIS_URL": services.redis_url,
+                "BCFY_STATE_DIR": f"{tmp}/state",
+                "AUDIO_STORE_DIR": f"{tmp}/store",
+                "AUDIO_ALLOWED_HOSTS": sim.audio_host,
+                "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
+                "AUDIO_POOL": "prefork",
+                "AUDIO_CONCURRENCY": str(config.processes),
+                "AUDIO_DOWNLOAD_CONCURRENCY": str(config.concurrency),
+                "LOG_LEVEL": "INFO",  # the worker says "ready." at INFO
+            }
+            procs: list[Proc] = []
+            try:
+                for i in range(config.workers):
+                    procs.append(start_worker("audio", f"bench{i}", env, logdir))
+                runs = [one_round(db, broker, sim, args.calls, procs) for _ in range(args.rounds)]
+            finally:
+                for p in procs:
+                    p.stop(timeout=10)
+            elapsed = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            results[config.name] = (elapsed, cpu)
+            print(f"{config.name:42} {args.calls / elapsed:7.1f} calls/s", flush=True)
 
     per_minute = conversion_cpu_per_audio_minute()
     rate = {name: args.calls / elapsed for name, (elapsed, _) in results.items()}
     base, one, two = (rate[c.name] for c in configs[:3])
     pool_one, pool_two = rate[configs[3].name], rate[configs[4].name]
     lines = [
-        f"# bench/audio.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  calls={args.calls}"
-        f"  latency={args.latency * 1000:.0f} ms  rounds={args.rounds} (medians)"
-        f"  cpus={os.cpu_count()}",
+        heading(
+            "audio",
+            f"calls={args.calls}  latency={args.latency * 1000:.0f} ms  rounds={args.rounds}"
+            f" (medians)  cpus={os.cpu_count()}",
+        ),
         f"{'configuration':42} {'calls/s':>8} {'x base':>7} {'cpu ms/call':>12}",
     ]
     for name, (_, cpu) in results.items():
@@ -274,11 +217,7 @@ def main() -> None:
         f"{'met' if two / one >= 1.6 else 'NOT met'} ({two / one:.2f} x)",
         f"shipped pool (2 processes per worker): two workers {pool_two / pool_one:.2f} x one",
     ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(exist_ok=True)
-    if d == DEFAULT_CONCURRENCY:  # the committed figures are the defaults
-        RESULTS.write_text(text + "\n")
+    report("audio", lines, keep=d == DEFAULT_CONCURRENCY)  # the committed figures: defaults
     print(json.dumps({k: round(v, 2) for k, v in rate.items()}))
 
 

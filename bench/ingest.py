@@ -33,29 +33,18 @@ import random
 import statistics
 import sys
 import time
-import uuid as uuid_mod
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
-import redis
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.devservices import (
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_reachable,
-    redis_reachable,
-)
-from workers.migrate import migrate
+from bench._common import Servers, heading, report, servers
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ingest.txt"
 KEY_ID = next(iter(DEMO_API_KEYS))
 SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
 T0 = 1_750_000_000.0
@@ -93,59 +82,10 @@ def copy_values(uuid: str, r: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
-# --- where it runs --------------------------------------------------------------------------
-
-
-class Services:
-    """PostgreSQL and Redis for the run: reachable ones (an own database, an own Redis index)
-    or throwaway servers."""
-
-    def __enter__(self) -> Services:
-        self.servers: list[Any] = []
-        pg = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
-        if not postgres_reachable(pg):
-            server = ThrowawayPostgres().start()
-            self.servers.append(server)
-            pg = server.dsn
-        self.admin = pg
-        self.dbname = f"bcfy_bench_{uuid_mod.uuid4().hex[:8]}"
-        with psycopg.connect(pg, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
-        self.database_url = urlunsplit(urlsplit(pg)._replace(path=f"/{self.dbname}"))
-        migrate(self.database_url, say=lambda _: None)
-        base = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-        if not redis_reachable(base):
-            server = ThrowawayRedis().start()
-            self.servers.append(server)
-            base = server.url
-        for index in range(15, 0, -1):
-            url = urlunsplit(urlsplit(base)._replace(path=f"/{index}"))
-            client = redis.Redis.from_url(url)
-            if client.set("bcfy:bench", "1", nx=True) and client.dbsize() == 1:
-                self.redis_url, self.redis = url, client
-                break
-            client.close()
-        else:
-            raise RuntimeError("no free Redis database index")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.redis.flushdb()
-        self.redis.close()
-        with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(self.dbname)
-                )
-            )
-        for server in reversed(self.servers):
-            server.stop()
-
-
 # --- 1. storage rate ----------------------------------------------------------------------------
 
 
-async def storage_rate(services: Services, rounds: int, page_size: int) -> dict:
+async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
     from tasks.ingest import PollRecord, split_page, store_page
     from workers.bcfy_api import BroadcastifyClient
     from workers.settings import load_settings
@@ -399,7 +339,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
 
-    with Services() as services:
+    with servers() as services:
         os.environ.update(
             {
                 "DATABASE_URL": services.database_url,
@@ -429,8 +369,9 @@ def main() -> None:
     per_row_committed = rates["baseline: INSERT per row, committed"]
     copy = rates["baseline: COPY"]
     lines = [
-        f"# bench/ingest.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  page={args.page} "
-        f"rounds={args.rounds} hours={args.hours:g} seed={args.seed}",
+        heading(
+            "ingest", f"page={args.page} rounds={args.rounds} hours={args.hours:g} seed={args.seed}"
+        ),
         "",
         "1. calls stored per second from live pages (medians; every method validates the page,",
         "   writes the same columns, fires the audio trigger, commits the cursor and a log row)",
@@ -467,10 +408,7 @@ def main() -> None:
         f"  <= 1.01 billed reads per call : {_verdict(e['billed per stored'] <= 1.01)} "
         f"({e['billed per stored']:.4f}; lost {e['lost']})",
     ]
-    report = "\n".join(lines)
-    print(report)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(report + "\n")
+    report("ingest", lines)
 
 
 def _verdict(ok: bool) -> str:

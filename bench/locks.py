@@ -21,10 +21,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.devservices import ThrowawayRedis, redis_reachable
+from bench._common import heading, report
+from workers.devservices import redis_server
 from workers.locks import SingletonLock
-
-RESULTS = Path(__file__).resolve().parent / "results" / "locks.txt"
 
 
 class CountingConnection(redis.Connection):
@@ -54,11 +53,28 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3000)
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = ap.parse_args()
-    server = None
-    url = args.redis_url
-    if not redis_reachable(url):
-        server = ThrowawayRedis().start()
-        url = server.url
+    with redis_server(args.redis_url) as url:
+        rows = measure(url, args.runs)
+
+    ping = statistics.median(r["ping"][0] for r in rows)
+    lines = [
+        heading("locks", f"runs={args.runs} x3 rounds"),
+        f"{'case':30} {'round trips':>11} {'median us':>10} {'x ping':>7}",
+    ]
+    for case in rows[0]:
+        us = statistics.median(r[case][0] for r in rows)
+        trips = statistics.median(r[case][1] for r in rows)
+        lines.append(f"{case:30} {trips:11.2f} {us:10.1f} {us / ping:7.2f}")
+    worst = max(statistics.median(r[c][1] for r in rows) for c in rows[0] if c != "ping")
+    lines.append(
+        f"goal: at most 3 round trips per run -> {'met' if worst <= 3 else 'NOT met'}"
+        f" (worst case {worst:.2f})"
+    )
+    report("locks", lines)
+
+
+def measure(url: str, runs: int) -> list[dict[str, tuple[float, float]]]:
+    """Three interleaved rounds of every case: {case: (median us, round trips)}."""
     pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
     client = redis.Redis(connection_pool=pool)
     try:
@@ -88,37 +104,17 @@ def main() -> None:
         for _ in range(3):  # interleave, so drift on a noisy machine hits every case alike
             rows.append(
                 {
-                    "ping": timed(client.ping, args.runs),
-                    "run (acquire+release)": timed(run_once, args.runs),
-                    "beat tick (acquire+release)": timed(tick_once, args.runs),
-                    "skipped run": timed(skipped_once, args.runs),
+                    "ping": timed(client.ping, runs),
+                    "run (acquire+release)": timed(run_once, runs),
+                    "beat tick (acquire+release)": timed(tick_once, runs),
+                    "skipped run": timed(skipped_once, runs),
                 }
             )
         holder.release()
     finally:
         client.delete(*[k for k in client.scan_iter("bcfy:job:{bench.*")] or ["-"])
         client.close()
-        if server:
-            server.stop()
-
-    ping = statistics.median(r["ping"][0] for r in rows)
-    lines = [
-        f"# bench/locks.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  runs={args.runs} x3 rounds",
-        f"{'case':30} {'round trips':>11} {'median us':>10} {'x ping':>7}",
-    ]
-    for case in rows[0]:
-        us = statistics.median(r[case][0] for r in rows)
-        trips = statistics.median(r[case][1] for r in rows)
-        lines.append(f"{case:30} {trips:11.2f} {us:10.1f} {us / ping:7.2f}")
-    worst = max(statistics.median(r[c][1] for r in rows) for c in rows[0] if c != "ping")
-    lines.append(
-        f"goal: at most 3 round trips per run -> {'met' if worst <= 3 else 'NOT met'}"
-        f" (worst case {worst:.2f})"
-    )
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    return rows
 
 
 if __name__ == "__main__":

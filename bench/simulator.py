@@ -26,9 +26,8 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import heading, report
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
-
-RESULTS = Path(__file__).resolve().parent / "results" / "simulator.txt"
 
 
 def median_ms(fn, rounds: int) -> float:
@@ -92,8 +91,10 @@ def main() -> None:
     serialise = figures["simulator: serialise the page"]
     baseline = figures["baseline: json.dumps the page"]
     lines = [
-        f"# bench/simulator.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  page={args.page} "
-        f"rounds={args.rounds}  page size {len(page_bytes) / 1024:.0f} KiB",
+        heading(
+            "simulator",
+            f"page={args.page} rounds={args.rounds}  page size {len(page_bytes) / 1024:.0f} KiB",
+        ),
         f"{'case':<36}{'median ms':>10}{'x baseline':>12}",
     ]
     for name, ms in figures.items():
@@ -103,10 +104,7 @@ def main() -> None:
         f"goal: page serialised in <= 5 ms and no slower than json.dumps -> "
         f"{'met' if met else 'NOT met'} ({serialise:.2f} ms, {serialise / baseline:.2f}x)"
     )
-    report = "\n".join(lines)
-    print(report)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(report + "\n")
+    report("simulator", lines)
 
 
 if __name__ == "__main__":

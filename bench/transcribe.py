@@ -15,8 +15,8 @@ Prints, and writes to bench/results/transcribe.txt:
   * the pool: calls per second with one and with two `bcfy worker transcription` processes of
     one pool process each (production command line, real Redis and PostgreSQL), rounds
     interleaved, medians. Goal: two workers at least 1.6 x one.
-Uses the local PostgreSQL / Redis when they answer (its own database, dropped at the end, and an
-empty Redis database index), else throwaway servers.
+Uses DATABASE_URL / REDIS_URL or the local PostgreSQL / Redis when they answer (its own database,
+dropped at the end, and an empty Redis database index), else throwaway servers.
 """
 
 from __future__ import annotations
@@ -26,35 +26,21 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import redis
-from psycopg import sql
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workers.audio_codec import convert_for_recognizers, decode_mono  # noqa: E402
-from workers.devservices import (  # noqa: E402
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_reachable,
-    redis_reachable,
-)
-from workers.migrate import migrate  # noqa: E402
-from workers.simulator.make_clips import CLIPS_DIR  # noqa: E402
+from bench._common import Servers, heading, report, servers, start_worker
+from tests.procs import Proc
+from workers.audio_codec import convert_for_recognizers, decode_mono
+from workers.simulator.make_clips import CLIPS_DIR
 
-RESULTS = ROOT / "bench" / "results" / "transcribe.txt"
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]
 # Unit names from the calls, as an operator would list them.
 VOCABULARY = "engine twelve, medic three, unit five, ladder seven, battalion chief, engine four"
@@ -71,60 +57,7 @@ def word_errors(reference: list[str], hypothesis: list[str]) -> int:
     return previous[-1]
 
 
-# --- services --------------------------------------------------------------------------------
-
-
-class Services:
-    def __init__(self, redis_base: str | None, pg_base: str | None) -> None:
-        self.servers: list[Any] = []
-        if not (redis_base and redis_reachable(redis_base)):
-            server = ThrowawayRedis().start()
-            self.servers.append(server)
-            redis_base = server.url
-        if not (pg_base and postgres_reachable(pg_base)):
-            server = ThrowawayPostgres().start()
-            self.servers.append(server)
-            pg_base = server.dsn
-        self.pg_base = pg_base
-        self.redis_url = self._free_redis_db(redis_base)
-        self.dbname = f"bcfy_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg_base, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
-        self.database_url = pg_base.rsplit("/", 1)[0] + f"/{self.dbname}"
-        migrate(self.database_url, say=lambda _: None)
-
-    @staticmethod
-    def _free_redis_db(base: str) -> str:
-        for index in range(12, 0, -1):
-            url = urlunsplit(urlsplit(base)._replace(path=f"/{index}"))
-            client = redis.Redis.from_url(url)
-            try:
-                if client.set("bcfy:bench", str(os.getpid()), nx=True) and client.dbsize() == 1:
-                    return url
-                if client.get("bcfy:bench") == str(os.getpid()).encode():
-                    client.delete("bcfy:bench")
-            finally:
-                client.close()
-        raise SystemExit(f"no empty Redis database index on {base}")
-
-    def db(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.database_url, autocommit=True)
-
-    def close(self) -> None:
-        client = redis.Redis.from_url(self.redis_url)
-        client.flushdb()
-        client.close()
-        with psycopg.connect(self.pg_base, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(self.dbname)
-                )
-            )
-        for server in self.servers:
-            server.stop()
-
-
-def reset(services: Services) -> None:
+def reset(services: Servers) -> None:
     with services.db() as conn:
         conn.execute("TRUNCATE bcfy_calls_raw, job_runs CASCADE")
     client = redis.Redis.from_url(services.redis_url)
@@ -132,7 +65,7 @@ def reset(services: Services) -> None:
     client.close()
 
 
-def add_ready_calls(services: Services, clips: list[str], done: bool = False) -> list[int]:
+def add_ready_calls(services: Servers, clips: list[str], done: bool = False) -> list[int]:
     """Ready calls, one per entry of `clips` (their prepared FLAC), a second apart, in bulk."""
     with services.db() as conn:
         ids = [
@@ -212,7 +145,7 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
 # --- 2. dispatch -------------------------------------------------------------------------------
 
 
-def bench_dispatch(services: Services, n: int) -> list[str]:
+def bench_dispatch(services: Servers, n: int) -> list[str]:
     from tasks.transcription import (
         dispatch_once,
         mark_dispatched,
@@ -303,49 +236,7 @@ def bench_dispatch(services: Services, n: int) -> list[str]:
 # --- 3. the pool -------------------------------------------------------------------------------
 
 
-def start_workers(k: int, env: dict[str, str], logdir: Path) -> list[subprocess.Popen[bytes]]:
-    """k `bcfy worker transcription` processes (one pool process each), ready."""
-    from workers.processes import worker_argv
-    from workers.settings import load_settings
-
-    settings = load_settings(env)
-    procs = []
-    for i in range(k):
-        argv = worker_argv("transcription", settings, ["--without-mingle", "--without-gossip"])
-        argv[argv.index("--hostname") + 1] = f"bench{i}@%h"
-        log_path = logdir / f"worker{i}-{time.monotonic_ns()}.log"
-        with open(log_path, "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    argv,
-                    cwd=ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        deadline = time.monotonic() + 60
-        while b"ready." not in log_path.read_bytes():
-            if time.monotonic() > deadline or procs[-1].poll() is not None:
-                stop_workers(procs)
-                raise SystemExit(f"worker did not start:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-    return procs
-
-
-def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-
-
-def pool_run(services: Services, k: int, calls: int, env: dict[str, str], logdir: Path) -> float:
+def pool_run(services: Servers, k: int, calls: int, env: dict[str, str], logdir: Path) -> float:
     """Wall seconds for k worker processes to transcribe `calls` calls sent at once."""
     from tasks.transcription import mark_dispatched, publish_transcriptions
     from workers.runtime import Runtime
@@ -354,8 +245,10 @@ def pool_run(services: Services, k: int, calls: int, env: dict[str, str], logdir
     reset(services)
     clips = [CLIPS[i % len(CLIPS)]["file"] for i in range(calls)]
     add_ready_calls(services, clips)
-    procs = start_workers(k, env, logdir)
+    workers: list[Proc] = []
     try:
+        for i in range(k):  # `bcfy worker transcription`, one pool process each
+            workers.append(start_worker("transcription", f"bench{i}", env, logdir))
         settings = load_settings({**env, "TRANSCRIBE_QUEUE_MAX": "1000000"})
         t0 = time.perf_counter()
         ids = Runtime.current().run(mark_dispatched(settings, calls))
@@ -367,7 +260,8 @@ def pool_run(services: Services, k: int, calls: int, env: dict[str, str], logdir
                 time.sleep(0.05)
         return time.perf_counter() - t0
     finally:
-        stop_workers(procs)
+        for worker in workers:
+            worker.stop(timeout=30)
         Runtime.shutdown_current()
 
 
@@ -396,10 +290,9 @@ def plain_processes(store: Path, calls: int, k: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_pool(services: Services, store: Path, calls: int, rounds: int) -> list[str]:
+def bench_pool(services: Servers, store: Path, calls: int, rounds: int) -> list[str]:
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
         "TRANSCRIPTION_CONCURRENCY": "1",
         "TRANSCRIPTION_POOL": "prefork",
         "LOG_LEVEL": "INFO",  # the worker says "ready." at INFO
@@ -445,47 +338,44 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-calls", type=int, default=32)
     ap.add_argument("--dispatch-calls", type=int, default=2000)
-    ap.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/"))
-    ap.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-    )
+    ap.add_argument("--redis-url", help="default: REDIS_URL, else the standard local port")
+    ap.add_argument("--database-url", help="default: DATABASE_URL, else the standard local port")
     ap.add_argument("--skip-pool", action="store_true", help="no worker processes")
     args = ap.parse_args()
 
-    services = Services(args.redis_url, args.database_url)
     store = Path(tempfile.mkdtemp(prefix="bcfy-bench-audio-"))
     try:
-        (store / "prepared").mkdir()
-        for clip in CLIPS:
-            convert_for_recognizers(
-                CLIPS_DIR / clip["file"], store / "prepared" / f"{Path(clip['file']).stem}.flac"
+        with servers(args.redis_url, args.database_url) as services:
+            (store / "prepared").mkdir()
+            for clip in CLIPS:
+                convert_for_recognizers(
+                    CLIPS_DIR / clip["file"],
+                    store / "prepared" / f"{Path(clip['file']).stem}.flac",
+                )
+            # Everything below, in this process and in the workers, uses these.
+            os.environ.update(
+                DATABASE_URL=services.database_url,
+                REDIS_URL=services.redis_url,
+                AUDIO_STORE_DIR=str(store),
+                BCFY_STATE_DIR=str(store / "state"),
             )
-        # Everything below, in this process and in the workers, uses these.
-        os.environ.update(
-            DATABASE_URL=services.database_url,
-            REDIS_URL=services.redis_url,
-            AUDIO_STORE_DIR=str(store),
-            BCFY_STATE_DIR=str(store / "state"),
-        )
-        load = os.getloadavg()
-        lines = [
-            f"# bench/transcribe.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}"
-            f"  load at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
-            *bench_recognizer(store, args.rounds),
-            *bench_dispatch(services, args.dispatch_calls),
-        ]
-        if not args.skip_pool:
-            lines += bench_pool(services, store, args.pool_calls, max(2, args.rounds - 1))
-        load = os.getloadavg()
-        lines.append(f"load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+            load = os.getloadavg()
+            lines = [
+                heading(
+                    "transcribe",
+                    f"cpus={os.cpu_count()}  load at start {load[0]:.1f} {load[1]:.1f}"
+                    f" {load[2]:.1f}",
+                ),
+                *bench_recognizer(store, args.rounds),
+                *bench_dispatch(services, args.dispatch_calls),
+            ]
+            if not args.skip_pool:
+                lines += bench_pool(services, store, args.pool_calls, max(2, args.rounds - 1))
+            load = os.getloadavg()
+            lines.append(f"load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:
-        services.close()
         shutil.rmtree(store, ignore_errors=True)
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    report("transcribe", lines)
 
 
 if __name__ == "__main__":

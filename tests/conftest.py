@@ -8,25 +8,21 @@ database (dropped at the end) and its own empty Redis database index (flushed at
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import psycopg
 import pytest
 import redis
-from psycopg import sql
+from celery import Celery
+from psycopg.rows import namedtuple_row
 
-from workers.devservices import (
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_reachable,
-    redis_reachable,
-)
-from workers.migrate import migrate
+from tests.procs import Proc
+from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
 from workers.settings import reset_settings_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,49 +43,40 @@ class Services:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 
+    def worker_env(self, tmp_path: Path, **values: str) -> dict[str, str]:
+        """The environment of a worker or beat a test starts: these servers, its state under
+        tmp_path, and `values`."""
+        return {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "BCFY_STATE_DIR": str(tmp_path / "state"),
+            **values,
+        }
+
+    def job_runs(self, job: str, outcome: str | None = None) -> list[Any]:
+        """The job's runs as job_runs records them (all, or those with `outcome`), in the order
+        they started: rows of (outcome, started_at, ended_at, error, worker)."""
+        with self.db() as conn:
+            cur = conn.cursor(row_factory=namedtuple_row)
+            return cur.execute(
+                "SELECT outcome, started_at, ended_at, error, worker FROM job_runs"
+                " WHERE job = %(job)s AND (%(outcome)s::text IS NULL OR outcome = %(outcome)s)"
+                " ORDER BY started_at, id",
+                {"job": job, "outcome": outcome},
+            ).fetchall()
+
+    def queued_tasks(self, queue: str) -> list[str]:
+        """The task names of the messages waiting in a Celery queue."""
+        client = self.redis()
+        try:
+            return [json.loads(m)["headers"]["task"] for m in client.lrange(queue, 0, -1)]
+        finally:
+            client.close()
+
 
 # BCFY_TEST_SERVERS=throwaway skips reachable servers: how the suite runs where there are none.
 REUSE = os.environ.get("BCFY_TEST_SERVERS", "reuse") != "throwaway"
-
-
-def _redis_base() -> Iterator[str]:
-    for url in (os.environ.get("REDIS_URL"), "redis://127.0.0.1:6379/0"):
-        if REUSE and url and redis_reachable(url):
-            yield url
-            return
-    server = ThrowawayRedis().start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def _postgres_base() -> Iterator[str]:
-    for dsn in (os.environ.get("DATABASE_URL"), "postgresql://postgres@127.0.0.1:5432/postgres"):
-        if REUSE and dsn and postgres_reachable(dsn):
-            yield dsn
-            return
-    server = ThrowawayPostgres().start()
-    try:
-        yield server.dsn
-    finally:
-        server.stop()
-
-
-def _claim_redis_db(base_url: str) -> tuple[str, redis.Redis]:
-    """An empty database index that no one else uses, marked as ours."""
-    claim_key = "bcfy:test-session"
-    for index in range(15, 0, -1):
-        # The index goes in the URL: a URL's own /N would override a db= argument.
-        url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
-        client = redis.Redis.from_url(url)
-        if client.set(claim_key, str(os.getpid()), nx=True):
-            if client.dbsize() == 1:
-                return url, client
-            client.delete(claim_key)  # someone's data lives here: not ours to use
-        client.close()
-    raise RuntimeError(f"no empty Redis database index free on {base_url}")
-
+CLAIM_KEY = "bcfy:test-session"
 
 _session = contextlib.ExitStack()
 _services: Services | None = None
@@ -100,17 +87,10 @@ def pytest_configure(config: pytest.Config) -> None:
     them before any test module is imported: modules that read the settings at import (the
     Celery app takes its broker from them) then see this session's servers."""
     global _services
-    redis_base = _session.enter_context(contextlib.contextmanager(_redis_base)())
-    pg_base = _session.enter_context(contextlib.contextmanager(_postgres_base)())
-    redis_url, claim = _claim_redis_db(redis_base)
-    _session.callback(claim.close)
-    _session.callback(claim.flushdb)
-    dbname = f"bcfy_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_base, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    _session.callback(_drop_database, pg_base, dbname)
-    database_url = urlunsplit(urlsplit(pg_base)._replace(path=f"/{dbname}"))
-    migrate(database_url, say=lambda _: None)
+    redis_base = _session.enter_context(redis_server(reuse=REUSE))
+    pg_base = _session.enter_context(postgres_server(reuse=REUSE))
+    redis_url = _session.enter_context(empty_redis_db(redis_base, CLAIM_KEY))
+    database_url = _session.enter_context(scratch_database(pg_base, "bcfy_test"))
     for name in ("DATABASE_URL", "REDIS_URL"):
         _session.callback(_restore_env, name, os.environ.get(name))
     os.environ["DATABASE_URL"], os.environ["REDIS_URL"] = database_url, redis_url
@@ -120,13 +100,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _session.close()
-
-
-def _drop_database(admin_dsn: str, dbname: str) -> None:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-        )
 
 
 def _restore_env(name: str, value: str | None) -> None:
@@ -148,7 +121,7 @@ def clean(services: Services) -> Iterator[Services]:
     """Empty queues, locks and run log before a test."""
     client = services.redis()
     for key in client.scan_iter("*"):
-        if key != b"bcfy:test-session":
+        if key != CLAIM_KEY.encode():
             client.delete(key)
     client.close()
     with services.db() as conn:
@@ -159,6 +132,19 @@ def clean(services: Services) -> Iterator[Services]:
 
 
 @pytest.fixture
+def db(clean: Services) -> Iterator[psycopg.Connection]:
+    """A connection (autocommit) to the database with no calls in it, as the audio tests start;
+    the process's runtime is shut down after the test."""
+    from tests.audio_helpers import truncate_calls
+    from workers.runtime import Runtime
+
+    with clean.db() as conn:
+        truncate_calls(conn)
+        yield conn
+    Runtime.shutdown_current()
+
+
+@pytest.fixture
 def sim():
     """A Broadcastify feed simulator on a free port: real clock, demo credentials (DEMO_API_KEYS,
     DEMO_USERS), no playlists yet. Tests wanting a ManualClock make their own FeedSimulator."""
@@ -166,3 +152,28 @@ def sim():
 
     with FeedSimulator(seed=1) as simulator:
         yield simulator
+
+
+@pytest.fixture
+def client(clean: Services) -> Iterator[Celery]:
+    """A bare Celery client on the test broker: sends by task name, like other stages do."""
+    app = Celery(broker=clean.redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def stop_grace() -> float:
+    """Seconds a worker stopped after a test gets to finish its tasks before it is killed."""
+    return 5
+
+
+@pytest.fixture
+def procs(stop_grace: float) -> Iterator[list[Proc]]:
+    """Worker and beat processes a test starts (append them): stopped after it, with their
+    pool children."""
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(timeout=stop_grace)

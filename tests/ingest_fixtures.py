@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Services
+from tests.procs import run_cli
 from workers.runtime import Runtime
 from workers.settings import reset_settings_cache
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
@@ -30,6 +31,17 @@ TABLES = (
     "bcfy_calls_raw, bcfy_playlists, bcfy_playlist_poll_log, bcfy_calls_quarantine,"
     " bcfy_backfill, bcfy_countries, bcfy_states, bcfy_counties"
 )
+
+
+def api_env(sim: FeedSimulator) -> dict[str, str]:
+    """The settings that point the Broadcastify client at the simulator, with its demo key."""
+    return {k: v for k, v in sim.pipeline_env().items() if k.startswith("BCFY_")}
+
+
+def follow_with_cli(env: dict[str, str], uuid: str) -> None:
+    """Follow a playlist with `bcfy playlists add`, run as the operator runs it."""
+    out = run_cli("playlists", "add", uuid, env=env)
+    assert out.returncode == 0, out.stderr
 
 
 @dataclass
@@ -124,7 +136,7 @@ class Ingest:
             return cur.fetchall()
 
     def runs(self, job: str) -> list[tuple[str, str | None]]:
-        return self.sql("SELECT outcome, error FROM job_runs WHERE job = %s ORDER BY id", job)
+        return [(r.outcome, r.error) for r in self.services.job_runs(job)]
 
 
 def _dict_row(cursor: Any) -> Any:
@@ -140,10 +152,7 @@ def _make(
         conn.execute(f"TRUNCATE {TABLES} CASCADE")
     sim = FeedSimulator(clock=clock, seed=7).start()
     env = {
-        "BCFY_API_BASE": sim.url,
-        "BCFY_API_KEY_ID": KEY_ID,
-        "BCFY_API_KEY": SECRET,
-        "BCFY_APP_ID": APP_ID,
+        **api_env(sim),
         "BCFY_RETRY_BACKOFF_SEC": "0.05",
         "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
         "LOCK_TTL_SEC": "10",

@@ -80,8 +80,23 @@ class Proc:
         self._log.close()
 
 
-def celery(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tests.jobapp", *args]
+def run_cli(
+    *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`bcfy ARGS` as an operator runs it, in a process of its own with `env` (and, unless `env`
+    gives one, a PATH of the system's directories only)."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def celery(args: list[str], app: str = "tests.jobapp") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, *args]
 
 
 def start_worker(
@@ -119,8 +134,11 @@ def start_worker(
     return proc
 
 
-def start_beat(name: str, env: Mapping[str, str], logdir: Path) -> Proc:
+def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "tests.jobapp") -> Proc:
+    """Beat with the app's schedule: the test jobs of tests.jobapp, or production's (workers.app,
+    its intervals from env)."""
     schedule = logdir / f"{name}-schedule"
-    proc = Proc(name, celery(["beat", "-s", str(schedule), "--loglevel", "INFO"]), env, logdir)
+    argv = celery(["beat", "-s", str(schedule), "--loglevel", "INFO"], app)
+    proc = Proc(name, argv, env, logdir)
     proc.wait_for_log("beat: Starting...")
     return proc

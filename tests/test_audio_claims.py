@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 
 from tasks.audio import (
     CallPreparer,
@@ -18,19 +16,11 @@ from tasks.audio import (
     fail_exhausted_leases,
     split_evenly,
 )
-from tests.audio_helpers import audio_rows, insert_call, truncate_calls
+from tests.audio_helpers import audio_rows, insert_call
 from tests.conftest import Services
 from workers.audio_download import AudioFailure
 from workers.runtime import Runtime
 from workers.settings import Settings, get_settings
-
-
-@pytest.fixture
-def db(clean: Services) -> Iterator[psycopg.Connection]:
-    with clean.db() as conn:
-        truncate_calls(conn)
-        yield conn
-    Runtime.shutdown_current()
 
 
 def settings(**overrides) -> Settings:

@@ -7,28 +7,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from tasks.audio import CallPreparer, claim_pending_calls
-from tests.audio_helpers import audio_rows, insert_call, publish, truncate_calls
+from tests.audio_helpers import audio_rows, insert_call, publish
 from tests.conftest import Services
 from workers.audio_codec import probe
 from workers.audio_store import FilesystemAudioStore
 from workers.runtime import Runtime
 from workers.settings import Settings, get_settings
 from workers.simulator import AudioFault, FeedSimulator
-
-
-@pytest.fixture
-def db(clean: Services) -> Iterator[psycopg.Connection]:
-    with clean.db() as conn:
-        truncate_calls(conn)
-        yield conn
-    Runtime.shutdown_current()
 
 
 def settings_for(sim: FeedSimulator, tmp_path, **overrides) -> Settings:

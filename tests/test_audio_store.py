@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -13,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.audio_helpers import audio_rows, insert_call, truncate_calls
-from tests.procs import ROOT
+from tests.procs import run_cli
 from workers.audio_store import FilesystemAudioStore, call_keys
 from workers.settings import SettingsError, load_settings
 
@@ -95,14 +93,7 @@ def test_bcfy_audio_status_and_retry(clean):
         env = {"PATH": os.environ["PATH"], "DATABASE_URL": clean.database_url}
 
         def bcfy(*args: str) -> str:
-            out = subprocess.run(
-                [sys.executable, "-m", "workers.cli", "audio", *args],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            out = run_cli("audio", *args, env=env)
             assert out.returncode == 0, out.stderr
             return out.stdout
 

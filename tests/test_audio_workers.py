@@ -7,21 +7,16 @@ lease, and the temporary files it left are gone."""
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from celery import Celery
 
-from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio, truncate_calls
+from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio
 from tests.conftest import Services
-from tests.procs import ROOT, Proc, start_worker, wait_until
+from tests.ingest_fixtures import api_env, follow_with_cli
+from tests.procs import start_beat, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
 from workers.simulator import AudioFault, FeedSimulator
 
@@ -31,50 +26,16 @@ CLAIM_JOB = "tasks.audio.process_pending_audio"
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
 
 
-@pytest.fixture
-def db(clean: Services) -> Iterator[psycopg.Connection]:
-    with clean.db() as conn:
-        truncate_calls(conn)
-        yield conn
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=5)
-
-
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
-
-
 def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:
-    return {
-        "DATABASE_URL": services.database_url,
-        "REDIS_URL": services.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(tmp_path / "store"),
-        "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-        "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-        "LOCK_TTL_SEC": "5",
-        "LOCK_RENEW_SEC": "1",
-        **extra,
-    }
-
-
-def start_audio_beat(env: dict, tmp_path: Path) -> Proc:
-    """The production beat schedule (workers.app), with the audio job's interval from env."""
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "beat"]
-    argv += ["-s", str(tmp_path / "beat-schedule"), "--loglevel", "INFO"]
-    proc = Proc("beat", argv, env, tmp_path)
-    proc.wait_for_log("beat: Starting...")
-    return proc
+    env = services.worker_env(
+        tmp_path,
+        AUDIO_STORE_DIR=str(tmp_path / "store"),
+        AUDIO_ALLOWED_HOSTS=sim.audio_host,
+        AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+        LOCK_TTL_SEC="5",
+        LOCK_RENEW_SEC="1",
+    )
+    return env | extra
 
 
 def add_calls(db, sim: FeedSimulator, n: int) -> dict[int, dict]:
@@ -105,11 +66,6 @@ def assert_stored_files_match(db, store_dir: Path) -> int:
     return len(ready)
 
 
-def queued_tasks(services: Services, queue: str) -> list[str]:
-    r = services.redis()
-    return [json.loads(m)["headers"]["task"] for m in r.lrange(queue, 0, -1)]
-
-
 def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
     db, clean, procs, client, sim, tmp_path
 ):
@@ -130,7 +86,7 @@ def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
     assert len(per_claim) >= 5
     assert assert_stored_files_match(db, tmp_path / "store") == len(calls)
     assert sim.requests["audio"] == len(calls), "each file downloaded once"
-    assert DISPATCH in queued_tasks(clean, "ingest"), "transcription dispatch was triggered"
+    assert DISPATCH in clean.queued_tasks("ingest"), "transcription dispatch was triggered"
 
 
 def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(
@@ -166,7 +122,7 @@ def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(
         AUDIO_RETRY_BASE_SEC="0.5",
     )
     procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
-    procs.append(start_audio_beat(env, tmp_path))
+    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
     wait_until(lambda: states(db) == {"ready": len(good), "failed": len(bad)}, 60, "all settled")
     rows = audio_rows(db)
     for call_id, (code, text, tries) in bad.items():
@@ -221,7 +177,7 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     )
     doomed = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
     procs.append(doomed)
-    procs.append(start_audio_beat(env, tmp_path))
+    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
     # The first chunk's downloads are under way (their attempts are logged as they start).
     wait_until(lambda: len(attempts(db)) >= 6, 30, "downloads under way")
     killed = {r[0] for r in attempts(db)}
@@ -250,8 +206,6 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
     db, clean, procs, client, sim, tmp_path
 ):
     """The hand-off: ingest stores new calls and triggers the audio job by name; no beat runs."""
-    from tests.ingest_fixtures import APP_ID, KEY_ID, SECRET
-
     playlist = sim.add_playlist()
     records = [sim.publish_call(playlist) for _ in range(6)]
     records.append(sim.publish_call(playlist, audio=AudioFault.MISSING))
@@ -260,21 +214,10 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
         clean,
         tmp_path,
         sim,
-        BCFY_API_BASE=sim.url,
-        BCFY_API_KEY_ID=KEY_ID,
-        BCFY_API_KEY=SECRET,
-        BCFY_APP_ID=APP_ID,
+        **api_env(sim),
         AUDIO_MAX_ATTEMPTS="1",
     )
-    follow = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "playlists", "add", playlist],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert follow.returncode == 0, follow.stderr
+    follow_with_cli(env, playlist)
     procs.append(start_worker("ing", env, tmp_path, queues="ingest", concurrency=1))
     procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
     client.send_task("tasks.ingest.poll_followed_playlists", queue="ingest")

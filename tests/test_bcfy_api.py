@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from workers.bcfy_api import (
     TokenRejected,
     TransientError,
 )
+from workers.devservices import free_port
 from workers.settings import load_settings
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
@@ -195,9 +195,7 @@ def test_a_slow_answer_times_out_and_is_retried(sim):
 
 
 def test_a_refused_connection_is_retried_then_reported():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     result, _ = run(f"http://127.0.0.1:{port}", lambda api: api.countries(), BCFY_RETRY_ATTEMPTS=2)
     assert isinstance(result, TransientError) and "ConnectError" in str(result)
 

@@ -63,7 +63,14 @@ def test_every_long_running_service_has_a_healthcheck_and_a_restart_policy():
 
 
 def test_the_pipeline_waits_for_a_successful_migration_and_healthy_servers():
-    for name in ["beat", "worker-ingest", "worker-audio", "worker-transcription", "flower"]:
+    for name in [
+        "beat",
+        "worker-ingest",
+        "worker-audio",
+        "worker-transcription",
+        "flower",
+        "metrics",
+    ]:
         deps = SERVICES[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["postgres"]["condition"] == "service_healthy", name

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid as uuid_mod
 
 from tests.ingest_fixtures import Ingest
-from tests.procs import ROOT
+from tests.procs import run_cli
 
 
 def bcfy(ing: Ingest, *args: str) -> subprocess.CompletedProcess[str]:
@@ -15,14 +14,7 @@ def bcfy(ing: Ingest, *args: str) -> subprocess.CompletedProcess[str]:
 
     env = {k: v for k, v in os.environ.items() if k.startswith(("BCFY_", "INGEST_", "GEO_"))}
     env |= {"DATABASE_URL": ing.services.database_url, "REDIS_URL": ing.services.redis_url}
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "playlists", *args],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("playlists", *args, env=env)
 
 
 def test_add_list_pause_resume_remove(ingest):

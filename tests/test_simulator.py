@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 
 from tests.procs import ROOT, wait_until
 from workers.audio_codec import AudioDecodeError, decode_mono, probe
+from workers.devservices import free_port
 from workers.simulator import (
     DEMO_API_KEYS,
     DEMO_USERS,
@@ -740,12 +740,6 @@ def test_control_endpoints_drive_a_simulator_from_outside(fsim, clock, api):
 
 
 # --- bcfy sim ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_bcfy_sim(port: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, dict]:

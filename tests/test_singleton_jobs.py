@@ -8,16 +8,14 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER
 from tests.conftest import Services
-from tests.procs import Proc, start_beat, start_worker, wait_until
+from tests.procs import start_beat, start_worker, wait_until
 from workers.locks import holder_of, skip_count
 
 pytestmark = pytest.mark.slow
@@ -27,43 +25,14 @@ SLEEPER = "tests.jobs.sleeper"
 
 @pytest.fixture
 def env(clean: Services, tmp_path: Path) -> dict[str, str]:
-    return {
-        "DATABASE_URL": clean.database_url,
-        "REDIS_URL": clean.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "LOCK_TTL_SEC": "3",
-        "LOCK_RENEW_SEC": "1",
-        "JOB_MISFIRE_GRACE_SEC": "30",
-    }
+    return clean.worker_env(
+        tmp_path, LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1", JOB_MISFIRE_GRACE_SEC="30"
+    )
 
 
 @pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=3)
-
-
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
-
-
-def runs(services: Services, job: str) -> list[tuple]:
-    with services.db() as conn:
-        return conn.execute(
-            "SELECT outcome, started_at, ended_at, error, worker FROM job_runs"
-            " WHERE job = %s ORDER BY started_at",
-            (job,),
-        ).fetchall()
-
-
-def outcomes(services: Services, job: str, outcome: str) -> list[tuple]:
-    return [r for r in runs(services, job) if r[0] == outcome]
+def stop_grace() -> float:
+    return 3  # the jobs here sleep for long; no test needs them finished after it
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:
@@ -75,18 +44,18 @@ def test_two_workers_never_run_a_long_job_twice_at_once(env, procs, tmp_path, cl
     procs += [start_worker(f"w{i}", env, tmp_path) for i in (1, 2)]
     beat = start_beat("beat", env, tmp_path)
     procs.append(beat)
-    wait_until(lambda: len(outcomes(clean, SLEEPER, "ok")) >= 3, 30, "three completed runs")
+    wait_until(lambda: len(clean.job_runs(SLEEPER, "ok")) >= 3, 30, "three completed runs")
     beat.stop()
     time.sleep(3)  # let the last run finish
 
-    ok = outcomes(clean, SLEEPER, "ok")
+    ok = clean.job_runs(SLEEPER, "ok")
     for before, after in itertools.pairwise(ok):
-        assert after[1] >= before[2], f"runs overlapped: {before} and {after}"
-    skipped = outcomes(clean, SLEEPER, "skipped")
+        assert after.started_at >= before.ended_at, f"runs overlapped: {before} and {after}"
+    skipped = clean.job_runs(SLEEPER, "skipped")
     assert len(skipped) >= 3, "ticks arriving during a run must be skipped"
-    assert all("already running, held by" in r[3] for r in skipped)
+    assert all("already running, held by" in r.error for r in skipped)
     # Both hosts took part, and each skip was logged with the holder and counted.
-    assert {r[4].split("@")[0] for r in runs(clean, SLEEPER)} == {"w1", "w2"}
+    assert {r.worker.split("@")[0] for r in clean.job_runs(SLEEPER)} == {"w1", "w2"}
     logs = "".join(p.log() for p in procs)
     assert "WARNING" in logs and f"job {SLEEPER} skipped: already running, held by w" in logs
     assert skip_count(clean.redis(), SLEEPER) == len(skipped)
@@ -100,16 +69,16 @@ def test_a_failing_body_releases_its_lock_and_the_next_tick_runs(env, procs, tmp
     procs.append(worker)
     beat = start_beat("beat", env, tmp_path)
     procs.append(beat)
-    wait_until(lambda: len(outcomes(clean, job, "error")) >= 3, 20, "three failed runs")
+    wait_until(lambda: len(clean.job_runs(job, "error")) >= 3, 20, "three failed runs")
     beat.stop()
 
-    errors = outcomes(clean, job, "error")
-    assert all("RuntimeError: deliberate failure in the job body" in r[3] for r in errors)
+    errors = clean.job_runs(job, "error")
+    assert all("RuntimeError: deliberate failure in the job body" in r.error for r in errors)
     assert worker.alive()
-    assert len({r[4] for r in errors}) == 1, "the same worker process ran every tick"
+    assert len({r.worker for r in errors}) == 1, "the same worker process ran every tick"
     assert "Traceback (most recent call last)" in worker.log()
     assert holder_of(clean.redis(), job) is None
-    assert outcomes(clean, job, "skipped") == []
+    assert clean.job_runs(job, "skipped") == []
 
 
 def test_a_killed_holder_frees_the_job_within_ttl_plus_one_interval(env, procs, tmp_path, clean):
@@ -139,12 +108,12 @@ def test_renewal_keeps_the_lock_past_its_ttl(env, procs, tmp_path, clean, client
     time.sleep(2.5)  # well past the 1.5 s TTL
     assert holder_of(r, SLEEPER) is not None
     client.send_task(SLEEPER, queue="ingest")
-    wait_until(lambda: outcomes(clean, SLEEPER, "ok"), 10, "the long run to finish")
+    wait_until(lambda: clean.job_runs(SLEEPER, "ok"), 10, "the long run to finish")
 
-    (ok,) = outcomes(clean, SLEEPER, "ok")
-    assert (ok[2] - ok[1]).total_seconds() >= 4
-    (skipped,) = outcomes(clean, SLEEPER, "skipped")
-    assert "held by w1@" in skipped[3]
+    (ok,) = clean.job_runs(SLEEPER, "ok")
+    assert (ok.ended_at - ok.started_at).total_seconds() >= 4
+    (skipped,) = clean.job_runs(SLEEPER, "skipped")
+    assert "held by w1@" in skipped.error
     assert len(notes(r, "test:starts")) == 1
     assert holder_of(r, SLEEPER) is None
 
@@ -160,9 +129,11 @@ def test_a_run_whose_lock_is_deleted_stops_and_records_lost_lock(
     wait_until(lambda: notes(r, "test:starts"), 10, "the run to start")
     r.delete(f"bcfy:job:{{{SLEEPER}}}:lock")
 
-    lost = wait_until(lambda: outcomes(clean, SLEEPER, "lost_lock"), 3, "lost_lock recorded")
-    assert "stopped before writing more" in lost[0][3]
-    assert (lost[0][2] - lost[0][1]).total_seconds() < 5, "it stopped, it did not sleep on"
+    lost = wait_until(lambda: clean.job_runs(SLEEPER, "lost_lock"), 3, "lost_lock recorded")
+    assert "stopped before writing more" in lost[0].error
+    assert (lost[0].ended_at - lost[0].started_at).total_seconds() < 5, (
+        "it stopped, it did not sleep on"
+    )
     time.sleep(1)
     assert notes(r, "test:ends") == [], "nothing was written after the lock was lost"
     assert f"lock {SLEEPER} lost" in worker.log()
@@ -181,9 +152,9 @@ def test_an_expired_tick_is_dropped_not_run_late(env, procs, tmp_path, clean, cl
     )
     worker = start_worker("w1", env, tmp_path)
     procs.append(worker)
-    wait_until(lambda: outcomes(clean, SLEEPER, "ok"), 10, "the fresh tick to run")
+    wait_until(lambda: clean.job_runs(SLEEPER, "ok"), 10, "the fresh tick to run")
     time.sleep(1)
-    assert len(runs(clean, SLEEPER)) == 1
+    assert len(clean.job_runs(SLEEPER)) == 1
     assert len(notes(clean.redis(), "test:starts")) == 1
     worker.wait_for_log("tick expired in the queue", timeout=5)
 
@@ -199,7 +170,7 @@ def test_missed_ticks_coalesce_when_workers_return(env, procs, tmp_path, clean):
     time.sleep(1)  # every queued tick is now older than its grace
     procs.append(start_worker("w1", env, tmp_path))
     time.sleep(3)
-    assert runs(clean, SLEEPER) == [], f"{queued} stale ticks must not run late"
+    assert clean.job_runs(SLEEPER) == [], f"{queued} stale ticks must not run late"
     assert clean.redis().llen("ingest") == 0
 
 
@@ -215,8 +186,8 @@ def test_two_beats_by_mistake_never_run_a_tick_twice(env, procs, tmp_path, clean
     elapsed = time.monotonic() - began
     time.sleep(1)
 
-    ok = outcomes(clean, SLEEPER, "ok")
-    duplicates = [r for r in outcomes(clean, SLEEPER, "skipped") if "duplicate beat tick" in r[3]]
+    ok = clean.job_runs(SLEEPER, "ok")
+    duplicates = [r for r in clean.job_runs(SLEEPER, "skipped") if "duplicate beat tick" in r.error]
     assert len(duplicates) >= 4, "the second beat's ticks are recognised as duplicates"
     # One run per interval-long slot at most, however many beats send it.
     assert len(ok) <= elapsed + 2, f"{len(ok)} runs in {elapsed:.1f}s at 1 s intervals"
@@ -227,8 +198,8 @@ def test_soft_time_limit_cancels_the_run_and_releases_the_lock(env, procs, tmp_p
     env |= {"JOB_SOFT_TIME_LIMIT_SEC": "1", "JOB_TIME_LIMIT_SEC": "20", "TEST_SLEEP_SEC": "15"}
     procs.append(start_worker("w1", env, tmp_path))
     client.send_task(SLEEPER, queue="ingest")
-    (err,) = wait_until(lambda: outcomes(clean, SLEEPER, "error"), 8, "the time-limited run")
-    assert "soft time limit (1s) reached" in err[3]
+    (err,) = wait_until(lambda: clean.job_runs(SLEEPER, "error"), 8, "the time-limited run")
+    assert "soft time limit (1s) reached" in err.error
     assert holder_of(clean.redis(), SLEEPER) is None
     assert notes(clean.redis(), "test:ends") == []
 
@@ -243,8 +214,8 @@ def test_revoking_a_running_job_releases_its_lock(env, procs, tmp_path, clean, c
     assert holder_of(r, SLEEPER) is not None
     client.control.revoke(result.id, terminate=True)
 
-    (err,) = wait_until(lambda: outcomes(clean, SLEEPER, "error"), 10, "the revoked run")
-    assert "terminated by SIGTERM" in err[3]
+    (err,) = wait_until(lambda: clean.job_runs(SLEEPER, "error"), 10, "the revoked run")
+    assert "terminated by SIGTERM" in err.error
     assert holder_of(r, SLEEPER) is None
     assert worker.alive(), "the worker replaces the terminated child and goes on"
     # The next run is not blocked by a stale lock.
@@ -264,7 +235,7 @@ def test_sigterm_to_a_worker_lets_the_running_job_finish_and_release(
     worker.popen.send_signal(signal.SIGTERM)  # what `docker stop` and `bcfy run` send
 
     assert worker.popen.wait(20) == 0
-    (ok,) = outcomes(clean, SLEEPER, "ok")
-    assert (ok[2] - ok[1]).total_seconds() >= 3, "the run was finished, not cut short"
+    (ok,) = clean.job_runs(SLEEPER, "ok")
+    assert (ok.ended_at - ok.started_at).total_seconds() >= 3, "the run was finished, not cut short"
     assert len(notes(r, "test:ends")) == 1
     assert holder_of(r, SLEEPER) is None

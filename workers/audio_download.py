@@ -31,11 +31,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
+
+from workers.retry_after import retry_after_sec
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -231,26 +232,15 @@ def _request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
     return url, headers, extensions
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 def _check_response(response: httpx.Response, url: str, max_bytes: int) -> None:
     status = response.status_code
     if status != 200:
         reason = response.reason_phrase or ""
+        asked = response.headers.get("retry-after") if status in (429, 503) else None
         raise AudioFailure(
             f"http_{status}",
             f"GET {url} answered {status} {reason}".rstrip(),
-            retry_after=_retry_after(response) if status in (429, 503) else None,
+            retry_after=retry_after_sec(asked),
         )
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith(NOT_AUDIO_TYPES):

@@ -23,10 +23,8 @@ The secret, the password and the tokens never appear in logs or in error message
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
-import math
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -45,6 +43,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from workers.retry_after import retry_after_sec
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -305,7 +304,7 @@ class BroadcastifyClient:
             raise TransientError(
                 f"{path}: 429 too many requests",
                 status=status,
-                retry_after=_retry_after(response.headers.get("Retry-After"), self.clock),
+                retry_after=retry_after_sec(response.headers.get("Retry-After"), self.clock),
             )
         if status >= 500:
             raise TransientError(f"{path}: HTTP {status}", status=status)
@@ -415,23 +414,6 @@ def _first_error(errors: Any) -> tuple[int | None, str]:
             code = None
         return code, str(first.get("title") or first.get("message") or "")[:200]
     return None, str(first)[:200]
-
-
-def _retry_after(value: str | None, clock: Clock) -> float | None:
-    """Retry-After as seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - clock()
-    if math.isnan(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def _optional_int(value: Any, name: str, status: int) -> int | None:

@@ -7,6 +7,9 @@
     bcfy beat [ARGS]             the scheduler (run exactly one)
     bcfy flower [ARGS]           the Flower dashboard
     bcfy healthcheck WHAT        exit 0 when beat / a worker / Flower is healthy (compose)
+    bcfy status [--json]         backlog, throughput, failures, playlists, locks, queues, workers
+    bcfy metrics [--port N]      the pipeline's Prometheus metrics (Flower has Celery's)
+    bcfy sim | playlists | search | audio    see `bcfy COMMAND --help`
 
 Other areas add their own subcommands: each module in COMMAND_MODULES has
 `add_commands(sub)`, which adds subparsers with `set_defaults(handler=fn)`, where
@@ -33,6 +36,8 @@ COMMAND_MODULES: list[str] = [
     "workers.playlists_cli",
     "workers.search",
     "workers.audio_cli",
+    "workers.status",
+    "workers.metrics",
 ]
 
 
@@ -83,6 +88,13 @@ def _beat(args: argparse.Namespace, settings: Settings) -> int:
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
     from workers.processes import flower_argv
 
+    if not (settings.bcfy_demo or settings.flower_basic_auth):
+        # Flower can revoke tasks and shut workers down: never open it unauthenticated.
+        print(
+            "bcfy flower: set FLOWER_BASIC_AUTH=user:password (only demo mode runs without)",
+            file=sys.stderr,
+        )
+        return 2
     return _exec(flower_argv(settings, args.port, args.celery_args))
 
 
@@ -114,8 +126,8 @@ def _add_core_commands(sub: Subparsers) -> None:
     flower.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery flower")
     flower.set_defaults(handler=_flower)
     health = sub.add_parser("healthcheck", help="container healthchecks: exit 0 when healthy")
-    health.add_argument("what", choices=["beat", "worker", "flower"])
-    health.add_argument("arg", nargs="?", help="worker: its queue; flower: its port")
+    health.add_argument("what", choices=["beat", "worker", "flower", "metrics"])
+    health.add_argument("arg", nargs="?", help="worker: its queue; flower, metrics: the port")
     health.set_defaults(handler=_healthcheck)
 
 
@@ -128,8 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that hand unknown options on to Celery (`bcfy flower --address=127.0.0.1`).
+_PASS_THROUGH = ("worker", "beat", "flower")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command not in _PASS_THROUGH:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.celery_args = unknown + args.celery_args
     try:
         settings = get_settings()
     except SettingsError as exc:

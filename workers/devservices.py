@@ -1,7 +1,8 @@
 """Redis and PostgreSQL for development and tests: reuse what is reachable, else start throwaway
 servers from the installed `redis-server` and PostgreSQL binaries in a temporary directory.
 
-Used by the test suite and by `bcfy run`; never by a deployment, which names its own servers.
+Used by the test suite, the benches and `bcfy run`; never by a deployment, which names its own
+servers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
+from psycopg import sql
+
+from workers.migrate import migrate
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class ServiceError(RuntimeError):
@@ -202,3 +212,76 @@ def _wait_for(check: object, what: str, proc: subprocess.Popen[bytes], timeout: 
             raise ServiceError(f"{what} exited with code {proc.returncode}")
         time.sleep(0.05)
     raise ServiceError(f"{what} did not become ready within {timeout:g}s")
+
+
+# --- a session's servers (the tests, the benches) ---------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None = None, *, reuse: bool = True) -> Iterator[str]:
+    """A Redis server's URL: `url` (by default REDIS_URL, then the standard local port) when it
+    answers, else a throwaway redis-server's, stopped on exit. reuse=False: always throwaway."""
+    for candidate in [url] if url else [os.environ.get("REDIS_URL"), LOCAL_REDIS_URL]:
+        if reuse and candidate and redis_reachable(candidate):
+            yield candidate
+            return
+    server = ThrowawayRedis().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def postgres_server(dsn: str | None = None, *, reuse: bool = True) -> Iterator[str]:
+    """A PostgreSQL server's DSN: `dsn` (by default DATABASE_URL, then the standard local port)
+    when it answers, else a throwaway cluster's, stopped on exit. reuse=False: always throwaway."""
+    for candidate in [dsn] if dsn else [os.environ.get("DATABASE_URL"), LOCAL_POSTGRES_DSN]:
+        if reuse and candidate and postgres_reachable(candidate):
+            yield candidate
+            return
+    server = ThrowawayPostgres().start()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def empty_redis_db(base_url: str, claim_key: str) -> Iterator[str]:
+    """The URL of an empty database index on base_url's server that no one else uses, marked
+    as ours with `claim_key`; flushed on exit."""
+    for index in range(15, 0, -1):
+        # The index goes in the URL: a URL's own /N would override a db= argument.
+        url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
+        client = redis.Redis.from_url(url)
+        if client.set(claim_key, str(os.getpid()), nx=True):
+            if client.dbsize() == 1:
+                break
+            client.delete(claim_key)  # someone's data lives here: not ours to use
+        client.close()
+    else:
+        raise ServiceError(f"no empty Redis database index free on {base_url}")
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextlib.contextmanager
+def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
+    """A new database on admin_dsn's server (`prefix` and a random suffix), migrated; dropped on
+    exit, whoever is still connected."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        url = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+        migrate(url, say=lambda _: None)
+        yield url
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -1,4 +1,5 @@
-"""Healthchecks for containers: is beat ticking, does a worker answer, is Flower serving."""
+"""Healthchecks for containers: is beat ticking, does a worker answer, are Flower and the
+metrics endpoint serving."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def check(what: str, arg: str | None, settings: Settings) -> tuple[bool, str]:
         return _beat(settings)
     if what == "worker":
         return _worker(arg or "ingest")
-    return _flower(int(arg or 5555))
+    if what == "metrics":
+        return _http_ok(f"http://127.0.0.1:{int(arg or settings.metrics_port)}/metrics", "metrics")
+    return _http_ok(f"http://127.0.0.1:{int(arg or 5555)}/healthcheck", "flower")
 
 
 def _beat(settings: Settings) -> tuple[bool, str]:
@@ -44,12 +47,12 @@ def _worker(queue: str) -> tuple[bool, str]:
     return False, f"{node} did not answer a ping within 5s"
 
 
-def _flower(port: int) -> tuple[bool, str]:
+def _http_ok(url: str, what: str) -> tuple[bool, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=5) as resp:
-            return resp.status == 200, f"flower answered {resp.status}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200, f"{what} answered {resp.status}"
     except urllib.error.HTTPError as exc:
         # 401: up, behind basic auth.
-        return exc.code == 401, f"flower answered {exc.code}"
+        return exc.code == 401, f"{what} answered {exc.code}"
     except OSError as exc:
-        return False, f"flower unreachable: {exc}"
+        return False, f"{what} unreachable: {exc}"

@@ -10,6 +10,11 @@ import sys
 from workers.settings import Settings
 
 
+def _celery(*args: str) -> list[str]:
+    """`celery -A workers.app ARGS` with this interpreter (the venv's celery, whatever PATH)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+
+
 def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) -> list[str]:
     """`celery worker` for one queue's pool, with the pool type and size from settings."""
     pool, concurrency = {
@@ -19,12 +24,7 @@ def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) 
     }[queue]
     if concurrency == 0:
         concurrency = os.cpu_count() or 1
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
+    return _celery(
         "worker",
         "--queues",
         queue,
@@ -37,33 +37,14 @@ def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) 
         "--loglevel",
         settings.log_level,
         *(extra or []),
-    ]
+    )
 
 
 def beat_argv(settings: Settings, extra: list[str] | None = None) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "beat",
-        "--loglevel",
-        settings.log_level,
-        *(extra or []),
-    ]
+    return _celery("beat", "--loglevel", settings.log_level, *(extra or []))
 
 
 def flower_argv(settings: Settings, port: int, extra: list[str] | None = None) -> list[str]:
     # Flower reads FLOWER_BASIC_AUTH from the environment itself: the secret stays out of argv,
     # where `ps` would show it.
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "flower",
-        f"--port={port}",
-        *(extra or []),
-    ]
+    return _celery("flower", f"--port={port}", *(extra or []))

@@ -126,6 +126,14 @@ def _code_list(raw: str) -> str:
     return ",".join(items)
 
 
+def _basic_auth(raw: str) -> Secret:
+    for pair in raw.strip().split(","):
+        user, sep, password = pair.partition(":")
+        if not (sep and user.strip() and password):
+            raise ValueError("expected user:password[,user:password]")
+    return Secret(raw.strip())
+
+
 POOL_TYPES = ("prefork", "solo")
 TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
@@ -351,6 +359,13 @@ class Settings:
     transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
     # --- operations: status, metrics, Flower, demo mode
+    # Demo mode: `bcfy run` sets it when it runs the feed simulator instead of the service.
+    bcfy_demo: bool = _env("BCFY_DEMO", _boolean, False)
+    # Flower's login, user:password[,user:password] (Flower reads it from the environment).
+    # Required outside demo mode: Flower can revoke tasks and shut workers down.
+    flower_basic_auth: Secret = _env("FLOWER_BASIC_AUTH", _basic_auth, Secret(""))
+    # The pipeline's own Prometheus metrics (`bcfy metrics`); Flower serves its own on /metrics.
+    metrics_port: int = _env("METRICS_PORT", _integer, 9108, min=1, max=65535)
 
     # Worker pools, one per queue (`bcfy worker <queue>`, the Makefile's worker-* targets).
     # Only prefork and solo: each pool process owns one event loop, which threads would share.
@@ -372,6 +387,8 @@ class Settings:
             if isinstance(value, Secret):
                 raw = value.reveal()
                 shown = redact_url(raw) if "://" in raw else ("***" if raw else "")
+            elif isinstance(value, bool):
+                shown = "true" if value else "false"
             elif isinstance(value, float):
                 shown = f"{value:g}"
             else:

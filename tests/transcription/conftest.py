@@ -19,10 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import Celery
 
 from tests.conftest import Services
-from tests.procs import Proc
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio_codec import convert_for_recognizers
 from workers.runtime import Runtime
@@ -145,32 +143,10 @@ def service() -> Iterator[FakeTranscriptionService]:
         yield s
 
 
-@pytest.fixture
-def client(clean: Services) -> Iterator[Celery]:
-    """A bare Celery client on the test broker: sends by task name, like other stages do."""
-    app = Celery(broker=clean.redis_url)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(timeout=5)
-
-
 def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        "DATABASE_URL": services.database_url,
-        "REDIS_URL": services.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(store),
-        "LOCK_TTL_SEC": "3",
-        "LOCK_RENEW_SEC": "1",
-    }
+    env = services.worker_env(
+        tmp_path, AUDIO_STORE_DIR=str(store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
+    )
     env.update(extra)
     # Keep the worker's environment from this process's monkeypatched settings.
     for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:

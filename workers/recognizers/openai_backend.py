@@ -14,10 +14,8 @@ other refusals are permanent for this call, with the service's message as the re
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from workers.recognizers import (
     run_on_loop,
     vocabulary_terms,
 )
+from workers.retry_after import retry_after_sec
 from workers.runtime import Runtime
 from workers.settings import Settings
 
@@ -173,21 +172,6 @@ def parse_verbose_json(
         segments=kept,
         audio_duration_sec=duration,
     )
-
-
-def retry_after_sec(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _error_message(response: httpx.Response) -> str:

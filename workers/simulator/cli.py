@@ -70,17 +70,11 @@ def run_simulator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _environment(sim: FeedSimulator, uuids: list[str], env_key_accepted: bool) -> str:
-    kid, (secret, app_id) = next(iter(DEMO_API_KEYS.items()))
     user, (password, _uid) = next(iter(DEMO_USERS.items()))
     lines = [
         f"# bcfy sim: a Broadcastify-compatible feed on {sim.url} (demo credentials, not secrets)",
         "# Paste into the pipeline's environment:",
-        f"export BCFY_API_BASE={sim.url}",
-        f"export BCFY_API_KEY_ID={kid}",
-        f"export BCFY_API_KEY={secret}",
-        f"export BCFY_APP_ID={app_id}",
-        f"export AUDIO_ALLOWED_HOSTS={sim.audio_host}",
-        f"export AUDIO_ALLOWED_INTERNAL_NETWORKS={sim.audio_host.rsplit(':', 1)[0]}/32",
+        *(f"export {name}={value}" for name, value in sim.pipeline_env().items()),
         f"export BCFY_SIM_PLAYLISTS='{' '.join(uuids)}'",
         f"# optional, to act as a user: BCFY_USERNAME={user} BCFY_PASSWORD={password}",
         "# follow the playlists: for p in $BCFY_SIM_PLAYLISTS; do bcfy playlists add $p; done",

@@ -227,6 +227,19 @@ class FeedSimulator:
             playlist_uuid, group_id=group_id, ts=ts, duration=duration, audio=audio, fields=fields
         )
 
+    def pipeline_env(self) -> dict[str, str]:
+        """The settings that point a pipeline at this simulator: its API with the demo key,
+        and its audio host, which is on loopback, so downloads must be allowed to go there."""
+        kid, (secret, app_id) = next(iter(self.api_keys.items()))
+        return {
+            "BCFY_API_BASE": self.url,
+            "BCFY_API_KEY_ID": kid,
+            "BCFY_API_KEY": secret,
+            "BCFY_APP_ID": app_id,
+            "AUDIO_ALLOWED_HOSTS": self.audio_host,
+            "AUDIO_ALLOWED_INTERNAL_NETWORKS": f"{self.audio_host.rsplit(':', 1)[0]}/32",
+        }
+
     @property
     def billed_records(self) -> int:
         return self._feed.billed_records

@@ -1,0 +1,77 @@
+"""What the benches share: the servers they run on, worker processes started as production
+starts them, and the report each prints and keeps in bench/results/."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+
+from tests.procs import Proc
+from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
+from workers.processes import worker_argv
+from workers.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Servers:
+    database_url: str
+    redis_url: str
+
+    def db(self) -> psycopg.Connection:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+
+@contextlib.contextmanager
+def servers(redis_url: str | None = None, database_url: str | None = None) -> Iterator[Servers]:
+    """PostgreSQL and Redis for one run: the given servers (by default REDIS_URL / DATABASE_URL,
+    then the standard local ports) when they answer, else throwaway ones. The run gets a
+    database of its own (migrated, dropped at the end) and an empty Redis database index
+    (flushed at the end)."""
+    with contextlib.ExitStack() as stack:
+        redis_base = stack.enter_context(redis_server(redis_url))
+        pg_base = stack.enter_context(postgres_server(database_url))
+        yield Servers(
+            database_url=stack.enter_context(scratch_database(pg_base, "bcfy_bench")),
+            redis_url=stack.enter_context(empty_redis_db(redis_base, "bcfy:bench")),
+        )
+
+
+def start_worker(queue: str, name: str, env: Mapping[str, str], logdir: Path) -> Proc:
+    """`bcfy worker QUEUE`'s command line (pool type and size from env), named NAME, ready."""
+    settings = load_settings({**os.environ, **env})
+    argv = worker_argv(queue, settings, ["--without-mingle", "--without-gossip"])
+    argv[argv.index("--hostname") + 1] = f"{name}@%h"
+    proc = Proc(name, argv, env, logdir)
+    try:
+        proc.wait_for_log("ready.", timeout=60)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def heading(script: str, details: str) -> str:
+    """A report's first line: the bench, when it ran, and with what."""
+    return f"# bench/{script}.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  {details}"
+
+
+def report(script: str, lines: list[str], *, keep: bool = True) -> None:
+    """Print the report and, with keep, make it bench/results/<script>.txt."""
+    text = "\n".join(lines)
+    print(text)
+    if keep:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{script}.txt").write_text(text + "\n")

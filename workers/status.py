@@ -1,0 +1,346 @@
+"""The pipeline at a glance: `bcfy status [--json]`, and the numbers behind the metrics endpoint.
+
+One snapshot, read from PostgreSQL (the pipeline's state), Redis (locks, skip counters, queue
+depths) and the workers themselves (who is online, on which queue). Every part is best effort:
+an unreachable part is reported as such, the rest still shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import redis
+
+from beat_schedule import PERIODIC_JOBS
+from workers.app import QUEUES
+from workers.locks import holder_of, skip_count
+from workers.settings import Settings
+
+WINDOWS = {"5m": "5 minutes", "1h": "1 hour"}
+
+
+@dataclass
+class Stage:
+    backlog: int = 0  # waiting for this stage
+    in_flight: int = 0  # being worked on now
+    done: dict[str, int] = field(default_factory=dict)  # per window
+    failed: dict[str, int] = field(default_factory=dict)  # per window
+    failed_total: int = 0
+    top_failures: list[tuple[str, int]] = field(default_factory=list)  # reason, calls (24 h)
+
+
+@dataclass
+class Snapshot:
+    generated_at: str
+    stages: dict[str, Stage] = field(default_factory=dict)
+    latency_sec: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    playlists: list[dict[str, Any]] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    queues: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, list[str]] = field(default_factory=dict)
+    # Only with totals=True (the metrics endpoint): all-time counts, for Prometheus counters.
+    totals: dict[str, dict[str, int]] = field(default_factory=dict)
+    job_run_totals: dict[str, dict[str, int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+_INGEST = """
+SELECT
+  (SELECT count(*) FROM bcfy_calls_raw WHERE created_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM bcfy_calls_raw WHERE created_at > now() - interval '1 hour'),
+  (SELECT count(*) FROM bcfy_playlist_poll_log
+    WHERE NOT success AND poll_started_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM bcfy_playlist_poll_log
+    WHERE NOT success AND poll_started_at > now() - interval '1 hour'),
+  (SELECT count(*) FROM bcfy_calls_quarantine)
+"""
+_INGEST_FAILURES = """
+SELECT coalesce(left(split_part(error, E'\\n', 1), 120), 'unknown'), count(*)
+  FROM bcfy_playlist_poll_log
+ WHERE NOT success AND poll_started_at > now() - interval '24 hours'
+ GROUP BY 1 ORDER BY 2 DESC LIMIT 5
+"""
+_AUDIO = """
+SELECT
+  count(*) FILTER (WHERE state = 'pending'),
+  count(*) FILTER (WHERE state = 'downloading'),
+  count(*) FILTER (WHERE state = 'ready' AND ready_at > now() - interval '5 minutes'),
+  count(*) FILTER (WHERE state = 'ready' AND ready_at > now() - interval '1 hour'),
+  count(*) FILTER (WHERE state = 'failed' AND updated_at > now() - interval '5 minutes'),
+  count(*) FILTER (WHERE state = 'failed' AND updated_at > now() - interval '1 hour'),
+  count(*) FILTER (WHERE state = 'failed')
+  FROM call_audio
+"""
+_AUDIO_FAILURES = """
+SELECT coalesce(error_code, left(split_part(last_error, E'\\n', 1), 120), 'unknown'), count(*)
+  FROM call_audio
+ WHERE state = 'failed' AND updated_at > now() - interval '24 hours'
+ GROUP BY 1 ORDER BY 2 DESC LIMIT 5
+"""
+_TRANSCRIPTION = """
+SELECT
+  count(*) FILTER (WHERE state IN ('pending', 'dispatched')),
+  count(*) FILTER (WHERE state = 'running'),
+  (SELECT count(*) FROM transcripts WHERE created_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM transcripts WHERE created_at > now() - interval '1 hour'),
+  count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '5 minutes'),
+  count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '1 hour'),
+  count(*) FILTER (WHERE state = 'failed')
+  FROM call_transcription
+"""
+_TRANSCRIPTION_FAILURES = """
+SELECT coalesce(left(split_part(last_error, E'\\n', 1), 120), 'unknown'), count(*)
+  FROM call_transcription
+ WHERE state = 'failed' AND finished_at > now() - interval '24 hours'
+ GROUP BY 1 ORDER BY 2 DESC LIMIT 5
+"""
+# From the moment a call was stored to its transcript, and the part spent recognising.
+_LATENCY = """
+SELECT
+  percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM t.created_at - c.created_at)),
+  percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM t.created_at - c.created_at)),
+  percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM t.created_at - c.created_at)
+                                               - coalesce(t.processing_sec, 0)),
+  count(*)
+  FROM transcripts t JOIN bcfy_calls_raw c ON c.id = t.call_id
+ WHERE t.created_at > now() - %s::interval
+"""
+_PLAYLISTS = """
+SELECT p.uuid::text, p.name, p.sync, p.cursor_pos, l.poll_started_at, l.success, l.error,
+       l.calls_new, l.http_status
+  FROM bcfy_playlists p
+  LEFT JOIN LATERAL (
+        SELECT poll_started_at, success, error, calls_new, http_status
+          FROM bcfy_playlist_poll_log WHERE playlist_uuid = p.uuid
+         ORDER BY poll_started_at DESC LIMIT 1) l ON true
+ ORDER BY p.name NULLS LAST, p.uuid
+"""
+_TOTALS = """
+SELECT
+  (SELECT count(*) FROM bcfy_calls_raw),
+  (SELECT count(*) FROM bcfy_calls_quarantine),
+  (SELECT count(*) FROM call_audio WHERE state = 'ready'),
+  (SELECT count(*) FROM call_audio WHERE state = 'failed'),
+  (SELECT count(*) FROM transcripts),
+  (SELECT count(*) FROM call_transcription WHERE state = 'failed'),
+  (SELECT count(*) FROM bcfy_playlist_poll_log WHERE success),
+  (SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success)
+"""
+_JOB_RUN_TOTALS = "SELECT job, outcome, count(*) FROM job_runs GROUP BY 1, 2"
+_LAST_RUNS = """
+SELECT DISTINCT ON (job) job, outcome, started_at, ended_at, error
+  FROM job_runs ORDER BY job, started_at DESC
+"""
+
+
+def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]], *, with_backlog: bool) -> Stage:
+    if with_backlog:
+        backlog, in_flight, done5, done1, fail5, fail1, failed = row
+    else:
+        backlog, in_flight = 0, 0
+        done5, done1, fail5, fail1, failed = row
+    return Stage(
+        backlog=backlog,
+        in_flight=in_flight,
+        done={"5m": done5, "1h": done1},
+        failed={"5m": fail5, "1h": fail1},
+        failed_total=failed,
+        top_failures=[(str(reason), int(n)) for reason, n in failures],
+    )
+
+
+def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+    calls, quarantined, ready, audio_failed, transcribed, asr_failed, polls_ok, polls_failed = (
+        conn.execute(_TOTALS).fetchone()
+    )
+    snap.totals = {
+        "ingest": {"done": calls, "failed": quarantined},
+        "audio": {"done": ready, "failed": audio_failed},
+        "transcription": {"done": transcribed, "failed": asr_failed},
+        "polls": {"ok": polls_ok, "error": polls_failed, "quarantined": quarantined},
+    }
+    for job, outcome, n in conn.execute(_JOB_RUN_TOTALS):
+        snap.job_run_totals.setdefault(job, {})[outcome] = n
+
+
+def _from_database(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+    calls5, calls1, polls_failed5, polls_failed1, quarantined = conn.execute(_INGEST).fetchone()
+    snap.stages["ingest"] = Stage(
+        done={"5m": calls5, "1h": calls1},
+        failed={"5m": polls_failed5, "1h": polls_failed1},
+        failed_total=quarantined,
+        top_failures=[(str(r), int(n)) for r, n in conn.execute(_INGEST_FAILURES).fetchall()],
+    )
+    snap.stages["audio"] = _stage(
+        conn.execute(_AUDIO).fetchone(),
+        conn.execute(_AUDIO_FAILURES).fetchall(),
+        with_backlog=True,
+    )
+    snap.stages["transcription"] = _stage(
+        conn.execute(_TRANSCRIPTION).fetchone(),
+        conn.execute(_TRANSCRIPTION_FAILURES).fetchall(),
+        with_backlog=True,
+    )
+    for window, interval in WINDOWS.items():
+        p50, p95, p95_excl, n = conn.execute(_LATENCY, (interval,)).fetchone()
+        snap.latency_sec[window] = {
+            "p50": p50,
+            "p95": p95,
+            "p95_excluding_recognition": p95_excl,
+            "calls": n,
+        }
+    for uuid, name, sync, cursor, polled, ok, error, new, status in conn.execute(_PLAYLISTS):
+        snap.playlists.append(
+            {
+                "uuid": uuid,
+                "name": name,
+                "sync": sync,
+                "cursor": cursor,
+                "last_poll_at": polled.isoformat() if polled else None,
+                "last_poll_ok": ok,
+                "last_poll_new_calls": new,
+                "last_poll_http_status": status,
+                "last_poll_error": error,
+            }
+        )
+    for job, outcome, started, ended, error in conn.execute(_LAST_RUNS):
+        snap.jobs.setdefault(job, {}).update(
+            {
+                "last_outcome": outcome,
+                "last_started_at": started.isoformat(),
+                "last_duration_sec": (ended - started).total_seconds(),
+                "last_error": error,
+            }
+        )
+
+
+# --- Redis and the workers --------------------------------------------------------------------
+
+
+def _from_redis(snap: Snapshot, client: redis.Redis) -> None:
+    for task, _interval in PERIODIC_JOBS.values():
+        entry = snap.jobs.setdefault(task, {})
+        entry["lock_holder"] = holder_of(client, task)
+        entry["lock_skips"] = skip_count(client, task)
+    for queue in QUEUES:
+        snap.queues[queue] = int(client.llen(queue))
+
+
+def _from_workers(snap: Snapshot, timeout: float) -> None:
+    from workers.app import app
+
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    online: dict[str, list[str]] = {queue: [] for queue in QUEUES}
+    for node, queues in sorted(replies.items()):
+        for q in queues:
+            online.setdefault(q["name"], []).append(node)
+    snap.workers = online
+
+
+def snapshot(settings: Settings, *, workers_timeout: float = 1.0, totals: bool = False) -> Snapshot:
+    snap = Snapshot(generated_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    parts: list[tuple[str, Callable[[], None]]] = [
+        ("database", lambda: _with_db(settings, snap, totals)),
+        ("redis", lambda: _with_redis(settings, snap)),
+        ("workers", lambda: _from_workers(snap, workers_timeout)),
+    ]
+    for name, read in parts:
+        try:
+            read()
+        except Exception as exc:
+            snap.problems.append(f"{name} unavailable: {type(exc).__name__}: {exc}")
+    return snap
+
+
+def _with_db(settings: Settings, snap: Snapshot, totals: bool) -> None:
+    with psycopg.connect(settings.database_url.reveal(), connect_timeout=5) as conn:
+        _from_database(snap, conn)
+        if totals:
+            _totals(snap, conn)
+
+
+def _with_redis(settings: Settings, snap: Snapshot) -> None:
+    client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5)
+    try:
+        _from_redis(snap, client)
+    finally:
+        client.close()
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def render(snap: Snapshot) -> str:
+    out = [f"bcfy status at {snap.generated_at}", ""]
+    out.append(
+        f"{'stage':14} {'backlog':>8} {'working':>8} {'done 5m':>8} {'done 1h':>8}"
+        f" {'failed 5m':>9} {'failed 1h':>9}"
+    )
+    for name, st in snap.stages.items():
+        out.append(
+            f"{name:14} {st.backlog:8} {st.in_flight:8} {st.done['5m']:8} {st.done['1h']:8}"
+            f" {st.failed['5m']:9} {st.failed['1h']:9}"
+        )
+    out.append("  (ingest: done = calls stored, failed = failed polls)")
+    for name, st in snap.stages.items():
+        if st.top_failures:
+            out.append(f"\ntop {name} failures (24 h):")
+            out += [f"  {n:6}  {reason}" for reason, n in st.top_failures]
+    if "ingest" in snap.stages:
+        out.append(f"\nquarantined records: {snap.stages['ingest'].failed_total}")
+    for window, lat in snap.latency_sec.items():
+        if lat.get("calls"):
+            out.append(
+                f"call to transcript ({window}, {lat['calls']} calls): p50 {lat['p50']:.1f}s"
+                f"  p95 {lat['p95']:.1f}s  p95 without recognition "
+                f"{lat['p95_excluding_recognition']:.1f}s"
+            )
+    out.append("\nplaylists:")
+    if not snap.playlists:
+        out.append("  none followed (bcfy playlists add <uuid>)")
+    for p in snap.playlists:
+        outcome = {True: "ok", False: "FAILED", None: "never polled"}[p["last_poll_ok"]]
+        out.append(
+            f"  {p['uuid']}  {p['name'] or ''}  sync={'on' if p['sync'] else 'off'}"
+            f"  cursor={p['cursor']}  last poll {p['last_poll_at'] or '-'} {outcome}"
+            + (f": {p['last_poll_error']}" if p["last_poll_error"] else "")
+        )
+    out.append("\njobs:")
+    for job, j in sorted(snap.jobs.items()):
+        holder = j.get("lock_holder")
+        out.append(
+            f"  {job:44} last {j.get('last_outcome', '-'):9}"
+            f" lock {'held by ' + holder if holder else 'free'}"
+            f"  skips {j.get('lock_skips', 0)}"
+        )
+    out.append("\nqueues: " + ", ".join(f"{q} {n}" for q, n in snap.queues.items()))
+    out.append("workers online:")
+    for queue, nodes in snap.workers.items():
+        out.append(f"  {queue:14} {len(nodes)}  {' '.join(nodes)}")
+    for problem in snap.problems:
+        out.append(f"\n! {problem}")
+    return "\n".join(out)
+
+
+def to_json(snap: Snapshot) -> str:
+    return json.dumps(asdict(snap), indent=2, default=str)
+
+
+def add_commands(sub: Any) -> None:
+    status = sub.add_parser("status", help="backlog, throughput, failures, playlists, locks")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    snap = snapshot(settings)
+    print(to_json(snap) if args.json else render(snap))
+    return 1 if snap.problems else 0
