@@ -41,7 +41,6 @@ of a run with the default settings are written to bench/results/e2e.txt.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -50,20 +49,14 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
-import redis
-from psycopg import sql
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.e2e_pipeline import (  # noqa: E402
+from bench._common import heading, report, servers
+from tests.e2e_pipeline import (
     QUEUES,
     STAGES,
     Latency,
@@ -75,16 +68,8 @@ from tests.e2e_pipeline import (  # noqa: E402
     period_means,
     slope_fit,
 )
-from workers.devservices import (  # noqa: E402
-    ThrowawayPostgres,
-    ThrowawayRedis,
-    postgres_reachable,
-    redis_reachable,
-)
-from workers.migrate import migrate  # noqa: E402
-from workers.settings import Settings, SettingsError, load_settings  # noqa: E402
+from workers.settings import Settings, SettingsError, load_settings
 
-RESULTS = ROOT / "bench" / "results" / "e2e.txt"
 # The pipeline's settings: the defaults, plus any --set NAME=VALUE.
 SETTINGS: dict[str, str] = {}
 
@@ -254,27 +239,7 @@ def cpu_seconds(pools: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def fresh_database(admin_dsn: str) -> tuple[str, str]:
-    name = f"bcfy_bench_e2e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-    migrate(url, say=lambda _: None)
-    return name, url
-
-
-def empty_redis_db(base_url: str) -> str:
-    for index in range(14, 0, -1):
-        url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
-        client = redis.Redis.from_url(url)
-        if client.set("bcfy:bench-session", "1", nx=True) and client.dbsize() == 1:
-            client.close()
-            return url
-        client.close()
-    raise RuntimeError("no empty Redis database index")
-
-
-def report(results: list[RateResult], args: argparse.Namespace) -> str:
+def report_lines(results: list[RateResult], args: argparse.Namespace) -> list[str]:
     s = settings()
     interval = s.ingest_interval_sec
     goal = interval + 2
@@ -286,10 +251,12 @@ def report(results: list[RateResult], args: argparse.Namespace) -> str:
         return percentile(values, q)
 
     lines = [
-        f"# bench/e2e.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}"
-        f"  {args.duration:g} s of traffic per rate over {args.playlists} playlists,"
-        f" seed {args.seed}; steady window: after the first {WARMUP_SEC:g} s;"
-        f" load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
+        heading(
+            "e2e",
+            f"cpus={os.cpu_count()}  {args.duration:g} s of traffic per rate over"
+            f" {args.playlists} playlists, seed {args.seed}; steady window: after the first"
+            f" {WARMUP_SEC:g} s; load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
+        ),
         f"# settings: {' '.join(f'{k}={v}' for k, v in SETTINGS.items()) or 'the defaults'}:"
         f" INGEST_INTERVAL_SEC {interval:g}, {s.transcribe_backend}, pools: transcription"
         f" {s.transcription_concurrency or os.cpu_count()} processes, audio"
@@ -368,7 +335,7 @@ def report(results: list[RateResult], args: argparse.Namespace) -> str:
             f" ({excl95:.2f} s; pipeline alone {p(r.latency.pipeline, 95):.2f} s); {checks};"
             f" {r.failed} failed"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -392,54 +359,39 @@ def main() -> None:
         name, _, value = item.partition("=")
         SETTINGS[name.strip()] = value.strip()
     try:
-        settings()
+        interval = settings().ingest_interval_sec
     except SettingsError as exc:
         sys.exit(f"bench/e2e.py: {exc}")
+    if args.duration < WARMUP_SEC + 3 * interval:
+        sys.exit(
+            f"bench/e2e.py: --duration must be at least {WARMUP_SEC + 3 * interval:g} s: the"
+            f" first {WARMUP_SEC:g} s and three poll intervals to measure rates over"
+        )
     save = not args.no_save and not SETTINGS  # the committed figures are the defaults
 
-    servers: list[ThrowawayPostgres | ThrowawayRedis] = []
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    if not postgres_reachable(admin):
-        servers.append(ThrowawayPostgres().start())
-        admin = servers[-1].dsn  # type: ignore[union-attr]
-    redis_base = "redis://127.0.0.1:6379/0"
-    if not redis_reachable(redis_base):
-        servers.append(ThrowawayRedis().start())
-        redis_base = servers[-1].url  # type: ignore[union-attr]
-    dbname, db_url = fresh_database(admin)
-    redis_url = empty_redis_db(redis_base)
     results: list[RateResult] = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for rate in rates:
-                workdir = Path(args.logs or tmp) / f"rate-{rate:g}"
-                print(f"rate {rate:g}/s: {args.duration:g} s of traffic ...", flush=True)
-                result = run_rate(
-                    db_url, redis_url, workdir, rate, args.duration, args.playlists, args.seed
-                )
-                results.append(result)
-                lat = result.latency
-                print(
-                    f"  sustained {result.sustained:.2f}/s, latency excl p50"
-                    f" {percentile(lat.excluded, 50):.2f} p95 {percentile(lat.excluded, 95):.2f},"
-                    f" saturated: {result.saturated or 'none'}",
-                    flush=True,
-                )
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            client.flushdb()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+    with servers() as run, tempfile.TemporaryDirectory() as tmp:
+        for rate in rates:
+            workdir = Path(args.logs or tmp) / f"rate-{rate:g}"
+            print(f"rate {rate:g}/s: {args.duration:g} s of traffic ...", flush=True)
+            result = run_rate(
+                run.database_url,
+                run.redis_url,
+                workdir,
+                rate,
+                args.duration,
+                args.playlists,
+                args.seed,
             )
-        for server in servers:
-            with contextlib.suppress(Exception):
-                server.stop()
-    text = report(results, args)
-    print(text)
-    if save:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(text + "\n")
+            results.append(result)
+            lat = result.latency
+            print(
+                f"  sustained {result.sustained:.2f}/s, latency excl p50"
+                f" {percentile(lat.excluded, 50):.2f} p95 {percentile(lat.excluded, 95):.2f},"
+                f" saturated: {result.saturated or 'none'}",
+                flush=True,
+            )
+    report("e2e", report_lines(results, args), keep=save)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,13 +38,11 @@ import psycopg
 import redis
 from celery import Celery
 
-from tests.procs import ROOT, Proc, wait_until
+from tests.procs import Proc, run_cli, wait_until
 from workers.processes import beat_argv, worker_argv
 from workers.settings import load_settings
-from workers.simulator import DEMO_API_KEYS, FeedSimulator
+from workers.simulator import FeedSimulator
 
-KEY_ID = next(iter(DEMO_API_KEYS))
-SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
 QUEUES = ("ingest", "audio", "transcription")
 STAGES = ("poll", "audio", "dispatch", "transcription")
 POLL_JOB = "tasks.ingest.poll_followed_playlists"
@@ -409,12 +405,7 @@ class Pipeline:
             "REDIS_URL": self.redis_url,
             "BCFY_STATE_DIR": str(self.workdir / "state"),
             "AUDIO_STORE_DIR": str(self.workdir / "audio"),
-            "BCFY_API_BASE": self.sim.url,
-            "BCFY_API_KEY_ID": KEY_ID,
-            "BCFY_API_KEY": SECRET,
-            "BCFY_APP_ID": APP_ID,
-            "AUDIO_ALLOWED_HOSTS": self.sim.audio_host,
-            "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
+            **self.sim.pipeline_env(),
             "LOG_LEVEL": "INFO",
             **self.extra_env,
         }
@@ -453,21 +444,10 @@ class Pipeline:
             self.published[record["url"]] = at
             self.warmup.add(record["url"])
             self.playlists.append(uuid)
-        commands = [
-            subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "playlists", "add", uuid],
-                cwd=ROOT,
-                env={**os.environ, **self.env, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for uuid in self.playlists
-        ]
-        for command in commands:
-            out, err = command.communicate(timeout=60)
-            if command.returncode != 0:
-                raise RuntimeError(f"bcfy playlists add failed: {err or out}")
+        for uuid in self.playlists:
+            out = run_cli("playlists", "add", uuid, env=self.env)
+            if out.returncode != 0:
+                raise RuntimeError(f"bcfy playlists add failed: {out.stderr or out.stdout}")
         return self.playlists
 
     def start(self) -> None:
