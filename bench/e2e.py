@@ -350,7 +350,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a setting for the pipeline (e.g. INGEST_INTERVAL_SEC=5); repeatable",
+        help="a setting for the pipeline (e.g. INGEST_INTERVAL_SEC=6); repeatable",
     )
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/e2e.txt")
     args = ap.parse_args()

@@ -56,7 +56,7 @@ def run_env(clean: Services, tmp_path: Path) -> Iterator[dict[str, str]]:
         "REDIS_URL": clean.redis_url,
         "BCFY_STATE_DIR": str(tmp_path / "state"),
         "AUDIO_STORE_DIR": str(tmp_path / "audio"),
-        "INGEST_INTERVAL_SEC": "5",
+        "INGEST_INTERVAL_SEC": "6",
         "TRANSCRIPTION_CONCURRENCY": "1",
         "PYTHONUNBUFFERED": "1",
         "BCFY_TEST_MARKER": f"run-{uuid.uuid4().hex}",

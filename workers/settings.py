@@ -449,6 +449,13 @@ def _check_consistency(s: Settings) -> list[str]:
         )
     if s.bcfy_retry_backoff_sec > s.bcfy_retry_backoff_max_sec:
         problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
+    if s.ingest_min_poll_gap_sec and s.ingest_interval_sec < s.ingest_min_poll_gap_sec + 1:
+        # Ticks jitter by a fraction of a second: at an interval equal to the gap, every other
+        # tick would find the last poll "under the gap ago" and skip, halving the poll rate.
+        problems.append(
+            f"INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g}) must be at least "
+            f"INGEST_MIN_POLL_GAP_SEC ({s.ingest_min_poll_gap_sec:g}) + 1"
+        )
     if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
         problems.append(
             f"INGEST_LIVE_MAX_POS_AGE_SEC ({s.ingest_live_max_pos_age_sec:g}) must be at least "
