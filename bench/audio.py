@@ -41,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, servers, start_worker
 from tests.audio_helpers import CLIPS, publish, slow_audio
-from tests.procs import Proc, wait_until
+from tests.procs import Proc, group_cpu_sec, wait_until
 from workers.audio_prepare import validate_and_convert
 from workers.settings import load_settings
 from workers.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -57,22 +56,6 @@ class Config:
     workers: int
     processes: int
     concurrency: int
-
-
-def group_cpu_sec(pgid: int) -> float:
-    """User + system CPU of every live process in a process group (a worker and its pool)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:  # pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
 
 
 def one_round(

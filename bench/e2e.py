@@ -62,12 +62,12 @@ from tests.e2e_pipeline import (
     Latency,
     Pipeline,
     Sample,
-    group_cpu_sec,
     machine_cpu,
     percentile,
     period_means,
     slope_fit,
 )
+from tests.procs import group_cpu_sec
 from workers.settings import Settings, SettingsError, load_settings
 
 # The pipeline's settings: the defaults, plus any --set NAME=VALUE.

@@ -38,7 +38,7 @@ import psycopg
 import redis
 from celery import Celery
 
-from tests.procs import Proc, run_cli, wait_until
+from tests.procs import CLK_TCK, Proc, run_cli, wait_until
 from workers.processes import beat_argv, worker_argv
 from workers.settings import load_settings
 from workers.simulator import FeedSimulator
@@ -46,7 +46,6 @@ from workers.simulator import FeedSimulator
 QUEUES = ("ingest", "audio", "transcription")
 STAGES = ("poll", "audio", "dispatch", "transcription")
 POLL_JOB = "tasks.ingest.poll_followed_playlists"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Everything the pipeline stores, emptied before a run (the rest hangs off bcfy_calls_raw and
 # bcfy_playlists by foreign key).
@@ -350,22 +349,6 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 # --- CPU -------------------------------------------------------------------------------------
-
-
-def group_cpu_sec(pgid: int) -> float:
-    """User + system CPU seconds of the live processes of a process group (a pool)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -142,3 +142,23 @@ def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "test
     proc = Proc(name, argv, env, logdir)
     proc.wait_for_log("beat: Starting...")
     return proc
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_sec(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of a process group (a worker and its
+    pool), from /proc."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK

@@ -4,6 +4,7 @@ and nothing left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +75,7 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
     with open(out_path, "wb") as out:
         run = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "run", "--flower-port", str(flower_port)],
+            start_new_session=True,
             cwd=ROOT,
             env=run_env,
             stdout=out,
@@ -152,20 +154,34 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
         metrics.terminate()
         metrics.wait(10)
         run.send_signal(signal.SIGINT)  # Ctrl-C
-        code = run.wait(60)
+        try:
+            code = run.wait(60)
+        except subprocess.TimeoutExpired:
+            code = None
+        left_behind = processes_with(run_env["BCFY_TEST_MARKER"])
+        # Whatever happened, leave nothing running to take later tests' messages.
+        for pid in [run.pid, *left_behind]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     output = out_path.read_text()
     assert code == 0, output[-3000:]
     assert output.rstrip().endswith("stopped.")
-    assert processes_with(run_env["BCFY_TEST_MARKER"]) == [], "orphan processes left behind"
-    # Nothing half done: every stored call ended its audio stage or is still pending, none
-    # is stuck in a lease; the next start would pick up whatever was pending.
+    assert left_behind == [], "orphan processes left behind"
+    # Stopping lost or broke nothing: no call failed, none has two transcripts, and a call cut
+    # short is still in the work queue (pending or leased), to be done on the next start.
     with psycopg.connect(run_env["DATABASE_URL"]) as conn:
-        stuck = conn.execute(
-            "SELECT count(*) FROM call_audio WHERE state = 'downloading'"
-            " AND lease_until > now() + interval '5 minutes'"
+        audio = dict(conn.execute("SELECT state, count(*) FROM call_audio GROUP BY 1").fetchall())
+        doubled = conn.execute(
+            "SELECT count(*) FROM (SELECT call_id FROM transcripts GROUP BY 1"
+            " HAVING count(*) > 1) d"
         ).fetchone()[0]
-    assert stuck == 0
+        untracked = conn.execute(
+            "SELECT count(*) FROM bcfy_calls_raw c"
+            " WHERE NOT EXISTS (SELECT 1 FROM call_audio a WHERE a.call_id = c.id)"
+        ).fetchone()[0]
+    assert "failed" not in audio and audio.get("ready", 0) >= 1, audio
+    assert doubled == 0 and untracked == 0
 
 
 def _get(url: str) -> str | None:

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -40,6 +42,7 @@ from workers.processes import beat_argv, flower_argv, worker_argv
 from workers.settings import Settings, redact_url
 
 STOP_GRACE_SEC = 30
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PROGRESS_EVERY_SEC = 5.0
 DEMO_PLAYLISTS = 2
 DEMO_CALLS_PER_MINUTE = 6.0  # per playlist: enough to watch, light enough for two cores
@@ -152,6 +155,7 @@ class Supervisor:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 argv,
+                preexec_fn=_die_with_parent,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -253,9 +257,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _die_with_parent() -> None:
+    """In each child, before exec: if `bcfy run` itself dies (even by SIGKILL), the child gets
+    SIGTERM, so no pool is left running without its supervisor (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run(settings: Settings, flower_port: int = 5555) -> int:
     sup = Supervisor(settings, flower_port=flower_port or free_port())
-    # SIGTERM (e.g. from a terminal closing) stops us like Ctrl-C does.
+    # Ctrl-C and SIGTERM (e.g. a terminal closing) stop everything. Installed explicitly: a
+    # process started in the background inherits SIGINT ignored, and Ctrl-C must still work.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     return_code = 0
     try:
