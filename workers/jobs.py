@@ -75,9 +75,6 @@ class JobContext:
 
 JobBody = Callable[..., Awaitable[Any]]
 
-# Per-process registry: a body's name -> its Celery task, for triggers and tests.
-JOBS: dict[str, Task] = {}
-
 
 def periodic_job(
     name: str,
@@ -114,7 +111,6 @@ def periodic_job(
             soft_time_limit=(soft + hard) / 2,
             time_limit=hard,
         )(run)
-        JOBS[name] = task
         return task
 
     return decorate
