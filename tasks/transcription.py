@@ -25,11 +25,13 @@ broker's visibility timeout); permanent ones, and a call that used up TRANSCRIBE
 are recorded as `failed` with the reason.
 
 What happens to a message when a worker dies mid-task: with late acks the message is still
-unacknowledged. If only the pool process died, the worker rejects it back to the queue
-(task_reject_on_worker_lost) and it is delivered again at once; if the whole worker died, Redis
-hands it out again after BROKER_VISIBILITY_TIMEOUT_SEC. Either redelivery finds the call claimed
-(dropped) or done (dropped); the call itself is sent again by the dispatcher when the dead
-worker's claim runs out.
+unacknowledged. If only the pool process died (the OOM killer, a crash in native code), the
+worker rejects it back to the queue (task_reject_on_worker_lost) and it is delivered again at
+once; the claim names the machine and process that made it, so the redelivery sees that process
+is gone and takes the call over. If the whole worker died, Redis hands the message out again
+after BROKER_VISIBILITY_TIMEOUT_SEC; a redelivery that cannot tell the claimant is dead (another
+machine, a process that is still there) is dropped, and the dispatcher sends the call again when
+the dead worker's claim runs out.
 """
 
 from __future__ import annotations
@@ -231,9 +233,13 @@ async def claim_call(
         if state == "failed":
             return Skip(f"failed for good before: {last_error}")
         if state == "running" and not due and claimed_by != reclaim:
-            return Skip(
-                f"claimed by {claimed_by} until {due_at:%H:%M:%S}: duplicate delivery dropped"
-                " (sent again by the dispatcher if that claim runs out)"
+            if not claimant_is_gone(claimed_by):
+                return Skip(
+                    f"claimed by {claimed_by} until {due_at:%H:%M:%S}: duplicate delivery"
+                    " dropped (sent again by the dispatcher if that claim runs out)"
+                )
+            log.warning(
+                "call %s: its claimant %s is gone; taking the call over", call_id, claimed_by
             )
         if audio_state != "ready" or not prepared:
             await conn.execute(
@@ -331,7 +337,31 @@ def backoff_sec(attempt: int, settings: Settings, retry_after: float | None = No
 
 
 def _worker_id(task: Task) -> str:
-    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+    """`<celery node>:<machine>:<pid>`: who holds a claim, for people and for claimant_is_gone."""
+    return f"{task.request.hostname or 'worker'}:{socket.gethostname()}:{os.getpid()}"
+
+
+def claimant_is_gone(claimed_by: str | None) -> bool:
+    """True only when the claim was made on this machine by a process that no longer exists.
+
+    Anything else (another machine, an id in another form, a live process, a pid reused by a
+    new process) counts as alive: the claim is then left to run out. Taking over a claim whose
+    holder was in fact alive would cost a second recognition, never a second transcript
+    (transcripts.call_id is unique)."""
+    try:
+        _node, machine, pid_text = (claimed_by or "").rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if machine != socket.gethostname() or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
 
 
 @app.task(

@@ -1,10 +1,15 @@
 """The dispatcher against real PostgreSQL and Redis: which calls, in what order, how many, the
-lease that covers a crash between marking and sending, and backpressure."""
+lease that covers a crash between marking and sending, backpressure, and when a redelivered
+message may take over a claim."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -14,6 +19,9 @@ import pytest
 from tasks.transcription import (
     QUEUE,
     TRANSCRIBE_TASK,
+    Claim,
+    Skip,
+    claim_call,
     dispatch_once,
     mark_dispatched,
     queued_messages,
@@ -144,6 +152,44 @@ def test_a_call_whose_worker_died_is_sent_again_when_the_claim_runs_out(calls, u
         )
     assert dispatch(settings, r).sent == 1
     assert calls.state(call_id)["state"] == "dispatched"
+
+
+def hold_claim(calls, call_id, claimant):
+    with calls.db() as conn:
+        conn.execute(
+            "UPDATE call_transcription SET state = 'running', claimed_by = %s, attempts = 1,"
+            " due_at = now() + interval '1 hour' WHERE call_id = %s",
+            (claimant, call_id),
+        )
+
+
+def test_a_redelivery_takes_over_a_claim_whose_process_on_this_machine_is_gone(calls, use_env):
+    settings = use_env()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    call_id = calls.add()
+    hold_claim(calls, call_id, f"asr@x:{socket.gethostname()}:{gone.pid}")
+    me = f"asr@x:{socket.gethostname()}:{os.getpid()}"
+    claim = Runtime.current().run(claim_call(call_id, me, settings))
+    assert isinstance(claim, Claim) and claim.attempt == 2
+    assert calls.state(call_id)["claimed_by"] == me
+
+
+@pytest.mark.parametrize("where", ["a live process here", "another machine", "an unknown form"])
+def test_a_redelivery_leaves_a_claim_it_cannot_tell_is_dead(calls, use_env, where):
+    settings = use_env()
+    claimant = {
+        "a live process here": f"asr@x:{socket.gethostname()}:{os.getppid()}",
+        "another machine": f"asr@x:not-{socket.gethostname()}:999999",
+        "an unknown form": "gone:1",
+    }[where]
+    call_id = calls.add()
+    hold_claim(calls, call_id, claimant)
+    me = f"asr@x:{socket.gethostname()}:{os.getpid()}"
+    outcome = Runtime.current().run(claim_call(call_id, me, settings))
+    assert isinstance(outcome, Skip) and "duplicate delivery dropped" in outcome
+    state = calls.state(call_id)
+    assert (state["claimed_by"], state["attempts"]) == (claimant, 1)
 
 
 def test_failed_calls_stay_failed_until_their_audio_is_ready_again(calls, use_env, r):
