@@ -12,10 +12,11 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 
-from tests.procs import ROOT, start_worker, wait_until
+from tests.procs import ROOT, Proc, start_worker, wait_until
 from tests.transcription.conftest import CLIP_TEXT, worker_env
 from tests.transcription.fake_openai import Reply
 
@@ -190,25 +191,37 @@ def claim_ran_out(calls, call_id) -> bool:
     return bool(due)
 
 
-def test_sigkill_of_the_pool_process_mid_task_ends_with_one_transcript_at_once(
-    calls, procs, tmp_path, client, service
-):
+@dataclass
+class MidTask:
+    env: dict[str, str]
+    worker: Proc
+    call_id: int
+    release: threading.Event  # set: the service answers the held request
+
+
+def start_a_call_and_hold_it(calls, procs, tmp_path, client, service, **env) -> MidTask:
+    """Workers on the openai backend, one call dispatched, and the service holding its request:
+    the transcription worker is mid-task when this returns."""
     held = threading.Event()
     service.replies.append(Reply(hold=held))
-    # Claims last ten minutes here: the call must not wait for its claim to run out.
-    env = worker_env(
-        calls.services,
-        calls.store,
-        tmp_path,
-        **openai_env(service, TRANSCRIBE_TIME_LIMIT_SEC="600"),
-    )
-    procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
-    worker = start_worker("asr", env, tmp_path, queues="transcription")
+    worker_env_ = worker_env(calls.services, calls.store, tmp_path, **openai_env(service, **env))
+    procs.append(start_worker("ingest", worker_env_, tmp_path, queues="ingest"))
+    worker = start_worker("asr", worker_env_, tmp_path, queues="transcription")
     procs.append(worker)
     call_id = calls.add()
     client.send_task(DISPATCH, queue="ingest")
-    service.wait_for_requests(1)  # the worker is waiting for the service: mid-task
+    service.wait_for_requests(1)
+    return MidTask(worker_env_, worker, call_id, held)
 
+
+def test_sigkill_of_the_pool_process_mid_task_ends_with_one_transcript_at_once(
+    calls, procs, tmp_path, client, service
+):
+    # Claims last ten minutes here: the call must not wait for its claim to run out.
+    mid = start_a_call_and_hold_it(
+        calls, procs, tmp_path, client, service, TRANSCRIBE_TIME_LIMIT_SEC="600"
+    )
+    worker, call_id, held = mid.worker, mid.call_id, mid.release
     killed = pool_child(calls, call_id)
     os.kill(killed, signal.SIGKILL)
     held.set()
@@ -228,36 +241,28 @@ def test_sigkill_of_the_pool_process_mid_task_ends_with_one_transcript_at_once(
 def test_sigkill_of_the_whole_worker_mid_task_ends_with_one_transcript(
     calls, procs, tmp_path, client, service
 ):
-    held = threading.Event()
-    service.replies.append(Reply(hold=held))
-    env = worker_env(
-        calls.services,
-        calls.store,
+    mid = start_a_call_and_hold_it(
+        calls,
+        procs,
         tmp_path,
-        **openai_env(
-            service,
-            TRANSCRIBE_OPENAI_TIMEOUT_SEC="5",
-            TRANSCRIBE_SOFT_TIME_LIMIT_SEC="6",
-            TRANSCRIBE_TIME_LIMIT_SEC="8",
-            # Short, so that Redis hands the dead worker's message out again within the test.
-            BROKER_VISIBILITY_TIMEOUT_SEC="30",
-            JOB_SOFT_TIME_LIMIT_SEC="10",
-            JOB_TIME_LIMIT_SEC="20",
-            TRANSCRIBE_RETRY_BACKOFF_MAX_SEC="15",
-        ),
+        client,
+        service,
+        TRANSCRIBE_OPENAI_TIMEOUT_SEC="5",
+        TRANSCRIBE_SOFT_TIME_LIMIT_SEC="6",
+        TRANSCRIBE_TIME_LIMIT_SEC="8",
+        # Short, so that Redis hands the dead worker's message out again within the test.
+        BROKER_VISIBILITY_TIMEOUT_SEC="30",
+        JOB_SOFT_TIME_LIMIT_SEC="10",
+        JOB_TIME_LIMIT_SEC="20",
+        TRANSCRIBE_RETRY_BACKOFF_MAX_SEC="15",
     )
-    procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
-    first = start_worker("asr1", env, tmp_path, queues="transcription")
-    procs.append(first)
-    call_id = calls.add()
-    client.send_task(DISPATCH, queue="ingest")
-    service.wait_for_requests(1)
+    call_id = mid.call_id
     pool_child(calls, call_id)
 
-    first.kill_group()  # worker and pool process: nobody left to put the message back
+    mid.worker.kill_group()  # worker and pool process: nobody left to put the message back
     killed_at = time.monotonic()
-    held.set()
-    second = start_worker("asr2", env, tmp_path, queues="transcription")
+    mid.release.set()
+    second = start_worker("asr2", mid.env, tmp_path, queues="transcription")
     procs.append(second)
 
     # The message is unacknowledged in Redis until the visibility timeout; the call comes
