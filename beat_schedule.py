@@ -5,12 +5,18 @@ waited in the queue longer than that is dropped by the worker instead of running
 how missed runs coalesce: workers that were down for two minutes find one live tick when they
 come back, not twelve. The two headers let the worker recognise a duplicate tick when two beat
 processes run by mistake (see workers.jobs.tick_slot).
+
+`FirstRunScheduler` is Celery's file-backed scheduler, except that an entry beat has never run
+is due at once rather than one interval after start.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
+
+from celery.beat import PersistentScheduler
 
 from workers.settings import Settings
 
@@ -49,3 +55,21 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         )
         for entry, (task, interval_attr) in PERIODIC_JOBS.items()
     }
+
+
+class FirstRunScheduler(PersistentScheduler):
+    """Celery's PersistentScheduler (last-run times kept in the schedule file), but an entry
+    with no last run on record is due at once. Celery would start its first interval at beat's
+    start, so a new deployment would wait a whole day for its geographic data (and a beat whose
+    schedule file is not kept would never refresh it while it restarts more often than daily).
+    Entries already on record keep their times: restarting beat does not re-run them early."""
+
+    def merge_inplace(self, b: Mapping[str, Any]) -> None:
+        never_run = set(b) - set(self.schedule)
+        super().merge_inplace(b)
+        now = self.app.now()
+        for name in never_run:
+            entry = self.schedule[name]
+            interval = getattr(entry.schedule, "run_every", None)  # crontab entries have none
+            if isinstance(interval, timedelta):
+                entry.last_run_at = now - interval

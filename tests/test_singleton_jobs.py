@@ -62,6 +62,25 @@ def test_two_workers_never_run_a_long_job_twice_at_once(env, procs, tmp_path, cl
     assert len(notes(clean.redis(), "test:starts")) == len(ok)
 
 
+def test_beat_runs_a_new_entry_at_once_and_remembers_it_across_restarts(
+    env, procs, tmp_path, clean
+):
+    # A daily job (the geo refresh) must not wait a day after the first deployment, nor run
+    # again each time beat restarts.
+    env |= {"TEST_BEAT_JOBS": "sleeper:86400"}
+    procs.append(start_worker("w1", env, tmp_path))
+    beat = start_beat("beat", env, tmp_path)
+    procs.append(beat)
+    wait_until(lambda: clean.job_runs(SLEEPER, "ok"), 15, "the first run, at once")
+    beat.stop()
+
+    again = start_beat("beat", env, tmp_path)  # the same schedule file
+    procs.append(again)
+    time.sleep(5)  # beat checks its schedule every second
+    again.stop()
+    assert len(clean.job_runs(SLEEPER)) == 1
+
+
 def test_a_failing_body_releases_its_lock_and_the_next_tick_runs(env, procs, tmp_path, clean):
     job = "tests.jobs.failing"
     env |= {"TEST_BEAT_JOBS": "failing:1"}

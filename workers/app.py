@@ -94,6 +94,7 @@ app.conf.update(
     timezone="UTC",
     enable_utc=True,
     beat_schedule=_beat_schedule(),
+    beat_scheduler="beat_schedule:FirstRunScheduler",
     beat_schedule_filename=_beat_schedule_file(),
     beat_max_loop_interval=1,
     # Beat saves its schedule after every tick: the file's age is its healthcheck.
