@@ -213,14 +213,21 @@ def test_two_beats_by_mistake_never_run_a_tick_twice(env, procs, tmp_path, clean
     assert len(ok) >= elapsed - 3
 
 
-def test_soft_time_limit_cancels_the_run_and_releases_the_lock(env, procs, tmp_path, clean, client):
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_soft_time_limit_cancels_the_run_and_releases_the_lock(
+    env, procs, tmp_path, clean, client, pool
+):
     env |= {"JOB_SOFT_TIME_LIMIT_SEC": "1", "JOB_TIME_LIMIT_SEC": "20", "TEST_SLEEP_SEC": "15"}
-    procs.append(start_worker("w1", env, tmp_path))
+    worker = start_worker("w1", env, tmp_path, pool=pool)
+    procs.append(worker)
     client.send_task(SLEEPER, queue="ingest")
     (err,) = wait_until(lambda: clean.job_runs(SLEEPER, "error"), 8, "the time-limited run")
     assert "soft time limit (1s) reached" in err.error
     assert holder_of(clean.redis(), SLEEPER) is None
     assert notes(clean.redis(), "test:ends") == []
+    # Celery enforces no time limit in the solo pool: the worker says so as it starts.
+    warned = "solo pool: Celery's task time limits are not enforced" in worker.log()
+    assert warned == (pool == "solo")
 
 
 def test_revoking_a_running_job_releases_its_lock(env, procs, tmp_path, clean, client):

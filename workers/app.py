@@ -111,6 +111,21 @@ def _pool_child_started(**_: Any) -> None:
     Runtime.current()
 
 
+@signals.celeryd_after_setup.connect
+def _warn_about_the_solo_pool(sender: str, instance: Any, **_: Any) -> None:
+    """The solo pool runs tasks in the worker's own process, where Celery cannot enforce time
+    limits. Periodic jobs keep theirs (an asyncio timeout), but a stuck transcription holds its
+    pool until its claim runs out and the call is sent elsewhere. Fine for debugging; say so."""
+    pool = instance.pool_cls
+    name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
+    if "solo" in name.lower():
+        log.warning(
+            "worker %s: solo pool: Celery's task time limits are not enforced here; "
+            "use prefork in production",
+            sender,
+        )
+
+
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _close_runtime(**_: Any) -> None:
