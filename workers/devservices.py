@@ -166,10 +166,20 @@ class ThrowawayPostgres:
                 "-E",
                 "UTF8",
             )
+        except subprocess.CalledProcessError as exc:
+            raise ServiceError(
+                f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}"
+            ) from exc
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
+        """Start the cluster's server (again, after stop_server: same port, same data)."""
+        try:
             self._run(
-                str(bindir / "pg_ctl"),
+                str(_postgres_bindir() / "pg_ctl"),
                 "-D",
-                str(data),
+                str(self.workdir / "data"),
                 "-l",
                 str(self.workdir / "log"),
                 "-w",
@@ -185,9 +195,9 @@ class ThrowawayPostgres:
                 f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}"
             ) from exc
         self.started = True
-        return self
 
-    def stop(self) -> None:
+    def stop_server(self) -> None:
+        """Stop the server at once, as a crash would (immediate mode); the data stays."""
         if self.started:
             with contextlib.suppress(subprocess.CalledProcessError, ServiceError):
                 self._run(
@@ -200,6 +210,9 @@ class ThrowawayPostgres:
                     "stop",
                 )
             self.started = False
+
+    def stop(self) -> None:
+        self.stop_server()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
