@@ -112,6 +112,9 @@ class BroadcastifyClient:
         self._token: str | None = None
         self._token_expires = 0.0
         self._user: tuple[int, str] | None = None  # (uid, utk) once logged in
+        # Playlists are polled concurrently on this client: the first requests must share one
+        # login, not each log in (and replace the others' user token).
+        self._login_lock = asyncio.Lock()
         # Server time minus our clock, learned from live answers: back-fill decisions are made
         # on the service's clock.
         self.server_offset = 0.0
@@ -325,7 +328,9 @@ class BroadcastifyClient:
     async def _valid_token(self, as_user: bool) -> str:
         """The cached token, or a new one when it is missing or within the margin of expiry."""
         if as_user and self._user is None and self.settings.bcfy_username:
-            await self._log_in()
+            async with self._login_lock:
+                if self._user is None:
+                    await self._log_in()
         if not as_user:
             return self._mint(user=None)
         now = self.clock()
