@@ -36,10 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -48,13 +45,14 @@ from typing import Any
 import psycopg
 from celery import Task
 
-from workers.app import app
+from workers.app import app, settings
 from workers.audio_download import AudioFailure, Downloaded, UrlPolicy, download
 from workers.audio_prepare import PreparedAudio, validate_and_convert
 from workers.audio_store import FilesystemAudioStore, call_keys
-from workers.jobs import JobContext, periodic_job
+from workers.jobs import JobContext, backstop_time_limits, periodic_job, worker_name
+from workers.locks import new_token
 from workers.runtime import Runtime, db_connection
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +83,8 @@ RETURNING c.call_id
 
 # Due: pending past its backoff, or downloading with its lease run out (next_attempt_at is kept
 # equal to lease_until while downloading). Room: the in-flight cap less the live leases.
+# Always one row, (room, claimed ids): a pass that claims nothing still learns its room, so
+# "nothing due" is not taken for "cap reached".
 CLAIM = """
 WITH room AS (
     SELECT GREATEST(0, LEAST(%(batch)s, %(max_in_flight)s - (
@@ -96,14 +96,16 @@ WITH room AS (
      ORDER BY next_attempt_at, call_id
      LIMIT (SELECT n FROM room)
      FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE call_audio c
+       SET state = 'downloading', attempts = c.attempts + 1, lease_owner = %(owner)s,
+           lease_until = now() + make_interval(secs => %(lease)s),
+           next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+      FROM due
+     WHERE c.call_id = due.call_id
+    RETURNING c.call_id
 )
-UPDATE call_audio c
-   SET state = 'downloading', attempts = c.attempts + 1, lease_owner = %(owner)s,
-       lease_until = now() + make_interval(secs => %(lease)s),
-       next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
-  FROM due
- WHERE c.call_id = due.call_id
-RETURNING c.call_id, (SELECT n FROM room)
+SELECT (SELECT n FROM room), coalesce(array_agg(call_id ORDER BY call_id), '{}') FROM claimed
 """
 
 # Claimed calls whose tasks could not be sent (broker down) go back, as if never claimed.
@@ -127,11 +129,6 @@ class Claim:
         return bool(self.call_ids) and len(self.call_ids) >= self.room
 
 
-def new_owner() -> str:
-    """A claim's name: readable (host, process) and unique."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:10]}"
-
-
 async def claim_pending_calls(
     conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
 ) -> Claim:
@@ -145,9 +142,10 @@ async def claim_pending_calls(
             "lease": settings.audio_lease_sec,
         },
     )
-    rows = await cur.fetchall()
-    room = rows[0][1] if rows else 0
-    return Claim(owner, sorted(r[0] for r in rows), room)
+    row = await cur.fetchone()
+    assert row is not None  # an aggregate: always one row
+    room, call_ids = row
+    return Claim(owner, list(call_ids), room)
 
 
 async def fail_exhausted_leases(
@@ -195,7 +193,7 @@ async def process_pending_audio(ctx: JobContext) -> None:
     swept = await loop.run_in_executor(None, store_for(s).sweep_temps, stale_temp_age(s))
     if swept:
         log.warning("audio: removed %d abandoned temporary files", swept)
-    owner = new_owner()
+    owner = new_token()  # a claim's name: readable (host, process) and unique
     async with ctx.connection() as conn:
         lost = await fail_exhausted_leases(conn, s)
         claim = await claim_pending_calls(conn, s, owner)
@@ -234,13 +232,17 @@ async def process_pending_audio(ctx: JobContext) -> None:
 
 # --- preparing claimed calls ----------------------------------------------------------------
 
-TAKE_OVER = """
-WITH mine AS (
-    UPDATE call_audio
-       SET lease_until = now() + make_interval(secs => %(lease)s),
-           next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
-     WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
-    RETURNING call_id, attempts
+# The leases of these calls still held by `owner`, renewed.
+RENEW = """
+UPDATE call_audio
+   SET lease_until = now() + make_interval(secs => %(lease)s),
+       next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
+ WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
+"""
+
+# A task starting on its calls: renew what is still ours, log an attempt for each.
+TAKE_OVER = f"""
+WITH mine AS ({RENEW} RETURNING call_id, attempts
 ), logged AS (
     INSERT INTO call_audio_attempts (call_id, attempt, lease_owner, worker)
     SELECT call_id, attempts, %(owner)s, %(worker)s FROM mine
@@ -250,13 +252,6 @@ SELECT m.call_id, m.attempts, l.id, r.url, r.duration_sec, r.playlist_uuid, r.st
        r.size_bytes
   FROM mine m JOIN logged l USING (call_id) JOIN bcfy_calls_raw r ON r.id = m.call_id
  ORDER BY m.call_id
-"""
-
-RENEW = """
-UPDATE call_audio
-   SET lease_until = now() + make_interval(secs => %(lease)s),
-       next_attempt_at = now() + make_interval(secs => %(lease)s), updated_at = now()
- WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
 """
 
 HOLD_LEASE = """
@@ -582,9 +577,6 @@ class CallPreparer:
         )
 
 
-_settings = get_settings()
-
-
 @app.task(
     name=PREPARE_TASK,
     bind=True,
@@ -592,17 +584,16 @@ _settings = get_settings()
     # Acked when done: a worker lost mid-task has the message delivered again, and the calls
     # still leased to this claim are then prepared by the next process (others are skipped).
     acks_late=True,
-    # The asyncio deadline at the soft limit cancels the calls cleanly (their leases then run
-    # out and they are claimed again); Celery's limits are the backstop.
-    soft_time_limit=(_settings.job_soft_time_limit_sec + _settings.job_time_limit_sec) / 2,
-    time_limit=_settings.job_time_limit_sec,
+    # The asyncio deadline at the soft limit cancels the calls (their leases then run out and
+    # they are claimed again).
+    **backstop_time_limits(settings.job_soft_time_limit_sec, settings.job_time_limit_sec),
 )
 def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = False) -> dict:
     """Prepare a few claimed calls at once; then hand ready ones to transcription."""
     if more:
         app.send_task(CLAIM_JOB)
     rt = Runtime.current()
-    worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
+    worker = worker_name(self)
     preparer = CallPreparer(rt.settings, rt.http, owner, worker)
     outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
     if outcome.ready:

@@ -106,14 +106,23 @@ def periodic_job(
             # an idle worker takes it. A tick redelivered after a crash is past its grace by
             # then and dropped, so late acks never make a run late.
             acks_late=True,
-            # Celery's signal-based limits are the backstop for a body that blocks its loop;
-            # the asyncio timeout at `soft` cancels a well-behaved body cleanly first.
-            soft_time_limit=(soft + hard) / 2,
-            time_limit=hard,
+            **backstop_time_limits(soft, hard),
         )(run)
         return task
 
     return decorate
+
+
+def backstop_time_limits(soft: float, hard: float) -> dict[str, float]:
+    """Celery's limits for a task whose body has an asyncio deadline at `soft`: the deadline
+    cancels a well-behaved body cleanly first; Celery's signal-based limits, between `soft` and
+    `hard`, are the backstop for one that blocks its loop."""
+    return {"soft_time_limit": (soft + hard) / 2, "time_limit": hard}
+
+
+def worker_name(task: Task) -> str:
+    """`<celery node>:<pid>`: which worker process ran something, for job_runs and attempts."""
+    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
 def lock_name(task_name: str, kwargs: dict[str, Any]) -> str:
@@ -149,7 +158,7 @@ def run_singleton(
     rt = Runtime.current()
     s = rt.settings
     job = lock_name(task.name, kwargs)
-    worker = f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+    worker = worker_name(task)
     lock = SingletonLock(
         rt.redis, job, ttl=s.lock_ttl_sec, renew_every=s.lock_renew_sec, token=new_token(worker)
     )
