@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -19,10 +18,6 @@ from typing import Any
 
 from workers.settings import Settings
 from workers.simulator.server import DEMO_API_KEYS, DEMO_USERS, FeedSimulator
-
-# A key configured in the environment is accepted too (never printed), so a pipeline set up
-# for the real service can be pointed at the simulator by changing BCFY_API_BASE alone.
-_ENV_KEY = ("BCFY_API_KEY_ID", "BCFY_API_KEY", "BCFY_APP_ID")
 
 
 def add_commands(sub: Any) -> None:
@@ -40,9 +35,17 @@ def run_simulator(args: argparse.Namespace, settings: Settings) -> int:
         print("bcfy sim: --playlists and --calls-per-minute must be >= 0", file=sys.stderr)
         return 2
     api_keys = dict(DEMO_API_KEYS)
-    env_key = [os.environ.get(name, "") for name in _ENV_KEY]
-    if all(env_key):
-        api_keys[env_key[0]] = (env_key[1], env_key[2])
+    # A key configured in the environment is accepted too (never printed), so a pipeline set up
+    # for the real service can be pointed at the simulator by changing BCFY_API_BASE alone.
+    # All three must be set (non-empty); otherwise only the demo key is accepted.
+    key_id, secret, app_id = (
+        settings.bcfy_api_key_id,
+        settings.bcfy_api_key.reveal(),
+        settings.bcfy_app_id,
+    )
+    env_key_accepted = bool(key_id and secret and app_id)
+    if env_key_accepted:
+        api_keys[key_id] = (secret, app_id)
     try:
         sim = FeedSimulator(api_keys, DEMO_USERS, seed=args.seed, host=args.host, port=args.port)
     except OSError as exc:
@@ -61,7 +64,7 @@ def run_simulator(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     sim.start()
-    print(_environment(sim, uuids, all(env_key)), flush=True)
+    print(_environment(sim, uuids, env_key_accepted), flush=True)
     while not stop.wait(0.5):
         pass
     sim.stop()

@@ -157,6 +157,14 @@ class Timeline:
         return picked
 
 
+_PLAYLIST_GROUP_KEYS = ("groupId", "descr", "display", "grouping", "tag")
+_PUBLIC_PLAYLIST_KEYS = ("uuid", "name", "descr", "ctids", "listeners")
+
+
+def _pick(source: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: source[k] for k in keys}
+
+
 @dataclass(eq=False)
 class Playlist:
     uuid: str
@@ -179,10 +187,7 @@ class Playlist:
             "public": self.public,
             "listeners": self.listeners,
             "ctids": list(self.ctids),
-            "groups": [
-                {k: g.as_json()[k] for k in ("groupId", "descr", "display", "grouping", "tag")}
-                for g in self.groups
-            ],
+            "groups": [_pick(g.as_json(), _PLAYLIST_GROUP_KEYS) for g in self.groups],
         }
 
 
@@ -315,7 +320,9 @@ class Feed:
                     raise ValueError(f"group {group_id!r} is not in playlist {playlist_uuid}")
                 group = matching[0]
             position = math.floor(self.now())
-            call = self._publish(position, group, ts=ts, duration=duration, audio=audio, **fields)
+            call = self._publish(
+                position, group, ts=ts, duration=duration, audio=audio, fields=fields
+            )
             return dict(call.record)
 
     def _publish(
@@ -326,8 +333,10 @@ class Feed:
         ts: int | None,
         duration: float | None,
         audio: AudioFault,
-        **fields: Any,
+        fields: Mapping[str, Any] | None = None,
     ) -> Call:
+        if fields is None:
+            fields = {}
         call = self._make_call(position, group, ts, duration, audio, fields)
         self._index(call)
         if self.faults.duplicate_group_ts > 0:
@@ -438,16 +447,13 @@ class Feed:
     ) -> tuple[Timeline, Callable[[Call], bool] | None]:
         kind, value = selector
         if kind == "playlist_uuid":
-            playlist = self._playlist(value, not_found=ApiError(E_NOT_FOUND, "unknown playlist"))
-            if not playlist.public and not as_user:
-                raise ApiError(E_NOT_PUBLIC, "playlist is not public: authenticate as a user")
-            return playlist.timeline, None
+            return self._visible_playlist(value, as_user).timeline, None
         if kind == "groups":
             wanted = {g for g in value.split(",") if g}
             if not wanted:
                 raise ApiError(E_BAD_REQUEST, "groups: expected comma-separated group ids")
             return self._all, lambda c: c.group.group_id in wanted
-        number = _whole_number(kind, value)
+        number = whole_number(kind, value)
         if kind == "sid":
             return self._all, lambda c: c.group.sid == number
         return self._all, lambda c: c.group.node_id == number
@@ -468,7 +474,7 @@ class Feed:
             raise ApiError(E_BAD_REQUEST, f"window over {ARCHIVE_MAX_WINDOW_SEC} seconds")
         with self._lock:
             now = self.now()
-            if group_id not in self._by_group and not self._group_known(group_id):
+            if group_id not in self._by_group and self._find_group(group_id) is None:
                 raise ApiError(E_NOT_FOUND, "unknown group")
             calls = [c for c in self._by_group.get(group_id, []) if start <= c.ts <= end]
             calls.sort(key=lambda c: (c.ts, c.seq))
@@ -476,35 +482,24 @@ class Feed:
             head = b'{"serverTime":%d,"start":%d,"end":%d,"calls":[' % (math.floor(now), start, end)
             return head + b",".join(c.body for c in calls) + b"]}", len(calls)
 
-    def _group_known(self, group_id: str) -> bool:
-        return group_id in geo.ROSTER or any(
-            g.group_id == group_id for p in self._playlists.values() for g in p.groups
-        )
-
     def playlist_get(self, uuid: str, as_user: bool) -> dict[str, Any]:
         with self._lock:
-            playlist = self._playlist(uuid, not_found=ApiError(E_NOT_FOUND, "unknown playlist"))
-            if not playlist.public and not as_user:
-                raise ApiError(E_NOT_PUBLIC, "playlist is not public: authenticate as a user")
-            return playlist.as_json()
+            return self._visible_playlist(uuid, as_user).as_json()
 
     def playlists_public(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                {k: p.as_json()[k] for k in ("uuid", "name", "descr", "ctids", "listeners")}
+                _pick(p.as_json(), _PUBLIC_PLAYLIST_KEYS)
                 for p in self._playlists.values()
                 if p.public
             ]
 
     def group_get(self, group_id: str) -> dict[str, Any]:
         with self._lock:
-            for p in self._playlists.values():
-                for g in p.groups:
-                    if g.group_id == group_id:
-                        return g.as_json()
-        if group_id in geo.ROSTER:
-            return geo.ROSTER[group_id].as_json()
-        raise ApiError(E_NOT_FOUND, "unknown group")
+            group = self._find_group(group_id)
+        if group is None:
+            raise ApiError(E_NOT_FOUND, "unknown group")
+        return group.as_json()
 
     def node_get(self, node_id: int) -> dict[str, Any]:
         if node_id not in geo.NODES:
@@ -543,10 +538,6 @@ class Feed:
             self.now()
             return [dict(c.record) for c in self._playlist(playlist_uuid).timeline.calls]
 
-    def playlist_uuids(self) -> list[str]:
-        with self._lock:
-            return list(self._playlists)
-
     def reset_counters(self) -> None:
         with self._lock:
             self.billed_records = 0
@@ -576,13 +567,29 @@ class Feed:
             raise not_found or KeyError(f"no playlist {uuid}")
         return playlist
 
+    def _visible_playlist(self, uuid: str, as_user: bool) -> Playlist:
+        """The playlist, if it exists and is public or the caller acts as a user."""
+        playlist = self._playlist(uuid, not_found=ApiError(E_NOT_FOUND, "unknown playlist"))
+        if not playlist.public and not as_user:
+            raise ApiError(E_NOT_PUBLIC, "playlist is not public: authenticate as a user")
+        return playlist
+
+    def _find_group(self, group_id: str) -> geo.Group | None:
+        """A group of some playlist, else the roster's, else None (call with the lock held)."""
+        for p in self._playlists.values():
+            for g in p.groups:
+                if g.group_id == group_id:
+                    return g
+        return geo.ROSTER.get(group_id)
+
 
 def identity(record: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """How the simulator tells calls apart: groupId, ts and the call's own audio url."""
     return (record.get("groupId"), record.get("ts"), record.get("url"))
 
 
-def _whole_number(name: str, value: str) -> int:
+def whole_number(name: str, value: str, expected: str = "a whole number") -> int:
+    """`value` as a non-negative integer, else ApiError 400 titled "<name>: expected <expected>"."""
     if not value.isdigit():
-        raise ApiError(E_BAD_REQUEST, f"{name}: expected a whole number")
+        raise ApiError(E_BAD_REQUEST, f"{name}: expected {expected}")
     return int(value)

@@ -56,6 +56,7 @@ from workers.simulator.feed import (
     Feed,
     PollTooSoon,
     Selector,
+    whole_number,
 )
 
 log = logging.getLogger("workers.simulator")
@@ -68,6 +69,8 @@ DEMO_USERS: dict[str, tuple[str, int]] = {"demo": ("demo", 1001)}
 
 MAX_TOKEN_LIFETIME_SEC = 86_400
 LIVE_SELECTORS = ("playlist_uuid", "sid", "nodeId", "groups")
+# What a number in a path or query parameter is expected to be (the error's title says it).
+_SECONDS_OR_ID = "a whole number of seconds or an id"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,9 +253,6 @@ class FeedSimulator:
     def calls(self, playlist_uuid: str) -> list[dict[str, Any]]:
         return self._feed.calls(playlist_uuid)
 
-    def playlist_uuids(self) -> list[str]:
-        return self._feed.playlist_uuids()
-
     def reset_counters(self) -> None:
         self._feed.reset_counters()
         self.requests.clear()
@@ -376,7 +376,7 @@ class FeedSimulator:
         selector: Selector = (chosen[0], _single(query, chosen[0]))
         if "pos" in query and "init" in query:
             raise ApiError(E_BAD_REQUEST, "pos and init exclude each other")
-        pos = _whole(_single(query, "pos"), "pos") if "pos" in query else None
+        pos = whole_number("pos", _single(query, "pos"), _SECONDS_OR_ID) if "pos" in query else None
         if "init" in query and _single(query, "init") != "1":
             raise ApiError(E_BAD_REQUEST, "init: expected 1")
         page, records = self._feed.live(
@@ -400,7 +400,9 @@ class FeedSimulator:
     def _api_group_archives(
         self, who: Principal, query: dict[str, list[str]], body: bytes, gid: str, a: str, b: str
     ) -> _Answer:
-        page, records = self._feed.group_archives(gid, _whole(a, "start"), _whole(b, "end"))
+        start = whole_number("start", a, _SECONDS_OR_ID)
+        end = whole_number("end", b, _SECONDS_OR_ID)
+        page, records = self._feed.group_archives(gid, start, end)
         return _Answer(page, records=records)
 
     def _api_group_get(
@@ -411,7 +413,7 @@ class FeedSimulator:
     def _api_node_get(
         self, who: Principal, query: dict[str, list[str]], body: bytes, nid: str
     ) -> _Answer:
-        return _json(self._feed.node_get(_whole(nid, "nodeId")))
+        return _json(self._feed.node_get(whole_number("nodeId", nid, _SECONDS_OR_ID)))
 
     def _api_auth(self, who: Principal, query: dict[str, list[str]], body: bytes) -> _Answer:
         form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -435,7 +437,7 @@ class FeedSimulator:
     def _api_states(
         self, who: Principal, query: dict[str, list[str]], body: bytes, coid: str
     ) -> _Answer:
-        states = geo.states_of(_whole(coid, "coid"))
+        states = geo.states_of(whole_number("coid", coid, _SECONDS_OR_ID))
         if states is None:
             raise ApiError(E_NOT_FOUND, "unknown country")
         return self._geo_list("states", states)
@@ -443,7 +445,7 @@ class FeedSimulator:
     def _api_counties(
         self, who: Principal, query: dict[str, list[str]], body: bytes, stid: str
     ) -> _Answer:
-        counties = geo.counties_of(_whole(stid, "stid"))
+        counties = geo.counties_of(whole_number("stid", stid, _SECONDS_OR_ID))
         if counties is None:
             raise ApiError(E_NOT_FOUND, "unknown state")
         return self._geo_list("counties", counties)
@@ -451,7 +453,7 @@ class FeedSimulator:
     def _api_county(
         self, who: Principal, query: dict[str, list[str]], body: bytes, ctid: str
     ) -> _Answer:
-        detail = geo.COUNTY_DETAILS.get(_whole(ctid, "ctid"))
+        detail = geo.COUNTY_DETAILS.get(whole_number("ctid", ctid, _SECONDS_OR_ID))
         if detail is None:
             raise ApiError(E_NOT_FOUND, "unknown county")
         return _json(detail)
@@ -538,12 +540,6 @@ def _single(query: Mapping[str, list[str]], name: str) -> str:
     if len(values) != 1:
         raise ApiError(E_BAD_REQUEST, f"{name} given more than once")
     return values[0]
-
-
-def _whole(value: str, name: str) -> int:
-    if not value.isdigit():
-        raise ApiError(E_BAD_REQUEST, f"{name}: expected a whole number of seconds or an id")
-    return int(value)
 
 
 def _only_params(query: Mapping[str, list[str]], allowed: set[str]) -> None:
