@@ -30,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from workers import status
 from workers.devservices import (
     ThrowawayPostgres,
     ThrowawayRedis,
@@ -182,16 +183,11 @@ class Supervisor:
     # --- watching -------------------------------------------------------------------------
 
     def progress(self, conn: psycopg.Connection[Any]) -> str:
-        calls, ready, audio_failed, transcribed, asr_failed = conn.execute(
-            "SELECT (SELECT count(*) FROM bcfy_calls_raw),"
-            " (SELECT count(*) FROM call_audio WHERE state = 'ready'),"
-            " (SELECT count(*) FROM call_audio WHERE state = 'failed'),"
-            " (SELECT count(*) FROM transcripts),"
-            " (SELECT count(*) FROM call_transcription WHERE state = 'failed')"
-        ).fetchone()
+        t = status.totals(conn)
+        audio_failed, asr_failed = t["audio"]["failed"], t["transcription"]["failed"]
         return (
-            f"calls ingested {calls}, audio ready {ready}, transcribed {transcribed},"
-            f" failed {audio_failed + asr_failed}"
+            f"calls ingested {t['ingest']['done']}, audio ready {t['audio']['done']},"
+            f" transcribed {t['transcription']['done']}, failed {audio_failed + asr_failed}"
             f" (audio {audio_failed}, transcription {asr_failed})"
         )
 
@@ -257,12 +253,21 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _load_libc() -> Any:
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return None
+
+
+# Loaded once here: find_library runs ldconfig, which has no place between fork and exec.
+_LIBC = _load_libc()
+
+
 def _die_with_parent() -> None:
     """In each child, before exec: if `bcfy run` itself dies (even by SIGKILL), the child gets
     SIGTERM, so no pool is left running without its supervisor (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run(settings: Settings, flower_port: int = 5555) -> int:
@@ -281,6 +286,7 @@ def run(settings: Settings, flower_port: int = 5555) -> int:
                 f"using the Broadcastify service at {settings.bcfy_api_base}"
                 " (followed playlists: bcfy playlists list)"
             )
+            sup.pause_demo_playlists()
         flower = sup.start_pipeline()
         where = f"Flower: http://127.0.0.1:{sup.flower_port}   " if flower else ""
         print(

@@ -63,7 +63,7 @@ def families(snap: Snapshot) -> Iterator[Any]:
         quarantined = CounterMetricFamily(
             "bcfy_quarantined_records", "Call records refused and kept in quarantine"
         )
-        quarantined.add_metric([], snap.totals["polls"]["quarantined"])
+        quarantined.add_metric([], snap.totals["ingest"]["failed"])
         yield quarantined
 
     skips = CounterMetricFamily(

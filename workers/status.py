@@ -141,12 +141,8 @@ SELECT DISTINCT ON (job) job, outcome, started_at, ended_at, error
 """
 
 
-def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]], *, with_backlog: bool) -> Stage:
-    if with_backlog:
-        backlog, in_flight, done5, done1, fail5, fail1, failed = row
-    else:
-        backlog, in_flight = 0, 0
-        done5, done1, fail5, fail1, failed = row
+def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]]) -> Stage:
+    backlog, in_flight, done5, done1, fail5, fail1, failed = row
     return Stage(
         backlog=backlog,
         in_flight=in_flight,
@@ -157,37 +153,42 @@ def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]], *, with_backlo
     )
 
 
-def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+def totals(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
+    """All-time counts per stage (done, failed) and of polls (ok, error)."""
     calls, quarantined, ready, audio_failed, transcribed, asr_failed, polls_ok, polls_failed = (
         conn.execute(_TOTALS).fetchone()
     )
-    snap.totals = {
+    return {
         "ingest": {"done": calls, "failed": quarantined},
         "audio": {"done": ready, "failed": audio_failed},
         "transcription": {"done": transcribed, "failed": asr_failed},
-        "polls": {"ok": polls_ok, "error": polls_failed, "quarantined": quarantined},
+        "polls": {"ok": polls_ok, "error": polls_failed},
     }
+
+
+def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+    snap.totals = totals(conn)
     for job, outcome, n in conn.execute(_JOB_RUN_TOTALS):
         snap.job_run_totals.setdefault(job, {})[outcome] = n
 
 
-def _from_database(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+def _from_database(snap: Snapshot, conn: psycopg.Connection[Any], *, details: bool) -> None:
+    """The stages' figures and latency; with `details`, also what only `bcfy status` shows
+    (top failures, playlists, each job's last run), which metrics scrapes do without."""
+
+    def failures(query: str) -> list[tuple[Any, ...]]:
+        return conn.execute(query).fetchall() if details else []
+
     calls5, calls1, polls_failed5, polls_failed1, quarantined = conn.execute(_INGEST).fetchone()
     snap.stages["ingest"] = Stage(
         done={"5m": calls5, "1h": calls1},
         failed={"5m": polls_failed5, "1h": polls_failed1},
         failed_total=quarantined,
-        top_failures=[(str(r), int(n)) for r, n in conn.execute(_INGEST_FAILURES).fetchall()],
+        top_failures=[(str(r), int(n)) for r, n in failures(_INGEST_FAILURES)],
     )
-    snap.stages["audio"] = _stage(
-        conn.execute(_AUDIO).fetchone(),
-        conn.execute(_AUDIO_FAILURES).fetchall(),
-        with_backlog=True,
-    )
+    snap.stages["audio"] = _stage(conn.execute(_AUDIO).fetchone(), failures(_AUDIO_FAILURES))
     snap.stages["transcription"] = _stage(
-        conn.execute(_TRANSCRIPTION).fetchone(),
-        conn.execute(_TRANSCRIPTION_FAILURES).fetchall(),
-        with_backlog=True,
+        conn.execute(_TRANSCRIPTION).fetchone(), failures(_TRANSCRIPTION_FAILURES)
     )
     for window, interval in WINDOWS.items():
         p50, p95, p95_excl, n = conn.execute(_LATENCY, (interval,)).fetchone()
@@ -197,6 +198,8 @@ def _from_database(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
             "p95_excluding_recognition": p95_excl,
             "calls": n,
         }
+    if not details:
+        return
     for uuid, name, sync, cursor, polled, ok, error, new, status in conn.execute(_PLAYLISTS):
         snap.playlists.append(
             {
@@ -246,6 +249,8 @@ def _from_workers(snap: Snapshot, timeout: float) -> None:
 
 
 def snapshot(settings: Settings, *, workers_timeout: float = 1.0, totals: bool = False) -> Snapshot:
+    """What `bcfy status` shows; with `totals` (metrics), all-time counts instead of the
+    details only status shows."""
     snap = Snapshot(generated_at=datetime.now(UTC).isoformat(timespec="seconds"))
     parts: list[tuple[str, Callable[[], None]]] = [
         ("database", lambda: _with_db(settings, snap, totals)),
@@ -262,7 +267,7 @@ def snapshot(settings: Settings, *, workers_timeout: float = 1.0, totals: bool =
 
 def _with_db(settings: Settings, snap: Snapshot, totals: bool) -> None:
     with psycopg.connect(settings.database_url.reveal(), connect_timeout=5) as conn:
-        _from_database(snap, conn)
+        _from_database(snap, conn, details=not totals)
         if totals:
             _totals(snap, conn)
 
