@@ -37,6 +37,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 
 from workers.retry_after import retry_after_sec
+from workers.settings import split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -115,17 +116,6 @@ def _internal_kind(ip: IPAddress) -> str | None:
     return None
 
 
-def split_host_port(entry: str) -> tuple[str, str]:
-    """'host', 'host:port', '[v6]' or '[v6]:port' -> (host, port or '')."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, rest.removeprefix(":")
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, port
-    return entry, ""
-
-
 @dataclass(frozen=True)
 class UrlPolicy:
     """Which URLs audio may be fetched from (see the module's docstring)."""
@@ -150,11 +140,8 @@ class UrlPolicy:
         return False
 
     def _address_allowed(self, ip: IPAddress) -> bool:
-        return any(
-            ip in ipaddress.ip_network(net)
-            for net in self.allowed_internal_networks
-            if ipaddress.ip_network(net).version == ip.version
-        )
+        # (an address is never `in` a network of the other IP version)
+        return any(ip in ipaddress.ip_network(net) for net in self.allowed_internal_networks)
 
     def _check_addresses(self, host: str, addresses: list[str], literal: bool) -> None:
         for text in addresses:

@@ -145,17 +145,26 @@ class NameList(tuple[str, ...]):
         return ",".join(self)
 
 
+def split_host_port(entry: str) -> tuple[str, str]:
+    """'host', 'host:port', '[v6]' or '[v6]:port' -> (host, port or '')."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest.removeprefix(":")
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, ""
+
+
 def _host_list(raw: str) -> NameList:
     hosts = []
     for item in (part.strip().lower() for part in raw.split(",")):
         if not item:
             continue
+        name, port = split_host_port(item)
         if item.startswith("["):  # [IPv6] or [IPv6]:port
-            name, _, port = item[1:].partition("]")
-            port = port.removeprefix(":")
             labels_ok = name.count(":") >= 2 and all(c in "0123456789abcdef:." for c in name)
         else:
-            name, _, port = item.partition(":")
             name = name.removeprefix("*.")
             labels_ok = all(label and label.replace("-", "").isalnum() for label in name.split("."))
         if (
