@@ -76,7 +76,7 @@ async def refresh_geo_data(ctx: JobContext) -> None:
     bound = asyncio.Semaphore(s.geo_concurrency)
     failures: list[str] = []
     states = await _fetch_each(
-        ctx, bound, failures, "states of country", in_scope, "coid", api.states, STATES
+        ctx, bound, failures, "states of country", in_scope, api.states, STATES
     )
     wanted_states = _codes(s.geo_states)
     states_in_scope = [
@@ -87,7 +87,7 @@ async def refresh_geo_data(ctx: JobContext) -> None:
     if wanted_states:
         _warn_unmatched("GEO_STATES", wanted_states, states_in_scope, ("state_code", "stid"))
     counties = await _fetch_each(
-        ctx, bound, failures, "counties of state", states_in_scope, "stid", api.counties, COUNTIES
+        ctx, bound, failures, "counties of state", states_in_scope, api.counties, COUNTIES
     )
     log.info(
         "geo refresh: %d countries, %d states of %d countries, %d counties of %d states",
@@ -110,12 +110,14 @@ async def _fetch_each(
     failures: list[str],
     what: str,
     parents: Sequence[dict[str, Any]],
-    parent_key: str,
     fetch: Callable[[int], Awaitable[list[dict[str, Any]]]],
     table: GeoTable,
 ) -> list[dict[str, Any]]:
-    """Fetch and upsert the children of each parent, concurrently within the bound. A failed
-    parent is logged and noted in `failures`; the others go on."""
+    """Fetch and upsert the children of each parent (their table's parent_key names its id),
+    concurrently within the bound. A failed parent is logged and noted in `failures`; the
+    others go on."""
+    parent_key = table.parent_key
+    assert parent_key is not None, f"{table.name} is not a child table"
 
     async def one(parent: dict[str, Any]) -> list[dict[str, Any]]:
         parent_id = parent[parent_key]
@@ -124,7 +126,7 @@ async def _fetch_each(
                 children = await fetch(int(parent_id))
             # A record that leaves out its parent's id belongs to the parent asked for.
             for child in children:
-                child.setdefault(table.parent_key or "", parent_id)
+                child.setdefault(parent_key, parent_id)
             await upsert(ctx, table, children)
             return children
         except asyncio.CancelledError:

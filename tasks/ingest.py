@@ -496,7 +496,6 @@ async def log_failed_poll(ctx: JobContext, poll: PollRecord, error: BaseExceptio
 @dataclass(frozen=True)
 class PollOutcome:
     playlist_uuid: str
-    polled: bool
     new: int = 0
     error: BaseException | None = None
 
@@ -524,7 +523,7 @@ async def poll_playlist(
             playlist_uuid,
             s.ingest_min_poll_gap_sec,
         )
-        return PollOutcome(playlist_uuid, polled=False)
+        return PollOutcome(playlist_uuid)
     cursor, groups = claimed
     poll = PollRecord(
         playlist_uuid, datetime.now(UTC), "init" if cursor is None else "pos", pos_sent=cursor
@@ -551,14 +550,14 @@ async def poll_playlist(
             if gap:
                 await _plan_backfill(conn, playlist_uuid, groups, *gap)
     except LockLost as exc:
-        return PollOutcome(playlist_uuid, polled=True, error=exc)  # the job stops; no writes
+        return PollOutcome(playlist_uuid, error=exc)  # the job stops; no writes
     except Exception as exc:
         if not isinstance(exc, BroadcastifyError):
             log.exception("playlist %s: poll failed", playlist_uuid)
         else:
             log.warning("playlist %s: poll failed: %s", playlist_uuid, exc)
         await log_failed_poll(ctx, poll, exc)
-        return PollOutcome(playlist_uuid, polled=True, error=exc)
+        return PollOutcome(playlist_uuid, error=exc)
     if stored.new or stored.quarantined or stored.duplicate:
         log.info(
             "playlist %s: %d received, %d new, %d duplicate, %d quarantined; cursor %s",
@@ -569,7 +568,7 @@ async def poll_playlist(
             stored.quarantined,
             new_cursor or cursor,
         )
-    return PollOutcome(playlist_uuid, polled=True, new=stored.new)
+    return PollOutcome(playlist_uuid, new=stored.new)
 
 
 def _next_cursor(
@@ -776,6 +775,17 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
     return stored.new
 
 
+# The gaps back-fill reads now: of playlists with sync on, and not waiting out a failure (a gap
+# whose reads keep failing is tried again less and less often). Polls trigger back-fill only
+# while there are some.
+DUE_GAPS = """
+  FROM bcfy_backfill b JOIN bcfy_playlists p ON p.uuid = b.playlist_uuid
+ WHERE p.sync
+   AND (b.attempts = 0
+        OR b.updated_at <= now() - make_interval(secs => least(3600, 5 * 2 ^ b.attempts)))
+"""
+
+
 @periodic_job(BACKFILL_JOB, rerun_on_trigger=True)
 async def backfill_gaps(ctx: JobContext) -> None:
     """Recover recorded gaps from group_archives, oldest windows first, for at most
@@ -790,19 +800,12 @@ async def backfill_gaps(ctx: JobContext) -> None:
     skipped: list[int] = []  # failed or not complete yet: not again in this run
     errors: list[str] = []
     new = 0
-    first = True
-    while first or time.monotonic() < deadline:
-        first = False
+    while True:
         ctx.ensure_lock()
         async with ctx.connection() as conn:
             cur = await conn.execute(
                 "SELECT b.id, b.playlist_uuid::text, b.group_id, b.next_ts, b.until_ts"
-                "  FROM bcfy_backfill b JOIN bcfy_playlists p ON p.uuid = b.playlist_uuid"
-                " WHERE p.sync AND b.id <> ALL(%s)"
-                # A gap whose reads keep failing is tried again less and less often.
-                "   AND (b.attempts = 0 OR b.updated_at"
-                "        <= now() - make_interval(secs => least(3600, 5 * 2 ^ b.attempts)))"
-                " ORDER BY b.next_ts, b.id LIMIT %s",
+                f" {DUE_GAPS} AND b.id <> ALL(%s) ORDER BY b.next_ts, b.id LIMIT %s",
                 (skipped, s.ingest_backfill_concurrency),
             )
             gaps = [Gap(*row) for row in await cur.fetchall()]
@@ -822,6 +825,8 @@ async def backfill_gaps(ctx: JobContext) -> None:
                 skipped.append(gap.id)  # not complete yet: the next trigger reads it
             else:
                 new += result
+        if time.monotonic() >= deadline:
+            break
     if new:
         await _trigger(AUDIO_JOB)
     if errors:
@@ -860,7 +865,7 @@ async def poll_followed_playlists(ctx: JobContext) -> None:
     if any(o.new for o in outcomes):
         await _trigger(AUDIO_JOB)
     async with ctx.connection() as conn:
-        cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM bcfy_backfill)")
+        cur = await conn.execute(f"SELECT EXISTS (SELECT 1 {DUE_GAPS})")
         (gaps,) = await cur.fetchone()  # type: ignore[misc]
     if gaps:
         await _trigger(BACKFILL_JOB)
