@@ -12,12 +12,10 @@ import psycopg
 from tasks.audio import (
     CallPreparer,
     backoff_sec,
-    claim_pending_calls,
     fail_exhausted_leases,
     split_evenly,
 )
-from tests.audio_helpers import audio_rows, insert_call
-from tests.conftest import Services
+from tests.audio_helpers import audio_rows, claim, insert_call
 from workers.audio_download import AudioFailure
 from workers.runtime import Runtime
 from workers.settings import Settings, get_settings
@@ -25,14 +23,6 @@ from workers.settings import Settings, get_settings
 
 def settings(**overrides) -> Settings:
     return dataclasses.replace(get_settings(), **overrides)
-
-
-async def claim(services: Services, s: Settings, owner: str, *, hold: float = 0.0):
-    async with await psycopg.AsyncConnection.connect(services.database_url) as conn:
-        got = await claim_pending_calls(conn, s, owner)
-        await asyncio.sleep(hold)  # keep the transaction (and its row locks) open
-        await conn.commit()
-    return got
 
 
 def add_calls(db, n: int) -> list[int]:
@@ -46,10 +36,17 @@ def test_a_claim_takes_at_most_the_batch_and_stays_under_the_in_flight_cap(db, c
     assert first.call_ids == ids[:20] and first.full, "oldest first, the batch and no more"
     second = asyncio.run(claim(clean, s, "b"))
     assert len(second.call_ids) == 10, "30 in flight is the cap"
-    assert asyncio.run(claim(clean, s, "c")).call_ids == []
+    at_cap = asyncio.run(claim(clean, s, "c"))
+    assert (at_cap.call_ids, at_cap.room) == ([], 0), "no room: the cap is reached"
     rows = audio_rows(db)
     assert {r["lease_owner"] for r in rows.values() if r["state"] == "downloading"} == {"a", "b"}
     assert all(r["attempts"] == 1 for r in rows.values() if r["state"] == "downloading")
+
+
+def test_a_pass_with_nothing_due_still_has_room(db, clean):
+    # Told apart from "cap reached", which makes the next finished task ask for a pass.
+    idle = asyncio.run(claim(clean, settings(audio_worker_batch_size=20), "a"))
+    assert (idle.call_ids, idle.room, idle.full) == ([], 20, False)
 
 
 def test_concurrent_claims_never_share_a_call(db, clean):
