@@ -35,7 +35,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import psycopg
-import redis
+from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,7 +59,7 @@ class Config:
 
 
 def one_round(
-    db: psycopg.Connection, broker: redis.Redis, sim: FeedSimulator, calls: int, procs: list[Proc]
+    db: psycopg.Connection, client: Celery, sim: FeedSimulator, calls: int, procs: list[Proc]
 ) -> tuple[float, float]:
     """(seconds from trigger to the last call ready, worker CPU seconds meanwhile)."""
     db.execute("TRUNCATE bcfy_calls_raw CASCADE")
@@ -68,7 +68,7 @@ def one_round(
         publish(sim, db, playlist)
     cpu0 = sum(group_cpu_sec(p.pid) for p in procs)
     t0 = time.perf_counter()
-    trigger(broker)
+    trigger(client)
     wait_until(
         lambda: (
             db.execute("SELECT count(*) FROM call_audio WHERE state = 'ready'").fetchone()[0]
@@ -85,19 +85,17 @@ def one_round(
     return elapsed, cpu
 
 
-_trigger_app = None
+def celery_client(redis_url: str) -> Celery:
+    """A client that sends tasks by name to the broker at redis_url (its password and TLS
+    settings included), as the stages do."""
+    client = Celery(broker=redis_url)
+    client.conf.update(task_serializer="json", accept_content=["json"])
+    return client
 
 
-def trigger(broker: redis.Redis) -> None:
+def trigger(client: Celery) -> None:
     """What ingest does after storing new calls: send the claim job by name."""
-    global _trigger_app
-    if _trigger_app is None:
-        from celery import Celery
-
-        kw = broker.connection_pool.connection_kwargs
-        _trigger_app = Celery(broker=f"redis://{kw['host']}:{kw['port']}/{kw['db']}")
-        _trigger_app.conf.update(task_serializer="json", accept_content=["json"])
-    _trigger_app.send_task(CLAIM_JOB, queue="audio")
+    client.send_task(CLAIM_JOB, queue="audio")
 
 
 def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
@@ -142,7 +140,7 @@ def main() -> None:
     results: dict[str, tuple[float, float]] = {}
     with (
         servers() as services,
-        services.redis() as broker,
+        celery_client(services.redis_url) as client,
         FeedSimulator(seed=1) as sim,
         TemporaryDirectory() as tmp,
         services.db() as db,
@@ -167,7 +165,7 @@ def main() -> None:
             try:
                 for i in range(config.workers):
                     procs.append(start_worker("audio", f"bench{i}", env, logdir))
-                runs = [one_round(db, broker, sim, args.calls, procs) for _ in range(args.rounds)]
+                runs = [one_round(db, client, sim, args.calls, procs) for _ in range(args.rounds)]
             finally:
                 for p in procs:
                     p.stop(timeout=10)

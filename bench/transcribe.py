@@ -37,7 +37,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import Servers, heading, report, servers, start_worker
-from tests.procs import Proc
+from tests.procs import Proc, wait_until
 from workers.audio_codec import convert_for_recognizers, decode_mono
 from workers.simulator.make_clips import CLIPS_DIR
 
@@ -254,10 +254,12 @@ def pool_run(services: Servers, k: int, calls: int, env: dict[str, str], logdir:
         ids = Runtime.current().run(mark_dispatched(settings, calls))
         publish_transcriptions(settings, ids)
         with services.db() as conn:
-            while conn.execute("SELECT count(*) FROM transcripts").fetchone()[0] < calls:
-                if time.perf_counter() - t0 > 600:
-                    raise SystemExit("the pool did not finish within 10 minutes")
-                time.sleep(0.05)
+            wait_until(
+                lambda: conn.execute("SELECT count(*) FROM transcripts").fetchone()[0] >= calls,
+                600,
+                "the pool to transcribe every call",
+                every=0.05,
+            )
         return time.perf_counter() - t0
     finally:
         for worker in workers:

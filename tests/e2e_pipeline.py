@@ -83,7 +83,6 @@ class Traffic(threading.Thread):
         self.rng = random.Random(f"{seed}:playlists")
         self.published = published
         self.started_at = 0.0
-        self.late: list[float] = []  # how late each publication was against its schedule
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -96,7 +95,6 @@ class Traffic(threading.Thread):
             at = time.time()
             record = self.sim.publish_call(playlist)
             self.published[record["url"]] = at
-            self.late.append(at - due)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -107,11 +105,9 @@ class Traffic(threading.Thread):
 _COUNTS = """
 SELECT (SELECT count(*) FROM bcfy_calls_raw),
        (SELECT count(*) FROM call_audio WHERE state IN ('ready', 'failed')),
-       (SELECT count(*) FROM call_audio WHERE state = 'failed'),
        (SELECT count(*) FROM call_transcription WHERE state = 'pending'),
        (SELECT count(*) FROM call_transcription WHERE state IN ('dispatched', 'running')),
-       (SELECT count(*) FROM call_transcription WHERE state IN ('done', 'failed')),
-       (SELECT count(*) FROM call_transcription WHERE state = 'failed')
+       (SELECT count(*) FROM call_transcription WHERE state IN ('done', 'failed'))
 """
 
 
@@ -121,13 +117,10 @@ class Sample:
     published: int
     stored: int
     audio_settled: int  # ready or failed
-    audio_failed: int
     dispatch_pending: int  # prepared, not yet sent to the pool
     in_pool: int  # sent to the pool (queued, running, or waiting to retry), not finished
     transcribed: int  # done or failed
-    transcription_failed: int
     queued: dict[str, int]  # messages waiting per queue (LLEN)
-    unacked: int  # messages taken by a worker and not yet acknowledged
 
     def backlog(self, stage: str) -> int:
         """Calls that have reached `stage` and not got through it."""
@@ -139,21 +132,22 @@ class Sample:
         }[stage]
 
 
-def take_sample(db: psycopg.Connection[Any], broker: redis.Redis, published: int) -> Sample:
-    row = db.execute(_COUNTS).fetchone()
-    assert row is not None
+def queue_lengths(broker: redis.Redis, *, unacked: bool = False) -> dict[str, int]:
+    """Messages waiting per queue (LLEN), in one round trip; with `unacked`, also "unacked":
+    messages taken by a worker and not yet acknowledged (HLEN)."""
+    names = QUEUES + (("unacked",) if unacked else ())
     pipe = broker.pipeline(transaction=False)
     for queue in QUEUES:
         pipe.llen(queue)
-    pipe.hlen("unacked")
-    *lengths, unacked = pipe.execute()
-    return Sample(
-        time.time(),
-        published,
-        *row,
-        queued=dict(zip(QUEUES, map(int, lengths), strict=True)),
-        unacked=int(unacked),
-    )
+    if unacked:
+        pipe.hlen("unacked")
+    return dict(zip(names, map(int, pipe.execute()), strict=True))
+
+
+def take_sample(db: psycopg.Connection[Any], broker: redis.Redis, published: int) -> Sample:
+    row = db.execute(_COUNTS).fetchone()
+    assert row is not None
+    return Sample(time.time(), published, *row, queued=queue_lengths(broker))
 
 
 class Sampler(threading.Thread):
@@ -183,11 +177,6 @@ class Sampler(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(10)
-
-
-def slope(points: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope of y over x (0 for fewer than two distinct x)."""
-    return slope_fit(points)[0]
 
 
 def slope_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -519,11 +508,7 @@ class Pipeline:
 
         def idle() -> bool:
             with redis.Redis.from_url(self.redis_url) as client:
-                pipe = client.pipeline(transaction=False)
-                for queue in QUEUES:
-                    pipe.llen(queue)
-                pipe.hlen("unacked")
-                return not any(pipe.execute())
+                return not any(queue_lengths(client, unacked=True).values())
 
         wait_until(idle, timeout, "every queue empty and every message acknowledged", every=0.2)
 

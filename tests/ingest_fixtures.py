@@ -90,6 +90,12 @@ class Ingest:
         assert self.clock is not None, "a ManualClock test"
         self.clock.advance(seconds)
 
+    def poll_every_10s(self, times: int) -> None:
+        """Poll `times` times, each an "ok" run, moving the ManualClock 10 s after each."""
+        for _ in range(times):
+            assert self.poll() == "ok"
+            self.advance(10)
+
     # --- the database ------------------------------------------------------------------------
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -120,6 +126,10 @@ class Ingest:
                 "SELECT url FROM bcfy_calls_raw WHERE playlist_uuid = %s ORDER BY id", uuid
             )
         ]
+
+    def served_calls(self, uuid: str) -> list[dict[str, Any]]:
+        """The playlist's calls the simulator has served at least once."""
+        return [c for c in self.sim.calls(uuid) if self.sim.served_count(c) > 0]
 
     def cursor(self, uuid: str) -> int | None:
         return self.sql("SELECT cursor_pos FROM bcfy_playlists WHERE uuid = %s", uuid)[0][0]

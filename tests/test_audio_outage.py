@@ -13,16 +13,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.audio_helpers import slow_audio
-from tests.conftest import Services
-from tests.procs import start_beat, start_worker, wait_until
-from tests.test_audio_workers import (
+from tests.audio_helpers import (
     add_calls,
     assert_stored_files_match,
     attempts,
     make_env,
+    slow_audio,
     states,
 )
+from tests.conftest import Services
+from tests.procs import start_beat, start_worker, wait_until
 from workers.devservices import ServiceError, ThrowawayPostgres, scratch_database
 
 pytestmark = pytest.mark.slow

@@ -6,64 +6,31 @@ lease, and the temporary files it left are gone."""
 
 from __future__ import annotations
 
-import hashlib
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.audio_helpers import audio_rows, insert_call, publish, slow_audio
-from tests.conftest import Services
+from tests.audio_helpers import (
+    add_calls,
+    assert_stored_files_match,
+    attempts,
+    audio_rows,
+    insert_call,
+    make_env,
+    publish,
+    slow_audio,
+    states,
+)
 from tests.ingest_fixtures import api_env, follow_with_cli
 from tests.procs import start_beat, start_worker, wait_until
 from workers.audio_store import FilesystemAudioStore
-from workers.simulator import AudioFault, FeedSimulator
+from workers.simulator import AudioFault
 
 pytestmark = pytest.mark.slow
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
-
-
-def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: str) -> dict:
-    env = services.worker_env(
-        tmp_path,
-        AUDIO_STORE_DIR=str(tmp_path / "store"),
-        AUDIO_ALLOWED_HOSTS=sim.audio_host,
-        AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
-        LOCK_TTL_SEC="5",
-        LOCK_RENEW_SEC="1",
-    )
-    return env | extra
-
-
-def add_calls(db, sim: FeedSimulator, n: int) -> dict[int, dict]:
-    playlist = sim.add_playlist()
-    return dict(publish(sim, db, playlist) for _ in range(n))
-
-
-def states(db) -> dict[str, int]:
-    rows = db.execute("SELECT state, count(*) FROM call_audio GROUP BY 1").fetchall()
-    return dict(rows)
-
-
-def attempts(db) -> list[tuple]:
-    return db.execute(
-        "SELECT call_id, lease_owner, worker, outcome FROM call_audio_attempts ORDER BY id"
-    ).fetchall()
-
-
-def assert_stored_files_match(db, store_dir: Path) -> int:
-    store = FilesystemAudioStore(store_dir)
-    ready = [r for r in audio_rows(db).values() if r["state"] == "ready"]
-    for row in ready:
-        for kind in ("original", "prepared"):
-            data = store.local_path(row[f"{kind}_path"]).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == row[f"{kind}_sha256"], row["call_id"]
-            assert len(data) == row[f"{kind}_bytes"]
-    assert store.temp_files() == [], "no temporary file left behind"
-    return len(ready)
 
 
 def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(

@@ -5,7 +5,6 @@ or anywhere; an interrupted back-fill resumes where it stopped."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 from tests.ingest_fixtures import Ingest
@@ -23,12 +22,6 @@ def with_retention(ing: Ingest, age: int = RETENTION) -> None:
         HTTP_READ_TIMEOUT_SEC=5,
         HTTP_TOTAL_TIMEOUT_SEC=5,
     )
-
-
-def poll_every_10s(ing: Ingest, times: int) -> None:
-    for _ in range(times):
-        assert ing.poll() == "ok"
-        ing.advance(10)
 
 
 def drain(ing: Ingest, runs: int = 20) -> None:
@@ -52,7 +45,7 @@ def assert_each_call_once(ing: Ingest, uuid: str, since: int) -> list[str]:
     published = [c for c in ing.sim.calls(uuid) if since < c["ts"] <= cursor]
     missing = {c["url"] for c in published} - set(stored)
     assert not missing, f"{len(missing)} calls lost"
-    served = [c for c in ing.sim.calls(uuid) if ing.sim.served_count(c)]
+    served = ing.served_calls(uuid)
     assert sorted(stored) == sorted(c["url"] for c in served)
     twice = [c for c in served if ing.sim.served_count(c) > 1]
     assert not twice, f"{len(twice)} calls read twice, e.g. ts {twice[0]['ts']}"
@@ -66,7 +59,7 @@ def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
     uuid = ing.sim.add_playlist(calls_per_minute=6)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 6)
+    ing.poll_every_10s(6)
     first = ing.polls(uuid)[0]["last_pos"]
     before = ing.cursor(uuid)
 
@@ -83,17 +76,14 @@ def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
     assert {n for _, n, _ in gaps} == {before + 1}
     assert ing.clock() - 15 < seam < ing.clock() - 5  # just behind the service's present
     # The poll said so to whoever runs back-fill: a trigger is queued.
-    queued = [
-        json.loads(m)["headers"]["task"] for m in ing.services.redis().lrange("ingest", 0, -1)
-    ]
-    assert "tasks.ingest.backfill_gaps" in queued
+    assert "tasks.ingest.backfill_gaps" in ing.services.queued_tasks("ingest")
     # Live polling went on from the seam at once.
     live = ing.polls(uuid)[-1]
     assert live["pos_sent"] == seam and live["calls_new"] > 0
 
     ing.advance(10)
     drain(ing)
-    poll_every_10s(ing, 3)
+    ing.poll_every_10s(3)
     assert_each_call_once(ing, uuid, since=first)
     around = [c for c in ing.sim.calls(uuid) if seam - 2 <= c["ts"] <= seam + 2]
     assert len(around) >= 5
@@ -118,10 +108,10 @@ def test_a_short_outage_is_caught_up_live_without_back_fill(ingest_manual):
     uuid = ing.sim.add_playlist(calls_per_minute=12)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 3)
+    ing.poll_every_10s(3)
     first = ing.polls(uuid)[0]["last_pos"]
     ing.advance(RETENTION - 60)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert ing.sim.requests.get("group_archives", 0) == 0
     assert not ing.sql("SELECT 1 FROM bcfy_backfill")
     assert_each_call_once(ing, uuid, since=first)
@@ -134,10 +124,10 @@ def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_
     uuid = ing.sim.add_playlist(calls_per_minute=4)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     first = ing.polls(uuid)[0]["last_pos"]
     ing.advance(30 * HOUR)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
 
     ing.sim.faults.fail_next_500 = 2  # the first two archive reads fail
     assert ing.backfill() == "error"
@@ -150,7 +140,7 @@ def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_
     assert ing.sql("SELECT count(*) FROM bcfy_backfill")[0][0] == 2
     ing.sql("UPDATE bcfy_backfill SET updated_at = now() - interval '1 hour'")
     drain(ing)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert_each_call_once(ing, uuid, since=first)
     (outcome, error) = ing.runs("tasks.ingest.backfill_gaps")[0]
     assert outcome == "error" and "2 archive reads failed" in error
@@ -163,10 +153,10 @@ def test_a_back_fill_cut_short_by_its_budget_goes_on_next_run(ingest_manual):
     uuid = ing.sim.add_playlist(calls_per_minute=4)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     first = ing.polls(uuid)[0]["last_pos"]
     ing.advance(40 * HOUR)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     windows = sum(
         math.ceil((until - start + 1) / 28_800)
         for start, until in ing.sql("SELECT next_ts, until_ts FROM bcfy_backfill")
@@ -183,7 +173,7 @@ def test_a_back_fill_cut_short_by_its_budget_goes_on_next_run(ingest_manual):
     assert runs > 1
     assert ing.sim.requests["group_archives"] == windows
     ing.sim.faults.latency = 0
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert_each_call_once(ing, uuid, since=first)
 
 
@@ -195,7 +185,7 @@ def test_a_gap_the_answer_reveals_is_back_filled_too(ingest_manual):
     uuid = ing.sim.add_playlist(calls_per_minute=6)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     first = ing.polls(uuid)[0]["last_pos"]
     ing.advance(RETENTION + 300)
     ing.reset_runtime()  # a restarted worker: it has not seen the service's clock yet
@@ -208,7 +198,7 @@ def test_a_gap_the_answer_reveals_is_back_filled_too(ingest_manual):
     assert gaps and {g for g in gaps} == {(sent + 1, server_time - RETENTION)}
     drain(ing)
     ing.advance(10)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert_each_call_once(ing, uuid, since=first)
 
 
@@ -218,9 +208,9 @@ def test_a_paused_playlist_keeps_its_gap_and_a_removed_one_drops_it(ingest_manua
     uuid = ing.sim.add_playlist(calls_per_minute=2)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     ing.advance(10 * HOUR)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     ing.sql("UPDATE bcfy_playlists SET sync = false")
     assert ing.backfill() == "ok"
     assert ing.sim.requests.get("group_archives", 0) == 0
@@ -237,12 +227,12 @@ def test_groups_seen_in_answers_are_back_filled_too(ingest_manual):
     all_groups = sorted({c["groupId"] for c in ing.sim.calls(uuid)})
     assert len(all_groups) == 3
     ing.follow(uuid, groups=all_groups[:1])  # what was stored when it was added: one group
-    poll_every_10s(ing, 6)
+    ing.poll_every_10s(6)
     first = ing.polls(uuid)[0]["last_pos"]
     assert groups_of(ing, uuid) == all_groups  # learnt from the calls served
     ing.advance(3 * HOUR)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert sorted(g for (g,) in ing.sql("SELECT group_id FROM bcfy_backfill")) == all_groups
     drain(ing)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert_each_call_once(ing, uuid, since=first)

@@ -145,7 +145,6 @@ def test_user_auth_adds_sub_and_utk(sim):
     assert "wrong" not in str(refused)
 
 
-
 def test_concurrent_first_requests_share_one_login(sim):
     uuids = [sim.add_playlist(public=False, calls_per_minute=0) for _ in range(4)]
     sim.faults.latency = 0.2  # the login is still under way when the other requests start
@@ -156,6 +155,7 @@ def test_concurrent_first_requests_share_one_login(sim):
     result, _ = run(sim.url, all_at_once, BCFY_USERNAME="demo", BCFY_PASSWORD="demo")
     assert [r["uuid"] for r in result] == uuids
     assert sim.requests["auth"] == 1
+
 
 def test_retry_after_as_an_http_date_is_honoured(sim):
     sim.faults.fail_next_429 = 1

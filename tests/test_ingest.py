@@ -17,27 +17,17 @@ from workers.simulator import OMIT
 POLL = "tasks.ingest.poll_followed_playlists"
 
 
-def served_calls(ing: Ingest, uuid: str) -> list[dict]:
-    return [c for c in ing.sim.calls(uuid) if ing.sim.served_count(c) > 0]
-
-
-def poll_every_10s(ing: Ingest, times: int) -> None:
-    for _ in range(times):
-        assert ing.poll() == "ok"
-        ing.advance(10)
-
-
 def test_every_call_served_is_stored_once_and_read_once(ingest_manual):
     ing = ingest_manual
     uuid = ing.sim.add_playlist(name="County fire", calls_per_minute=40)
     ing.advance(300)  # five minutes of calls before we follow it
     ing.follow(uuid)
-    poll_every_10s(ing, 30)
+    ing.poll_every_10s(30)
 
     stored = ing.stored_urls(uuid)
     assert len(stored) > 150
     assert len(stored) == len(set(stored))
-    served = served_calls(ing, uuid)
+    served = ing.served_calls(uuid)
     assert sorted(stored) == sorted(c["url"] for c in served)
     # Read efficiency: each call record read (billed) once.
     assert all(ing.sim.served_count(c) == 1 for c in served)
@@ -98,10 +88,10 @@ def test_the_cursor_holds_when_lastpos_comes_back_0(ingest_manual):
         ing.sim.publish_call(uuid)
         ing.advance(1)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     cursor = ing.cursor(uuid)
     assert cursor and len(ing.stored_urls()) == 3
-    poll_every_10s(ing, 3)  # nothing new: lastPos 0 each time
+    ing.poll_every_10s(3)  # nothing new: lastPos 0 each time
     assert ing.cursor(uuid) == cursor
     empty = ing.polls(uuid)[1:]
     assert [p["last_pos"] for p in empty] == [0, 0, 0]
@@ -109,7 +99,7 @@ def test_the_cursor_holds_when_lastpos_comes_back_0(ingest_manual):
     ing.sim.publish_call(uuid)
     ing.sim.publish_call(uuid)
     ing.advance(5)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert len(ing.stored_urls()) == 5
     assert ing.sim.billed_records == 5
     assert ing.cursor(uuid) > cursor
@@ -119,12 +109,12 @@ def test_an_empty_playlist_is_asked_with_init_until_it_has_a_cursor(ingest_manua
     ing = ingest_manual
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.follow(uuid)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert ing.cursor(uuid) is None
     assert [p["mode"] for p in ing.polls(uuid)] == ["init", "init"]
     ing.sim.publish_call(uuid)
     ing.advance(2)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert [p["mode"] for p in ing.polls(uuid)] == ["init", "init", "init", "pos"]
     assert len(ing.stored_urls()) == 1 and ing.cursor(uuid) is not None
 
@@ -133,12 +123,12 @@ def test_two_calls_sharing_group_and_second_are_both_kept(ingest_manual):
     ing = ingest_manual
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     ing.sim.faults.duplicate_group_ts = 2
     ing.sim.publish_call(uuid)
     ing.sim.publish_call(uuid)
     ing.advance(3)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     rows = ing.sql("SELECT group_id, call_ts, url FROM bcfy_calls_raw")
     assert len(rows) == 4 and len({r[2] for r in rows}) == 4
     assert len({(r[0], r[1]) for r in rows}) <= 2  # twins share groupId and ts
@@ -150,9 +140,9 @@ def test_calls_served_again_are_recognised_and_stored_once(ingest_manual):
     uuid = ing.sim.add_playlist(calls_per_minute=30)
     ing.advance(60)
     ing.follow(uuid)
-    poll_every_10s(ing, 12)
+    ing.poll_every_10s(12)
     stored = ing.stored_urls(uuid)
-    assert sorted(stored) == sorted(c["url"] for c in served_calls(ing, uuid))
+    assert sorted(stored) == sorted(c["url"] for c in ing.served_calls(uuid))
     polls = ing.polls(uuid)
     duplicates = sum(p["calls_duplicate"] for p in polls)
     assert duplicates > 0  # the service served them again (and billed them): we noticed
@@ -164,7 +154,7 @@ def test_bad_records_are_quarantined_and_the_rest_of_the_page_stored(ingest_manu
     ing = ingest_manual
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     good = [ing.sim.publish_call(uuid) for _ in range(3)]
     bad = {
         "missing groupId": ing.sim.publish_call(uuid, groupId=OMIT),
@@ -178,7 +168,7 @@ def test_bad_records_are_quarantined_and_the_rest_of_the_page_stored(ingest_manu
     }
     good.append(ing.sim.publish_call(uuid, tag=None, size=OMIT))  # optional fields may be absent
     ing.advance(3)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
 
     assert sorted(ing.stored_urls(uuid)) == sorted(c["url"] for c in good)
     rows = ing.sql(
@@ -198,7 +188,7 @@ def test_bad_records_are_quarantined_and_the_rest_of_the_page_stored(ingest_manu
         len(bad),
     )
     # The cursor moved past the page: the bad records are not asked for again.
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert ing.sim.billed_records == len(good) + len(bad)
 
 
@@ -224,7 +214,7 @@ def test_a_request_failing_past_its_retries_fails_the_poll_and_loses_nothing(ing
     ing.configure(BCFY_RETRY_ATTEMPTS=3)
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     cursor = ing.cursor(uuid)
     ing.sim.publish_call(uuid)
     ing.advance(2)
@@ -253,7 +243,7 @@ def test_malformed_json_and_errors_in_a_200_fail_the_poll_without_retry(ingest_m
     uuid = ing.sim.add_playlist(calls_per_minute=20)
     ing.advance(30)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     setattr(ing.sim.faults, fault, 1)
     cursor = ing.cursor(uuid)
     ing.advance(30)
@@ -263,8 +253,8 @@ def test_malformed_json_and_errors_in_a_200_fail_the_poll_without_retry(ingest_m
     assert not failed["success"] and text in failed["error"]
     assert ing.cursor(uuid) == cursor
     ing.advance(10)
-    poll_every_10s(ing, 2)
-    assert sorted(ing.stored_urls(uuid)) == sorted(c["url"] for c in served_calls(ing, uuid))
+    ing.poll_every_10s(2)
+    assert sorted(ing.stored_urls(uuid)) == sorted(c["url"] for c in ing.served_calls(uuid))
     assert ing.sim.billed_records == len(ing.stored_urls(uuid))
 
 
@@ -369,11 +359,11 @@ def test_paused_and_removed_playlists_are_not_polled(ingest_manual):
     ing.follow(a)
     ing.follow(b)
     ing.sql("UPDATE bcfy_playlists SET sync = false WHERE uuid = %s", b)
-    poll_every_10s(ing, 2)
+    ing.poll_every_10s(2)
     assert {p["playlist_uuid"] for p in ing.polls()} == {uuid_mod.UUID(a)}
     ing.sql("DELETE FROM bcfy_playlists WHERE uuid = %s", a)
     before = ing.sim.requests["live"]
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert ing.sim.requests["live"] == before
 
 
@@ -389,7 +379,7 @@ def test_one_failing_playlist_does_not_stop_the_others(ingest_manual):
         assert ing.poll() == "error"
         ing.advance(10)
     for uuid in good:
-        assert len(ing.stored_urls(uuid)) == len(served_calls(ing, uuid)) > 0
+        assert len(ing.stored_urls(uuid)) == len(ing.served_calls(uuid)) > 0
     failed = ing.polls(unknown)
     assert len(failed) == 3 and not any(p["success"] for p in failed)
     assert "unknown playlist" in failed[0]["error"]
@@ -436,24 +426,22 @@ def test_no_database_connection_is_held_across_a_request(ingest):
 
 
 def audio_triggers(ing: Ingest) -> int:
-    r = ing.services.redis()
-    messages = [json.loads(m) for m in r.lrange("audio", 0, -1)]
-    return sum(1 for m in messages if m["headers"]["task"] == "tasks.audio.process_pending_audio")
+    return ing.services.queued_tasks("audio").count("tasks.audio.process_pending_audio")
 
 
 def test_new_calls_trigger_the_audio_job_once_stored(ingest_manual):
     ing = ingest_manual
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.follow(uuid)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert audio_triggers(ing) == 0  # nothing stored, nothing to do
     ing.sim.publish_call(uuid)
     ing.advance(2)
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert audio_triggers(ing) == 1
     (pending,) = ing.sql("SELECT count(*) FROM call_audio WHERE state = 'pending'")[0]
     assert pending == 1  # 003's trigger made the audio row with the call
-    poll_every_10s(ing, 1)
+    ing.poll_every_10s(1)
     assert audio_triggers(ing) == 1
 
 
