@@ -3,8 +3,8 @@
 simulator (`bcfy playlists add`) for a minute of traffic arriving on the real clock. Then the
 pipeline drains, and every call the simulator served must be stored once, prepared once and
 transcribed once, each record read (billed) once, with no job failing and nothing left in
-flight. Latency from publication to transcript is reported (pytest -s prints it); its bound
-here is generous: bench/e2e.py measures it."""
+flight. Latency from publication to transcript is reported (pytest -s prints it) but not
+bounded: how fast is bench/e2e.py's to measure, and a loaded machine must not fail this test."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
-from tests.e2e_pipeline import Latency, Pipeline, percentile
+from tests.e2e_pipeline import Latency, Pipeline
 
 pytestmark = pytest.mark.slow
 
 PLAYLISTS = 2
 RATE = 0.4  # calls per second over both playlists: one every 2.5 s, 12 a minute each
 TRAFFIC_SEC = 60
-# The goal is the poll interval (10 s) plus 2 s at p95 with recognition excluded; a loaded
-# two-core machine running other suites gets a wide margin here.
-P95_BOUND_SEC = 30
 
 
 def test_a_minute_of_traffic_is_transcribed_exactly_once(clean: Services, tmp_path: Path) -> None:
@@ -33,7 +30,7 @@ def test_a_minute_of_traffic_is_transcribed_exactly_once(clean: Services, tmp_pa
         p.start()
         p.wait_for_warmup()
         traffic = p.run_traffic(RATE, TRAFFIC_SEC)
-        drained = p.drain(timeout=90)
+        drained = p.drain(timeout=600)  # a deadline for the event, not a speed bound
         p.quiesce()
         exit_codes = p.stop_processes()
         calls = p.calls()
@@ -85,6 +82,5 @@ def test_a_minute_of_traffic_is_transcribed_exactly_once(clean: Services, tmp_pa
     # for empty queues and no unacknowledged message).
     assert exit_codes == dict.fromkeys(exit_codes, 0), exit_codes
 
+    # Every call of the traffic reached a transcript (how fast is bench/e2e.py's question).
     assert latency.calls == len(traffic.offsets), report
-    assert percentile(latency.excluded, 95) < P95_BOUND_SEC, report
-    assert percentile(latency.included, 95) < P95_BOUND_SEC + 10, report
