@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 
 from workers.settings import Settings
+from workers.text import terminal_safe
 
 STATUS = """
 SELECT state, count(*), min(next_attempt_at) FILTER (WHERE state = 'pending'),
@@ -61,7 +62,8 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
             extra = f"  ({live} with a live lease)"
         print(f"{state:12} {count:8}{extra}")
     for code, count, last in failures:
-        print(f"  failed: {code or '?':20} {count:8}  last {last:%Y-%m-%d %H:%M:%S %Z}")
+        shown = terminal_safe(code) or "?"
+        print(f"  failed: {shown:20} {count:8}  last {last:%Y-%m-%d %H:%M:%S %Z}")
     return 0
 
 

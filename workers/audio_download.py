@@ -7,7 +7,8 @@ and each redirect alike:
   * the host is resolved without blocking the event loop (`loop.getaddrinfo`, which runs in
     the default executor), and *every* address it resolves to must be public: loopback,
     private, link-local, multicast, reserved and unspecified addresses are refused unless they
-    lie in AUDIO_ALLOWED_INTERNAL_NETWORKS;
+    lie in AUDIO_ALLOWED_INTERNAL_NETWORKS, and so is an IPv6 address carrying such an IPv4
+    address (IPv4-mapped, IPv4-compatible, 6to4, NAT64, Teredo client or server);
   * the request then goes to the address that was checked, not to the name: the URL carries
     the IP, the Host header carries the name, and for https the TLS server name (SNI, and so
     the certificate check) is the name (httpcore's `sni_hostname`). A second DNS answer,
@@ -98,10 +99,41 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215; refused by its own flags
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d (RFC 4291)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address carries, each with the name of the form: packets to
+    it may end up at that IPv4 address (a relay, a NAT64 gateway, a dual-stack socket)."""
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    if ip.sixtofour is not None:  # 2002:AABB:CCDD::/48
+        found.append(("a 6to4", ip.sixtofour))
+    if ip.teredo is not None:  # 2001::/32: the server, and the client stored inverted
+        server, client = ip.teredo
+        found += [("a Teredo", client), ("a Teredo", server)]
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in NAT64_WELL_KNOWN or ip in NAT64_LOCAL_USE:
+        found.append(("a NAT64", low32))  # RFC 6052 /96 placement
+    # ::/104 (:: and ::1 among them) is left to the address's own flags.
+    if ip in IPV4_COMPATIBLE and int(ip) >> 24:
+        found.append(("an IPv4-compatible", low32))
+    return found
+
+
 def _internal_kind(ip: IPAddress) -> str | None:
-    """What makes an address internal, or None for a public one."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return _internal_kind(ip.ipv4_mapped)
+    """What makes an address internal ("a loopback address", "a 6to4 address carrying
+    127.0.0.1, a loopback address"), or None for a public one. An IPv6 address is refused when
+    any IPv4 address it carries would be; an IPv4-mapped one is judged as its IPv4 address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            inner = _internal_kind(ip.ipv4_mapped)
+            return f"an IPv4-mapped address carrying {ip.ipv4_mapped}, {inner}" if inner else None
+        for form, v4 in _embedded_ipv4(ip):
+            inner = _internal_kind(v4)
+            if inner is not None:
+                return f"{form} address carrying {v4}, {inner}"
     for kind, flag in (
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
@@ -112,7 +144,7 @@ def _internal_kind(ip: IPAddress) -> str | None:
         ("not globally reachable", not ip.is_global),
     ):
         if flag:
-            return kind
+            return f"a {kind} address"
     return None
 
 
@@ -151,7 +183,7 @@ class UrlPolicy:
                 via = "" if literal else f" ({host} resolves to it)"
                 raise refused(
                     "internal_address",
-                    f"{ip} is a {kind} address{via}; not in AUDIO_ALLOWED_INTERNAL_NETWORKS",
+                    f"{ip} is {kind}{via}; not in AUDIO_ALLOWED_INTERNAL_NETWORKS",
                 )
 
     def check_url(self, url: str) -> tuple[str, str, int]:

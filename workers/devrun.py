@@ -41,6 +41,7 @@ from workers.devservices import (
 from workers.migrate import ensure_database, migrate
 from workers.processes import beat_argv, flower_argv, worker_argv
 from workers.settings import Settings, redact_url
+from workers.text import terminal_safe
 
 STOP_GRACE_SEC = 30
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -203,7 +204,10 @@ class Supervisor:
         lines = []
         for tid, started, playlist, group, text in rows:
             self.last_transcript_id = max(self.last_transcript_id, tid)
-            lines.append(f"  {started:%H:%M:%S} {playlist} / {group}: {text or '(no speech)'}")
+            said = terminal_safe(text) or "(no speech)"
+            lines.append(
+                f"  {started:%H:%M:%S} {terminal_safe(playlist)} / {terminal_safe(group)}: {said}"
+            )
         return lines
 
     def check_children(self) -> None:
@@ -298,7 +302,7 @@ def run(settings: Settings, flower_port: int = 5555) -> int:
     except KeyboardInterrupt:
         print("\nstopping (running work finishes first)...", flush=True)
     except Exception as exc:
-        print(f"bcfy run: {exc}", file=sys.stderr)
+        print(f"bcfy run: {terminal_safe(str(exc))}", file=sys.stderr)
         return_code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from workers.bcfy_api import BroadcastifyError
 from workers.runtime import Runtime, db_connection
 from workers.settings import Settings
+from workers.text import terminal_safe
 
 T = TypeVar("T")
 
@@ -67,12 +68,12 @@ def add_playlist(args: argparse.Namespace, settings: Settings) -> int:
     try:
         row = _run(_add(args.uuid))
     except BroadcastifyError as exc:
-        print(f"bcfy playlists add: the service said: {exc}", file=sys.stderr)
+        print(f"bcfy playlists add: the service said: {terminal_safe(str(exc))}", file=sys.stderr)
         return 1
     name, groups, ctids, created = row
     verb = "following" if created else "refreshed"
     print(
-        f"{verb} {args.uuid}: {name or '(no name)'} - {groups} groups"
+        f"{verb} {args.uuid}: {terminal_safe(name) or '(no name)'} - {groups} groups"
         + (f", counties {', '.join(map(str, ctids))}" if ctids else "")
     )
     if created:
@@ -131,11 +132,11 @@ def list_playlists(args: argparse.Namespace, settings: Settings) -> int:
     for uuid, name, sync, groups, cursor, polled, success, error, calls, gaps in rows:
         last = "never" if polled is None else _ago(polled)
         if success is False:
-            last += f" FAILED: {(error or '')[:60]}"
+            last += f" FAILED: {terminal_safe(error)[:60]}"
         table.append(
             (
                 uuid,
-                (name or "")[:30],
+                terminal_safe(name)[:30],
                 "on" if sync else "off",
                 str(groups),
                 "-" if cursor is None else datetime.fromtimestamp(cursor, UTC).strftime("%F %T"),
@@ -188,7 +189,10 @@ def remove_playlist(args: argparse.Namespace, settings: Settings) -> int:
     if name is _MISSING:
         print(f"bcfy playlists remove: {args.uuid} is not followed", file=sys.stderr)
         return 1
-    print(f"no longer following {args.uuid} ({name or 'no name'}); its stored calls stay")
+    print(
+        f"no longer following {args.uuid} ({terminal_safe(name) or 'no name'});"
+        " its stored calls stay"
+    )
     return 0
 
 
@@ -202,7 +206,7 @@ def set_sync(args: argparse.Namespace, settings: Settings) -> int:
         print(f"bcfy playlists sync: {args.uuid} is not followed (add it first)", file=sys.stderr)
         return 1
     name, cursor = row
-    print(f"{args.uuid} ({name or 'no name'}): polling {'on' if on else 'paused'}")
+    print(f"{args.uuid} ({terminal_safe(name) or 'no name'}): polling {'on' if on else 'paused'}")
     if on and cursor is not None:
         since = datetime.fromtimestamp(cursor, UTC).strftime("%F %T UTC")
         print(

@@ -23,11 +23,14 @@ from typing import Any
 import psycopg
 
 from workers.settings import Settings
+from workers.text import terminal_safe
 
 Subparsers = Any
 
-# The snippet's highlight marks, replaced for the terminal or kept for --json.
+# The snippet's highlight marks, replaced for the terminal or kept for --json. The text's own
+# \x02 and \x03, if any, become U+FFFD before ts_headline, so that only the marks are marks.
 _START, _STOP = "\x02", "\x03"
+_MARKS = re.compile(f"([{_START}{_STOP}])")
 
 SEARCH_SQL = f"""
 WITH q AS (SELECT websearch_to_tsquery('english', %(query)s) AS query),
@@ -49,7 +52,7 @@ hits AS (
      LIMIT %(limit)s
 )
 SELECT h.call_id, h.started_at, p.name, h.playlist_uuid, h.group_id, h.talkgroup,
-       ts_headline('english', h.text, q.query,
+       ts_headline('english', translate(h.text, E'\\x02\\x03', E'\\uFFFD\\uFFFD'), q.query,
                    'StartSel={_START}, StopSel={_STOP}, MaxWords=35, MinWords=15'),
        h.audio_path, h.confidence
   FROM hits h
@@ -171,13 +174,21 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
     start, stop = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("[", "]")
     for h in hits:
         when = h.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        playlist = h.playlist or h.playlist_uuid or "-"
-        group = f"{h.group_id} ({h.talkgroup})" if h.talkgroup else h.group_id
+        playlist = terminal_safe(h.playlist or h.playlist_uuid or "-")
+        group_id, talkgroup = terminal_safe(h.group_id), terminal_safe(h.talkgroup)
+        group = f"{group_id} ({talkgroup})" if talkgroup else group_id
         print(f"{when}  {playlist}  {group}")
-        print(f"    {h.snippet.replace(_START, start).replace(_STOP, stop)}")
-        print(f"    {h.audio_path or '(no audio stored)'}")
+        print(f"    {_highlighted(h.snippet, start, stop)}")
+        print(f"    {terminal_safe(h.audio_path) or '(no audio stored)'}")
     print(f"{len(hits)} call{'s' if len(hits) != 1 else ''}, newest first")
     return 0
+
+
+def _highlighted(snippet: str, start: str, stop: str) -> str:
+    """The snippet for the terminal: the marks become `start`/`stop`, the text between them is
+    made safe to print (text from outside: the transcription backend's)."""
+    marks = {_START: start, _STOP: stop}
+    return "".join(marks.get(part) or terminal_safe(part) for part in _MARKS.split(snippet))
 
 
 def add_commands(sub: Subparsers) -> None:

@@ -21,6 +21,7 @@ from beat_schedule import PERIODIC_JOBS
 from workers.app import QUEUES
 from workers.locks import holder_of, skip_count
 from workers.settings import Settings
+from workers.text import terminal_safe
 
 WINDOWS = {"5m": "5 minutes", "1h": "1 hour"}
 
@@ -298,7 +299,7 @@ def render(snap: Snapshot) -> str:
     for name, st in snap.stages.items():
         if st.top_failures:
             out.append(f"\ntop {name} failures (24 h):")
-            out += [f"  {n:6}  {reason}" for reason, n in st.top_failures]
+            out += [f"  {n:6}  {terminal_safe(reason)}" for reason, n in st.top_failures]
     if "ingest" in snap.stages:
         out.append(f"\nquarantined records: {snap.stages['ingest'].failed_total}")
     for window, lat in snap.latency_sec.items():
@@ -314,24 +315,24 @@ def render(snap: Snapshot) -> str:
     for p in snap.playlists:
         outcome = {True: "ok", False: "FAILED", None: "never polled"}[p["last_poll_ok"]]
         out.append(
-            f"  {p['uuid']}  {p['name'] or ''}  sync={'on' if p['sync'] else 'off'}"
+            f"  {p['uuid']}  {terminal_safe(p['name'])}  sync={'on' if p['sync'] else 'off'}"
             f"  cursor={p['cursor']}  last poll {p['last_poll_at'] or '-'} {outcome}"
-            + (f": {p['last_poll_error']}" if p["last_poll_error"] else "")
+            + (f": {terminal_safe(p['last_poll_error'])}" if p["last_poll_error"] else "")
         )
     out.append("\njobs:")
     for job, j in sorted(snap.jobs.items()):
         holder = j.get("lock_holder")
         out.append(
-            f"  {job:44} last {j.get('last_outcome', '-'):9}"
-            f" lock {'held by ' + holder if holder else 'free'}"
+            f"  {terminal_safe(job):44} last {j.get('last_outcome', '-'):9}"
+            f" lock {'held by ' + terminal_safe(holder) if holder else 'free'}"
             f"  skips {j.get('lock_skips', 0)}"
         )
     out.append("\nqueues: " + ", ".join(f"{q} {n}" for q, n in snap.queues.items()))
     out.append("workers online:")
     for queue, nodes in snap.workers.items():
-        out.append(f"  {queue:14} {len(nodes)}  {' '.join(nodes)}")
+        out.append(f"  {queue:14} {len(nodes)}  {terminal_safe(' '.join(nodes))}")
     for problem in snap.problems:
-        out.append(f"\n! {problem}")
+        out.append(f"\n! {terminal_safe(problem)}")
     return "\n".join(out)
 
 
