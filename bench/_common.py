@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import psycopg
 import redis
 
 from tests.procs import Proc
+from workers.children import sigterm_unwinds
 from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
 from workers.processes import worker_argv
 from workers.settings import load_settings
@@ -54,13 +56,21 @@ def start_worker(queue: str, name: str, env: Mapping[str, str], logdir: Path) ->
     settings = load_settings({**os.environ, **env})
     argv = worker_argv(queue, settings, ["--without-mingle", "--without-gossip"])
     argv[argv.index("--hostname") + 1] = f"{name}@%h"
-    proc = Proc(name, argv, env, logdir)
+    return Proc(name, argv, env, logdir).started("ready.", timeout=60)
+
+
+def run_bench(main: Callable[[], None]) -> None:
+    """Run a bench's main so that nothing it started outlives it: SIGTERM (as from `timeout`)
+    unwinds like Ctrl-C through its context managers, and any worker still running at the end
+    is stopped; the workers themselves get SIGTERM should this process die without a word."""
+    sigterm_unwinds()
     try:
-        proc.wait_for_log("ready.", timeout=60)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+        main()
+    except KeyboardInterrupt:
+        print("bench interrupted: stopping what it started", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        Proc.stop_all()
 
 
 def heading(script: str, details: str) -> str:

@@ -39,7 +39,7 @@ from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, servers, start_worker
+from bench._common import heading, report, run_bench, servers, start_worker
 from tests.audio_helpers import CLIPS, publish, slow_audio
 from tests.procs import Proc, group_cpu_sec, wait_until
 from workers.audio_prepare import validate_and_convert
@@ -203,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

@@ -55,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, servers
+from bench._common import heading, report, run_bench, servers
 from tests.e2e_pipeline import (
     QUEUES,
     STAGES,
@@ -395,4 +395,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

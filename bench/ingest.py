@@ -42,7 +42,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Servers, heading, report, servers
+from bench._common import Servers, heading, report, run_bench, servers
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 KEY_ID = next(iter(DEMO_API_KEYS))
@@ -416,4 +416,4 @@ def _verdict(ok: bool) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

@@ -21,7 +21,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report
+from bench._common import heading, report, run_bench
 from workers.devservices import redis_server
 from workers.locks import SingletonLock
 
@@ -118,4 +118,4 @@ def measure(url: str, runs: int) -> list[dict[str, tuple[float, float]]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

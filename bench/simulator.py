@@ -26,7 +26,7 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report
+from bench._common import heading, report, run_bench
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 
@@ -108,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

@@ -36,7 +36,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Servers, heading, report, servers, start_worker
+from bench._common import Servers, heading, report, run_bench, servers, start_worker
 from tests.procs import Proc, wait_until
 from workers.audio_codec import convert_for_recognizers, decode_mono
 from workers.simulator.make_clips import CLIPS_DIR
@@ -381,4 +381,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

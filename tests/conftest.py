@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from celery import Celery
 from psycopg.rows import namedtuple_row
 
 from tests.procs import Proc
+from workers.children import sigterm_unwinds
 from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
 from workers.settings import reset_settings_cache
 
@@ -87,6 +89,9 @@ def pytest_configure(config: pytest.Config) -> None:
     them before any test module is imported: modules that read the settings at import (the
     Celery app takes its broker from them) then see this session's servers."""
     global _services
+    # SIGTERM (as from `timeout` or CI) unwinds like Ctrl-C: fixtures are torn down, so the
+    # workers, servers and scratch database of this session are stopped and removed.
+    sigterm_unwinds()
     redis_base = _session.enter_context(redis_server(reuse=REUSE))
     pg_base = _session.enter_context(postgres_server(reuse=REUSE))
     redis_url = _session.enter_context(empty_redis_db(redis_base, CLAIM_KEY))
@@ -99,7 +104,26 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    left = Proc.stop_all()  # before the servers and the database go
+    if left:
+        print(f"\nstopped {len(left)} processes still running at the end: {', '.join(left)}")
     _session.close()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """After each test, no worker or beat it started is still running: one left behind would
+    take messages from the shared queues during later tests."""
+    before = set(Proc.running)
+    yield
+    left = [p for p in Proc.running if p not in before]
+    for proc in left:
+        proc.stop(timeout=10)
+    if left:
+        warnings.warn(
+            f"the test left {', '.join(p.name for p in left)} running (now stopped)",
+            stacklevel=1,
+        )
 
 
 def _restore_env(name: str, value: str | None) -> None:

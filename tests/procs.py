@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from workers.children import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
@@ -27,7 +29,10 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, every: float =
 
 
 class Proc:
-    """A child process in its own process group, its output in a log file."""
+    """A child process in its own process group, its output in a log file. It gets SIGTERM if
+    the process that started it dies, and `stop_all` stops every one still running."""
+
+    running: set[Proc] = set()  # noqa: RUF012 (the registry of every Proc not yet stopped)
 
     def __init__(self, name: str, argv: list[str], env: Mapping[str, str], logdir: Path) -> None:
         self.name = name
@@ -41,7 +46,9 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
+        Proc.running.add(self)
 
     @property
     def pid(self) -> int:
@@ -78,6 +85,26 @@ class Proc:
                 self.popen.wait(5)
         self.kill_group()  # any pool child left behind
         self._log.close()
+        Proc.running.discard(self)
+
+    @classmethod
+    def stop_all(cls) -> list[str]:
+        """Stop every Proc still running (a test that failed before handing its process to a
+        fixture, an interrupted run); returns their names."""
+        left = sorted(cls.running, key=lambda p: p.name)
+        for proc in left:
+            proc.stop(timeout=10)
+        return [proc.name for proc in left]
+
+    def started(self, text: str, timeout: float = 30) -> Proc:
+        """Wait for its start-up line; a process that does not say it in time is stopped, so
+        it never goes on taking messages from the shared queues during later tests."""
+        try:
+            self.wait_for_log(text, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
 
 def run_cli(
@@ -130,8 +157,7 @@ def start_worker(
         env,
         logdir,
     )
-    proc.wait_for_log("ready.")
-    return proc
+    return proc.started("ready.")
 
 
 def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "tests.jobapp") -> Proc:
@@ -139,9 +165,7 @@ def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "test
     its intervals from env)."""
     schedule = logdir / f"{name}-schedule"
     argv = celery(["beat", "-s", str(schedule), "--loglevel", "INFO"], app)
-    proc = Proc(name, argv, env, logdir)
-    proc.wait_for_log("beat: Starting...")
-    return proc
+    return Proc(name, argv, env, logdir).started("beat: Starting...")
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

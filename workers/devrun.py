@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -31,6 +29,7 @@ from typing import Any
 import psycopg
 
 from workers import status
+from workers.children import die_with_parent
 from workers.devservices import (
     ThrowawayPostgres,
     ThrowawayRedis,
@@ -44,7 +43,6 @@ from workers.settings import Settings, redact_url
 from workers.text import terminal_safe
 
 STOP_GRACE_SEC = 30
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PROGRESS_EVERY_SEC = 5.0
 DEMO_PLAYLISTS = 2
 DEMO_CALLS_PER_MINUTE = 6.0  # per playlist: enough to watch, light enough for two cores
@@ -157,7 +155,7 @@ class Supervisor:
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 argv,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -255,23 +253,6 @@ class Supervisor:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _load_libc() -> Any:
-    with contextlib.suppress(OSError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return None
-
-
-# Loaded once here: find_library runs ldconfig, which has no place between fork and exec.
-_LIBC = _load_libc()
-
-
-def _die_with_parent() -> None:
-    """In each child, before exec: if `bcfy run` itself dies (even by SIGKILL), the child gets
-    SIGTERM, so no pool is left running without its supervisor (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run(settings: Settings, flower_port: int = 5555) -> int:

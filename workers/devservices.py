@@ -25,6 +25,7 @@ import psycopg
 import redis
 from psycopg import sql
 
+from workers.children import die_with_parent
 from workers.migrate import migrate
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -112,6 +113,7 @@ class ThrowawayRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # never outlives the session that needed it
         )
         _wait_for(lambda: redis_reachable(self.url), f"redis-server on port {self.port}", self.proc)
         return self
