@@ -16,28 +16,11 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from tests.procs import Proc, wait_until
+from tests.procs import Proc, listening_addresses, wait_until
 from workers.devservices import free_port
 
 SCRAPERS = 40
 POOL_CONNECTIONS = 2  # the most `bcfy metrics` may hold (its pool has one)
-
-
-def listening_addresses(port: int) -> set[str]:
-    """The local addresses a TCP socket listens on at `port` (from /proc/net/tcp and tcp6)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if int(port_hex, 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                raw = bytes.fromhex(address)
-                if len(raw) == 4:
-                    found.add(".".join(str(b) for b in reversed(raw)))
-                else:
-                    words = [raw[i : i + 4][::-1].hex() for i in range(0, 16, 4)]
-                    found.add(":".join("".join(words)[i : i + 4] for i in range(0, 32, 4)))
-    return found
 
 
 @pytest.fixture
