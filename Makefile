@@ -69,7 +69,7 @@ worker-transcription: install      ## speech recognition (one process per CPU by
 # --- containers (compose.yaml) ------------------------------------------------------------
 .env:
 	cp .env.example .env
-	@echo "made .env from .env.example: review it (secrets, FLOWER_BASIC_AUTH)"
+	@echo "made .env from .env.example: set POSTGRES_PASSWORD, REDIS_PASSWORD, FLOWER_BASIC_AUTH and the keys"
 
 up: .env
 	$(COMPOSE) up -d --build

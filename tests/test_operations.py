@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from tests.procs import ROOT, run_cli, wait_until
+from tests.procs import ROOT, listening_addresses, run_cli, wait_until
 from workers.devservices import free_port
 
 pytestmark = pytest.mark.slow
@@ -199,12 +199,32 @@ def test_flower_refuses_to_start_without_a_login_outside_demo_mode(run_env):
     assert "FLOWER_BASIC_AUTH" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("values", "args"),
+    [
+        ({"FLOWER_ADDRESS": "0.0.0.0"}, []),
+        ({}, ["--address=0.0.0.0"]),
+        ({}, ["--address", "::"]),
+        ({"FLOWER_ADDRESS": "192.0.2.1"}, []),
+    ],
+)
+def test_flower_never_runs_without_a_login_off_loopback_even_in_demo_mode(run_env, values, args):
+    env = {**run_env, "BCFY_DEMO": "true", **values}
+    env.pop("FLOWER_BASIC_AUTH", None)
+    try:
+        out = run_cli("flower", "--port", str(free_port()), *args, env=env, timeout=20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("Flower started with no login on a public address") from None
+    assert out.returncode == 2
+    assert "FLOWER_BASIC_AUTH" in out.stderr
+
+
 def test_flower_asks_for_its_login(run_env, tmp_path):
     port = free_port()
     env = {**run_env, "FLOWER_BASIC_AUTH": "ops:s3cret-pass"}
     run_cli("migrate", env=env)
     flower = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "flower", "--port", str(port), "--address=127.0.0.1"],
+        [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -213,6 +233,7 @@ def test_flower_asks_for_its_login(run_env, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until(lambda: _get(url) is not None, 30, "Flower to answer")
+        assert listening_addresses(port) == {"127.0.0.1"}, "loopback unless FLOWER_ADDRESS"
         assert httpx.get(url, timeout=10).status_code == 401
         assert httpx.get(url, auth=("ops", "wrong"), timeout=10).status_code == 401
         assert httpx.get(url, auth=("ops", "s3cret-pass"), timeout=10).status_code == 200

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict
 
 from tests.procs import ROOT
 from workers.settings import SettingsError, load_settings
@@ -103,3 +107,78 @@ def test_env_example_documents_every_setting_with_its_default():
         assert name in documented, f"{name} is missing from .env.example"
         assert documented[name] == defaults[name], f"{name}: .env.example disagrees with default"
     assert load_settings(documented) == load_settings({})
+
+
+# --- secrets in URLs and addresses (issue 10, items 4 and 5) --------------------------------
+
+PASSWORD = "S3CR3T-db-pw-7f3a"
+
+
+def _refusal(env: dict[str, str]) -> str:
+    with pytest.raises(SettingsError) as err:
+        load_settings(env)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("escape", ["%ZZ", "%", "%4", "%00", "%g1"])
+def test_a_database_url_libpq_cannot_read_is_refused_without_its_password(escape):
+    message = _refusal({"DATABASE_URL": f"postgresql://app:{PASSWORD}{escape}@db:5432/bcfy"})
+    assert "DATABASE_URL" in message
+    assert PASSWORD not in message and "7f3a" not in message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user=st.text(max_size=12),
+    password=st.text(max_size=16),
+    rest=st.sampled_from(["", "/bcfy", "/bcfy?sslmode=require", "/bcfy?foo=bar", ":5432/x"]),
+)
+def test_any_database_url_is_either_readable_by_libpq_or_refused_without_its_secret(
+    user: str, password: str, rest: str
+):
+    """Whatever DATABASE_URL holds, libpq never gets to echo it: either it passes validation
+    and libpq parses it, or validation refuses it with a message that does not show it."""
+    secret = f"PW{password}"
+    raw = f"postgresql://{user}:{secret}@db{rest}"
+    try:
+        s = load_settings({"DATABASE_URL": raw})
+    except SettingsError as exc:
+        assert "DATABASE_URL" in str(exc)
+        assert secret not in str(exc) and quote(secret) not in str(exc)
+        return
+    conninfo_to_dict(s.database_url.reveal())  # raises if libpq cannot read it
+    assert secret not in str(s.describe())
+
+
+def test_a_percent_encoded_password_is_accepted():
+    url = f"postgresql://app:{quote('p%w@d /x', safe='')}@db/bcfy"
+    s = load_settings({"DATABASE_URL": url})
+    assert conninfo_to_dict(s.database_url.reveal())["password"] == "p%w@d /x"
+
+
+@pytest.mark.parametrize("name", ["BCFY_API_BASE", "TRANSCRIBE_OPENAI_BASE_URL"])
+def test_base_urls_with_credentials_are_refused_without_echoing_them(name):
+    message = _refusal({name: f"https://user:{PASSWORD}@api.example.com/v1"})
+    assert name in message and PASSWORD not in message
+    message = _refusal({name: f"https://{PASSWORD}@api.example.com/v1"})
+    assert name in message and PASSWORD not in message
+
+
+def test_a_setting_error_never_echoes_a_password_from_any_url():
+    message = _refusal({"BCFY_API_BASE": f"ftp://user:{PASSWORD}@api.example.com"})
+    assert "BCFY_API_BASE" in message and PASSWORD not in message
+
+
+def test_the_api_over_plain_http_is_refused_unless_loopback_or_allowed():
+    message = _refusal({"BCFY_API_BASE": "http://api.bcfy.io"})
+    assert "BCFY_API_BASE" in message and "BCFY_ALLOW_INSECURE_HTTP" in message
+    for base in ("http://127.0.0.1:8089", "http://localhost:8089", "http://[::1]:8089"):
+        assert load_settings({"BCFY_API_BASE": base}).bcfy_api_base == base
+    allowed = {"BCFY_API_BASE": "http://api.internal", "BCFY_ALLOW_INSECURE_HTTP": "true"}
+    assert load_settings(allowed).bcfy_api_base == "http://api.internal"
+
+
+def test_network_endpoints_listen_on_loopback_by_default():
+    s = load_settings({})
+    assert s.metrics_address == "127.0.0.1" and s.flower_address == "127.0.0.1"
+    assert _refusal({"METRICS_ADDRESS": "not an address!"}).count("METRICS_ADDRESS") == 1

@@ -86,14 +86,12 @@ def _beat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.processes import flower_argv
+    from workers.processes import flower_argv, flower_refusal
 
-    if not (settings.bcfy_demo or settings.flower_basic_auth):
+    refusal = flower_refusal(settings, args.celery_args)
+    if refusal:
         # Flower can revoke tasks and shut workers down: never open it unauthenticated.
-        print(
-            "bcfy flower: set FLOWER_BASIC_AUTH=user:password (only demo mode runs without)",
-            file=sys.stderr,
-        )
+        print(f"bcfy flower: {refusal}", file=sys.stderr)
         return 2
     return _exec(flower_argv(settings, args.port, args.celery_args))
 

@@ -2,40 +2,94 @@
 
 Flower serves Celery's task metrics on its own /metrics; this adds what only the pipeline
 knows: each stage's backlog and totals, poll errors, quarantined records, lock skips, job run
-outcomes, queue depths, workers online and call-to-transcript latency. Every scrape reads a
-fresh `workers.status` snapshot (the same numbers as `bcfy status`), so the endpoint keeps no
-state and any number of them can run.
+outcomes, queue depths, workers online and call-to-transcript latency, from a `workers.status`
+snapshot (the same numbers as `bcfy status`).
+
+It has no login, so it listens on loopback unless METRICS_ADDRESS says otherwise. A crowd of
+scrapers costs no more than one: a reading younger than METRICS_CACHE_SEC is served as it is,
+one reading is taken at a time, on the one connection of a small pool, and at most
+METRICS_MAX_CONCURRENCY requests are served at once (more wait their turn).
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import _SilentHandler
 from prometheus_client.registry import Collector
+from psycopg_pool import ConnectionPool
 
 from workers.settings import Settings
 from workers.status import Snapshot, snapshot
 
+APPLICATION_NAME = "bcfy-metrics"  # how its connections show in pg_stat_activity
 
-class PipelineCollector(Collector):
+
+class CachedSnapshot:
+    """The latest reading, taken again when older than METRICS_CACHE_SEC; one at a time."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.pool = ConnectionPool(
+            settings.database_url.reveal(),
+            min_size=1,
+            max_size=1,
+            timeout=settings.db_connect_timeout_sec,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": int(settings.db_connect_timeout_sec),
+                "application_name": APPLICATION_NAME,
+            },
+            name=APPLICATION_NAME,
+            open=False,
+        )
+        self.pool.open(wait=False)
+        self._lock = threading.Lock()
+        self._snap: Snapshot | None = None
+        self._taken_at = 0.0
+        self._took = 0.0
+
+    def get(self) -> tuple[Snapshot, float, float]:
+        """(snapshot, seconds it took to read, its age in seconds)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._snap is None or now - self._taken_at >= self.settings.metrics_cache_sec:
+                self._snap = snapshot(self.settings, totals=True, connect=self.pool.connection)
+                self._taken_at = time.monotonic()
+                self._took = self._taken_at - now
+            return self._snap, self._took, time.monotonic() - self._taken_at
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class PipelineCollector(Collector):
+    def __init__(self, source: CachedSnapshot) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Any]:
-        started = time.monotonic()
-        snap = snapshot(self.settings, totals=True)
+        snap, took_sec, age_sec = self.source.get()
         yield from families(snap)
-        up = GaugeMetricFamily("bcfy_scrape_ok", "1 when every source answered this scrape")
+        up = GaugeMetricFamily("bcfy_scrape_ok", "1 when every source answered this reading")
         up.add_metric([], 0 if snap.problems else 1)
         yield up
         took = GaugeMetricFamily("bcfy_scrape_seconds", "Time taken to read the snapshot")
-        took.add_metric([], time.monotonic() - started)
+        took.add_metric([], took_sec)
         yield took
+        age = GaugeMetricFamily(
+            "bcfy_scrape_age_seconds", "Age of the reading served (at most METRICS_CACHE_SEC)"
+        )
+        age.add_metric([], age_sec)
+        yield age
 
 
 def families(snap: Snapshot) -> Iterator[Any]:
@@ -108,20 +162,59 @@ def families(snap: Snapshot) -> Iterator[Any]:
     yield latency
 
 
+class BoundedWSGIServer(WSGIServer):
+    """Serves requests on a fixed number of threads; further connections wait their turn."""
+
+    def __init__(self, *args: Any, threads: int = 4, **kwargs: Any) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metrics")
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.executor.submit(self._handle, request, client_address)
+
+    def _handle(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
+def serve(settings: Settings, address: str, port: int) -> tuple[BoundedWSGIServer, CachedSnapshot]:
+    """The endpoint, listening; `serve_forever()` on the server runs it."""
+    source = CachedSnapshot(settings)
+    REGISTRY.register(PipelineCollector(source))
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(BoundedWSGIServer):
+        address_family = family
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, threads=settings.metrics_max_concurrency, **kwargs)
+
+    server = make_server(address, port, make_wsgi_app(REGISTRY), Server, _SilentHandler)
+    return server, source
+
+
 def add_commands(sub: Any) -> None:
     metrics = sub.add_parser("metrics", help="serve the pipeline's Prometheus metrics")
     metrics.add_argument("--port", type=int, help="default: METRICS_PORT")
-    metrics.add_argument("--address", default="0.0.0.0")
+    metrics.add_argument("--address", help="default: METRICS_ADDRESS (loopback)")
     metrics.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    REGISTRY.register(PipelineCollector(settings))
+    address = args.address or settings.metrics_address
     port = args.port or settings.metrics_port
-    start_http_server(port, addr=args.address)
-    print(f"metrics on http://{args.address}:{port}/metrics", flush=True)
+    server, source = serve(settings, address, port)
+    shown = f"[{address}]" if ":" in address else address
+    print(f"metrics on http://{shown}:{port}/metrics", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        server.serve_forever()
     except KeyboardInterrupt:
-        return 0
+        pass
+    finally:
+        server.server_close()
+        source.close()
+    return 0

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -46,13 +46,35 @@ class Secret:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with any credentials replaced by ***, for logs, errors and status output.
+
+    Works on malformed URLs too (never raises). As libpq reads it, everything between
+    "scheme://" and the last "@" before the first "/" is user information (a "?" or "#" in a
+    password does not end it); the user name is kept, the rest hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    end = rest.find("/") if "/" in rest else len(rest)
+    authority, tail = rest[:end], rest[end:]
+    if "@" not in authority:
+        return url
+    userinfo, host = authority.rsplit("@", 1)
+    user, colon, _password = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}://{shown}@{host}{tail}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    host = host.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- field declarations -------------------------------------------------------------------
@@ -110,11 +132,63 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], Secret]:
     return parse
 
 
+def _postgres_url(raw: str) -> Secret:
+    """DATABASE_URL: a postgresql:// URI that libpq itself can read. libpq's own complaints
+    quote the offending part, password included, so they are never let through."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    value = _url(("postgresql", "postgres"))(raw).reveal()
+    for i, char in enumerate(value):
+        if char == "%":
+            escape = value[i + 1 : i + 3]
+            if len(escape) < 2 or not all(c in "0123456789abcdefABCDEF" for c in escape):
+                raise ValueError(
+                    "a '%' is not followed by two hex digits: percent-encode special "
+                    "characters of the user name and password (% as %25, @ as %40, / as %2F)"
+                )
+            if escape == "00":
+                raise ValueError("%00 (a NUL character) is not allowed")
+    if "@" in value.partition("://")[2].partition("/")[2]:
+        # libpq would read the part of a password before a "/" as host and port, and quote it.
+        raise ValueError(
+            "an '@' after the first '/': percent-encode a '/' in the user name or password "
+            "as %2F (and an '@' in the database name as %40)"
+        )
+    try:
+        conninfo_to_dict(value)
+    except Exception:
+        raise ValueError(
+            "libpq cannot read this URI (its message is not shown: it may quote the "
+            "password); percent-encode spaces and special characters, and use only "
+            "libpq's query parameters (sslmode=..., connect_timeout=...)"
+        ) from None
+    return Secret(value)
+
+
 def _http_url(raw: str) -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
+    if "@" in parts.netloc:
+        # It would be printed by `bcfy settings` and end up in error texts and logs.
+        raise ValueError(
+            "must not carry a user name or password (credentials have their own settings)"
+        )
     return raw.strip().rstrip("/")
+
+
+def _bind_address(raw: str) -> str:
+    """An address to listen on: an IP address, or a host name such as localhost."""
+    import ipaddress
+
+    value = raw.strip()
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    if not all(label and label.replace("-", "").isalnum() for label in value.split(".")):
+        raise ValueError("expected an IP address to listen on (127.0.0.1, 0.0.0.0, ::1)")
+    return value
 
 
 def _code_list(raw: str) -> str:
@@ -197,7 +271,7 @@ def _network_list(raw: str) -> NameList:
 class Settings:
     # Where things live. URLs may carry passwords, so they are Secrets.
     database_url: Secret = _env(
-        "DATABASE_URL", _url(("postgresql", "postgres")), Secret("postgresql://localhost:5432/bcfy")
+        "DATABASE_URL", _postgres_url, Secret("postgresql://localhost:5432/bcfy")
     )
     redis_url: Secret = _env(
         "REDIS_URL", _url(("redis", "rediss", "unix")), Secret("redis://localhost:6379/0")
@@ -238,6 +312,9 @@ class Settings:
     # The service (workers/bcfy_api.py). Key id, secret and app id come from the developer
     # portal; the user name and password only for non-public playlists.
     bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
+    # Plain http would send the key's tokens and BCFY_PASSWORD in clear: refused unless the
+    # host is loopback (the simulator) or this is set.
+    bcfy_allow_insecure_http: bool = _env("BCFY_ALLOW_INSECURE_HTTP", _boolean, False)
     bcfy_api_key_id: str = _env("BCFY_API_KEY_ID", _text, "")
     bcfy_api_key: Secret = _env("BCFY_API_KEY", _secret, Secret(""))
     bcfy_app_id: str = _env("BCFY_APP_ID", _text, "")
@@ -375,6 +452,17 @@ class Settings:
     flower_basic_auth: Secret = _env("FLOWER_BASIC_AUTH", _basic_auth, Secret(""))
     # The pipeline's own Prometheus metrics (`bcfy metrics`); Flower serves its own on /metrics.
     metrics_port: int = _env("METRICS_PORT", _integer, 9108, min=1, max=65535)
+    # Where it listens (it has no login): loopback unless set (compose sets 0.0.0.0 inside the
+    # container and publishes the port on the host's loopback).
+    metrics_address: str = _env("METRICS_ADDRESS", _bind_address, "127.0.0.1")
+    # Scrapes within this many seconds of the last reading are served that reading: however
+    # many scrapers, one database connection and one reading at a time.
+    metrics_cache_sec: float = _env("METRICS_CACHE_SEC", _number, 5.0, min=0, max=60)
+    # Requests served at once; more wait their turn.
+    metrics_max_concurrency: int = _env("METRICS_MAX_CONCURRENCY", _integer, 4, min=1, max=64)
+    # Where Flower listens: loopback unless set. Off loopback FLOWER_BASIC_AUTH is required,
+    # demo mode or not.
+    flower_address: str = _env("FLOWER_ADDRESS", _bind_address, "127.0.0.1")
 
     # Worker pools, one per queue (`bcfy worker <queue>`, the Makefile's worker-* targets).
     # Only prefork and solo: each pool process owns one event loop, which threads would share.
@@ -465,6 +553,16 @@ def _check_consistency(s: Settings) -> list[str]:
             f"INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g}) must be at least "
             f"INGEST_MIN_POLL_GAP_SEC ({s.ingest_min_poll_gap_sec:g}) + 1"
         )
+    api = urlsplit(s.bcfy_api_base)
+    if (
+        api.scheme == "http"
+        and not is_loopback_host(api.hostname or "")
+        and not s.bcfy_allow_insecure_http
+    ):
+        problems.append(
+            f"BCFY_API_BASE ({s.bcfy_api_base}) is plain http: tokens and BCFY_PASSWORD would "
+            "cross the network in clear; use https, or set BCFY_ALLOW_INSECURE_HTTP=true"
+        )
     if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
         problems.append(
             f"INGEST_LIVE_MAX_POS_AGE_SEC ({s.ingest_live_max_pos_age_sec:g}) must be at least "
@@ -536,13 +634,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = f.metadata["parse"](raw)
         except ValueError as exc:
-            # Never echo a secret's value back, even a malformed one.
-            shown = "" if f.type in ("Secret",) else f" {raw!r}"
+            # Never echo a secret's value back, even a malformed one, nor a URL's password.
+            shown = "" if f.type in ("Secret",) else f" {redact_url(raw)!r}"
             problems.append(f"{name}{shown}: {exc}")
             continue
         problem = _check_field(f, value)
         if problem:
-            problems.append(f"{name}={raw!r} {problem}")
+            problems.append(f"{name}={redact_url(raw)!r} {problem}")
             continue
         values[f.name] = value
     if problems:

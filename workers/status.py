@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -249,12 +250,22 @@ def _from_workers(snap: Snapshot, timeout: float) -> None:
     snap.workers = online
 
 
-def snapshot(settings: Settings, *, workers_timeout: float = 1.0, totals: bool = False) -> Snapshot:
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
+
+
+def snapshot(
+    settings: Settings,
+    *,
+    workers_timeout: float = 1.0,
+    totals: bool = False,
+    connect: Connect | None = None,
+) -> Snapshot:
     """What `bcfy status` shows; with `totals` (metrics), all-time counts instead of the
-    details only status shows."""
+    details only status shows. `connect` (metrics: its pool's) gives the database connection;
+    by default a connection of its own."""
     snap = Snapshot(generated_at=datetime.now(UTC).isoformat(timespec="seconds"))
     parts: list[tuple[str, Callable[[], None]]] = [
-        ("database", lambda: _with_db(settings, snap, totals)),
+        ("database", lambda: _with_db(settings, snap, totals, connect)),
         ("redis", lambda: _with_redis(settings, snap)),
         ("workers", lambda: _from_workers(snap, workers_timeout)),
     ]
@@ -266,8 +277,10 @@ def snapshot(settings: Settings, *, workers_timeout: float = 1.0, totals: bool =
     return snap
 
 
-def _with_db(settings: Settings, snap: Snapshot, totals: bool) -> None:
-    with psycopg.connect(settings.database_url.reveal(), connect_timeout=5) as conn:
+def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect | None) -> None:
+    if connect is None:
+        connect = lambda: psycopg.connect(settings.database_url.reveal(), connect_timeout=5)  # noqa: E731
+    with connect() as conn:
         _from_database(snap, conn, details=not totals)
         if totals:
             _totals(snap, conn)
