@@ -1,28 +1,36 @@
 """The four periodic jobs, as in the old scheduler, for `celery -A workers.app beat`.
 
-Every entry is sent with `expires` = its misfire grace (JOB_MISFIRE_GRACE_SEC): a tick that
-waited in the queue longer than that is dropped by the worker instead of running late. That is
-how missed runs coalesce: workers that were down for two minutes find one live tick when they
-come back, not twelve. The two headers let the worker recognise a duplicate tick when two beat
-processes run by mistake (see workers.jobs.tick_slot).
+Every tick carries three headers: its interval, its misfire grace (JOB_MISFIRE_GRACE_SEC), and
+the moment beat sent it by Redis's clock (`TIME`). A worker drops a tick that waited longer than
+its grace, judged by Redis's clock too (workers.locks), instead of running it late. That is how
+missed runs coalesce: workers that were down for two minutes find one live tick when they come
+back, not twelve. No host's own clock takes part, so a worker or beat whose clock is minutes
+off still runs every tick (Celery's `expires`, an absolute time from beat's clock checked
+against the worker's, would drop them all). The same headers let the worker recognise a
+duplicate tick when two beat processes run by mistake (see workers.jobs.Tick).
 
 `FirstRunScheduler` is Celery's file-backed scheduler, except that an entry beat has never run
-is due at once rather than one interval after start.
+is due at once rather than one interval after start, and that it stamps each tick.
 """
 
 from __future__ import annotations
 
+import copy
+import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from celery.beat import PersistentScheduler
+import redis
+from celery.beat import PersistentScheduler, ScheduleEntry
 
-from workers.settings import Settings
+from workers.clock import Reporter, measure
+from workers.settings import Settings, get_settings
 
-# Headers on every tick; workers.jobs.tick_slot reads them.
+# Headers on every tick; workers.jobs.tick_of reads them.
 TICK_INTERVAL_HEADER = "bcfy_tick_interval"
 TICK_GRACE_HEADER = "bcfy_tick_grace"
+TICK_SENT_HEADER = "bcfy_tick_sent_ms"  # Redis's clock when beat sent it; set per tick
 
 # beat entry name -> (task name, the Settings attribute giving its interval)
 PERIODIC_JOBS: dict[str, tuple[str, str]] = {
@@ -37,14 +45,21 @@ PERIODIC_JOBS: dict[str, tuple[str, str]] = {
 
 
 def beat_entry(task: str, interval: float, grace: float) -> dict[str, Any]:
-    """One schedule entry: every `interval` seconds, dropped if not started within `grace`."""
+    """One schedule entry: every `interval` seconds, dropped if not started within `grace`
+    (by Redis's clock: FirstRunScheduler adds the send time to each tick)."""
     return {
         "task": task,
         "schedule": timedelta(seconds=interval),
-        "options": {
-            "expires": grace,
-            "headers": {TICK_INTERVAL_HEADER: interval, TICK_GRACE_HEADER: grace},
-        },
+        "options": {"headers": {TICK_INTERVAL_HEADER: interval, TICK_GRACE_HEADER: grace}},
+    }
+
+
+def tick_headers(interval: float, grace: float, sent_ms: int) -> dict[str, Any]:
+    """The headers of one tick sent at `sent_ms` (Redis's clock)."""
+    return {
+        TICK_INTERVAL_HEADER: interval,
+        TICK_GRACE_HEADER: grace,
+        TICK_SENT_HEADER: sent_ms,
     }
 
 
@@ -62,7 +77,49 @@ class FirstRunScheduler(PersistentScheduler):
     with no last run on record is due at once. Celery would start its first interval at beat's
     start, so a new deployment would wait a whole day for its geographic data (and a beat whose
     schedule file is not kept would never refresh it while it restarts more often than daily).
-    Entries already on record keep their times: restarting beat does not re-run them early."""
+    Entries already on record keep their times: restarting beat does not re-run them early.
+
+    Each tick is stamped with Redis's time as it is sent (one `TIME` round trip, on the broker
+    beat publishes to anyway), and beat reports its own clock's offset from Redis's for
+    `bcfy status`."""
+
+    _clock: redis.Redis | None = None
+    _clock_reporter: Reporter | None = None
+
+    def apply_async(
+        self, entry: ScheduleEntry, producer: Any = None, advance: bool = True, **kwargs: Any
+    ) -> Any:
+        entry = self.reserve(entry) if advance else entry
+        headers = dict(entry.options.get("headers") or {})
+        if TICK_INTERVAL_HEADER in headers:
+            reading = measure(self._redis())
+            headers[TICK_SENT_HEADER] = reading.redis_time_ms
+            reporter = self._reporter()
+            if reporter.due():
+                reporter.run(reading)
+            entry = copy.copy(entry)  # the stamp is this tick's, not the stored entry's
+            entry.options = {**entry.options, "headers": headers}
+        return super().apply_async(entry, producer, advance=False, **kwargs)
+
+    def _redis(self) -> redis.Redis:
+        if self._clock is None:
+            self._clock = redis.Redis.from_url(
+                get_settings().redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5
+            )
+        return self._clock
+
+    def _reporter(self) -> Reporter:
+        if self._clock_reporter is None:
+            node = f"beat@{socket.gethostname()}"
+            grace = get_settings().job_misfire_grace_sec
+            self._clock_reporter = Reporter(self._redis(), "beat", node, grace)
+        return self._clock_reporter
+
+    def close(self) -> None:
+        super().close()
+        if self._clock is not None:
+            self._clock.close()
+            self._clock = None
 
     def merge_inplace(self, b: Mapping[str, Any]) -> None:
         never_run = set(b) - set(self.schedule)

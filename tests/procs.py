@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -122,8 +122,9 @@ def run_cli(
     )
 
 
-def celery(args: list[str], app: str = "tests.jobapp") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", app, *args]
+def celery(args: list[str], app: str = "tests.jobapp", prefix: Sequence[str] = ()) -> list[str]:
+    """`celery -A app ARGS`, run through `prefix` (e.g. `faketime -f +120s`) when given."""
+    return [*prefix, sys.executable, "-m", "celery", "-A", app, *args]
 
 
 def start_worker(
@@ -134,6 +135,7 @@ def start_worker(
     queues: str = "ingest",
     concurrency: int = 1,
     pool: str = "prefork",
+    prefix: Sequence[str] = (),
 ) -> Proc:
     proc = Proc(
         name,
@@ -152,7 +154,8 @@ def start_worker(
                 "--without-gossip",
                 "--loglevel",
                 "INFO",
-            ]
+            ],
+            prefix=prefix,
         ),
         env,
         logdir,
@@ -160,11 +163,17 @@ def start_worker(
     return proc.started("ready.")
 
 
-def start_beat(name: str, env: Mapping[str, str], logdir: Path, app: str = "tests.jobapp") -> Proc:
+def start_beat(
+    name: str,
+    env: Mapping[str, str],
+    logdir: Path,
+    app: str = "tests.jobapp",
+    prefix: Sequence[str] = (),
+) -> Proc:
     """Beat with the app's schedule: the test jobs of tests.jobapp, or production's (workers.app,
     its intervals from env)."""
     schedule = logdir / f"{name}-schedule"
-    argv = celery(["beat", "-s", str(schedule), "--loglevel", "INFO"], app)
+    argv = celery(["beat", "-s", str(schedule), "--loglevel", "INFO"], app, prefix)
     return Proc(name, argv, env, logdir).started("beat: Starting...")
 
 

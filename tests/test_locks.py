@@ -9,7 +9,16 @@ import time
 import pytest
 
 from tests.conftest import Services
-from workers.locks import Acquired, Released, SingletonLock, holder_of, job_keys, skip_count
+from workers.clock import redis_time_ms
+from workers.locks import (
+    Acquired,
+    Released,
+    SingletonLock,
+    holder_of,
+    job_keys,
+    late_count,
+    skip_count,
+)
 
 JOB = "tests.locks.job"
 
@@ -105,3 +114,15 @@ def test_a_skipped_tick_does_not_ask_for_another_pass(r):
     assert a.acquire()
     assert lock(r).acquire(tick_slot=5, tick_ttl=10).outcome is Acquired.HELD
     assert a.release(allow_run_again=True) is Released.RELEASED
+
+
+def test_a_tick_is_late_by_redis_clock_not_the_workers(r):
+    # Stamped by Redis's clock, judged by Redis's clock: this process's clock takes no part.
+    now = redis_time_ms(r)
+    late = lock(r).acquire(tick_slot=1, tick_ttl=5, tick_sent_ms=now - 2500, tick_grace=2)
+    assert late.outcome is Acquired.LATE and int(late.holder) >= 2500
+    assert holder_of(r, JOB) is None, "a late tick takes nothing"
+    assert late_count(r, JOB) == 1 and skip_count(r, JOB) == 0
+    assert r.get(job_keys(JOB)[1]) is None, "nor its slot: a fresh tick of it may still run"
+    fresh = lock(r).acquire(tick_slot=1, tick_ttl=5, tick_sent_ms=now - 1500, tick_grace=2)
+    assert fresh.outcome is Acquired.YES

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER
+from beat_schedule import tick_headers
 from tests.conftest import Services
 from tests.procs import start_beat, start_worker, wait_until
-from workers.locks import holder_of, skip_count
+from workers.clock import redis_time_ms
+from workers.locks import holder_of, late_count, skip_count
 
 pytestmark = pytest.mark.slow
 
@@ -160,15 +161,11 @@ def test_a_run_whose_lock_is_deleted_stops_and_records_lost_lock(
 
 
 def test_an_expired_tick_is_dropped_not_run_late(env, procs, tmp_path, clean, client):
-    headers = {TICK_INTERVAL_HEADER: 1.0, TICK_GRACE_HEADER: 1.0}
-    client.send_task(SLEEPER, queue="ingest", expires=1.0, headers=headers)
+    # Ticks as beat sends them: stamped with Redis's clock.
+    r = clean.redis()
+    client.send_task(SLEEPER, queue="ingest", headers=tick_headers(1.0, 1.0, redis_time_ms(r)))
     time.sleep(1.5)  # the worker is "down" longer than the grace
-    client.send_task(
-        SLEEPER,
-        queue="ingest",
-        expires=30.0,
-        headers={TICK_INTERVAL_HEADER: 1.0, TICK_GRACE_HEADER: 30.0},
-    )
+    client.send_task(SLEEPER, queue="ingest", headers=tick_headers(1.0, 30.0, redis_time_ms(r)))
     worker = start_worker("w1", env, tmp_path)
     procs.append(worker)
     wait_until(lambda: clean.job_runs(SLEEPER, "ok"), 10, "the fresh tick to run")
@@ -176,6 +173,7 @@ def test_an_expired_tick_is_dropped_not_run_late(env, procs, tmp_path, clean, cl
     assert len(clean.job_runs(SLEEPER)) == 1
     assert len(notes(clean.redis(), "test:starts")) == 1
     worker.wait_for_log("tick expired in the queue", timeout=5)
+    assert late_count(clean.redis(), SLEEPER) == 1
 
 
 def test_missed_ticks_coalesce_when_workers_return(env, procs, tmp_path, clean):

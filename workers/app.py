@@ -7,7 +7,9 @@ Three queues, each consumed by its own worker pool (see the Makefile's worker-* 
 
 Settings that must agree:
   * late acks with prefetch 1: a busy child holds no queued message, so an idle worker takes
-    the next tick; a tick redelivered after a crash is past its grace and dropped;
+    the next tick; a tick redelivered after a crash is past its grace and dropped (lateness is
+    judged by Redis's clock, see beat_schedule; each worker reports its own clock's offset,
+    ClockReport below);
   * every task's hard time limit is below the broker's visibility timeout (checked in settings),
     so Redis never hands a message that may still be running to a second worker;
   * no result backend: nothing reads task results; the pipeline's state lives in PostgreSQL.
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue
 
 from workers.settings import SettingsError, get_settings
@@ -134,10 +136,37 @@ def _close_runtime(**_: Any) -> None:
     Runtime.shutdown_current()
 
 
-@signals.task_revoked.connect
-def _tick_expired(request: Any = None, expired: bool = False, **_: Any) -> None:
-    """A tick that waited longer than its grace is dropped (misfire_grace_time): say so."""
-    if expired and request is not None:
-        log.warning(
-            "job %s: tick expired in the queue (older than its grace); dropped", request.task_name
+class ClockReport(bootsteps.StartStopStep):
+    """Each worker measures its clock's offset from Redis's at start and every
+    REPORT_EVERY_SEC, and records it (a key with a TTL) for `bcfy status`; a large offset is
+    logged at WARNING. Runs on the consumer's timer: one `TIME` and one `SET` per period."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+        self.client: Any = None
+
+    def start(self, c: Any) -> None:
+        import redis
+
+        from workers.clock import REPORT_EVERY_SEC, Reporter
+
+        self.client = redis.Redis.from_url(
+            settings.redis_url.reveal(), socket_timeout=2, socket_connect_timeout=2
         )
+        reporter = Reporter(self.client, "worker", c.hostname, settings.job_misfire_grace_sec)
+        reporter.run()
+        self.tref = c.timer.call_repeatedly(REPORT_EVERY_SEC, reporter.run, priority=10)
+
+    def stop(self, c: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    shutdown = stop
+
+
+app.steps["consumer"].add(ClockReport)

@@ -4,7 +4,8 @@
     async def poll_followed_playlists(ctx: JobContext) -> None: ...
 
 Each run, in the worker process that received the message:
-  1. takes the job's lock (`workers.locks`); if another run holds it, or this beat tick's slot
+  1. takes the job's lock (`workers.locks`); a beat tick that waited longer than its grace (by
+     Redis's clock) is dropped with a WARNING; if another run holds the lock, or this tick's slot
      already ran, the run is skipped: logged at WARNING, counted, recorded, never retried;
   2. runs the body on the process's event loop while a thread renews the lock; the body is
      cancelled when the lock is lost, the soft time limit passes or the process gets SIGTERM;
@@ -33,7 +34,7 @@ import psycopg
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER
+from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app
 from workers.locks import Acquired, Released, SingletonLock, new_token
 from workers.runtime import Runtime, db_connection, in_pool_child
@@ -42,6 +43,7 @@ from workers.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 OK, ERROR, SKIPPED, LOST_LOCK = "ok", "error", "skipped", "lost_lock"
+EXPIRED = "expired"  # a late beat tick, dropped (returned, not recorded in job_runs)
 
 
 class LockLost(Exception):
@@ -104,7 +106,7 @@ def periodic_job(
             ignore_result=True,
             # Acked when the run ends: with prefetch 1 a busy child holds no further tick, so
             # an idle worker takes it. A tick redelivered after a crash is past its grace by
-            # then and dropped, so late acks never make a run late.
+            # then (by Redis's clock) and dropped, so late acks never make a run late.
             acks_late=True,
             **backstop_time_limits(soft, hard),
         )(run)
@@ -133,23 +135,41 @@ def lock_name(task_name: str, kwargs: dict[str, Any]) -> str:
     return f"{task_name}:{digest[:16]}"
 
 
-def tick_slot(request: Any) -> tuple[int, float] | None:
-    """(slot, how long to remember it) for a beat tick; None for a direct trigger.
+@dataclass(frozen=True)
+class Tick:
+    """A beat tick, as its headers describe it."""
 
-    Beat sends each tick with `expires` = send time + grace, and the two headers. Ticks that
-    fall into the same interval-long slot are duplicates: two beat processes running by
-    mistake send one tick per slot each, and only the first may run.
-    """
+    sent_ms: int  # when beat sent it, by Redis's clock
+    interval: float
+    grace: float
+
+    @property
+    def slot(self) -> int:
+        """Ticks in the same interval-long slot are duplicates: two beat processes running by
+        mistake send one tick per slot each, and only the first may run."""
+        return int((self.sent_ms / 1000) // self.interval)
+
+    @property
+    def slot_ttl(self) -> float:
+        """How long to remember that a slot ran."""
+        return self.interval + self.grace
+
+
+def tick_of(request: Any) -> Tick | None:
+    """The beat tick a task request carries; None for a direct trigger."""
     headers = getattr(request, "headers", None) or {}
-    interval = headers.get(TICK_INTERVAL_HEADER) or getattr(request, TICK_INTERVAL_HEADER, None)
-    grace = headers.get(TICK_GRACE_HEADER) or getattr(request, TICK_GRACE_HEADER, None)
-    expires = request.expires
-    if not interval or grace is None or not expires:
+
+    def header(name: str) -> Any:
+        return headers.get(name) or getattr(request, name, None)
+
+    sent, interval, grace = (
+        header(TICK_SENT_HEADER),
+        header(TICK_INTERVAL_HEADER),
+        header(TICK_GRACE_HEADER),
+    )
+    if sent is None or not interval or grace is None:
         return None
-    if isinstance(expires, str):
-        expires = datetime.fromisoformat(expires)
-    sent_at = expires.timestamp() - float(grace)
-    return int(sent_at // float(interval)), float(interval) + float(grace)
+    return Tick(sent_ms=int(sent), interval=float(interval), grace=float(grace))
 
 
 def run_singleton(
@@ -162,22 +182,34 @@ def run_singleton(
     lock = SingletonLock(
         rt.redis, job, ttl=s.lock_ttl_sec, renew_every=s.lock_renew_sec, token=new_token(worker)
     )
-    tick = tick_slot(task.request)
+    tick = tick_of(task.request)
     started = _now()
     try:
         got = lock.acquire(
-            tick_slot=tick[0] if tick else None,
-            tick_ttl=tick[1] if tick else 0,
+            tick_slot=tick.slot if tick else None,
+            tick_ttl=tick.slot_ttl if tick else 0,
             trigger=tick is None,
+            tick_sent_ms=tick.sent_ms if tick else None,
+            tick_grace=tick.grace if tick else 0,
         )
     except Exception as exc:
         # Without Redis nobody can tell whether another run holds the lock: do not run.
         log.error("job %s not run: could not take its lock: %s", job, _error_text(exc))
         _record_run(rt, job, worker, started, _now(), ERROR, f"lock unavailable: {exc}")
         return ERROR
+    if got.outcome is Acquired.LATE:
+        # Missed runs coalesce: a tick that waited out its grace (workers down) is dropped, not
+        # run late, and not recorded as a run. Timed by Redis's clock, not this host's.
+        log.warning(
+            "job %s: tick expired in the queue (waited %.1fs by Redis's clock, grace %gs); dropped",
+            job,
+            int(got.holder) / 1000,
+            tick.grace if tick else 0,
+        )
+        return EXPIRED
     if not got:
         if got.outcome is Acquired.DUPLICATE_TICK:
-            reason = f"duplicate beat tick: slot {tick[0] if tick else '?'} already ran"
+            reason = f"duplicate beat tick: slot {tick.slot if tick else '?'} already ran"
         else:
             reason = f"already running, held by {got.holder}"
         log.warning("job %s skipped: %s", job, reason)

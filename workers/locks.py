@@ -8,6 +8,9 @@ expired and was taken by someone else (the mistake of a plain DEL).
 
 Acquire and release are one Lua script each: one Redis round trip apiece per run. The acquire
 script also
+  * drops a beat tick that is late: one that waited longer than its grace since beat sent it,
+    both times read from Redis's clock (`TIME`), so hosts whose clocks disagree still agree on
+    what is late; late ticks are counted per job;
   * skips a duplicate beat tick (two beat processes running by mistake): each tick carries its
     schedule slot; a slot that already ran is skipped, even after the earlier run released;
   * counts skipped runs per job;
@@ -35,10 +38,20 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "bcfy:job"
 
-# KEYS: lock, last tick slot, skip counter, rerun request
-# ARGV: token, ttl ms, tick slot ('' when not a tick), tick key ttl ms, is trigger ('1'/'0')
+# KEYS: lock, last tick slot, skip counter, rerun request, late tick counter
+# ARGV: token, ttl ms, tick slot ('' when not a tick), tick key ttl ms, is trigger ('1'/'0'),
+#       tick sent at (Redis ms, '' when not a tick), tick grace ms
 # Returns {1, ''} acquired | {0, holder} held by holder | {2, slot} duplicate tick
+#       | {3, waited ms} late tick (by Redis's clock)
 _ACQUIRE = """
+if ARGV[6] ~= '' then
+  local t = redis.call('TIME')
+  local waited = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[6])
+  if waited > tonumber(ARGV[7]) then
+    redis.call('INCR', KEYS[5])
+    return {3, tostring(waited)}
+  end
+end
 local slot = ARGV[3]
 if slot ~= '' then
   local last = redis.call('GET', KEYS[2])
@@ -87,6 +100,7 @@ class Acquired(Enum):
     YES = "acquired"
     HELD = "held"  # another run holds the lock
     DUPLICATE_TICK = "duplicate_tick"  # this beat slot already ran
+    LATE = "late"  # a tick that waited longer than its grace (by Redis's clock)
 
 
 class Released(Enum):
@@ -98,15 +112,16 @@ class Released(Enum):
 @dataclass(frozen=True)
 class AcquireResult:
     outcome: Acquired
-    holder: str = ""  # the holding run's token (or the last tick slot)
+    holder: str = ""  # the holding run's token (or the last tick slot, or ms a tick waited)
 
     def __bool__(self) -> bool:
         return self.outcome is Acquired.YES
 
 
-def job_keys(job: str) -> tuple[str, str, str, str]:
+def job_keys(job: str) -> tuple[str, str, str, str, str]:
+    """lock, last tick slot, skip counter, rerun request, late tick counter"""
     base = f"{KEY_PREFIX}:{{{job}}}"
-    return f"{base}:lock", f"{base}:last_tick", f"{base}:skips", f"{base}:rerun"
+    return f"{base}:lock", f"{base}:last_tick", f"{base}:skips", f"{base}:rerun", f"{base}:late"
 
 
 def new_token(label: str = "") -> str:
@@ -138,7 +153,7 @@ class SingletonLock:
         self.renew_every = renew_every if renew_every is not None else ttl / 3
         self.token = token or new_token()
         self.on_lost = on_lost
-        self.lock_key, self.tick_key, self.skips_key, self.rerun_key = job_keys(job)
+        self.lock_key, self.tick_key, self.skips_key, self.rerun_key, self.late_key = job_keys(job)
         self._acquire = client.register_script(_ACQUIRE)
         self._extend = client.register_script(_EXTEND_TO)
         self._release = client.register_script(_RELEASE)
@@ -152,15 +167,25 @@ class SingletonLock:
         return self._lost.is_set()
 
     def acquire(
-        self, *, tick_slot: int | None = None, tick_ttl: float = 0.0, trigger: bool = False
+        self,
+        *,
+        tick_slot: int | None = None,
+        tick_ttl: float = 0.0,
+        trigger: bool = False,
+        tick_sent_ms: int | None = None,
+        tick_grace: float = 0.0,
     ) -> AcquireResult:
-        keys = [self.lock_key, self.tick_key, self.skips_key, self.rerun_key]
+        """tick_sent_ms: when beat sent the tick, by Redis's clock; a tick that waited longer
+        than tick_grace seconds by Redis's clock now is LATE and takes nothing."""
+        keys = [self.lock_key, self.tick_key, self.skips_key, self.rerun_key, self.late_key]
         args = [
             self.token,
             self.ttl_ms,
             "" if tick_slot is None else str(tick_slot),
             max(int(tick_ttl * 1000), self.ttl_ms),
             "1" if trigger else "0",
+            "" if tick_sent_ms is None else str(int(tick_sent_ms)),
+            int(tick_grace * 1000),
         ]
         code, detail = self._acquire(keys=keys, args=args)
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
@@ -169,6 +194,8 @@ class SingletonLock:
             return AcquireResult(Acquired.YES)
         if code == 2:
             return AcquireResult(Acquired.DUPLICATE_TICK, detail)
+        if code == 3:
+            return AcquireResult(Acquired.LATE, detail)
         return AcquireResult(Acquired.HELD, detail)
 
     def extend(self) -> bool:
@@ -239,4 +266,10 @@ def holder_of(client: redis.Redis, job: str) -> str | None:
 
 def skip_count(client: redis.Redis, job: str) -> int:
     value = client.get(job_keys(job)[2])
+    return int(value or 0)
+
+
+def late_count(client: redis.Redis, job: str) -> int:
+    """How many of a job's ticks were dropped for waiting longer than their grace."""
+    value = client.get(job_keys(job)[4])
     return int(value or 0)

@@ -19,8 +19,9 @@ import psycopg
 import redis
 
 from beat_schedule import PERIODIC_JOBS
+from workers import clock
 from workers.app import QUEUES
-from workers.locks import holder_of, skip_count
+from workers.locks import holder_of, late_count, skip_count
 from workers.settings import Settings
 from workers.text import terminal_safe
 
@@ -50,6 +51,9 @@ class Snapshot:
     totals: dict[str, dict[str, int]] = field(default_factory=dict)
     job_run_totals: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # Each worker's (and beat's) clock offset from Redis's, by node; and warnings about them.
+    clocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clock_warnings: list[str] = field(default_factory=list)
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -290,8 +294,54 @@ def _with_redis(settings: Settings, snap: Snapshot) -> None:
     client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5)
     try:
         _from_redis(snap, client)
+        _clock_offsets(snap, client, settings.job_misfire_grace_sec)
     finally:
         client.close()
+
+
+# --- clocks -----------------------------------------------------------------------------------
+
+
+def _clock_offsets(snap: Snapshot, client: redis.Redis, grace_sec: float) -> None:
+    """The offsets workers and beat reported (workers.clock), a warning for each one beyond
+    a fraction of the grace, and each job's count of ticks dropped as late."""
+    now_ms = clock.redis_time_ms(client)
+    limit = clock.warn_above(grace_sec)
+    for node, report in clock.reports(client).items():
+        offset = float(report.get("offset_sec", 0.0))
+        kind = str(report.get("kind", "worker"))
+        snap.clocks[node] = {
+            **report,
+            "age_sec": round((now_ms - int(report.get("measured_at_ms", now_ms))) / 1000, 1),
+        }
+        if abs(offset) > limit:
+            snap.clock_warnings.append(
+                f"{clock.describe(kind, node, offset)}: more than {clock.WARN_FRACTION:.0%} of "
+                f"JOB_MISFIRE_GRACE_SEC ({grace_sec:g}s); ticks are timed by Redis's clock, but "
+                "the times it writes (job runs, logs) are off by as much: fix its clock (NTP)"
+            )
+    for task, _interval in PERIODIC_JOBS.values():
+        snap.jobs.setdefault(task, {})["late_ticks"] = late_count(client, task)
+
+
+def render_clocks(snap: Snapshot) -> list[str]:
+    out = ["\nclocks (offset from Redis's clock; + ahead):"]
+    if not snap.clocks:
+        out.append("  no worker has reported")
+    for node, c in sorted(snap.clocks.items()):
+        offset = float(c.get("offset_sec", 0))
+        out.append(
+            f"  {c.get('kind', '?'):6} {terminal_safe(node):40} {offset:+8.1f}s"
+            f"  (measured {c.get('age_sec', '?')}s ago)"
+        )
+    late = {job: j["late_ticks"] for job, j in sorted(snap.jobs.items()) if j.get("late_ticks")}
+    if late:
+        out.append(
+            "late ticks dropped (waited longer than JOB_MISFIRE_GRACE_SEC): "
+            + ", ".join(f"{job} {n}" for job, n in late.items())
+        )
+    out += [f"! clock: {terminal_safe(warning)}" for warning in snap.clock_warnings]
+    return out
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -344,6 +394,7 @@ def render(snap: Snapshot) -> str:
     out.append("workers online:")
     for queue, nodes in snap.workers.items():
         out.append(f"  {queue:14} {len(nodes)}  {terminal_safe(' '.join(nodes))}")
+    out += render_clocks(snap)
     for problem in snap.problems:
         out.append(f"\n! {terminal_safe(problem)}")
     return "\n".join(out)
