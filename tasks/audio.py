@@ -28,6 +28,11 @@ Failures: each attempt's reason is recorded (error_code, last_error). Policy ref
 host, address, size) fail at once; anything else is retried with exponential backoff until
 AUDIO_MAX_ATTEMPTS. A worker that dies mid-call leaves its lease to run out; the call is then
 claimed again (that counts as an attempt, so a call that kills its worker every time stops).
+A pool process that dies (the OOM killer, a crash in a decoder) has its task put back at once,
+under the same claim: each attempt is logged as its download starts, naming the process, and
+the task's next taker counts the death against the call the dead process was working on
+(CallPreparer.take_over says how), so such a call fails as `worker_lost` after
+AUDIO_MAX_ATTEMPTS deaths too.
 """
 
 from __future__ import annotations

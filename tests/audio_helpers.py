@@ -97,13 +97,15 @@ def slow_audio(sim: FeedSimulator, latency: float) -> None:
 
 
 class HeldAudio:
-    """Requests for one call's audio, each held until the test releases it: the test can act
-    (kill the process downloading it) while a worker is mid-call. Other calls are answered as
-    usual."""
+    """Requests for one call's audio, each held until the test releases it (only the first
+    `times`, if given): the test can act (kill the process downloading it) while a worker is
+    mid-call. Other calls are answered as usual."""
 
-    def __init__(self, sim: FeedSimulator, url: str, *, most_sec: float = 300.0) -> None:
+    def __init__(
+        self, sim: FeedSimulator, url: str, *, times: int | None = None, most_sec: float = 300.0
+    ) -> None:
         self.path = url.split(sim.audio_host, 1)[1]
-        self.arrived = 0  # requests for it so far
+        self.arrived = 0  # requests for it so far, held or not
         self._released = 0
         self._cond = threading.Condition()
         answer = sim.handle_audio
@@ -114,7 +116,8 @@ class HeldAudio:
                     self.arrived += 1
                     mine = self.arrived
                     self._cond.notify_all()
-                    self._cond.wait_for(lambda: self._released >= mine, most_sec)
+                    if times is None or mine <= times:
+                        self._cond.wait_for(lambda: self._released >= mine, most_sec)
             return answer(path)
 
         sim.handle_audio = held  # type: ignore[method-assign]
