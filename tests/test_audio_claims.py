@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import subprocess
 import time
 
 import psycopg
@@ -110,6 +112,52 @@ def test_only_the_lease_holder_writes_an_outcome(db, clean):
         "SELECT lease_owner, outcome FROM call_audio_attempts WHERE call_id = %s", (call,)
     ).fetchall()
     assert attempts == [("old", "lease_lost")]
+
+
+def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, clean):
+    """The rule for a task delivered again under its claim (the pool process died, and the
+    worker put the task back): a live process still on it makes the delivery a duplicate,
+    dropped, nothing counted; a dead one counts against the one call it had under way."""
+    first, second = add_calls(db, 2)
+    s = settings(audio_max_attempts=2)
+    rt = Runtime.current()
+    asyncio.run(claim(clean, s, "o"))
+    host = socket.gethostname()
+    with subprocess.Popen(["sleep", "60"]) as live:
+        with subprocess.Popen(["true"]) as gone:
+            gone.wait()
+        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:{live.pid}")
+        start(rt, on_it, first)
+        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:1")
+        assert rt.run(taker.take_over([first, second])).calls == [], "a duplicate: dropped"
+        live.kill()
+    assert [r["attempts"] for r in audio_rows(db).values()] == [1, 1]
+
+    def dies(call_id: int) -> None:  # what a process that dies on it leaves behind
+        db.execute(
+            "UPDATE call_audio_attempts SET worker = %s WHERE call_id = %s AND ended_at IS NULL",
+            (f"a1@{host}:{host}:{gone.pid}", call_id),
+        )
+
+    dies(first)
+    taken = rt.run(taker.take_over([first, second]))
+    assert ([c.call_id for c in taken.calls], taken.lost, taken.after_death) == (
+        [first, second],
+        0,
+        True,
+    )
+    assert [r["attempts"] for r in audio_rows(db).values()] == [2, 1], "the death counted"
+    assert rt.run(taker.start_attempt(taken.calls[0]))
+    dies(first)
+    taken = rt.run(taker.take_over([first, second]))
+    assert ([c.call_id for c in taken.calls], taken.lost) == ([second], 1)
+    row = audio_rows(db)[first]
+    assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "worker_lost", 2)
+    outcomes = db.execute(
+        "SELECT attempt, outcome FROM call_audio_attempts WHERE call_id = %s ORDER BY id",
+        (first,),
+    ).fetchall()
+    assert outcomes == [(1, "worker_lost"), (2, "worker_lost")]
 
 
 def test_failures_back_off_exponentially_and_stop_after_the_last_attempt(db, clean):
