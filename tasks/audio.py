@@ -455,8 +455,8 @@ class CallPreparer:
         params = {"ids": call_ids, "owner": self.owner}
         async with db_connection() as conn:
             rows = await (await conn.execute(HELD, params)).fetchall()
-            dead = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
-            busy = sorted({worker for _, _, worker in dead if not claimant_is_gone(worker)})
+            left_open = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
+            busy = sorted({w for _, _, w in left_open if not claimant_is_gone(w)})
             if busy:
                 log.warning(
                     "audio: claim %s is being worked on by %s: duplicate delivery dropped",
@@ -464,6 +464,7 @@ class CallPreparer:
                     ", ".join(busy),
                 )
                 return TakeOver([])
+            dead = left_open  # every process that left an attempt open is gone
             calls = {row[0]: ClaimedCall(*row) for row in rows}  # attempt: so far
             lost = await self.count_deaths(conn, calls, dead)
             if calls:

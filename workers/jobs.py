@@ -121,7 +121,7 @@ def backstop_time_limits(soft: float, hard: float) -> dict[str, float]:
 
 
 def worker_name(task: Task) -> str:
-    """`<celery node>:<pid>`: which worker process ran something, for job_runs and attempts."""
+    """`<celery node>:<pid>`: which worker process ran a job, for job_runs."""
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
 
 
