@@ -28,6 +28,11 @@ Failures: each attempt's reason is recorded (error_code, last_error). Policy ref
 host, address, size) fail at once; anything else is retried with exponential backoff until
 AUDIO_MAX_ATTEMPTS. A worker that dies mid-call leaves its lease to run out; the call is then
 claimed again (that counts as an attempt, so a call that kills its worker every time stops).
+A pool process that dies (the OOM killer, a crash in a decoder) has its task put back at once,
+under the same claim: each attempt is logged as its download starts, naming the process, and
+the task's next taker counts the death against the call the dead process was working on
+(CallPreparer.take_over says how), so such a call fails as `worker_lost` after
+AUDIO_MAX_ATTEMPTS deaths too.
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ from workers.app import app, settings
 from workers.audio_download import AudioFailure, Downloaded, UrlPolicy, download
 from workers.audio_prepare import PreparedAudio, validate_and_convert
 from workers.audio_store import FilesystemAudioStore, call_keys
-from workers.jobs import JobContext, backstop_time_limits, periodic_job, worker_name
+from workers.jobs import (
+    JobContext,
+    backstop_time_limits,
+    claimant_is_gone,
+    periodic_job,
+    process_id,
+)
 from workers.locks import new_token
 from workers.runtime import Runtime, db_connection
 from workers.settings import Settings
@@ -240,18 +251,45 @@ UPDATE call_audio
  WHERE call_id = ANY(%(ids)s) AND state = 'downloading' AND lease_owner = %(owner)s
 """
 
-# A task starting on its calls: renew what is still ours, log an attempt for each.
-TAKE_OVER = f"""
-WITH mine AS ({RENEW} RETURNING call_id, attempts
-), logged AS (
-    INSERT INTO call_audio_attempts (call_id, attempt, lease_owner, worker)
-    SELECT call_id, attempts, %(owner)s, %(worker)s FROM mine
-    RETURNING id, call_id
-)
-SELECT m.call_id, m.attempts, l.id, r.url, r.duration_sec, r.playlist_uuid, r.started_at,
+# A task starting on its calls: those still leased to its claim, locked while it takes them over.
+HELD = """
+SELECT c.call_id, c.attempts, r.url, r.duration_sec, r.playlist_uuid, r.started_at,
        r.size_bytes
-  FROM mine m JOIN logged l USING (call_id) JOIN bcfy_calls_raw r ON r.id = m.call_id
- ORDER BY m.call_id
+  FROM call_audio c JOIN bcfy_calls_raw r ON r.id = c.call_id
+ WHERE c.call_id = ANY(%(ids)s) AND c.state = 'downloading' AND c.lease_owner = %(owner)s
+ ORDER BY c.call_id
+   FOR UPDATE OF c
+"""
+
+# The claim's attempts that never ended: some process was working on them when it stopped.
+OPEN_ATTEMPTS = """
+SELECT id, call_id, worker FROM call_audio_attempts
+ WHERE call_id = ANY(%(ids)s) AND lease_owner = %(owner)s AND ended_at IS NULL
+ ORDER BY id
+"""
+
+CLOSE_LOST_ATTEMPTS = """
+UPDATE call_audio_attempts
+   SET ended_at = now(), outcome = 'worker_lost', error_code = 'worker_lost', error = %(error)s
+ WHERE id = ANY(%(ids)s)
+"""
+
+# A death that counts: the next attempt is a new one.
+COUNT_DEATH = """
+UPDATE call_audio
+   SET attempts = attempts + 1, error_code = 'worker_lost', last_error = %(error)s,
+       updated_at = now()
+ WHERE call_id = %(call_id)s
+RETURNING attempts
+"""
+
+# Logged and committed as the call's download starts, naming the process: should that process
+# die on the call, the next one to take the task over finds the attempt open.
+START_ATTEMPT = """
+INSERT INTO call_audio_attempts (call_id, attempt, lease_owner, worker)
+SELECT call_id, attempts, lease_owner, %(worker)s FROM call_audio
+ WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+RETURNING id, attempt
 """
 
 HOLD_LEASE = """
@@ -303,15 +341,22 @@ UPDATE call_audio_attempts
 class ClaimedCall:
     call_id: int
     attempt: int
-    attempt_id: int
     url: str
     duration_sec: float | None
     playlist_uuid: Any
     started_at: datetime
     expected_bytes: int | None  # the record's `size`, when the service gave one
+    attempt_id: int | None = None  # its call_audio_attempts row, once started
     download_ms: int | None = None
     prepare_ms: int | None = None
     bytes: int | None = None
+
+
+@dataclass
+class TakeOver:
+    calls: list[ClaimedCall]  # to prepare
+    lost: int = 0  # failed as worker_lost: a process died on their last attempt
+    after_death: bool = False  # a process died working on this task
 
 
 @dataclass
@@ -367,14 +412,21 @@ class CallPreparer:
 
     async def run(self, call_ids: list[int]) -> ChunkOutcome:
         outcome = ChunkOutcome()
-        calls = await self.take_over(call_ids)
-        outcome.skipped = len(call_ids) - len(calls)
+        taken = await self.take_over(call_ids)
+        calls = taken.calls
+        outcome.failed = taken.lost
+        outcome.skipped = len(call_ids) - len(calls) - taken.lost
         if not calls:
             return outcome
         self.in_progress = {c.call_id for c in calls}
         renewer = asyncio.create_task(self.renew_leases())
         try:
-            results = await asyncio.gather(*(self.prepare(c) for c in calls))
+            if taken.after_death:
+                # One at a time: should the process die again, it dies on one call, which
+                # is then surely the one that kills it.
+                results = [await self.prepare(c) for c in calls]
+            else:
+                results = await asyncio.gather(*(self.prepare(c) for c in calls))
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -383,20 +435,97 @@ class CallPreparer:
             setattr(outcome, result, getattr(outcome, result) + 1)
         return outcome
 
-    async def take_over(self, call_ids: list[int]) -> list[ClaimedCall]:
-        """Renew the leases still ours and log an attempt for each; skip the rest."""
+    async def take_over(self, call_ids: list[int]) -> TakeOver:
+        """Take over the calls still leased to this claim (skip the rest), in one transaction.
+
+        A task is delivered again with the same claim when the pool process working on it died
+        (task_reject_on_worker_lost; a whole worker's death, or one still working past the
+        broker's visibility timeout, leaves the lease to run out instead). The attempts that
+        process left open tell what it was doing when it died:
+          - an open attempt of a live process, or of one on another host: the task is still
+            (or may be) worked on there: drop this delivery; if that process is in fact gone,
+            the leases run out and the calls are claimed again (that counts an attempt);
+          - a process that died with one call open died on that call: the death counts as its
+            attempt. After AUDIO_MAX_ATTEMPTS the call fails as worker_lost; else it gets a
+            new attempt;
+          - a process that died with several calls open cannot say which one killed it: the
+            death counts against none of them, and this task works its calls one at a time, so
+            the next death has a single suspect.
+        A call whose process did not reach it (no open attempt) is simply prepared."""
+        params = {"ids": call_ids, "owner": self.owner}
         async with db_connection() as conn:
-            cur = await conn.execute(
-                TAKE_OVER,
-                {
-                    "ids": call_ids,
-                    "owner": self.owner,
-                    "worker": self.worker,
-                    "lease": self.s.audio_lease_sec,
-                },
-            )
-            rows = await cur.fetchall()
-        return [ClaimedCall(*row) for row in rows]
+            rows = await (await conn.execute(HELD, params)).fetchall()
+            left_open = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
+            busy = sorted({w for _, _, w in left_open if not claimant_is_gone(w)})
+            if busy:
+                log.warning(
+                    "audio: claim %s is being worked on by %s: duplicate delivery dropped",
+                    self.owner,
+                    ", ".join(busy),
+                )
+                return TakeOver([])
+            dead = left_open  # every process that left an attempt open is gone
+            calls = {row[0]: ClaimedCall(*row) for row in rows}  # attempt: so far
+            lost = await self.count_deaths(conn, calls, dead)
+            if calls:
+                await conn.execute(
+                    RENEW, params | {"ids": list(calls), "lease": self.s.audio_lease_sec}
+                )
+        loop = asyncio.get_running_loop()
+        for call_id in lost:  # what the dead process was writing for it
+            await loop.run_in_executor(None, self.store.discard_temps, call_id)
+        return TakeOver(list(calls.values()), len(lost), after_death=bool(dead))
+
+    async def count_deaths(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        calls: dict[int, ClaimedCall],
+        dead: list[tuple[int, int, str]],
+    ) -> list[int]:
+        """Close the attempts dead processes left open and count each death that has one
+        suspect; fail (and drop from `calls`) those with no attempts left, and return them."""
+        open_calls: dict[str, int] = {}
+        for _, _, worker in dead:
+            open_calls[worker] = open_calls.get(worker, 0) + 1
+        lost: list[int] = []
+        for attempt_id, call_id, worker in dead:
+            call = calls.get(call_id)
+            if call is None:
+                continue  # no longer this claim's: not ours to record
+            n = open_calls[worker]
+            if n > 1:
+                why = (
+                    f"the worker process {worker} died while working on {n} calls: not"
+                    " counted against any; each is tried again alone"
+                )
+            else:
+                why = (
+                    f"the worker process {worker} died during attempt {call.attempt} of"
+                    f" {self.s.audio_max_attempts} (killed, or crashed on this call)"
+                )
+            await conn.execute(CLOSE_LOST_ATTEMPTS, {"ids": [attempt_id], "error": why})
+            log.warning("audio: call %s: %s", call_id, why)
+            if n > 1:
+                continue
+            if call.attempt >= self.s.audio_max_attempts:
+                await conn.execute(
+                    MARK_FAILED,
+                    {
+                        "call_id": call_id,
+                        "state": "failed",
+                        "delay": 0.0,
+                        "code": "worker_lost",
+                        "error": f"{why}; no attempts left",
+                    },
+                )
+                del calls[call_id]
+                lost.append(call_id)
+                continue
+            cur = await conn.execute(COUNT_DEATH, {"call_id": call_id, "error": why})
+            row = await cur.fetchone()
+            assert row is not None  # the row is locked (HELD)
+            call.attempt = row[0]
+        return lost
 
     async def renew_leases(self) -> None:
         """Keep the leases of unfinished calls alive while this task works on them."""
@@ -433,6 +562,8 @@ class CallPreparer:
         try:
             original, flac = await loop.run_in_executor(None, self.fresh_temps, call.call_id)
             async with self.slots:
+                if not await self.start_attempt(call):
+                    return "lease_lost"
                 got = await self.download(call, original)
             started = time.monotonic()
             prepared = await loop.run_in_executor(
@@ -458,6 +589,21 @@ class CallPreparer:
         finally:
             self.in_progress.discard(call.call_id)
             self.store.discard(original, flac)
+
+    async def start_attempt(self, call: ClaimedCall) -> bool:
+        """Log the call's attempt, committed before its download starts (the risky work:
+        download, decode); False when the lease is no longer ours."""
+        async with db_connection() as conn:
+            cur = await conn.execute(
+                START_ATTEMPT,
+                {"call_id": call.call_id, "owner": self.owner, "worker": self.worker},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            log.warning("audio: call %s: lease lost before its download", call.call_id)
+            return False
+        call.attempt_id, call.attempt = row
+        return True
 
     def fresh_temps(self, call_id: int) -> tuple[Path, Path]:
         """Drop what an earlier, dead attempt left; two new temporary files. (Blocking.)"""
@@ -593,7 +739,7 @@ def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = Fals
     if more:
         app.send_task(CLAIM_JOB)
     rt = Runtime.current()
-    worker = worker_name(self)
+    worker = process_id(self)
     preparer = CallPreparer(rt.settings, rt.http, owner, worker)
     outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
     if outcome.ready:

@@ -37,9 +37,7 @@ the dead worker's claim runs out.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ from psycopg.types.json import Jsonb
 
 from workers.app import app, settings
 from workers.audio_codec import AudioDecodeError
-from workers.jobs import JobContext, periodic_job
+from workers.jobs import JobContext, claimant_is_gone, periodic_job, process_id
 from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
@@ -336,34 +334,6 @@ def backoff_sec(attempt: int, settings: Settings, retry_after: float | None = No
     return round(min(wait, settings.transcribe_retry_backoff_max_sec), 1)
 
 
-def _worker_id(task: Task) -> str:
-    """`<celery node>:<machine>:<pid>`: who holds a claim, for people and for claimant_is_gone."""
-    return f"{task.request.hostname or 'worker'}:{socket.gethostname()}:{os.getpid()}"
-
-
-def claimant_is_gone(claimed_by: str | None) -> bool:
-    """True only when the claim was made on this machine by a process that no longer exists.
-
-    Anything else (another machine, an id in another form, a live process, a pid reused by a
-    new process) counts as alive: the claim is then left to run out. Taking over a claim whose
-    holder was in fact alive would cost a second recognition, never a second transcript
-    (transcripts.call_id is unique)."""
-    try:
-        _node, machine, pid_text = (claimed_by or "").rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if machine != socket.gethostname() or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: it exists, under another user
-        return False
-    return False
-
-
 @app.task(
     name=TRANSCRIBE_TASK,
     bind=True,
@@ -378,7 +348,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
     rt = Runtime.current()
     s = rt.settings
-    worker = _worker_id(self)
+    worker = process_id(self)
     try:
         claim = run_on_loop(rt.loop, claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +94,38 @@ def slow_audio(sim: FeedSimulator, latency: float) -> None:
         return answer(path)
 
     sim.handle_audio = delayed  # type: ignore[method-assign]
+
+
+class HeldAudio:
+    """Requests for one call's audio, each held until the test releases it (only the first
+    `times`, if given): the test can act (kill the process downloading it) while a worker is
+    mid-call. Other calls are answered as usual."""
+
+    def __init__(
+        self, sim: FeedSimulator, url: str, *, times: int | None = None, most_sec: float = 300.0
+    ) -> None:
+        self.path = url.split(sim.audio_host, 1)[1]
+        self.arrived = 0  # requests for it so far, held or not
+        self._released = 0
+        self._cond = threading.Condition()
+        answer = sim.handle_audio
+
+        def held(path: str) -> Any:
+            if path == self.path:
+                with self._cond:
+                    self.arrived += 1
+                    mine = self.arrived
+                    self._cond.notify_all()
+                    if times is None or mine <= times:
+                        self._cond.wait_for(lambda: self._released >= mine, most_sec)
+            return answer(path)
+
+        sim.handle_audio = held  # type: ignore[method-assign]
+
+    def release_all(self) -> None:
+        with self._cond:
+            self._released = self.arrived
+            self._cond.notify_all()
 
 
 def audio_rows(conn: psycopg.Connection) -> dict[int, dict]:

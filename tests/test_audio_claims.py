@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import subprocess
 import time
 
 import psycopg
 
 from tasks.audio import (
     CallPreparer,
+    ClaimedCall,
     backoff_sec,
     fail_exhausted_leases,
     split_evenly,
@@ -61,6 +64,14 @@ def test_concurrent_claims_never_share_a_call(db, clean):
     assert len(a.call_ids) + len(b.call_ids) == 30
 
 
+def start(rt: Runtime, preparer: CallPreparer, call_id: int) -> ClaimedCall:
+    """What a task does with a claimed call before downloading it: take it over, log the
+    attempt."""
+    (claimed,) = rt.run(preparer.take_over([call_id])).calls
+    assert rt.run(preparer.start_attempt(claimed))
+    return claimed
+
+
 def test_a_lease_that_runs_out_is_claimed_again_and_a_dead_end_fails(db, clean):
     (call,) = add_calls(db, 1)
     s = settings(audio_lease_sec=0.3, audio_max_attempts=2)
@@ -87,18 +98,66 @@ def test_only_the_lease_holder_writes_an_outcome(db, clean):
     asyncio.run(claim(clean, s, "old"))
     rt = Runtime.current()
     old = CallPreparer(s, rt.http, "old", "test:1")
-    (claimed,) = rt.run(old.take_over([call]))  # still ours: the lease is renewed
+    claimed = start(rt, old, call)  # still ours: the lease is renewed
     time.sleep(0.4)
     asyncio.run(claim(clean, s, "new"))  # presumed dead: claimed again
     outcome = rt.run(old.mark_failed(claimed, AudioFailure("http_404", "late news")))
     assert outcome == "lease_lost"
     row = audio_rows(db)[call]
     assert (row["state"], row["lease_owner"], row["error_code"]) == ("downloading", "new", None)
-    assert rt.run(old.take_over([call])) == [], "a redelivered task for the old claim skips it"
+    assert rt.run(old.take_over([call])).calls == [], (
+        "a redelivered task for the old claim skips it"
+    )
     attempts = db.execute(
         "SELECT lease_owner, outcome FROM call_audio_attempts WHERE call_id = %s", (call,)
     ).fetchall()
     assert attempts == [("old", "lease_lost")]
+
+
+def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, clean):
+    """The rule for a task delivered again under its claim (the pool process died, and the
+    worker put the task back): a live process still on it makes the delivery a duplicate,
+    dropped, nothing counted; a dead one counts against the one call it had under way."""
+    first, second = add_calls(db, 2)
+    s = settings(audio_max_attempts=2)
+    rt = Runtime.current()
+    asyncio.run(claim(clean, s, "o"))
+    host = socket.gethostname()
+    with subprocess.Popen(["sleep", "60"]) as live:
+        with subprocess.Popen(["true"]) as gone:
+            gone.wait()
+        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:{live.pid}")
+        start(rt, on_it, first)
+        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:1")
+        assert rt.run(taker.take_over([first, second])).calls == [], "a duplicate: dropped"
+        live.kill()
+    assert [r["attempts"] for r in audio_rows(db).values()] == [1, 1]
+
+    def dies(call_id: int) -> None:  # what a process that dies on it leaves behind
+        db.execute(
+            "UPDATE call_audio_attempts SET worker = %s WHERE call_id = %s AND ended_at IS NULL",
+            (f"a1@{host}:{host}:{gone.pid}", call_id),
+        )
+
+    dies(first)
+    taken = rt.run(taker.take_over([first, second]))
+    assert ([c.call_id for c in taken.calls], taken.lost, taken.after_death) == (
+        [first, second],
+        0,
+        True,
+    )
+    assert [r["attempts"] for r in audio_rows(db).values()] == [2, 1], "the death counted"
+    assert rt.run(taker.start_attempt(taken.calls[0]))
+    dies(first)
+    taken = rt.run(taker.take_over([first, second]))
+    assert ([c.call_id for c in taken.calls], taken.lost) == ([second], 1)
+    row = audio_rows(db)[first]
+    assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "worker_lost", 2)
+    outcomes = db.execute(
+        "SELECT attempt, outcome FROM call_audio_attempts WHERE call_id = %s ORDER BY id",
+        (first,),
+    ).fetchall()
+    assert outcomes == [(1, "worker_lost"), (2, "worker_lost")]
 
 
 def test_failures_back_off_exponentially_and_stop_after_the_last_attempt(db, clean):
@@ -110,7 +169,7 @@ def test_failures_back_off_exponentially_and_stop_after_the_last_attempt(db, cle
         db.execute("UPDATE call_audio SET next_attempt_at = now() WHERE call_id = %s", (call,))
         asyncio.run(claim(clean, s, f"o{attempt}"))
         prep = CallPreparer(s, rt.http, f"o{attempt}", "test:1")
-        (claimed,) = rt.run(prep.take_over([call]))
+        claimed = start(rt, prep, call)
         result = rt.run(prep.mark_failed(claimed, AudioFailure("http_404", "gone")))
         row = db.execute(
             "SELECT state, EXTRACT(EPOCH FROM next_attempt_at - updated_at), attempts,"
@@ -130,7 +189,7 @@ def test_a_policy_refusal_fails_at_once(db, clean):
     rt = Runtime.current()
     asyncio.run(claim(clean, s, "o"))
     prep = CallPreparer(s, rt.http, "o", "test:1")
-    (claimed,) = rt.run(prep.take_over([call]))
+    claimed = start(rt, prep, call)
     refusal = AudioFailure("disallowed_host", "x is not in AUDIO_ALLOWED_HOSTS", retry=False)
     assert rt.run(prep.mark_failed(claimed, refusal)) == "failed"
     row = audio_rows(db)[call]

@@ -145,8 +145,9 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     doomed = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
     procs.append(doomed)
     procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
-    # The first chunk's downloads are under way (their attempts are logged as they start).
-    wait_until(lambda: len(attempts(db)) >= 6, 30, "downloads under way")
+    # The first chunk's downloads are under way, one per download slot (their attempts are
+    # logged as they start; the next starts only when one of these 2-second downloads ends).
+    wait_until(lambda: len(attempts(db)) >= 7, 30, "downloads under way")
     killed = {r[0] for r in attempts(db)}
     doomed.kill_group(signal.SIGKILL)
     doomed.popen.wait(10)

@@ -123,8 +123,38 @@ def backstop_time_limits(soft: float, hard: float) -> dict[str, float]:
 
 
 def worker_name(task: Task) -> str:
-    """`<celery node>:<pid>`: which worker process ran something, for job_runs and attempts."""
+    """`<celery node>:<pid>`: which worker process ran a job, for job_runs."""
     return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
+
+
+def process_id(task: Task) -> str:
+    """`<celery node>:<machine>:<pid>`: the process that holds a claim or makes an attempt, for
+    people and for claimant_is_gone."""
+    return f"{task.request.hostname or 'worker'}:{socket.gethostname()}:{os.getpid()}"
+
+
+def claimant_is_gone(claimed_by: str | None) -> bool:
+    """True only when `claimed_by` (a process_id) names a process on this machine that no longer
+    exists: a pool process that died (the OOM killer, a crash in native code).
+
+    Anything else (another machine, an id in another form, a live process, this process, a pid
+    reused by a new process) counts as alive: the claim is then left to run out. A transcription
+    claim taken over from a holder that was in fact alive costs a second recognition, never a
+    second transcript (transcripts.call_id is unique)."""
+    try:
+        _node, machine, pid_text = (claimed_by or "").rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if machine != socket.gethostname() or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists, under another user
+        return False
+    return False
 
 
 def lock_name(task_name: str, kwargs: dict[str, Any]) -> str:
