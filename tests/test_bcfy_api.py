@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -189,6 +190,37 @@ def test_no_attempt_starts_after_the_budget(sim):
     assert isinstance(result, TransientError) and result.status == 429
     assert 2 <= sim.requests["countries"] <= 4
     assert took < 2.5 + 1.5
+
+
+def test_a_retry_that_cannot_keep_the_gap_within_the_budget_is_not_sent(sim):
+    uuid = sim.add_playlist(calls_per_minute=0)
+    sim.faults.fail_next_500 = 1
+    result, _ = run(
+        sim.url,
+        lambda api: api.live_calls(uuid, init=True),
+        INGEST_MIN_POLL_GAP_SEC=3,
+        BCFY_RETRY_BUDGET_SEC=2,
+    )
+    assert isinstance(result, TransientError) and result.status == 500
+    assert len(sim.arrivals(f"playlist_uuid={uuid}")) == 1
+
+
+def test_archive_reads_of_one_group_keep_the_gap(sim):
+    uuid = sim.add_playlist(calls_per_minute=0)
+    group = sim.publish_call(uuid)["groupId"]
+    sim.faults.fail_next_429, sim.faults.retry_after = 1, 0
+    now = int(time.time())
+
+    async def two_windows(api: BroadcastifyClient) -> list[Any]:
+        first = await api.group_archives(group, now - 7200, now - 3601)
+        second = await api.group_archives(group, now - 3600, now)
+        return [first, second]
+
+    result, _ = run(sim.url, two_windows, INGEST_MIN_POLL_GAP_SEC=1)
+    assert [status for status, _ in result] == [200, 200]
+    arrivals = sim.arrivals(f"group={group}")
+    assert len(arrivals) == 3  # a 429, its retry, the next window
+    assert all(b - a >= 1 for a, b in itertools.pairwise(arrivals))
 
 
 def test_a_slow_answer_times_out_and_is_retried(sim):
