@@ -4,10 +4,14 @@ Every INGEST_INTERVAL_SEC beat sends `poll_followed_playlists` (a singleton). On
 followed playlists (sync on) concurrently, at most INGEST_POLL_CONCURRENCY at a time; one
 playlist's failure never stops the others. Per playlist:
 
-  1. claim it: a playlist polled less than INGEST_MIN_POLL_GAP_SEC ago is left alone, even by
-     an overlapping run (the claim is one conditional UPDATE);
+  1. claim it: a playlist whose last request ended less than INGEST_MIN_POLL_GAP_SEC ago, or
+     has one in flight, is left alone, even by an overlapping run on another host (the claim
+     is one conditional UPDATE of last_polled_at; see _CLAIM);
   2. ask the live endpoint for the calls after its cursor (`init=1` the first time, `pos` ever
-     after: never a cursorless re-read), holding no database connection meanwhile;
+     after: never a cursorless re-read), holding no database connection meanwhile. The client
+     keeps INGEST_MIN_POLL_GAP_SEC between the end of one request and the next, retries
+     included, and renews the claim before each attempt: an attempt is sent only while the
+     claim is still this run's;
   3. validate each record: a bad one goes to bcfy_calls_quarantine with its reason, the rest
      are stored by one INSERT ... ON CONFLICT DO NOTHING, and the cursor (forward only, never
      to 0) and the poll log row are written in the same transaction;
@@ -53,6 +57,7 @@ from workers.bcfy_api import (
     retry_budget,
 )
 from workers.jobs import JobContext, LockLost, periodic_job
+from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -500,12 +505,75 @@ class PollOutcome:
     error: BaseException | None = None
 
 
+# last_polled_at is the database's record of the 5 s rule, on the one clock every host shares:
+# while a request may be in flight it holds the latest that request can end (now() + hold:
+# HTTP_TOTAL_TIMEOUT_SEC and a margin), and once the request has ended, its end. A claim needs
+# it INGEST_MIN_POLL_GAP_SEC in the past, so no host polls within the gap of another's request
+# (and a crashed poller's hold simply runs out). The stamp a claim sets is its token: renewing
+# before each attempt, and stamping the end, happen only while it is still there.
 _CLAIM = """
-UPDATE bcfy_playlists SET last_polled_at = now()
- WHERE uuid = %s AND sync
-   AND (last_polled_at IS NULL OR last_polled_at <= now() - make_interval(secs => %s))
-RETURNING cursor_pos, groups
+UPDATE bcfy_playlists SET last_polled_at = now() + make_interval(secs => %(hold)s)
+ WHERE uuid = %(uuid)s AND sync
+   AND (last_polled_at IS NULL OR last_polled_at <= now() - make_interval(secs => %(gap)s))
+RETURNING cursor_pos, groups, last_polled_at
 """
+
+_RENEW = """
+UPDATE bcfy_playlists SET last_polled_at = now() + make_interval(secs => %(hold)s)
+ WHERE uuid = %(uuid)s AND last_polled_at = %(stamp)s
+RETURNING last_polled_at
+"""
+
+_ENDED = """
+UPDATE bcfy_playlists SET last_polled_at = now()
+ WHERE uuid = %(uuid)s AND last_polled_at = %(stamp)s
+"""
+
+
+def _claim_hold(s: Settings) -> float:
+    """Seconds a claim holds a playlist for a request: the request (HTTP_TOTAL_TIMEOUT_SEC at
+    most) and the steps before it is sent (a wait of up to the gap, a login)."""
+    return s.http_total_timeout_sec + s.ingest_min_poll_gap_sec
+
+
+class ClaimLost(Exception):
+    """Another run claimed the playlist since this one did: its next attempt is not sent."""
+
+
+class _Claim:
+    """This run's claim on one playlist: renewed before each attempt, ended after the request."""
+
+    def __init__(self, ctx: JobContext, playlist_uuid: str, stamp: datetime) -> None:
+        self.ctx = ctx
+        self.playlist_uuid = playlist_uuid
+        self.stamp = stamp
+        self.hold = _claim_hold(ctx.settings)
+
+    async def renew(self) -> None:
+        """Before each attempt: hold the playlist for it, or refuse it (ClaimLost, LockLost)."""
+        self.ctx.ensure_lock()
+        async with self.ctx.connection() as conn:
+            row = await (
+                await conn.execute(
+                    _RENEW, {"uuid": self.playlist_uuid, "stamp": self.stamp, "hold": self.hold}
+                )
+            ).fetchone()
+        if row is None:
+            raise ClaimLost(
+                f"playlist {self.playlist_uuid}: polled by another run since this one claimed "
+                "it; not asked again"
+            )
+        (self.stamp,) = row
+
+    async def end(self) -> None:
+        """After the poll, whatever its outcome: the gap counts from now (a little after the
+        answer: on the safe side)."""
+        try:
+            async with self.ctx.connection() as conn:
+                await conn.execute(_ENDED, {"uuid": self.playlist_uuid, "stamp": self.stamp})
+        except Exception as exc:
+            # The hold runs out by itself; the next poll is only later.
+            log.warning("playlist %s: could not record the poll's end: %s", self.playlist_uuid, exc)
 
 
 async def poll_playlist(
@@ -515,16 +583,34 @@ async def poll_playlist(
     s = ctx.settings
     async with ctx.connection() as conn:
         claimed = await (
-            await conn.execute(_CLAIM, (playlist_uuid, s.ingest_min_poll_gap_sec))
+            await conn.execute(
+                _CLAIM,
+                {
+                    "uuid": playlist_uuid,
+                    "gap": s.ingest_min_poll_gap_sec,
+                    "hold": _claim_hold(s),
+                },
+            )
         ).fetchone()
     if claimed is None:
         log.info(
-            "playlist %s: polled under %gs ago; not again yet",
+            "playlist %s: polled under %gs ago (or being polled); not again yet",
             playlist_uuid,
             s.ingest_min_poll_gap_sec,
         )
         return PollOutcome(playlist_uuid)
-    cursor, groups = claimed
+    cursor, groups, stamp = claimed
+    claim = _Claim(ctx, playlist_uuid, stamp)
+    try:
+        return await _poll_claimed(ctx, api, claim, cursor, groups)
+    finally:
+        await claim.end()
+
+
+async def _poll_claimed(
+    ctx: JobContext, api: BroadcastifyClient, claim: _Claim, cursor: int | None, groups: Any
+) -> PollOutcome:
+    playlist_uuid = claim.playlist_uuid
     poll = PollRecord(
         playlist_uuid, datetime.now(UTC), "init" if cursor is None else "pos", pos_sent=cursor
     )
@@ -532,7 +618,9 @@ async def poll_playlist(
         if cursor is not None:
             cursor = await _leap_past_retention(ctx, api, playlist_uuid, cursor, groups)
             poll = dataclasses.replace(poll, pos_sent=cursor)
-        page = await api.live_calls(playlist_uuid, pos=cursor, init=cursor is None)
+        page = await api.live_calls(
+            playlist_uuid, pos=cursor, init=cursor is None, before_send=claim.renew
+        )
         poll = dataclasses.replace(
             poll, http_status=page.status, last_pos=page.last_pos, server_time=page.server_time
         )
@@ -551,6 +639,11 @@ async def poll_playlist(
                 await _plan_backfill(conn, playlist_uuid, groups, *gap)
     except LockLost as exc:
         return PollOutcome(playlist_uuid, error=exc)  # the job stops; no writes
+    except ClaimLost as exc:
+        # An overlapping run polls it now: this run's failed attempt is logged, not its error.
+        log.info("%s", exc)
+        await log_failed_poll(ctx, poll, exc)
+        return PollOutcome(playlist_uuid)
     except Exception as exc:
         if not isinstance(exc, BroadcastifyError):
             log.exception("playlist %s: poll failed", playlist_uuid)

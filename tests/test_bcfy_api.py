@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,15 +13,21 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tenacity import AsyncRetrying, RetryCallState
 
 from workers.bcfy_api import (
     BroadcastifyClient,
     BroadcastifyError,
     ConfigurationError,
+    Pace,
     TokenRejected,
     TransientError,
+    retry_budget,
 )
 from workers.devservices import free_port
+from workers.retry_after import retry_after_sec
 from workers.settings import load_settings
 from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
@@ -189,6 +196,85 @@ def test_no_attempt_starts_after_the_budget(sim):
     assert isinstance(result, TransientError) and result.status == 429
     assert 2 <= sim.requests["countries"] <= 4
     assert took < 2.5 + 1.5
+
+
+def test_a_retry_that_cannot_keep_the_gap_within_the_budget_is_not_sent(sim):
+    uuid = sim.add_playlist(calls_per_minute=0)
+    sim.faults.fail_next_500 = 1
+    result, _ = run(
+        sim.url,
+        lambda api: api.live_calls(uuid, init=True),
+        INGEST_MIN_POLL_GAP_SEC=3,
+        BCFY_RETRY_BUDGET_SEC=2,
+    )
+    assert isinstance(result, TransientError) and result.status == 500
+    assert len(sim.arrivals(f"playlist_uuid={uuid}")) == 1
+
+
+def test_archive_reads_of_one_group_keep_the_gap(sim):
+    uuid = sim.add_playlist(calls_per_minute=0)
+    group = sim.publish_call(uuid)["groupId"]
+    sim.faults.fail_next_429, sim.faults.retry_after = 1, 0
+    now = int(time.time())
+
+    async def two_windows(api: BroadcastifyClient) -> list[Any]:
+        first = await api.group_archives(group, now - 7200, now - 3601)
+        second = await api.group_archives(group, now - 3600, now)
+        return [first, second]
+
+    result, _ = run(sim.url, two_windows, INGEST_MIN_POLL_GAP_SEC=1)
+    assert [status for status, _ in result] == [200, 200]
+    arrivals = sim.arrivals(f"group={group}")
+    assert len(arrivals) == 3  # a 429, its retry, the next window
+    assert all(b - a >= 1 for a, b in itertools.pairwise(arrivals))
+
+
+_UNUSED_HTTP = httpx.AsyncClient()  # never sends: only the client's memory is read
+
+_RETRY_AFTER = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.floats(min_value=-1e6, max_value=1e10).map(
+        lambda t: email.utils.formatdate(time.time() + t, usegmt=True)
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=_RETRY_AFTER,
+    gap=st.floats(min_value=0, max_value=30),
+    since_last=st.one_of(st.none(), st.floats(min_value=0, max_value=60)),
+    attempt=st.integers(min_value=1, max_value=6),
+    budget=st.floats(min_value=0, max_value=120),
+)
+def test_a_retry_never_waits_less_than_the_gap_or_retry_after(
+    header: str | None, gap: float, since_last: float | None, attempt: int, budget: float
+) -> None:
+    env = {
+        "INGEST_MIN_POLL_GAP_SEC": str(gap),
+        "INGEST_INTERVAL_SEC": str(gap + 1),
+        "BCFY_RETRY_BUDGET_SEC": str(budget),
+        "BCFY_RETRY_BACKOFF_SEC": "0.05",
+        "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
+    }
+    api = BroadcastifyClient(load_settings(env), _UNUSED_HTTP)  # _wait sends nothing
+    pace = Pace("playlist_uuid=x")
+    if since_last is not None:
+        api._last_request_end[pace.key] = time.monotonic() - since_last
+    retry_after = retry_after_sec(header)
+    state = RetryCallState(AsyncRetrying(), None, (), {})
+    state.attempt_number = attempt
+    failure = TransientError("429", status=429, retry_after=retry_after)
+    state.set_exception((TransientError, failure, None))
+    wait = api._wait(state, pace)
+    assert 0 <= wait < float("inf")
+    if since_last is not None:
+        assert wait >= gap - since_last - 0.5  # what was left of the gap (the clock moved on)
+    if retry_after is not None:
+        assert wait >= min(retry_after, retry_budget(api.settings))
 
 
 def test_a_slow_answer_times_out_and_is_retried(sim):

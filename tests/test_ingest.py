@@ -4,6 +4,8 @@ log, quarantine, the 5 s rule, bounded concurrency, the audio trigger."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import logging
 import time
@@ -12,6 +14,9 @@ import uuid as uuid_mod
 import pytest
 
 from tests.ingest_fixtures import SECRET, Ingest
+from workers.bcfy_api import BroadcastifyClient
+from workers.jobs import JobContext
+from workers.runtime import Runtime
 from workers.simulator import OMIT
 
 POLL = "tasks.ingest.poll_followed_playlists"
@@ -194,6 +199,7 @@ def test_bad_records_are_quarantined_and_the_rest_of_the_page_stored(ingest_manu
 
 def test_429_and_500_are_retried_and_nothing_is_lost(ingest):
     ing = ingest
+    ing.configure(INGEST_MIN_POLL_GAP_SEC=1)  # each retry waits out the gap: keep it short
     uuid = ing.sim.add_playlist(calls_per_minute=0)
     ing.sim.publish_call(uuid)
     time.sleep(1.1)
@@ -207,6 +213,106 @@ def test_429_and_500_are_retried_and_nothing_is_lost(ingest):
     assert ing.sim.requests["live"] == 4
     (poll,) = ing.polls(uuid)
     assert poll["success"] and poll["http_status"] == 200
+
+
+def too_close(arrivals: list[float], gap: float) -> list[float]:
+    """The spacings between consecutive requests the service saw that are under `gap`."""
+    return [round(b - a, 3) for a, b in itertools.pairwise(arrivals) if b - a < gap]
+
+
+@pytest.mark.parametrize("fault", ["fail_next_500", "fail_next_429"])
+def test_a_retried_poll_waits_out_the_gap_since_the_last_request(ingest, fault):
+    ing = ingest
+    ing.configure(INGEST_MIN_POLL_GAP_SEC=2)
+    ing.sim.faults.min_poll_interval = 0  # the spacing is checked on the arrivals instead
+    uuid = ing.sim.add_playlist(calls_per_minute=0)
+    ing.sim.publish_call(uuid)
+    time.sleep(1.1)  # published from the next whole second
+    ing.follow(uuid)
+    setattr(ing.sim.faults, fault, 1)
+    ing.sim.faults.retry_after = 1  # a 429 asks for 1 s: less than the gap
+    assert ing.poll() == "ok"
+    arrivals = ing.sim.arrivals(f"playlist_uuid={uuid}")
+    assert len(arrivals) == 2, "one failure, one retry"
+    assert too_close(arrivals, 2) == []
+    # A first try keeps the gap too, even when the database would let the poll go.
+    ing.sql("UPDATE bcfy_playlists SET last_polled_at = NULL")
+    assert ing.poll() == "ok"
+    arrivals = ing.sim.arrivals(f"playlist_uuid={uuid}")
+    assert len(arrivals) == 3
+    assert too_close(arrivals, 2) == []
+    assert len(ing.stored_urls()) == 1 and ing.sim.billed_records == 1
+    assert [p["success"] for p in ing.polls(uuid)] == [True, True]
+
+
+class _HeldLock:
+    """A run's lock that is never lost: the runs below overlap as if on two hosts."""
+
+    lost = False
+
+
+def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
+    """Two runs polling one playlist at once for `seconds`, each as often as its claim lets
+    it, each with its own API client: as on two hosts, each remembering only its requests."""
+    from tasks.ingest import poll_playlist
+
+    rt = Runtime.current()
+
+    async def host(api: BroadcastifyClient) -> None:
+        ctx = JobContext(POLL, rt.settings, rt, _HeldLock(), triggered=True)  # type: ignore[arg-type]
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            await poll_playlist(ctx, api, uuid)
+            await asyncio.sleep(0.05)
+
+    async def both() -> None:
+        await asyncio.gather(*(host(BroadcastifyClient(rt.settings, rt.http)) for _ in range(2)))
+
+    rt.run(both())
+
+
+def test_two_overlapping_runs_on_two_hosts_never_poll_within_the_gap(ingest):
+    ing = ingest
+    ing.configure(INGEST_MIN_POLL_GAP_SEC=2)
+    ing.sim.faults.min_poll_interval = 0
+    uuid = ing.sim.add_playlist(calls_per_minute=0)
+    ing.follow(uuid)
+    for _ in range(3):
+        ing.sim.publish_call(uuid)
+    ing.sim.faults.fail_next_500 = 3  # retries, spread over the two hosts' polls
+    poll_from_two_hosts(ing, uuid, 9)
+    arrivals = ing.sim.arrivals(f"playlist_uuid={uuid}")
+    assert len(arrivals) >= 4, "both hosts polled, failures retried"
+    assert too_close(arrivals, 2) == []
+    served = ing.served_calls(uuid)
+    assert sorted(ing.stored_urls(uuid)) == sorted(c["url"] for c in served)
+    assert len(served) == 3 and ing.sim.billed_records == 3
+
+
+def test_a_retry_is_not_sent_once_another_host_has_claimed_the_playlist(ingest):
+    ing = ingest
+    # A claim holds a playlist for 0.5 + 1 s; a 429 asks for 3 s, so the other host's claim
+    # comes first and the retry must not follow it within the gap.
+    ing.configure(
+        INGEST_MIN_POLL_GAP_SEC=1,
+        HTTP_CONNECT_TIMEOUT_SEC=0.5,
+        HTTP_READ_TIMEOUT_SEC=0.5,
+        HTTP_TOTAL_TIMEOUT_SEC=0.5,
+    )
+    ing.sim.faults.min_poll_interval = 0
+    uuid = ing.sim.add_playlist(calls_per_minute=0)
+    ing.follow(uuid)
+    ing.sim.publish_call(uuid)
+    ing.sim.faults.fail_next_429, ing.sim.faults.retry_after = 1, 3
+    poll_from_two_hosts(ing, uuid, 5)
+    arrivals = ing.sim.arrivals(f"playlist_uuid={uuid}")
+    assert len(arrivals) >= 3
+    assert too_close(arrivals, 1) == []
+    refused = [p for p in ing.polls(uuid) if "ClaimLost" in (p["error"] or "")]
+    assert len(refused) == 1, "the retry was not sent"
+    served = ing.served_calls(uuid)
+    assert sorted(ing.stored_urls(uuid)) == sorted(c["url"] for c in served)
+    assert len(served) == 1 and ing.sim.billed_records == 1
 
 
 def test_a_request_failing_past_its_retries_fails_the_poll_and_loses_nothing(ingest_manual):

@@ -17,17 +17,29 @@ Errors (all subclasses of BroadcastifyError; `status` is the HTTP status when on
   * TokenRejected - error 103 (bad signature or exp) again after one fresh token.
   * BroadcastifyError - any other non-2xx, a body that is not JSON, an error in a 200 answer.
 
+The 5-second rule ("poll a selector no more often than every 5 s"). Every request to a live
+playlist or to one group's archives (its Pace) waits until INGEST_MIN_POLL_GAP_SEC have passed
+since the last request to it ENDED (answered, failed or timed out), first tries, retries and the
+resend after error 103 alike: the service counts the requests it receives, and a request arrives
+somewhere between being sent and being answered, so only the answer is a time after which the
+service is sure to have seen it. A retry waits max(backoff or Retry-After, gap left), and one
+that would start after the retry budget is not sent. One request (with its retries) to a
+selector is in flight at a time in this process; across processes and hosts, the caller's
+`before_send` (ingest: renewing the playlist's claim in the database) runs before each attempt
+and may refuse it by raising.
+
 The secret, the password and the tokens never appear in logs or in error messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +61,7 @@ from workers.settings import Settings
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+BeforeSend = Callable[[], Awaitable[None]]
 
 ERROR_BAD_TOKEN = 103  # bad signature or bad exp: make a new token once, then give up
 ERROR_UNKNOWN_KEY = 108  # unknown key id: a configuration error
@@ -86,6 +99,18 @@ class TokenRejected(BroadcastifyError):
 
 
 @dataclass(frozen=True)
+class Pace:
+    """Requests to one selector, kept INGEST_MIN_POLL_GAP_SEC apart (the service's 5 s rule).
+
+    `key` names the selector ("playlist_uuid=<uuid>", "group=<groupId>"); `before_send` runs
+    just before each attempt is sent, after the wait, and raises to stop it being sent.
+    """
+
+    key: str
+    before_send: BeforeSend | None = None
+
+
+@dataclass(frozen=True)
 class LivePage:
     """One answer of the live endpoint."""
 
@@ -119,6 +144,10 @@ class BroadcastifyClient:
         # on the service's clock.
         self.server_offset = 0.0
         self._config_error: tuple[float, str] | None = None  # (held until, message)
+        # The 5 s rule, per Pace key: when the last request ended (time.monotonic()), and a
+        # lock so that one request to a selector, with its retries, is in flight at a time.
+        self._last_request_end: dict[str, float] = {}
+        self._pace_locks: dict[str, asyncio.Lock] = {}
         self._backoff = wait_exponential_jitter(
             multiplier=settings.bcfy_retry_backoff_sec,
             max=settings.bcfy_retry_backoff_max_sec,
@@ -128,10 +157,16 @@ class BroadcastifyClient:
     # --- endpoints ---------------------------------------------------------------------------
 
     async def live_calls(
-        self, playlist_uuid: str, *, pos: int | None = None, init: bool = False
+        self,
+        playlist_uuid: str,
+        *,
+        pos: int | None = None,
+        init: bool = False,
+        before_send: BeforeSend | None = None,
     ) -> LivePage:
         """New calls of a playlist after `pos`, or the last 25 with init. Never neither: a poll
-        without a cursor re-reads (and re-bills) five minutes of calls."""
+        without a cursor re-reads (and re-bills) five minutes of calls. Paced per playlist;
+        `before_send` runs before each attempt (see Pace)."""
         if (pos is None) == (not init):
             raise ValueError("live_calls needs exactly one of pos or init")
         params: dict[str, Any] = {"playlist_uuid": playlist_uuid}
@@ -139,7 +174,8 @@ class BroadcastifyClient:
             params["init"] = 1
         else:
             params["pos"] = pos
-        status, body = await self.request("GET", "/calls/v1/live/", params=params)
+        pace = Pace(f"playlist_uuid={playlist_uuid}", before_send)
+        status, body = await self.request("GET", "/calls/v1/live/", params=params, pace=pace)
         calls = body.get("calls")
         if calls is None:
             calls = []
@@ -160,9 +196,12 @@ class BroadcastifyClient:
         return body
 
     async def group_archives(self, group_id: str, start: int, end: int) -> tuple[int, list[Any]]:
-        """(HTTP status, calls) of one group between start and end (unix seconds, <= 8 h)."""
+        """(HTTP status, calls) of one group between start and end (unix seconds, <= 8 h).
+        Paced per group: a group is a selector of the service's too (`groups=`)."""
         status, body = await self.request(
-            "GET", f"/calls/v1/group_archives/{_segment(group_id)}/{int(start)}/{int(end)}"
+            "GET",
+            f"/calls/v1/group_archives/{_segment(group_id)}/{int(start)}/{int(end)}",
+            pace=Pace(f"group={group_id}"),
         )
         calls = body.get("calls", [])
         if not isinstance(calls, list):
@@ -208,38 +247,58 @@ class BroadcastifyClient:
         params: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
         as_user: bool = True,
+        pace: Pace | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """(status, JSON object) of one request, with transient failures retried."""
+        """(status, JSON object) of one request, with transient failures retried; with a
+        `pace`, every attempt keeps the 5 s rule of its selector."""
         s = self.settings
         if self._config_error and time.monotonic() < self._config_error[0]:
             # The service said the key is unknown: asking again soon would only repeat that.
             raise ConfigurationError(self._config_error[1])
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=stop_any(
-                stop_after_attempt(s.bcfy_retry_attempts),
-                stop_before_delay(retry_budget(s)),
-            ),
-            wait=self._wait,
-            before_sleep=self._log_retry,
-            reraise=True,
+        one_at_a_time: contextlib.AbstractAsyncContextManager[Any] = (
+            self._pace_locks.setdefault(pace.key, asyncio.Lock())
+            if pace
+            else contextlib.nullcontext()
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._attempt(method, path, params, data, as_user)
-        except ConfigurationError as exc:
-            self._config_error = (time.monotonic() + CONFIG_ERROR_HOLD_SEC, str(exc))
-            raise
+        async with one_at_a_time:
+            # Made once the selector is ours, so the budget counts from our first attempt;
+            # the wait is computed before the stop: a retry whose wait passes it is not sent.
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(TransientError),
+                stop=stop_any(
+                    stop_after_attempt(s.bcfy_retry_attempts),
+                    stop_before_delay(retry_budget(s)),
+                ),
+                wait=lambda state: self._wait(state, pace),
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(method, path, params, data, as_user, pace)
+            except ConfigurationError as exc:
+                self._config_error = (time.monotonic() + CONFIG_ERROR_HOLD_SEC, str(exc))
+                raise
         raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
 
-    def _wait(self, state: RetryCallState) -> float:
-        """Retry-After when the service gave one, else exponential backoff with jitter."""
+    def _wait(self, state: RetryCallState, pace: Pace | None = None) -> float:
+        """Retry-After when the service gave one, else exponential backoff with jitter; never
+        less than what is left of the selector's gap since its last request."""
         s = self.settings
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, TransientError) and exc.retry_after is not None:
-            return min(exc.retry_after, retry_budget(s))
-        return self._backoff(state)
+            wait = min(exc.retry_after, retry_budget(s))
+        else:
+            wait = self._backoff(state)
+        return max(wait, self._gap_left(pace))
+
+    def _gap_left(self, pace: Pace | None) -> float:
+        """Seconds until the selector may be asked again (0 without a pace or a last request)."""
+        if pace is None or pace.key not in self._last_request_end:
+            return 0.0
+        due = self._last_request_end[pace.key] + self.settings.ingest_min_poll_gap_sec
+        return max(0.0, due - time.monotonic())
 
     @staticmethod
     def _log_retry(state: RetryCallState) -> None:
@@ -254,6 +313,7 @@ class BroadcastifyClient:
         params: dict[str, Any] | None,
         data: dict[str, Any] | None,
         as_user: bool,
+        pace: Pace | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """One attempt, plus one more with a new token if the service says 103."""
         for fresh in (False, True):
@@ -261,7 +321,7 @@ class BroadcastifyClient:
                 log.warning("bcfy api: %s: token rejected (103); making a new one", path)
                 self._forget_token()
             token = await self._valid_token(as_user)
-            status, body = await self._send(method, path, params, data, token)
+            status, body = await self._paced_send(pace, method, path, params, data, token)
             errors = body.get("errors")
             if not errors:
                 return status, body
@@ -281,6 +341,28 @@ class BroadcastifyClient:
             status=status,
             code=ERROR_BAD_TOKEN,
         )
+
+    async def _paced_send(
+        self,
+        pace: Pace | None,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None,
+        data: dict[str, Any] | None,
+        token: str,
+    ) -> tuple[int, dict[str, Any]]:
+        """_send, once the selector's gap has passed and `before_send` agreed; the end of the
+        exchange, whatever its outcome, starts the next gap."""
+        if pace is None:
+            return await self._send(method, path, params, data, token)
+        # A retry has waited already (in _wait); a first try or a resend after 103 waits here.
+        await asyncio.sleep(self._gap_left(pace))
+        if pace.before_send is not None:
+            await pace.before_send()
+        try:
+            return await self._send(method, path, params, data, token)
+        finally:
+            self._last_request_end[pace.key] = time.monotonic()
 
     async def _send(
         self,

@@ -16,6 +16,10 @@ Injected faults (Faults) are applied to API paths in this order, before authenti
 latency, 429, 500, error in a 200, malformed JSON. A selector polled again by the same key id
 within `min_poll_interval` (5 s) gets HTTP 429 with Retry-After (not billed).
 
+Every live poll and archive read is logged with its arrival time before anything else happens
+to it (faulted and refused requests too): `arrivals("playlist_uuid=<uuid>")`,
+`arrivals("group=<groupId>")`, so a test can check the spacing the service sees.
+
 /_sim/... is a test and demo control surface, unauthenticated, and exists only on the
 simulator: GET /_sim/stats[?calls=1], GET|POST /_sim/faults (JSON of Faults fields),
 POST /_sim/publish, POST /_sim/playlists, GET /_sim/calls?playlist_uuid=, POST /_sim/reset.
@@ -38,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
 
@@ -158,6 +162,7 @@ class FeedSimulator:
         self._logins: dict[str, int] = {}  # utk -> uid
         self._fault_lock = threading.Lock()
         self.requests: Counter[str] = Counter()
+        self._arrivals: dict[str, list[float]] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
@@ -256,6 +261,15 @@ class FeedSimulator:
     def reset_counters(self) -> None:
         self._feed.reset_counters()
         self.requests.clear()
+        with self._fault_lock:
+            self._arrivals.clear()
+
+    def arrivals(self, selector: str) -> list[float]:
+        """When (time.monotonic()) each request for `selector` arrived, oldest first: live
+        polls as "playlist_uuid=<uuid>" (or sid=, nodeId=, groups=), archive reads as
+        "group=<groupId>"; faulted and refused requests included."""
+        with self._fault_lock:
+            return list(self._arrivals.get(selector, []))
 
     def stats(self, per_call: bool = False) -> dict[str, Any]:
         return {**self._feed.stats(per_call), "requests": dict(self.requests)}
@@ -277,6 +291,7 @@ class FeedSimulator:
             return _error(E_NOT_FOUND, "no such method", 404)
         name, args = route
         self.count(name)
+        self._log_arrival(name, query, args)
         if self.faults.latency > 0:
             time.sleep(self.faults.latency)
         injected = self._take_injected_fault()
@@ -296,6 +311,18 @@ class FeedSimulator:
     def count(self, what: str) -> None:
         with self._fault_lock:
             self.requests[what] += 1
+
+    def _log_arrival(self, name: str, query: dict[str, list[str]], args: tuple[str, ...]) -> None:
+        arrived = time.monotonic()
+        if name == "live":
+            chosen = [f"{k}={query[k][0]}" for k in LIVE_SELECTORS if query.get(k)]
+        elif name == "group_archives":
+            chosen = [f"group={unquote(args[0])}"]
+        else:
+            return
+        with self._fault_lock:
+            for selector in chosen:
+                self._arrivals.setdefault(selector, []).append(arrived)
 
     def _take_injected_fault(self) -> _Answer | None:
         f = self.faults
