@@ -247,6 +247,22 @@ def test_a_body_nested_past_the_parser_is_a_clear_error(canned):
     assert isinstance(outcome, BroadcastifyError), outcome
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_an_answer_is_not_read_past_the_response_cap(canned, declared):
+    canned.configure(BCFY_MAX_RESPONSE_BYTES=200_000)
+    canned.server.declare_length = declared
+    calls = [json.dumps(good_record(i, notes="n" * 1000)) for i in range(300)]  # about 1.4 MB
+    canned.answer(envelope("[" + ",".join(calls) + "]"))
+    outcome = live(canned)
+    assert isinstance(outcome, BroadcastifyError), outcome
+    assert "larger than BCFY_MAX_RESPONSE_BYTES (200000" in str(outcome)
+    assert ("declared" if declared else "over 200000 bytes read") in str(outcome)
+    canned.answer(envelope("[" + ",".join(calls[:100]) + "]"))  # about 0.47 MB
+    canned.configure(BCFY_MAX_RESPONSE_BYTES=1 << 20)
+    page = live(canned)
+    assert isinstance(page, LivePage) and len(page.calls) == 100
+
+
 # --- generated JSON ----------------------------------------------------------------------------
 
 
