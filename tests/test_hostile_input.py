@@ -119,14 +119,14 @@ class CannedServer:
                 body = canned.body
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                if canned.declare_length:
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
                 try:
+                    if canned.declare_length:
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
                     for at in range(0, len(body), 65536):
                         chunk = body[at : at + 65536]
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
