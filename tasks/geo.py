@@ -23,6 +23,7 @@ from typing import Any
 from psycopg import sql
 
 from workers.jobs import JobContext, periodic_job
+from workers.records import BadValue, as_text, show, storable, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,11 @@ async def _fetch_each(
     assert parent_key is not None, f"{table.name} is not a child table"
 
     async def one(parent: dict[str, Any]) -> list[dict[str, Any]]:
-        parent_id = parent[parent_key]
+        parent_id = _id(parent.get(parent_key))
+        assert parent_id is not None  # parents without a usable id are left out below
         try:
             async with bound:
-                children = await fetch(int(parent_id))
+                children = await fetch(parent_id)
             # A record that leaves out its parent's id belongs to the parent asked for.
             for child in children:
                 child.setdefault(parent_key, parent_id)
@@ -136,7 +138,7 @@ async def _fetch_each(
             failures.append(f"{what} {parent_id}: {exc}")
             return []
 
-    results = await asyncio.gather(*(one(p) for p in parents if _is_id(p.get(parent_key))))
+    results = await asyncio.gather(*(one(p) for p in parents if _id(p.get(parent_key)) is not None))
     return [child for children in results for child in children]
 
 
@@ -146,18 +148,21 @@ async def upsert(ctx: JobContext, table: GeoTable, records: Sequence[dict[str, A
     parent_col, parent_key, columns = table.parent_column, table.parent_key, table.columns
     rows = []
     for record in records:
-        if not _is_id(record.get(id_key)):
+        record_id = _id(record.get(id_key))
+        if record_id is None:
             log.warning(
-                "geo refresh: %s record without a usable %s skipped: %.200s", name, id_key, record
+                "geo refresh: %s record without a usable %s skipped: %s",
+                name,
+                id_key,
+                show(record),
             )
             continue
-        row = {"id": int(record[id_key]), "raw": record}
+        # raw as received, but with what jsonb cannot hold (NUL, NaN) replaced.
+        row: dict[str, Any] = {"id": record_id, "raw": storable(record)}
         if parent_col:
-            parent = record.get(parent_key)
-            row["parent"] = int(parent) if _is_id(parent) else None
+            row["parent"] = _id(record.get(parent_key))
         for column, key in columns:
-            value = record.get(key)
-            row[column] = None if value is None else str(value)
+            row[column] = as_text(record.get(key))
         rows.append(row)
     if not rows:
         return 0
@@ -194,13 +199,13 @@ def _codes(setting: str) -> set[str]:
 
 
 def _matches(record: dict[str, Any], wanted: set[str], keys: Sequence[str]) -> bool:
-    return any(str(record.get(k, "")).upper() in wanted for k in keys if record.get(k) is not None)
+    return any((as_text(record.get(k)) or "").upper() in wanted for k in keys)
 
 
 def _warn_unmatched(
     setting: str, wanted: set[str], found: Sequence[dict[str, Any]], keys: Sequence[str]
 ) -> None:
-    seen = {str(r.get(k, "")).upper() for r in found for k in keys}
+    seen = {(as_text(r.get(k)) or "").upper() for r in found for k in keys}
     missing = sorted(wanted - seen)
     if missing:
         log.warning(
@@ -208,9 +213,9 @@ def _warn_unmatched(
         )
 
 
-def _is_id(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return 0 <= value <= 2**31 - 1
-    return isinstance(value, str) and value.isdigit() and int(value) <= 2**31 - 1
+def _id(value: Any) -> int | None:
+    """A record's id (a whole number for an integer column), or None when it has none."""
+    try:
+        return whole_number(value, "id", 0, 2**31 - 1)
+    except BadValue:
+        return None

@@ -57,6 +57,17 @@ from workers.bcfy_api import (
     retry_budget,
 )
 from workers.jobs import JobContext, LockLost, periodic_job
+from workers.records import (
+    DEFAULT_MAX_RECORD_BYTES,
+    BadValue,
+    bounded_copy,
+    json_bytes,
+    jsonb_problem,
+    real_number,
+    show,
+    storable,
+    whole_number,
+)
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,19 +109,33 @@ class Rejected(ValueError):
     """A record that cannot be stored as a call; the message is the quarantine reason."""
 
 
-def validate_call(record: Any, latest_ts: float) -> dict[str, Any]:
-    """The row to store for one call record, or Rejected with the reason.
+def validate_call(
+    record: Any, latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> dict[str, Any]:
+    """The row to store for one call record, or Rejected with the reason; never any other
+    exception, whatever the record holds.
 
     Types are those the service serves; whole numbers may also come as integral floats or
-    digit strings (tolerated), anything else of the wrong type is rejected.
+    ASCII digit strings (tolerated), anything else of the wrong type is rejected. A record
+    whose JSON is over max_record_bytes (BCFY_MAX_RECORD_BYTES) is rejected: `raw` keeps
+    every field, known or not, so its size is bounded here.
     """
     if not isinstance(record, dict):
         raise Rejected(f"record is not an object but {type(record).__name__}")
+    try:
+        size = json_bytes(record)
+    except BadValue as exc:
+        raise Rejected(f"record {exc}") from None
+    if size > max_record_bytes:
+        raise Rejected(
+            f"record is oversize: {size} bytes of JSON, over BCFY_MAX_RECORD_BYTES"
+            f" ({max_record_bytes})"
+        )
     group_id = record.get("groupId")
     if group_id is None:
         raise Rejected("missing groupId")
     if not isinstance(group_id, str) or not group_id.strip():
-        raise Rejected(f"groupId is not a non-empty string: {_show(group_id)}")
+        raise Rejected(f"groupId is not a non-empty string: {show(group_id)}")
     if len(group_id) > MAX_GROUP_ID:
         raise Rejected(f"groupId is oversize ({len(group_id)} characters)")
     if record.get("ts") is None:
@@ -120,11 +145,11 @@ def validate_call(record: Any, latest_ts: float) -> dict[str, Any]:
     if url is None:
         raise Rejected("missing url")
     if not isinstance(url, str):
-        raise Rejected(f"url is not a string: {_show(url)}")
+        raise Rejected(f"url is not a string: {show(url)}")
     if len(url) > MAX_URL:
         raise Rejected(f"url is oversize ({len(url)} characters)")
     if not url.startswith(("http://", "https://")) or len(url.split("/", 3)[2]) == 0:
-        raise Rejected(f"url is not an http(s) URL: {_show(url)}")
+        raise Rejected(f"url is not an http(s) URL: {show(url)}")
     if any(c.isspace() for c in url):
         raise Rejected("url contains white space")
 
@@ -164,7 +189,7 @@ def validate_call(record: Any, latest_ts: float) -> dict[str, Any]:
         value = record.get(name)
         if value is not None:
             if not isinstance(value, str):
-                raise Rejected(f"{name} is not a string: {_show(value)}")
+                raise Rejected(f"{name} is not a string: {show(value)}")
             if len(value) > MAX_TEXT:
                 raise Rejected(f"{name} is oversize ({len(value)} characters)")
         row[key] = value
@@ -173,51 +198,24 @@ def validate_call(record: Any, latest_ts: float) -> dict[str, Any]:
 
 
 def _whole(record: dict[str, Any], name: str, low: float, high: float) -> int:
-    value = record[name]
-    if isinstance(value, bool):
-        raise Rejected(f"{name} is not a whole number: {_show(value)}")
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        number = int(value)
-    else:
-        raise Rejected(f"{name} is not a whole number: {_show(value)}")
-    if not low <= number <= high:
-        raise Rejected(f"{name} is out of range: {number}")
-    return number
+    try:
+        return whole_number(record[name], name, low, high)
+    except BadValue as exc:
+        raise Rejected(str(exc)) from None
 
 
 def _number(record: dict[str, Any], name: str, low: float, high: float) -> float | None:
     value = record.get(name)
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise Rejected(f"{name} is not a number: {_show(value)}")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise Rejected(f"{name} is not a number: {_show(value)}") from None
-    else:
-        raise Rejected(f"{name} is not a number: {_show(value)}")
-    if not math.isfinite(number):
-        raise Rejected(f"{name} is not a finite number")
-    if not low <= number <= high:
-        raise Rejected(f"{name} is out of range: {_fmt(number)}")
-    return number
+    try:
+        return real_number(value, name, low, high)
+    except BadValue as exc:
+        raise Rejected(str(exc)) from None
 
 
 def _fmt(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else repr(number)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return show(float(number))
 
 
 # --- storing a page ------------------------------------------------------------------------------
@@ -235,13 +233,18 @@ class Page:
         return len(self.rows) + len(self.rejected)
 
 
-def split_page(records: Sequence[Any], latest_ts: float) -> Page:
+def split_page(
+    records: Sequence[Any], latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> Page:
+    """Validate each record of an answer: one bad record never fails the page. A rejected
+    record is kept for the quarantine as it came, or cut to about max_record_bytes of JSON
+    (marked truncated) when larger."""
     page = Page()
     for record in records:
         try:
-            page.rows.append(validate_call(record, latest_ts))
+            page.rows.append(validate_call(record, latest_ts, max_record_bytes=max_record_bytes))
         except Rejected as exc:
-            page.rejected.append((str(exc), record))
+            page.rejected.append((str(exc), bounded_copy(record, max_record_bytes)))
     return page
 
 
@@ -294,7 +297,7 @@ SELECT (SELECT id FROM poll), (SELECT count(*) FROM stored)
 
 _INSERT_QUARANTINE = """
 INSERT INTO bcfy_calls_quarantine (playlist_uuid, poll_id, polled_at, reason, raw)
-SELECT %s::uuid, %s, %s, q.reason, q.raw
+SELECT %s::uuid, %s, %s, q.reason, COALESCE(q.raw, 'null'::jsonb)  -- a record may be null
   FROM jsonb_to_recordset(%s::jsonb) AS q(reason text, raw jsonb)
 """
 
@@ -333,7 +336,7 @@ async def store_page(
                 poll.playlist_uuid,
                 poll_id,
                 poll.started_at,
-                json.dumps([{"reason": r, "raw": _storable(raw)} for r, raw in rejected]),
+                json.dumps([{"reason": r, "raw": storable(raw)} for r, raw in rejected]),
             ),
         )
         for reason, _ in rejected[:5]:
@@ -409,48 +412,13 @@ def _rows_json(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, str]]]:
         text = None
     if text is not None and "\\u0000" not in text:
         return text, []
-    bad = [(i, reason) for i, row in enumerate(rows) if (reason := _json_problem(row["raw"]))]
+    bad = [(i, reason) for i, row in enumerate(rows) if (reason := jsonb_problem(row["raw"]))]
     if not bad and text is not None:
         return text, []  # only a literal backslash-u0000 in some text: harmless
+    if not bad:
+        # Validation lets no such row through; should one pass, it is quarantined, not lost.
+        bad = [(i, "cannot be written as JSON") for i in range(len(rows))]
     return text or "[]", bad
-
-
-def _json_problem(value: Any) -> str | None:
-    """Why PostgreSQL's jsonb would refuse this value, or None."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "a string holds a NUL character"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "a string holds an invalid character (lone surrogate)"
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return "a number is NaN or infinite"
-    if isinstance(value, dict):
-        items: Any = [*value.keys(), *value.values()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        return None
-    for item in items:
-        problem = _json_problem(item)
-        if problem:
-            return problem
-    return None
-
-
-def _storable(value: Any) -> Any:
-    """The value with whatever jsonb cannot hold replaced, for the quarantine's raw copy."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {_storable(str(k)): _storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_storable(v) for v in value]
-    return value
 
 
 async def _log_poll(
@@ -625,7 +593,9 @@ async def _poll_claimed(
             poll, http_status=page.status, last_pos=page.last_pos, server_time=page.server_time
         )
         latest = (page.server_time or api.server_now()) + FUTURE_SLACK_SEC
-        records = split_page(page.calls, latest)
+        records = split_page(
+            page.calls, latest, max_record_bytes=ctx.settings.bcfy_max_record_bytes
+        )
         new_cursor = _next_cursor(playlist_uuid, cursor, page.last_pos, page.server_time, records)
         gap = _missed_by_retention(ctx, cursor, page.server_time)
         unknown = {row["g"] for row in records.rows} - set(_group_ids(groups))
@@ -839,7 +809,11 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
     try:
         status, calls = await api.group_archives(gap.group_id, gap.next_ts, end)
         poll = dataclasses.replace(poll, http_status=status)
-        records = split_page(calls, api.server_now() + FUTURE_SLACK_SEC)
+        records = split_page(
+            calls,
+            api.server_now() + FUTURE_SLACK_SEC,
+            max_record_bytes=ctx.settings.bcfy_max_record_bytes,
+        )
         async with ctx.connection() as conn:
             ctx.ensure_lock()
             stored = await store_page(conn, poll, records, new_cursor=None)

@@ -310,10 +310,21 @@ def test_two_selectors_are_rejected(fsim, api, params):
         {"pos": "12", "init": "1"},
         {"pos": "soon"},
         {"pos": "-5"},
+        {"pos": "¹²"},
+        {"pos": "9" * 5000},
         {"init": "yes"},
         {"cursor": "12"},
     ],
-    ids=["no-selector", "pos-and-init", "pos-not-a-number", "negative-pos", "init-not-1", "typo"],
+    ids=[
+        "no-selector",
+        "pos-and-init",
+        "pos-not-a-number",
+        "negative-pos",
+        "superscript-pos",
+        "5000-digit-pos",
+        "init-not-1",
+        "typo",
+    ],
 )
 def test_malformed_live_requests_are_rejected(fsim, api, params):
     uuid = fsim.add_playlist()

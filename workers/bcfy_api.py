@@ -15,7 +15,9 @@ Errors (all subclasses of BroadcastifyError; `status` is the HTTP status when on
   * ConfigurationError - error 108 (unknown key id), missing credentials, a rejected login.
     Never retried: only the operator can fix it.
   * TokenRejected - error 103 (bad signature or exp) again after one fresh token.
-  * BroadcastifyError - any other non-2xx, a body that is not JSON, an error in a 200 answer.
+  * BroadcastifyError - any other non-2xx, a body that is not JSON, an error in a 200 answer,
+    an answer over BCFY_MAX_RESPONSE_BYTES (streamed, and not read past the cap), an envelope
+    field (lastPos, serverTime) that is not a whole number. Never retried.
 
 The 5-second rule ("poll a selector no more often than every 5 s"). Every request to a live
 playlist or to one group's archives (its Pace) waits until INGEST_MIN_POLL_GAP_SEC have passed
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import urllib.parse
@@ -55,6 +56,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from workers.records import BadValue, parse_json, show, whole_number
 from workers.retry_after import retry_after_sec
 from workers.settings import Settings
 
@@ -376,14 +378,20 @@ class BroadcastifyClient:
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with asyncio.timeout(self.settings.http_total_timeout_sec):
-                response = await self.http.request(
+                async with self.http.stream(
                     method, self.base + path, params=params, data=data, headers=headers
-                )
+                ) as response:
+                    status = response.status_code
+                    # 429 and 5xx are retried on their status alone: their bodies are not read.
+                    content = (
+                        b""
+                        if status == 429 or status >= 500
+                        else await self._read_body(response, path)
+                    )
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise TransientError(f"{path}: timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise TransientError(f"{path}: {type(exc).__name__}: {exc}") from None
-        status = response.status_code
         log.debug("bcfy api: %s %s -> %d", method, path, status)
         if status == 429:
             raise TransientError(
@@ -394,16 +402,36 @@ class BroadcastifyClient:
         if status >= 500:
             raise TransientError(f"{path}: HTTP {status}", status=status)
         if not 200 <= status < 300:
-            raise BroadcastifyError(f"{path}: HTTP {status}: {_snippet(response)}", status=status)
+            raise BroadcastifyError(f"{path}: HTTP {status}: {_snippet(content)}", status=status)
         try:
-            body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = parse_json(content)
+        except BadValue as exc:
+            problem = "malformed JSON" if str(exc).startswith("malformed") else str(exc)
             raise BroadcastifyError(
-                f"{path}: malformed JSON in a {status} answer: {_snippet(response)}", status=status
+                f"{path}: {problem} in a {status} answer: {_snippet(content)}", status=status
             ) from None
         if not isinstance(body, dict):
             raise BroadcastifyError(f"{path}: answer is not a JSON object", status=status)
         return status, body
+
+    async def _read_body(self, response: httpx.Response, path: str) -> bytes:
+        """The answer's body, read in chunks up to BCFY_MAX_RESPONSE_BYTES (decoded): a larger
+        one is refused as soon as it says so (Content-Length) or grows past the cap."""
+        cap = self.settings.bcfy_max_response_bytes
+        try:
+            declared = whole_number(response.headers.get("Content-Length"), "Content-Length", 0)
+        except BadValue:
+            declared = None  # none, or unreadable: the count below still holds
+        if declared is not None and declared > cap:
+            raise _oversize(path, response.status_code, cap, f"{declared} bytes declared")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise _oversize(path, response.status_code, cap, f"over {cap} bytes read")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -473,10 +501,14 @@ class BroadcastifyClient:
                 f"login as BCFY_USERNAME failed: {exc}", status=exc.status, code=exc.code
             ) from None
         found = body.get("data") if isinstance(body.get("data"), dict) else body
-        uid, utk = found.get("uid"), found.get("token")
-        if not isinstance(utk, str) or not utk or not _is_int(uid):
+        utk = found.get("token")
+        try:
+            uid = whole_number(found.get("uid"), "uid", 0, 2**63 - 1)
+        except BadValue:
+            uid = None
+        if not isinstance(utk, str) or not utk or uid is None:
             raise ConfigurationError("login as BCFY_USERNAME: no uid and token in the answer")
-        self._user = (int(uid), utk)
+        self._user = (uid, utk)
         self._forget_token()
         log.info("bcfy api: logged in as %s (uid %s)", s.bcfy_username, uid)
 
@@ -494,31 +526,36 @@ def retry_budget(settings: Settings) -> float:
 def _first_error(errors: Any) -> tuple[int | None, str]:
     first = errors[0] if isinstance(errors, list) and errors else errors
     if isinstance(first, dict):
-        code = first.get("code")
         try:
-            code = int(code)
-        except (TypeError, ValueError):
+            code: int | None = whole_number(first.get("code"), "code")
+        except BadValue:
             code = None
-        return code, str(first.get("title") or first.get("message") or "")[:200]
-    return None, str(first)[:200]
+        return code, _text(first.get("title") or first.get("message") or "")
+    return None, _text(first)
+
+
+def _text(value: Any) -> str:
+    """An error title from the answer, short (never raises, whatever its type)."""
+    return value[:200] if isinstance(value, str) else show(value)
 
 
 def _optional_int(value: Any, name: str, status: int) -> int | None:
+    """An envelope number (lastPos, serverTime): a whole number that fits the database's
+    bigint, or a BroadcastifyError saying which field and why (the poll fails, its cursor
+    stays)."""
     if value is None:
         return None
-    if _is_int(value):
-        return int(value)
-    raise BroadcastifyError(f"live answer: {name} is not a whole number: {value!r}", status=status)
+    try:
+        return whole_number(value, name, -(2**63 - 1), 2**63 - 1)
+    except BadValue as exc:
+        raise BroadcastifyError(f"live answer: {exc}", status=status) from None
 
 
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    if isinstance(value, float) and value.is_integer():
-        return True
-    return isinstance(value, str) and value.strip().isdigit()
+def _oversize(path: str, status: int, cap: int, seen: str) -> BroadcastifyError:
+    return BroadcastifyError(
+        f"{path}: the answer is larger than BCFY_MAX_RESPONSE_BYTES ({cap}; {seen}): not read",
+        status=status,
+    )
 
 
 def _segment(value: str) -> str:
@@ -526,6 +563,6 @@ def _segment(value: str) -> str:
     return urllib.parse.quote(str(value), safe="-_.~")
 
 
-def _snippet(response: httpx.Response) -> str:
-    text = response.text[:200].replace("\n", " ")
+def _snippet(content: bytes) -> str:
+    text = content[:200].decode("utf-8", "replace").replace("\n", " ")
     return text or "(empty body)"

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from workers.bcfy_api import BroadcastifyError
+from workers.records import BadValue, as_text, storable, whole_number
 from workers.runtime import Runtime, db_connection
 from workers.settings import Settings
 from workers.text import terminal_safe
@@ -83,13 +84,7 @@ def add_playlist(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _add(playlist_uuid: str) -> tuple[str | None, int, list[int], bool]:
     info = await Runtime.current().bcfy_api.playlist_get(playlist_uuid)
-    if isinstance(info.get("playlist"), dict):
-        info = info["playlist"]
-    groups = info.get("groups") if isinstance(info.get("groups"), list) else []
-    ctids = [
-        int(c) for c in info.get("ctids") or [] if isinstance(c, int | str) and str(c).isdigit()
-    ]
-    public = info.get("public")
+    row = playlist_row(info)
     async with db_connection() as conn:
         cur = await conn.execute(
             """
@@ -103,20 +98,40 @@ async def _add(playlist_uuid: str) -> tuple[str | None, int, list[int], bool]:
             """,
             (
                 playlist_uuid,
-                _text(info.get("name")),
-                _text(info.get("descr")),
-                json.dumps(groups),
-                ctids,
-                public if isinstance(public, bool) else None if public is None else bool(public),
-                json.dumps(info),
+                row["name"],
+                row["descr"],
+                json.dumps(row["groups"]),
+                row["ctids"],
+                row["public"],
+                json.dumps(row["raw"]),
             ),
         )
         name, n_groups, stored_ctids, created = await cur.fetchone()  # type: ignore[misc]
     return name, n_groups, list(stored_ctids), created
 
 
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+def playlist_row(info: dict[str, Any]) -> dict[str, Any]:
+    """The columns of a playlist from the service's answer (any JSON object): never raises.
+    Values PostgreSQL cannot hold (NUL, NaN) are replaced; county ids that are not whole
+    numbers are left out."""
+    if isinstance(info.get("playlist"), dict):
+        info = info["playlist"]
+    groups = info.get("groups") if isinstance(info.get("groups"), list) else []
+    ctids = []
+    for ctid in info.get("ctids") if isinstance(info.get("ctids"), list) else []:
+        try:
+            ctids.append(whole_number(ctid, "ctid", 0, 2**31 - 1))
+        except BadValue:
+            continue
+    public = info.get("public")
+    return {
+        "name": as_text(info.get("name")),
+        "descr": as_text(info.get("descr")),
+        "groups": storable(groups),
+        "ctids": ctids,
+        "public": public if isinstance(public, bool) else None if public is None else bool(public),
+        "raw": storable(info),
+    }
 
 
 # --- list ------------------------------------------------------------------------------------

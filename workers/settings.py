@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from workers.records import DEFAULT_MAX_RECORD_BYTES
+
 
 class SettingsError(ValueError):
     """One or more environment variables are missing or malformed."""
@@ -330,6 +332,15 @@ class Settings:
     bcfy_retry_budget_sec: float = _env("BCFY_RETRY_BUDGET_SEC", _number, 60.0, min=0)
     bcfy_retry_backoff_sec: float = _env("BCFY_RETRY_BACKOFF_SEC", _number, 0.5, min=0)
     bcfy_retry_backoff_max_sec: float = _env("BCFY_RETRY_BACKOFF_MAX_SEC", _number, 15.0, min=0)
+    # Bounded inputs: an answer of the service is read up to this many bytes (a larger one
+    # fails its request, and its poll keeps the cursor); a call record is stored as it came up
+    # to this many bytes of JSON, a larger one is quarantined (its copy there cut to this size).
+    bcfy_max_response_bytes: int = _env(
+        "BCFY_MAX_RESPONSE_BYTES", _integer, 32 * 1024 * 1024, min=1024
+    )
+    bcfy_max_record_bytes: int = _env(
+        "BCFY_MAX_RECORD_BYTES", _integer, DEFAULT_MAX_RECORD_BYTES, min=1024
+    )
     # Playlists polled at once by one ingest run.
     ingest_poll_concurrency: int = _env("INGEST_POLL_CONCURRENCY", _integer, 4, min=1, max=64)
     # The service asks for at most one poll of a selector every 5 s.

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers import records
 from workers.simulator import geo
 from workers.simulator.audio import Clip
 from workers.simulator.faults import AudioFault, Faults
@@ -589,7 +590,12 @@ def identity(record: Mapping[str, Any]) -> tuple[Any, Any, Any]:
 
 
 def whole_number(name: str, value: str, expected: str = "a whole number") -> int:
-    """`value` as a non-negative integer, else ApiError 400 titled "<name>: expected <expected>"."""
-    if not value.isdigit():
-        raise ApiError(E_BAD_REQUEST, f"{name}: expected {expected}")
-    return int(value)
+    """`value` as a non-negative integer, else ApiError 400 titled "<name>: expected <expected>".
+    Strict (no sign, no white space), and never an exception of int()'s ("¹²" is a digit to
+    str.isdigit() only)."""
+    try:
+        if value.isdigit():
+            return records.whole_number(value, name, 0)
+    except records.BadValue:
+        pass
+    raise ApiError(E_BAD_REQUEST, f"{name}: expected {expected}")

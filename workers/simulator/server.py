@@ -618,7 +618,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.track(self.connection, alive=False)
-        super().finish()
+        try:
+            super().finish()
+        except OSError:
+            pass  # the client left without reading the whole answer (one over its cap)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
