@@ -62,6 +62,21 @@ def make_flac(
     return path
 
 
+def make_wav(path: Path, seconds: float, *, rate: int, layout: str = "mono") -> Path:
+    """A WAV file of a tone at any sample rate and channel layout (e.g. "hexadecagonal")."""
+    count = round(seconds * rate)
+    channels = av.AudioLayout(layout).nb_channels
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(count) / rate)).astype(np.int16)
+    with av.open(str(path), "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout=layout)
+        packed = np.ascontiguousarray(np.repeat(tone, channels).reshape(1, -1))
+        frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return path
+
+
 def insert_call(
     conn: psycopg.Connection,
     url: str,

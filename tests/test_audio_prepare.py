@@ -23,6 +23,7 @@ from tests.audio_helpers import (
     claim,
     insert_call,
     make_flac,
+    make_wav,
     publish,
 )
 from tests.conftest import Services
@@ -190,6 +191,20 @@ def test_a_container_that_understates_its_duration_is_still_refused(tmp_path):
     lying = make_flac(tmp_path / "lying.flac", 30, amplitude=8000, declared_samples=8000)
     with pytest.raises(AudioFailure, match="too_long"):
         prepare(lying, tmp_path / "out.flac")
+
+
+@pytest.mark.parametrize(
+    ("rate", "layout", "reason"),
+    [(384_000, "mono", "sample rate 384000 Hz"), (8000, "hexadecagonal", "16 channels")],
+)
+def test_a_layout_no_call_has_fails_for_good(tmp_path, rate, layout, reason):
+    """Each such second costs many times a call's to decode: refused, not converted."""
+    out = tmp_path / "out.flac"
+    with pytest.raises(AudioFailure) as refused:
+        prepare(make_wav(tmp_path / "odd.wav", 1.0, rate=rate, layout=layout), out)
+    assert refused.value.code == "unsupported_audio" and not refused.value.retry
+    assert reason in refused.value.detail
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
