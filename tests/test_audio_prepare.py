@@ -193,6 +193,14 @@ def test_a_container_that_understates_its_duration_is_still_refused(tmp_path):
         prepare(lying, tmp_path / "out.flac")
 
 
+def test_a_tag_that_is_not_utf8_does_not_stop_a_call(tmp_path):
+    """Found by the damaged-clip fuzz test: a byte like this in the MP4 brand used to raise
+    UnicodeDecodeError out of the decoder's open, which no caller expected."""
+    odd = tmp_path / "odd.m4a"
+    odd.write_bytes(CLIPS[0].data.replace(b"ftypisom", b"ftyp\x80som", 1))
+    assert prepared_or_refused(odd, tmp_path / "out.flac", limit=60.0) == "ready"
+
+
 @pytest.mark.parametrize(
     ("rate", "layout", "reason"),
     [(384_000, "mono", "sample rate 384000 Hz"), (8000, "hexadecagonal", "16 channels")],
