@@ -16,6 +16,13 @@ with its workers started once, outside the timing:
 Also: worker CPU seconds per call (all processes of the workers, from /proc), and CPU seconds
 per minute of audio for validation plus conversion alone (in this process).
 
+Then the memory one call's preparation takes (validate + convert, each in a fresh process):
+the RSS high-water mark it adds and the Python heap peak (tracemalloc), for a served clip (a
+normal call), ten minutes of silence as FLAC (114 KB that decodes to 19 MB) and a file just past
+AUDIO_MAX_DURATION_SEC, as medians over ROUNDS with their ratio to the normal call. They go to
+bench/results/audio_memory.txt. `--memory-only` runs just these; `--code DIR` measures the
+preparation of another checkout (e.g. one from before decoding streamed), for comparison.
+
 Goals: default concurrency >= 0.8 x the concurrency over the baseline; two workers >= 1.6 x one.
 This machine has two cores, which the server, PostgreSQL and Redis share with the workers: two
 workers can show that the claim and fan-out do not serialise work that waits on the network;
@@ -28,6 +35,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +48,7 @@ from celery import Celery
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench, servers, start_worker
-from tests.audio_helpers import CLIPS, publish, slow_audio
+from tests.audio_helpers import CLIPS, make_flac, publish, slow_audio
 from tests.procs import Proc, group_cpu_sec, wait_until
 from workers.audio_prepare import validate_and_convert
 from workers.settings import load_settings
@@ -48,6 +56,8 @@ from workers.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
+MAX_DURATION = load_settings({}).audio_max_duration_sec
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,104 @@ def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
                     expected_duration=clip.duration,
                     tolerance=0.15,
                     silence_dbfs=-50,
+                    max_duration_sec=MAX_DURATION,
                 )
                 audio += clip.duration
         return (time.process_time() - t0) / (audio / 60)
+
+
+# Run in a fresh interpreter whose sys.path starts at the checkout measured: prepare one file,
+# print (RSS high-water mark and how much the call added to it, KiB; tracemalloc peak, bytes;
+# outcome) as JSON.
+MEMORY_CHILD = """
+import inspect, json, resource, sys, tracemalloc
+from pathlib import Path
+from workers.audio_download import AudioFailure
+from workers.audio_prepare import validate_and_convert
+original, out, limit, traced = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+kwargs = dict(expected_duration=None, tolerance=0.15, silence_dbfs=-50.0)
+if "max_duration_sec" in inspect.signature(validate_and_convert).parameters:
+    kwargs["max_duration_sec"] = limit
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if traced == "1":
+    tracemalloc.start()
+try:
+    validate_and_convert(original, out, **kwargs)
+    outcome = "ready"
+except AudioFailure as failure:
+    outcome = failure.code
+peak = tracemalloc.get_traced_memory()[1] if traced == "1" else 0
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([after, after - before, peak, outcome]))
+"""
+
+
+def prepare_memory(
+    code: Path, original: Path, out: Path, limit: float
+) -> tuple[int, int, int, str]:
+    """(RSS high-water mark, and how much the call added to it; tracemalloc peak; outcome) of
+    preparing one file in a fresh process, in bytes (two runs: tracing costs memory of its
+    own)."""
+
+    def run(traced: str) -> list:
+        argv = [sys.executable, "-c", MEMORY_CHILD, str(original), str(out), str(limit), traced]
+        env = {**os.environ, "PYTHONPATH": str(code)}
+        done = subprocess.run(argv, cwd=code, env=env, capture_output=True, text=True, check=True)
+        out.unlink(missing_ok=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rss_kib, added_kib, _, outcome = run("0")
+    peak = run("1")[2]
+    return rss_kib * 1024, added_kib * 1024, peak, outcome
+
+
+def memory_report(code: Path, rounds: int) -> list[str]:
+    """Memory per call: a served clip, ten minutes of silence, a file just past the limit."""
+    limit = MAX_DURATION
+    with TemporaryDirectory() as tmp:
+        normal = Path(tmp) / CLIPS[0].file
+        normal.write_bytes(CLIPS[0].data)
+        cases = [
+            (f"served clip ({CLIPS[0].duration:.1f} s, normal call)", normal),
+            ("10 min of silence, FLAC", make_flac(Path(tmp) / "ten.flac", 600)),
+            (
+                f"{limit + 1:g} s of silence, FLAC (past the limit)",
+                make_flac(Path(tmp) / "past.flac", limit + 1),
+            ),
+        ]
+        figures: dict[str, tuple[float, float, float, str, int]] = {}
+        for name, path in cases:
+            runs = [
+                prepare_memory(code, path, Path(tmp) / "out.flac", limit) for _ in range(rounds)
+            ]
+            figures[name] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+                statistics.median(r[2] for r in runs),
+                runs[0][3],
+                path.stat().st_size,
+            )
+            print(f"{name:42} {figures[name][0] / 1e6:8.1f} MB RSS", flush=True)
+    base_rss, _, base_peak, _, _ = next(iter(figures.values()))
+    lines = [
+        heading(
+            "audio",
+            f"memory per call  code={'this checkout' if code == ROOT else code}"
+            f"  AUDIO_MAX_DURATION_SEC={limit:g}  rounds={rounds} (medians)",
+        ),
+        f"{'file':42} {'bytes':>9} {'outcome':>9} {'RSS MB':>7} {'x normal':>8} {'added':>6}"
+        f" {'heap MB':>8} {'x normal':>8}",
+    ]
+    for name, (rss, added, peak, outcome, size) in figures.items():
+        lines.append(
+            f"{name:42} {size:9d} {outcome:>9} {rss / 1e6:7.1f} {rss / base_rss:8.2f}"
+            f" {added / 1e6:6.1f} {peak / 1e6:8.2f} {peak / max(base_peak, 1):8.2f}"
+        )
+    lines.append(
+        "RSS: the process's high-water mark (imports included), added: by the call itself; "
+        "heap: tracemalloc's peak (numpy and Python objects; FFmpeg's buffers are only in RSS)"
+    )
+    return lines
 
 
 def main() -> None:
@@ -127,7 +232,14 @@ def main() -> None:
     ap.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="instead of the default"
     )
+    ap.add_argument("--memory-only", action="store_true", help="just the memory per call")
+    ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose preparation to weigh")
     args = ap.parse_args()
+
+    memory = memory_report(args.code.resolve(), args.rounds)
+    report("audio_memory", memory, keep=args.code.resolve() == ROOT)
+    if args.memory_only:
+        return
 
     d = args.concurrency
     configs = [

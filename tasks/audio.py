@@ -575,6 +575,7 @@ class CallPreparer:
                     expected_duration=call.duration_sec,
                     tolerance=self.s.audio_duration_tolerance,
                     silence_dbfs=self.s.audio_silence_dbfs,
+                    max_duration_sec=self.s.audio_max_duration_sec,
                 ),
             )
             call.prepare_ms = int((time.monotonic() - started) * 1000)

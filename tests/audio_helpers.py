@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import av
+import numpy as np
 import psycopg
 
 from workers.audio_store import FilesystemAudioStore
@@ -24,6 +26,56 @@ if TYPE_CHECKING:
     from workers.settings import Settings
 
 CLIPS, SILENCE = load_clips()
+
+
+def make_flac(
+    path: Path,
+    seconds: float,
+    *,
+    rate: int = 8000,
+    amplitude: int = 0,
+    declared_samples: int | None = None,
+) -> Path:
+    """A FLAC file of `seconds` of silence (amplitude 0) or of a 440 Hz tone, written a second
+    at a time (so a long one costs no memory here). With declared_samples, its STREAMINFO header
+    claims that many samples instead: a container that lies about its duration."""
+    total = round(seconds * rate)
+    tone = (amplitude * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)).astype(np.int16)
+    with av.open(str(path), "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono")
+        for start in range(0, total, rate):
+            chunk = np.ascontiguousarray(tone[: min(rate, total - start)]).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    if declared_samples is not None:
+        data = bytearray(path.read_bytes())
+        # "fLaC", a 4-byte block header, then STREAMINFO; total samples are its 36 bits after
+        # bit 108 (block and frame sizes 80 bits, rate 20, channels 3, bits per sample 5).
+        info = 8
+        head = int.from_bytes(data[info + 13 : info + 18], "big")
+        head = (head & ~((1 << 36) - 1)) | declared_samples
+        data[info + 13 : info + 18] = head.to_bytes(5, "big")
+        path.write_bytes(bytes(data))
+    return path
+
+
+def make_wav(path: Path, seconds: float, *, rate: int, layout: str = "mono") -> Path:
+    """A WAV file of a tone at any sample rate and channel layout (e.g. "hexadecagonal")."""
+    count = round(seconds * rate)
+    channels = av.AudioLayout(layout).nb_channels
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(count) / rate)).astype(np.int16)
+    with av.open(str(path), "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout=layout)
+        packed = np.ascontiguousarray(np.repeat(tone, channels).reshape(1, -1))
+        frame = av.AudioFrame.from_ndarray(packed, format="s16", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return path
 
 
 def insert_call(

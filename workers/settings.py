@@ -401,6 +401,12 @@ class Settings:
     # 100 ms window is louder than this (RMS, dB full scale).
     audio_duration_tolerance: float = _env("AUDIO_DURATION_TOLERANCE", _number, 0.15, min=0, max=10)
     audio_silence_dbfs: float = _env("AUDIO_SILENCE_DBFS", _number, -50.0, min=-120, max=0)
+    # Longest audio decoded, counted in decoded samples (not the file's header): a small file can
+    # decode to hours. Past it, decoding stops and the call fails for good as `too_long`. The
+    # default matches the longest call ingest accepts (an hour).
+    audio_max_duration_sec: float = _env(
+        "AUDIO_MAX_DURATION_SEC", _number, 3600.0, min=1, max=86400
+    )
 
     # --- transcription: dispatch and recognisers (tasks/transcription.py)
     # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
