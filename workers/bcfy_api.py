@@ -98,7 +98,8 @@ class LivePage:
 class BroadcastifyClient:
     """Talks to the service on a shared httpx.AsyncClient. One per process (Runtime.bcfy_api).
 
-    `clock` (unix seconds) stamps and checks tokens; tests replace it to expire them.
+    `clock` (unix seconds) stamps and checks tokens and times the hold after error 108; tests
+    replace it to expire tokens and to end the hold.
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class BroadcastifyClient:
         # Server time minus our clock, learned from live answers: back-fill decisions are made
         # on the service's clock.
         self.server_offset = 0.0
-        self._config_error: tuple[float, str] | None = None  # (held until, message)
+        self._config_error: tuple[float, str] | None = None  # (held since, message)
         self._backoff = wait_exponential_jitter(
             multiplier=settings.bcfy_retry_backoff_sec,
             max=settings.bcfy_retry_backoff_max_sec,
@@ -211,8 +212,9 @@ class BroadcastifyClient:
     ) -> tuple[int, dict[str, Any]]:
         """(status, JSON object) of one request, with transient failures retried."""
         s = self.settings
-        if self._config_error and time.monotonic() < self._config_error[0]:
+        if self._config_error_held():
             # The service said the key is unknown: asking again soon would only repeat that.
+            assert self._config_error is not None
             raise ConfigurationError(self._config_error[1])
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
@@ -229,9 +231,17 @@ class BroadcastifyClient:
                 with attempt:
                     return await self._attempt(method, path, params, data, as_user)
         except ConfigurationError as exc:
-            self._config_error = (time.monotonic() + CONFIG_ERROR_HOLD_SEC, str(exc))
+            self._config_error = (self.clock(), str(exc))
             raise
         raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
+
+    def _config_error_held(self) -> bool:
+        """Within CONFIG_ERROR_HOLD_SEC of a configuration error (by `clock`; a clock stepped
+        back before the error ends the hold rather than stretching it)."""
+        if self._config_error is None:
+            return False
+        since = self.clock() - self._config_error[0]
+        return 0 <= since < CONFIG_ERROR_HOLD_SEC
 
     def _wait(self, state: RetryCallState) -> float:
         """Retry-After when the service gave one, else exponential backoff with jitter."""
