@@ -125,7 +125,8 @@ class LivePage:
 class BroadcastifyClient:
     """Talks to the service on a shared httpx.AsyncClient. One per process (Runtime.bcfy_api).
 
-    `clock` (unix seconds) stamps and checks tokens; tests replace it to expire them.
+    `clock` (unix seconds) stamps and checks tokens and times the hold after error 108; tests
+    replace it to expire tokens and to end the hold.
     """
 
     def __init__(
@@ -145,7 +146,7 @@ class BroadcastifyClient:
         # Server time minus our clock, learned from live answers: back-fill decisions are made
         # on the service's clock.
         self.server_offset = 0.0
-        self._config_error: tuple[float, str] | None = None  # (held until, message)
+        self._config_error: tuple[float, str] | None = None  # (held since, by clock; message)
         # The 5 s rule, per Pace key: when the last request ended (time.monotonic()), and a
         # lock so that one request to a selector, with its retries, is in flight at a time.
         self._last_request_end: dict[str, float] = {}
@@ -254,8 +255,9 @@ class BroadcastifyClient:
         """(status, JSON object) of one request, with transient failures retried; with a
         `pace`, every attempt keeps the 5 s rule of its selector."""
         s = self.settings
-        if self._config_error and time.monotonic() < self._config_error[0]:
+        if self._config_error_held():
             # The service said the key is unknown: asking again soon would only repeat that.
+            assert self._config_error is not None
             raise ConfigurationError(self._config_error[1])
         one_at_a_time: contextlib.AbstractAsyncContextManager[Any] = (
             self._pace_locks.setdefault(pace.key, asyncio.Lock())
@@ -280,9 +282,17 @@ class BroadcastifyClient:
                     with attempt:
                         return await self._attempt(method, path, params, data, as_user, pace)
             except ConfigurationError as exc:
-                self._config_error = (time.monotonic() + CONFIG_ERROR_HOLD_SEC, str(exc))
+                self._config_error = (self.clock(), str(exc))
                 raise
         raise AssertionError("unreachable")  # AsyncRetrying either returns or raises
+
+    def _config_error_held(self) -> bool:
+        """Within CONFIG_ERROR_HOLD_SEC of a configuration error (by `clock`; a clock stepped
+        back before the error ends the hold rather than stretching it)."""
+        if self._config_error is None:
+            return False
+        since = self.clock() - self._config_error[0]
+        return 0 <= since < CONFIG_ERROR_HOLD_SEC
 
     def _wait(self, state: RetryCallState, pace: Pace | None = None) -> float:
         """Retry-After when the service gave one, else exponential backoff with jitter; never
