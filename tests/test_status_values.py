@@ -549,3 +549,32 @@ def test_metrics_values_of_a_known_state(known: Known, clean: Services, tmp_path
     assert value("bcfy_scrape_ok") == 1
     assert value("bcfy_scrape_seconds") > 0
     assert value("bcfy_scrape_age_seconds") >= 0
+
+
+def test_status_exits_1_when_redis_and_the_workers_cannot_be_read_and_shows_the_rest(
+    clean: Services, tmp_path
+):
+    build_state(clean)
+    env = clean.worker_env(tmp_path, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+
+    out = run_cli("status", "--json", env=env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    snap = json.loads(out.stdout)
+    assert [p.split(":")[0] for p in snap["problems"]] == [
+        "redis unavailable",
+        "workers unavailable",
+    ]
+    # What PostgreSQL holds is still shown, figure for figure.
+    assert snap["stages"] == EXPECTED_STAGES
+    assert [p["name"] for p in snap["playlists"]] == ["Alpha PD", "Bravo Fire"]
+    assert snap["jobs"][POLL]["last_outcome"] == "error"
+    assert snap["queues"] == {} and snap["workers"] == {}
+
+    text = run_cli("status", env=env)
+    assert text.returncode == 1, text.stdout + text.stderr
+    lines = text.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("! ")] == [
+        "! redis unavailable",
+        "! workers unavailable",
+    ]
+    assert lines[4].split() == ["audio", "4", "2", "7", "10", "2", "3"]
