@@ -1,6 +1,7 @@
-"""The scheduler's promises that need a real prefork worker to show: Celery's hard time limit
-actually reached by a body that ignores the soft one, and each pool process's own database pool,
-made after the fork."""
+"""The scheduler's promises that need real prefork workers to show: Celery's hard time limit
+actually reached by a body that ignores the soft one; each pool process's own database pool,
+made after the fork; and no database connection held across an HTTP call (the audio stage's
+downloads; the transcription stage's is in tests/transcription/test_promises.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from beat_schedule import tick_headers
+from tests.audio_helpers import HeldAudio, add_calls, attempts, audio_rows, make_env, states
 from tests.conftest import Services
 from tests.procs import Proc, start_worker, wait_until
 from workers.clock import redis_time_ms
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 STUBBORN = "tests.jobs.stubborn"
 WHOAMI = "tests.jobs.whoami"
+CLAIM_JOB = "tasks.audio.process_pending_audio"
 
 
 @pytest.fixture
@@ -157,3 +160,38 @@ def test_each_pool_process_has_its_own_database_connections_made_after_the_fork(
         assert held[child], f"pool process {child} has its own connection"
     first, second = (held[c] for c in children)
     assert not first & second, "no connection is shared between pool processes"
+
+
+def test_no_connection_is_held_across_an_audio_download(db, clean, procs, client, sim, tmp_path):
+    # One connection in the pool process's pool and two downloads at once in one task: while
+    # the first call's download is held by the server, the second call is started, stored and
+    # marked ready. It could not be if the held download kept the only connection.
+    calls = add_calls(db, sim, 2)
+    held_id, other_id = sorted(calls)
+    held = HeldAudio(sim, calls[held_id]["url"])
+    env = make_env(
+        clean,
+        tmp_path,
+        sim,
+        DB_POOL_MIN_SIZE="1",
+        DB_POOL_MAX_SIZE="1",
+        DB_CONNECT_TIMEOUT_SEC="3",
+        AUDIO_DOWNLOAD_CONCURRENCY="2",
+        HTTP_READ_TIMEOUT_SEC="600",
+        HTTP_TOTAL_TIMEOUT_SEC="600",
+    )
+    procs.append(start_worker("a1", env, tmp_path, queues="audio"))
+    try:
+        client.send_task(CLAIM_JOB, queue="audio")
+        wait_until(lambda: held.arrived, 30, "the first call's download to start")
+        rows = wait_until(
+            lambda: (r := audio_rows(db))[other_id]["state"] == "ready" and r,
+            60,
+            "the other call ready while the first download is held",
+        )
+        assert rows[held_id]["state"] == "downloading"
+        assert held.arrived == 1, "the held download is the first and only one for its call"
+    finally:
+        held.release_all()
+    wait_until(lambda: states(db) == {"ready": 2}, 60, "both calls ready")
+    assert [a[3] for a in attempts(db)] == ["ready", "ready"], "each call prepared once"
