@@ -158,8 +158,7 @@ def expire_claim(calls: Calls, call_id: int) -> None:
     """As if the claim had run out while its worker was still recognising."""
     with calls.db() as conn:
         conn.execute(
-            "UPDATE call_transcription SET due_at = now() - interval '1 second'"
-            " WHERE call_id = %s",
+            "UPDATE call_transcription SET due_at = now() - interval '1 second' WHERE call_id = %s",
             (call_id,),
         )
 
