@@ -331,7 +331,8 @@ def backoff_sec(attempt: int, settings: Settings, retry_after: float | None = No
     wait = base * random.uniform(0.8, 1.2)
     if retry_after is not None:
         wait = max(wait, retry_after)
-    return round(min(wait, settings.transcribe_retry_backoff_max_sec), 1)
+    # Rounded for the logs, then capped: rounding must not lift a wait past the cap.
+    return min(round(wait, 1), settings.transcribe_retry_backoff_max_sec)
 
 
 @app.task(
@@ -353,9 +354,13 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
         claim = run_on_loop(rt.loop, claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:
         # Nothing claimed: try again later (the dispatcher's lease covers a lost retry too).
+        # A retry of our own claim keeps `reclaim`: after a database outage the claim may still
+        # name this process, and without it the retry would drop the call as a duplicate.
         countdown = backoff_sec(self.request.retries + 1, s)
         log.warning("call %s: cannot claim (%s); retry in %gs", call_id, exc, countdown)
-        raise self.retry(countdown=countdown, kwargs={"call_id": call_id}) from None
+        raise self.retry(
+            countdown=countdown, kwargs={"call_id": call_id, "reclaim": reclaim}
+        ) from None
     if isinstance(claim, Skip):
         log.info("call %s: %s", call_id, claim)
         return "skipped"

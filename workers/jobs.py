@@ -23,20 +23,23 @@ import os
 import signal
 import socket
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+import redis
+from celery import Task, signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app
-from workers.locks import Acquired, Released, SingletonLock, new_token
+from workers.locks import Acquired, Released, SingletonLock, holder_of, new_token
 from workers.runtime import Runtime, db_connection, in_pool_child
 from workers.settings import Settings, get_settings
 
@@ -77,6 +80,11 @@ class JobContext:
 
 JobBody = Callable[..., Awaitable[Any]]
 
+# The periodic jobs' task names and their hard time limits (for _record_hard_time_limit).
+_HARD_LIMITS: dict[str, float] = {}
+# Task ids of the killed runs recorded so far (Celery signals task_failure twice for one).
+_RECORDED_KILLS: deque[str] = deque(maxlen=256)
+
 
 def periodic_job(
     name: str,
@@ -110,6 +118,7 @@ def periodic_job(
             acks_late=True,
             **backstop_time_limits(soft, hard),
         )(run)
+        _HARD_LIMITS[name] = hard
         return task
 
     return decorate
@@ -363,6 +372,67 @@ def _error_text(exc: BaseException) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@signals.task_failure.connect
+def _record_hard_time_limit(
+    sender: Task | None = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    kwargs: dict[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    """A run killed by Celery's hard time limit (its body blocked the event loop past the
+    asyncio deadline and Celery's soft limit) cannot record itself: its pool process is killed.
+    The worker's main process, which enforces the limit, records it here as `error`. It does so
+    on a connection of its own, opened and closed at once: the main process keeps none, so no
+    connection crosses a fork. The lock is left to run out (LOCK_TTL_SEC): its holder is being
+    killed, and the renewing thread dies with it."""
+    name = getattr(sender, "name", None)
+    if not isinstance(exception, TimeLimitExceeded) or name not in _HARD_LIMITS:
+        return
+    if task_id in _RECORDED_KILLS:
+        return
+    _RECORDED_KILLS.append(str(task_id))
+    s = get_settings()
+    hard = _HARD_LIMITS[name]
+    job = lock_name(name, kwargs or {})
+    ended = _now()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        client = redis.Redis.from_url(s.redis_url.reveal(), socket_timeout=5)
+        try:
+            token = holder_of(client, job)
+        finally:
+            client.close()
+        if token and _is_my_child(int(token.rsplit(":", 2)[1])):
+            worker = token.rsplit(":", 1)[0]  # the pool process being killed: `<node>:<pid>`
+    except (redis.RedisError, ValueError, IndexError) as exc:
+        log.warning("job %s: could not tell which process ran it: %s", job, _error_text(exc))
+    error = (
+        f"hard time limit ({hard:g}s) reached; its pool process was killed (event loop blocked?)"
+    )
+    log.error("job %s: %s", job, error)
+    try:
+        with psycopg.connect(
+            s.database_url.reveal(), autocommit=True, connect_timeout=int(s.db_connect_timeout_sec)
+        ) as conn:
+            conn.execute(
+                "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (job, worker, ended - timedelta(seconds=hard), ended, ERROR, error),
+            )
+    except Exception as exc:
+        log.error("job %s: could not record run (%s): %s", job, ERROR, _error_text(exc))
+
+
+def _is_my_child(pid: int) -> bool:
+    """True when `pid` is a process whose parent is this one (a pool process of this worker)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
 
 
 def _record_run(
