@@ -79,7 +79,10 @@ def test_postgres_down_mid_batch_loses_nothing_and_prepares_each_call_once(
         assert states(db).get("ready", 0) < len(calls)
 
     pg.stop_server()  # as a crash would: every connection is cut
-    time.sleep(5)  # the downloads under way finish; their outcomes cannot be written
+    down_since = time.monotonic()
+    # The downloads under way finish while their outcomes cannot be written.
+    worker.wait_for_log("its outcome could not be recorded", timeout=90)
+    time.sleep(max(0.0, down_since + 5 - time.monotonic()))  # down longer than a 4 s lease
     assert worker.alive()
     pg.start_server()
 
