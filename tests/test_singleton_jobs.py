@@ -127,6 +127,7 @@ def test_a_killed_holder_frees_the_job_when_its_lock_expires(env, procs, tmp_pat
     r = clean.redis()
     first = wait_until(lambda: notes(r, "test:starts"), 30, "the first run to start")[0]
     holder_name = first.split("@")[0]
+    time.sleep(1.5)  # past its first renewal (every 1 s)
     # The holder's lock lives at most LOCK_TTL_SEC (3 s) beyond its last renewal, so what a
     # dead holder leaves expires on its own (how soon the next run follows is for bench/).
     assert holder_of(r, SLEEPER) == first.split()[0]
