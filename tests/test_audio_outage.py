@@ -33,7 +33,10 @@ def own_postgres(clean: Services) -> Iterator[tuple[ThrowawayPostgres, Services]
     try:
         pg = ThrowawayPostgres().start()
     except (ServiceError, FileNotFoundError) as exc:
-        pytest.skip(f"no PostgreSQL binaries to start a server of its own: {exc}")
+        pytest.skip(
+            "SKIPPED: no PostgreSQL binaries (initdb, pg_ctl) to start a server of its own, which"
+            f" this test stops (.ci/run installs Debian's postgresql): {exc}"
+        )
     try:
         with scratch_database(pg.dsn, "bcfy_outage") as url:
             yield pg, Services(url, clean.redis_url, pg.dsn)
