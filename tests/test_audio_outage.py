@@ -33,7 +33,10 @@ def own_postgres(clean: Services) -> Iterator[tuple[ThrowawayPostgres, Services]
     try:
         pg = ThrowawayPostgres().start()
     except (ServiceError, FileNotFoundError) as exc:
-        pytest.skip(f"no PostgreSQL binaries to start a server of its own: {exc}")
+        pytest.skip(
+            "SKIPPED: no PostgreSQL binaries (initdb, pg_ctl) to start a server of its own, which"
+            f" this test stops (.ci/run installs Debian's postgresql): {exc}"
+        )
     try:
         with scratch_database(pg.dsn, "bcfy_outage") as url:
             yield pg, Services(url, clean.redis_url, pg.dsn)
@@ -79,7 +82,10 @@ def test_postgres_down_mid_batch_loses_nothing_and_prepares_each_call_once(
         assert states(db).get("ready", 0) < len(calls)
 
     pg.stop_server()  # as a crash would: every connection is cut
-    time.sleep(5)  # the downloads under way finish; their outcomes cannot be written
+    down_since = time.monotonic()
+    # The downloads under way finish while their outcomes cannot be written.
+    worker.wait_for_log("its outcome could not be recorded", timeout=90)
+    time.sleep(max(0.0, down_since + 5 - time.monotonic()))  # down longer than a 4 s lease
     assert worker.alive()
     pg.start_server()
 

@@ -60,13 +60,16 @@ def test_faketime_shifts_the_clock_of_a_python_process() -> None:
     import subprocess
     import sys
 
+    before = time.time()
     out = subprocess.run(
         [*shifted(SKEW_SEC), sys.executable, "-c", "import time; print(time.time())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert abs(float(out.stdout) - time.time() - SKEW_SEC) < 10
+    after = time.time()
+    # Whenever it ran, between `before` and `after`, its clock read SKEW_SEC ahead.
+    assert before + SKEW_SEC - 1 <= float(out.stdout) <= after + SKEW_SEC + 1
 
 
 @pytest.mark.parametrize("skew", [SKEW_SEC, -SKEW_SEC], ids=["ahead", "behind"])
@@ -91,7 +94,7 @@ def test_a_worker_whose_clock_is_off_runs_every_tick_and_status_shows_its_offset
     assert len(warning) == 1 and ahead_or_behind in warning[0], text
     assert "JOB_MISFIRE_GRACE_SEC" in warning[0]
     # The worker says so itself, at start.
-    worker.wait_for_log("clock is", timeout=5)
+    worker.wait_for_log("clock is", timeout=30)
 
 
 def test_a_tick_that_waited_longer_than_the_grace_is_dropped_by_a_worker_behind(

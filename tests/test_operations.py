@@ -106,7 +106,8 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
                 raise AssertionError(out_path.read_text())
             return lines and int(lines[-1].split("transcribed ")[1].split(",")[0])
 
-        wait_until(transcribed, 60, "a transcript within 60 s of `bcfy run`", every=1)
+        # A deadline for the event, not the README's "about 15 s": a speed, not checked here.
+        wait_until(transcribed, 240, "a transcript after `bcfy run` started", every=1)
         took = time.monotonic() - started
         output = out_path.read_text()
         assert "demo mode: feed simulator" in output and "following " in output

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tasks.transcription import queued_messages
 from tests.procs import ROOT, Proc, start_worker, wait_until
 from tests.transcription.conftest import CLIP_TEXT, worker_env
 from tests.transcription.fake_openai import Reply
@@ -228,8 +229,10 @@ def test_sigkill_of_the_pool_process_mid_task_ends_with_one_transcript_at_once(
     # Late acks + task_reject_on_worker_lost: the worker puts the message back at once; the
     # new pool process sees the claimant is gone and takes the call over.
     worker.wait_for_log(f"its claimant asr@{socket.gethostname()}", timeout=30)
-    wait_until(lambda: calls.state(call_id)["state"] == "done", 30, "the call transcribed")
-    time.sleep(1)
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
+    # Settled: nothing queued or taken and unacknowledged, so no further delivery is coming.
+    r = calls.services.redis()
+    wait_until(lambda: queued_messages(r) == 0 and r.hlen("unacked") == 0, 60, "the message acked")
     assert "WorkerLostError" in worker.log() or "SIGKILL" in worker.log()
     assert len(calls.transcripts(call_id)) == 1
     state = calls.state(call_id)
