@@ -525,10 +525,8 @@ def test_no_database_connection_is_held_across_a_request(ingest):
     for _ in range(4):
         ing.follow(ing.sim.add_playlist(calls_per_minute=0))
     ing.sim.faults.latency = 1.0
-    started = time.monotonic()
     assert ing.poll() == "ok"
-    assert time.monotonic() - started < 3.5
-    assert overlap(poll_intervals(ing)) == 4
+    assert overlap(poll_intervals(ing)) == 4  # all four requests in flight at once
 
 
 def audio_triggers(ing: Ingest) -> int:
