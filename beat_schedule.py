@@ -1,4 +1,5 @@
-"""The four periodic jobs, as in the old scheduler, for `celery -A workers.app beat`.
+"""The periodic jobs (the old scheduler's four, and retention's maintenance), for
+`celery -A workers.app beat`.
 
 Every entry is sent with `expires` = its misfire grace (JOB_MISFIRE_GRACE_SEC): a tick that
 waited in the queue longer than that is dropped by the worker instead of running late. That is
@@ -33,6 +34,7 @@ PERIODIC_JOBS: dict[str, tuple[str, str]] = {
         "transcription_dispatch_interval_sec",
     ),
     "geo-refresh": ("tasks.geo.refresh_geo_data", "geo_refresh_interval_sec"),
+    "maintenance": ("tasks.maintenance.prune_history", "maintenance_interval_sec"),
 }
 
 
