@@ -172,12 +172,13 @@ class Prune:
     kind: str
     setting: str  # the Settings attribute with its retention in days
     sql: str
+    lists_files: bool = False  # puts files in audio_file_trash
 
 
 PRUNES = (
-    Prune("original_audio", "retention_original_audio_days", _PRUNE_ORIGINALS),
-    Prune("prepared_audio", "retention_prepared_audio_days", _PRUNE_PREPARED),
-    Prune("calls", "retention_calls_days", _PRUNE_CALLS),
+    Prune("original_audio", "retention_original_audio_days", _PRUNE_ORIGINALS, True),
+    Prune("prepared_audio", "retention_prepared_audio_days", _PRUNE_PREPARED, True),
+    Prune("calls", "retention_calls_days", _PRUNE_CALLS, True),
     Prune("transcripts", "retention_transcripts_days", _delete_older("transcripts", "created_at")),
     Prune(
         "audio_attempts",
@@ -289,6 +290,8 @@ class _Run:
             cutoff = min(now - timedelta(seconds=days * DAY), oldest)
             while n := await self._prune_batch(p, cutoff):
                 self.report.add(p.kind, n)
+                if p.lists_files:
+                    await self.empty_trash()  # keep the list short: its files go now
                 if n < self.batch:
                     break
                 await self._next_batch()
@@ -319,7 +322,7 @@ class _Run:
                 await conn.execute(
                     """SELECT t.key, EXISTS (SELECT 1 FROM call_audio a WHERE a.call_id = t.call_id
                                  AND t.key IN (a.original_path, a.prepared_path))
-                         FROM audio_file_trash t ORDER BY t.queued_at, t.key LIMIT %s""",
+                         FROM audio_file_trash t ORDER BY t.key LIMIT %s""",
                     (self.batch,),
                 )
             ).fetchall()
