@@ -109,14 +109,15 @@ async def run_maintenance(
 
 
 # --- the deletes: one batch each, in its own transaction ---------------------------------------
-# %(cutoff)s: older than this goes; %(n)s: the batch size. Each picks its batch by an index range
-# and deletes by primary key.
+# %(cutoff)s: older than this goes; %(n)s: the batch size. Each picks its batch oldest first, so
+# that the plan walks the time index from its start (where pruned rows are already gone) rather
+# than a primary key past every row pruned before; it deletes by primary key.
 
 
 def _delete_older(table: str, time_col: str, key: str = "id") -> str:
     return (
         f"DELETE FROM {table} WHERE {key} = ANY(ARRAY(SELECT {key} FROM {table}"
-        f" WHERE {time_col} < %(cutoff)s LIMIT %(n)s))"
+        f" WHERE {time_col} < %(cutoff)s ORDER BY {time_col} LIMIT %(n)s))"
     )
 
 
@@ -124,7 +125,7 @@ _PRUNE_ORIGINALS = """
 WITH doomed AS (
     SELECT call_id, original_path FROM call_audio
      WHERE state = 'ready' AND original_path IS NOT NULL AND ready_at < %(cutoff)s
-     LIMIT %(n)s FOR UPDATE SKIP LOCKED
+     ORDER BY ready_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
 ), listed AS (
     INSERT INTO audio_file_trash (key, call_id) SELECT original_path, call_id FROM doomed
     ON CONFLICT (key) DO NOTHING
@@ -140,7 +141,7 @@ WITH doomed AS (
       JOIN call_transcription t ON t.call_id = a.call_id
      WHERE a.state = 'ready' AND a.prepared_path IS NOT NULL AND a.ready_at < %(cutoff)s
        AND t.state IN ('done', 'failed') AND t.finished_at < %(cutoff)s
-     LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED
+     ORDER BY a.ready_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED
 ), listed AS (
     INSERT INTO audio_file_trash (key, call_id) SELECT prepared_path, call_id FROM doomed
     ON CONFLICT (key) DO NOTHING
@@ -154,7 +155,7 @@ _PRUNE_CALLS = """
 WITH doomed AS (
     SELECT id FROM bcfy_calls_raw
      WHERE started_at < %(cutoff)s AND created_at < %(cutoff)s
-     LIMIT %(n)s FOR UPDATE SKIP LOCKED
+     ORDER BY started_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
 ), listed AS (
     INSERT INTO audio_file_trash (key, call_id)
     SELECT f.key, a.call_id
