@@ -1,4 +1,5 @@
-"""The four periodic jobs, as in the old scheduler, for `celery -A workers.app beat`.
+"""The periodic jobs (the old scheduler's four, and retention's maintenance), for
+`celery -A workers.app beat`.
 
 Every tick carries three headers: its interval, its misfire grace (JOB_MISFIRE_GRACE_SEC), and
 the moment beat sent it by Redis's clock (`TIME`). A worker drops a tick that waited longer than
@@ -41,6 +42,7 @@ PERIODIC_JOBS: dict[str, tuple[str, str]] = {
         "transcription_dispatch_interval_sec",
     ),
     "geo-refresh": ("tasks.geo.refresh_geo_data", "geo_refresh_interval_sec"),
+    "maintenance": ("tasks.maintenance.prune_history", "maintenance_interval_sec"),
 }
 
 

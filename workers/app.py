@@ -1,7 +1,8 @@
 """The Celery app: `celery -A workers.app worker|beat|flower`.
 
 Three queues, each consumed by its own worker pool (see the Makefile's worker-* targets):
-  ingest         polling the service, transcription dispatch, geo refresh (light, I/O bound)
+  ingest         polling the service, transcription dispatch, geo refresh, maintenance
+                 (light, I/O bound)
   audio          downloads and audio preparation (I/O, then some CPU)
   transcription  speech recognition (CPU bound, long)
 
@@ -45,12 +46,19 @@ TASK_ROUTES = {
     "tasks.audio.*": {"queue": "audio"},
     "tasks.ingest.*": {"queue": "ingest"},
     "tasks.geo.*": {"queue": "ingest"},
+    "tasks.maintenance.*": {"queue": "ingest"},
 }
 
 app = Celery(
     "bcfy",
     broker=settings.redis_url.reveal(),
-    include=["tasks.ingest", "tasks.audio", "tasks.transcription", "tasks.geo"],
+    include=[
+        "tasks.ingest",
+        "tasks.audio",
+        "tasks.transcription",
+        "tasks.geo",
+        "tasks.maintenance",
+    ],
 )
 
 

@@ -280,13 +280,14 @@ class Settings:
     )
     state_dir: str = _env("BCFY_STATE_DIR", _text, "var")
 
-    # The four periodic jobs (seconds between beat ticks), as in the old scheduler.
+    # The periodic jobs (seconds between beat ticks): the old scheduler's four, and retention.
     ingest_interval_sec: float = _env("INGEST_INTERVAL_SEC", _number, 10.0, min=0.1)
     audio_worker_interval_sec: float = _env("AUDIO_WORKER_INTERVAL_SEC", _number, 5.0, min=0.1)
     transcription_dispatch_interval_sec: float = _env(
         "TRANSCRIPTION_DISPATCH_INTERVAL_SEC", _number, 30.0, min=0.1
     )
     geo_refresh_interval_sec: float = _env("GEO_REFRESH_INTERVAL_SEC", _number, 86400.0, min=1)
+    maintenance_interval_sec: float = _env("MAINTENANCE_INTERVAL_SEC", _number, 3600.0, min=1)
     # A tick that waited in the queue longer than this is dropped (misfire_grace_time).
     job_misfire_grace_sec: float = _env("JOB_MISFIRE_GRACE_SEC", _number, 30.0, min=0.1)
 
@@ -461,6 +462,31 @@ class Settings:
     # for words the bundled dictionary lacks.
     transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
+    # --- retention: what the maintenance job prunes, and after how many days (tasks/maintenance.py)
+    # 0 keeps that kind for ever. Calls and transcripts are kept unless set; deleting a call
+    # deletes its transcript, audio rows, attempts and files with it.
+    retention_job_runs_days: float = _env("RETENTION_JOB_RUNS_DAYS", _number, 14.0, min=0)
+    retention_poll_log_days: float = _env("RETENTION_POLL_LOG_DAYS", _number, 14.0, min=0)
+    retention_audio_attempts_days: float = _env(
+        "RETENTION_AUDIO_ATTEMPTS_DAYS", _number, 30.0, min=0
+    )
+    retention_quarantine_days: float = _env("RETENTION_QUARANTINE_DAYS", _number, 90.0, min=0)
+    # Audio files: the original this long after the call was prepared, the prepared one this
+    # long after its transcription finished (done or failed for good).
+    retention_original_audio_days: float = _env(
+        "RETENTION_ORIGINAL_AUDIO_DAYS", _number, 7.0, min=0
+    )
+    retention_prepared_audio_days: float = _env(
+        "RETENTION_PREPARED_AUDIO_DAYS", _number, 30.0, min=0
+    )
+    retention_calls_days: float = _env("RETENTION_CALLS_DAYS", _number, 0.0, min=0)
+    retention_transcripts_days: float = _env("RETENTION_TRANSCRIPTS_DAYS", _number, 0.0, min=0)
+    # Rows deleted per transaction, and the pause between two batches (other work goes on).
+    retention_batch_size: int = _env("RETENTION_BATCH_SIZE", _integer, 2000, min=1, max=100000)
+    retention_batch_pause_sec: float = _env(
+        "RETENTION_BATCH_PAUSE_SEC", _number, 0.05, min=0, max=60
+    )
+
     # --- operations: status, metrics, Flower, demo mode
     # Demo mode: `bcfy run` sets it when it runs the feed simulator instead of the service.
     bcfy_demo: bool = _env("BCFY_DEMO", _boolean, False)
@@ -579,6 +605,17 @@ def _check_consistency(s: Settings) -> list[str]:
         problems.append(
             f"BCFY_API_BASE ({s.bcfy_api_base}) is plain http: tokens and BCFY_PASSWORD would "
             "cross the network in clear; use https, or set BCFY_ALLOW_INSECURE_HTTP=true"
+        )
+    if s.retention_calls_days and not (0 < s.retention_transcripts_days <= s.retention_calls_days):
+        kept = (
+            "keeps them for ever"
+            if not s.retention_transcripts_days
+            else f"keeps them {s.retention_transcripts_days:g} days"
+        )
+        problems.append(
+            f"RETENTION_CALLS_DAYS ({s.retention_calls_days:g}) deletes each call's transcript"
+            f" with it, but RETENTION_TRANSCRIPTS_DAYS {kept}: set RETENTION_TRANSCRIPTS_DAYS"
+            " to a number of days no larger than RETENTION_CALLS_DAYS"
         )
     if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
         problems.append(

@@ -74,16 +74,19 @@ SELECT coalesce(left(split_part(error, E'\\n', 1), 120), 'unknown'), count(*)
  WHERE NOT success AND poll_started_at > now() - interval '24 hours'
  GROUP BY 1 ORDER BY 2 DESC LIMIT 5
 """
+# Each count reads one index range (call_audio keeps a row per call, for ever by default).
 _AUDIO = """
 SELECT
-  count(*) FILTER (WHERE state = 'pending'),
-  count(*) FILTER (WHERE state = 'downloading'),
-  count(*) FILTER (WHERE state = 'ready' AND ready_at > now() - interval '5 minutes'),
-  count(*) FILTER (WHERE state = 'ready' AND ready_at > now() - interval '1 hour'),
-  count(*) FILTER (WHERE state = 'failed' AND updated_at > now() - interval '5 minutes'),
-  count(*) FILTER (WHERE state = 'failed' AND updated_at > now() - interval '1 hour'),
-  count(*) FILTER (WHERE state = 'failed')
-  FROM call_audio
+  (SELECT count(*) FROM call_audio WHERE state = 'pending'),
+  (SELECT count(*) FROM call_audio WHERE state = 'downloading'),
+  (SELECT count(*) FROM call_audio
+    WHERE state = 'ready' AND ready_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM call_audio WHERE state = 'ready' AND ready_at > now() - interval '1 hour'),
+  (SELECT count(*) FROM call_audio
+    WHERE state = 'failed' AND updated_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM call_audio
+    WHERE state = 'failed' AND updated_at > now() - interval '1 hour'),
+  (SELECT count(*) FROM call_audio WHERE state = 'failed')
 """
 _AUDIO_FAILURES = """
 SELECT coalesce(error_code, left(split_part(last_error, E'\\n', 1), 120), 'unknown'), count(*)
@@ -93,14 +96,15 @@ SELECT coalesce(error_code, left(split_part(last_error, E'\\n', 1), 120), 'unkno
 """
 _TRANSCRIPTION = """
 SELECT
-  count(*) FILTER (WHERE state IN ('pending', 'dispatched')),
-  count(*) FILTER (WHERE state = 'running'),
+  (SELECT count(*) FROM call_transcription WHERE state IN ('pending', 'dispatched')),
+  (SELECT count(*) FROM call_transcription WHERE state = 'running'),
   (SELECT count(*) FROM transcripts WHERE created_at > now() - interval '5 minutes'),
   (SELECT count(*) FROM transcripts WHERE created_at > now() - interval '1 hour'),
-  count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '5 minutes'),
-  count(*) FILTER (WHERE state = 'failed' AND finished_at > now() - interval '1 hour'),
-  count(*) FILTER (WHERE state = 'failed')
-  FROM call_transcription
+  (SELECT count(*) FROM call_transcription
+    WHERE state = 'failed' AND finished_at > now() - interval '5 minutes'),
+  (SELECT count(*) FROM call_transcription
+    WHERE state = 'failed' AND finished_at > now() - interval '1 hour'),
+  (SELECT count(*) FROM call_transcription WHERE state = 'failed')
 """
 _TRANSCRIPTION_FAILURES = """
 SELECT coalesce(left(split_part(last_error, E'\\n', 1), 120), 'unknown'), count(*)
@@ -129,22 +133,78 @@ SELECT p.uuid::text, p.name, p.sync, p.cursor_pos, l.poll_started_at, l.success,
          ORDER BY poll_started_at DESC LIMIT 1) l ON true
  ORDER BY p.name NULLS LAST, p.uuid
 """
-_TOTALS = """
-SELECT
-  (SELECT count(*) FROM bcfy_calls_raw),
-  (SELECT count(*) FROM bcfy_calls_quarantine),
-  (SELECT count(*) FROM call_audio WHERE state = 'ready'),
-  (SELECT count(*) FROM call_audio WHERE state = 'failed'),
-  (SELECT count(*) FROM transcripts),
-  (SELECT count(*) FROM call_transcription WHERE state = 'failed'),
-  (SELECT count(*) FROM bcfy_playlist_poll_log WHERE success),
-  (SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success)
-"""
-_JOB_RUN_TOTALS = "SELECT job, outcome, count(*) FROM job_runs GROUP BY 1, 2"
+
+
+@dataclass(frozen=True)
+class Counter:
+    """An all-time counter that outlives retention (tasks/maintenance.py): the rows of `table`
+    matching `where`, by `label` and `outcome`, counted by their `time` column. Rows up to the
+    kind's checkpoint are summed in history_totals (maintenance folds them before it prunes);
+    the rest are counted live, one index range on `time`."""
+
+    kind: str
+    table: str
+    time: str
+    where: str = "true"
+    label: str = "''"
+    outcome: str = "''"
+
+
+COUNTERS = (
+    Counter("calls", "bcfy_calls_raw", "created_at"),
+    Counter("quarantine", "bcfy_calls_quarantine", "created_at"),
+    Counter("audio_ready", "call_audio", "ready_at", "state = 'ready'"),
+    Counter("audio_failed", "call_audio", "updated_at", "state = 'failed'"),
+    Counter("transcripts", "transcripts", "created_at"),
+    Counter("transcription_failed", "call_transcription", "finished_at", "state = 'failed'"),
+    Counter(
+        "polls",
+        "bcfy_playlist_poll_log",
+        "poll_started_at",
+        outcome="CASE WHEN success THEN 'ok' ELSE 'error' END",
+    ),
+    Counter("job_runs", "job_runs", "started_at", label="job", outcome="outcome"),
+)
+
+_CHECKPOINTS = "SELECT kind, upto FROM history_checkpoints"
+# The checkpoints read just before go in as parameters, so that each live count is planned as
+# the index range it is; the same statement re-reads them, so that a fold committed in between
+# is neither counted twice nor missed (the sums and the live counts share one snapshot).
+_COUNTERS = (
+    "SELECT kind, label, outcome, sum(n)::bigint FROM (\n"
+    "  SELECT kind, label, outcome, n FROM history_totals\n"
+    + "".join(
+        f"  UNION ALL SELECT '{c.kind}', {c.label}, {c.outcome}, count(*) FROM {c.table}"
+        f" WHERE {c.where} AND {c.time} > %({c.kind})s::timestamptz AND {c.time} > coalesce("
+        f"(SELECT upto FROM history_checkpoints WHERE kind = '{c.kind}'), '-infinity')"
+        " GROUP BY 2, 3\n"
+        for c in COUNTERS
+    )
+    + ") t GROUP BY 1, 2, 3"
+)
+# Each job's last run: one index probe per job (a loose index scan), not a scan of the log.
 _LAST_RUNS = """
-SELECT DISTINCT ON (job) job, outcome, started_at, ended_at, error
-  FROM job_runs ORDER BY job, started_at DESC
+WITH RECURSIVE jobs(job) AS (
+    (SELECT job FROM job_runs ORDER BY job LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.job FROM job_runs r WHERE r.job > jobs.job ORDER BY r.job LIMIT 1)
+      FROM jobs WHERE jobs.job IS NOT NULL
+)
+SELECT last.job, last.outcome, last.started_at, last.ended_at, last.error
+  FROM jobs
+  CROSS JOIN LATERAL (
+        SELECT job, outcome, started_at, ended_at, error FROM job_runs r
+         WHERE r.job = jobs.job ORDER BY started_at DESC LIMIT 1) last
+ WHERE jobs.job IS NOT NULL
+ ORDER BY last.job
 """
+
+
+def counters(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, str], int]:
+    """Every counter of COUNTERS: {(kind, label, outcome): all-time count}."""
+    upto = {c.kind: "-infinity" for c in COUNTERS}
+    upto |= {kind: at for kind, at in conn.execute(_CHECKPOINTS)}
+    return {(k, label, outcome): n for k, label, outcome, n in conn.execute(_COUNTERS, upto)}
 
 
 def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]]) -> Stage:
@@ -159,23 +219,29 @@ def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]]) -> Stage:
     )
 
 
-def totals(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
+def totals(
+    conn: psycopg.Connection[Any], counted: dict[tuple[str, str, str], int] | None = None
+) -> dict[str, dict[str, int]]:
     """All-time counts per stage (done, failed) and of polls (ok, error)."""
-    calls, quarantined, ready, audio_failed, transcribed, asr_failed, polls_ok, polls_failed = (
-        conn.execute(_TOTALS).fetchone()
-    )
+    n = counters(conn) if counted is None else counted
+
+    def get(kind: str, outcome: str = "") -> int:
+        return n.get((kind, "", outcome), 0)
+
     return {
-        "ingest": {"done": calls, "failed": quarantined},
-        "audio": {"done": ready, "failed": audio_failed},
-        "transcription": {"done": transcribed, "failed": asr_failed},
-        "polls": {"ok": polls_ok, "error": polls_failed},
+        "ingest": {"done": get("calls"), "failed": get("quarantine")},
+        "audio": {"done": get("audio_ready"), "failed": get("audio_failed")},
+        "transcription": {"done": get("transcripts"), "failed": get("transcription_failed")},
+        "polls": {"ok": get("polls", "ok"), "error": get("polls", "error")},
     }
 
 
 def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
-    snap.totals = totals(conn)
-    for job, outcome, n in conn.execute(_JOB_RUN_TOTALS):
-        snap.job_run_totals.setdefault(job, {})[outcome] = n
+    counted = counters(conn)
+    snap.totals = totals(conn, counted)
+    for (kind, job, outcome), n in counted.items():
+        if kind == "job_runs":
+            snap.job_run_totals.setdefault(job, {})[outcome] = n
 
 
 def _from_database(snap: Snapshot, conn: psycopg.Connection[Any], *, details: bool) -> None:
