@@ -35,6 +35,7 @@ POLL = "tasks.ingest.poll_followed_playlists"
 AUDIO = "tasks.audio.process_pending_audio"
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
 GEO = "tasks.geo.refresh_geo_data"
+MAINTENANCE = "tasks.maintenance.prune_history"
 ALPHA = uuid.UUID("0a0a0a0a-0000-4000-8000-00000000000a")
 BRAVO = uuid.UUID("0b0b0b0b-0000-4000-8000-00000000000b")
 HOLDER = "ops-test-host:4242:held"
@@ -340,7 +341,7 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
         },
     ]
     jobs = snap["jobs"]
-    assert set(jobs) == {POLL, AUDIO, DISPATCH, GEO}
+    assert set(jobs) == {POLL, AUDIO, DISPATCH, GEO, MAINTENANCE}
     expected_last = {
         POLL: ("error", 2.0, "HTTP 500 boom"),
         AUDIO: ("ok", 0.5, None),
@@ -349,24 +350,28 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
     for job, (outcome, duration, error) in expected_last.items():
         assert (jobs[job]["last_outcome"], jobs[job]["last_error"]) == (outcome, error), job
         assert jobs[job]["last_duration_sec"] == pytest.approx(duration), job
-    assert "last_outcome" not in jobs[GEO], "a job that never ran has no last outcome"
+    for never_ran in (GEO, MAINTENANCE):
+        assert "last_outcome" not in jobs[never_ran], "a job that never ran has no last outcome"
     assert {job: j["lock_holder"] for job, j in jobs.items()} == {
         POLL: None,
         AUDIO: HOLDER,
         DISPATCH: None,
         GEO: None,
+        MAINTENANCE: None,
     }
     assert {job: j["lock_skips"] for job, j in jobs.items()} == {
         POLL: 0,
         AUDIO: 2,
         DISPATCH: 0,
         GEO: 0,
+        MAINTENANCE: 0,
     }
     assert {job: j["late_ticks"] for job, j in jobs.items()} == {
         POLL: 3,
         AUDIO: 0,
         DISPATCH: 0,
         GEO: 0,
+        MAINTENANCE: 0,
     }
     assert snap["queues"] == EXPECTED_QUEUES
     assert snap["workers"] == {"ingest": [known.worker], "audio": [], "transcription": []}
@@ -454,10 +459,11 @@ def test_status_text_prints_every_figure_of_a_known_state(known: Known, clean: S
             "polled",
         ],
     ]
-    jobs = {row[0]: row[1:] for row in _lines_after(lines, "jobs:", 4)}
+    jobs = {row[0]: row[1:] for row in _lines_after(lines, "jobs:", 5)}
     assert jobs == {
         AUDIO: ["last", "ok", "lock", "held", "by", HOLDER, "skips", "2"],
         GEO: ["last", "-", "lock", "free", "skips", "0"],
+        MAINTENANCE: ["last", "-", "lock", "free", "skips", "0"],
         POLL: ["last", "error", "lock", "free", "skips", "0"],
         DISPATCH: ["last", "lost_lock", "lock", "free", "skips", "0"],
     }
@@ -519,7 +525,13 @@ def test_metrics_values_of_a_known_state(known: Known, clean: Services, tmp_path
     assert value("bcfy_polls_total", outcome="ok") == 2
     assert value("bcfy_polls_total", outcome="error") == 5
     assert value("bcfy_quarantined_records_total") == 2
-    for job, skips, held in ((POLL, 0, 0), (AUDIO, 2, 1), (DISPATCH, 0, 0), (GEO, 0, 0)):
+    for job, skips, held in (
+        (POLL, 0, 0),
+        (AUDIO, 2, 1),
+        (DISPATCH, 0, 0),
+        (GEO, 0, 0),
+        (MAINTENANCE, 0, 0),
+    ):
         assert value("bcfy_lock_skips_total", job=job) == skips, job
         assert value("bcfy_lock_held", job=job) == held, job
     runs = {
