@@ -3,12 +3,12 @@
 
 Every tick carries three headers: its interval, its misfire grace (JOB_MISFIRE_GRACE_SEC), and
 the moment beat sent it by Redis's clock (`TIME`). A worker drops a tick that waited longer than
-its grace, judged by Redis's clock too (workers.locks), instead of running it late. That is how
+its grace, judged by Redis's clock too (workers.core.locks), instead of running it late. That is how
 missed runs coalesce: workers that were down for two minutes find one live tick when they come
 back, not twelve. No host's own clock takes part, so a worker or beat whose clock is minutes
 off still runs every tick (Celery's `expires`, an absolute time from beat's clock checked
 against the worker's, would drop them all). The same headers let the worker recognise a
-duplicate tick when two beat processes run by mistake (see workers.jobs.Tick).
+duplicate tick when two beat processes run by mistake (see workers.core.jobs.Tick).
 
 `FirstRunScheduler` is Celery's file-backed scheduler, except that an entry beat has never run
 is due at once rather than one interval after start, and that it stamps each tick.
@@ -25,10 +25,10 @@ from typing import Any
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 
-from workers.clock import Reporter, measure
-from workers.settings import Settings, get_settings
+from workers.core.clock import Reporter, measure
+from workers.core.settings import Settings, get_settings
 
-# Headers on every tick; workers.jobs.tick_of reads them.
+# Headers on every tick; workers.core.jobs.tick_of reads them.
 TICK_INTERVAL_HEADER = "bcfy_tick_interval"
 TICK_GRACE_HEADER = "bcfy_tick_grace"
 TICK_SENT_HEADER = "bcfy_tick_sent_ms"  # Redis's clock when beat sent it; set per tick

@@ -15,10 +15,10 @@ import psycopg
 import redis
 
 from tests.procs import Proc
-from workers.children import sigterm_unwinds
-from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
-from workers.processes import worker_argv
-from workers.settings import load_settings
+from workers.core.children import sigterm_unwinds
+from workers.core.processes import worker_argv
+from workers.core.settings import load_settings
+from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import heading, report, run_bench, servers, start_worker
 from tests.audio_helpers import CLIPS, make_flac, publish, slow_audio
 from tests.procs import Proc, group_cpu_sec, wait_until
-from workers.audio_prepare import validate_and_convert
-from workers.settings import load_settings
-from workers.simulator import FeedSimulator
+from workers.audio.prepare import validate_and_convert
+from workers.core.settings import load_settings
+from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
 DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
@@ -135,8 +135,8 @@ def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
 MEMORY_CHILD = """
 import inspect, json, resource, sys, tracemalloc
 from pathlib import Path
-from workers.audio_download import AudioFailure
-from workers.audio_prepare import validate_and_convert
+from workers.audio.download import AudioFailure
+from workers.audio.prepare import validate_and_convert
 original, out, limit, traced = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 kwargs = dict(expected_duration=None, tolerance=0.15, silence_dbfs=-50.0)
 if "max_duration_sec" in inspect.signature(validate_and_convert).parameters:

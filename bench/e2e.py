@@ -68,7 +68,7 @@ from tests.e2e_pipeline import (
     slope_fit,
 )
 from tests.procs import group_cpu_sec
-from workers.settings import Settings, SettingsError, load_settings
+from workers.core.settings import Settings, SettingsError, load_settings
 
 # The pipeline's settings: the defaults, plus any --set NAME=VALUE.
 SETTINGS: dict[str, str] = {}

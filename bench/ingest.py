@@ -43,7 +43,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import Servers, heading, report, run_bench, servers
-from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 KEY_ID = next(iter(DEMO_API_KEYS))
 SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
@@ -87,8 +87,8 @@ def copy_values(uuid: str, r: dict[str, Any]) -> tuple[Any, ...]:
 
 async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
     from tasks.ingest import PollRecord, split_page, store_page
-    from workers.bcfy_api import BroadcastifyClient
-    from workers.settings import load_settings
+    from workers.clients.broadcastify import BroadcastifyClient
+    from workers.core.settings import load_settings
 
     clock = ManualClock(T0)
     sim = FeedSimulator(clock=clock, seed=1).start()
@@ -194,9 +194,9 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
 def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
     """The real jobs on a ManualClock over `hours`, with outages and faults."""
     from tasks.ingest import backfill_gaps, poll_followed_playlists
-    from workers.playlists_cli import _add
-    from workers.runtime import Runtime
-    from workers.settings import reset_settings_cache
+    from workers.cli.playlists import _add
+    from workers.core.runtime import Runtime
+    from workers.core.settings import reset_settings_cache
 
     rng = random.Random(seed)
     clock = ManualClock(T0)
@@ -359,7 +359,7 @@ def main() -> None:
 
         logging.basicConfig(level=logging.ERROR)
         # Injected faults fail some runs on purpose; the poll log counts them.
-        logging.getLogger("workers.jobs").setLevel(logging.CRITICAL)
+        logging.getLogger("workers.core.jobs").setLevel(logging.CRITICAL)
         rates = asyncio.run(storage_rate(services, args.rounds, args.page))
         efficiency = read_efficiency(args.hours, args.seed)
         naive = cursorless_baseline(1.0, args.seed)

@@ -22,8 +22,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench
-from workers.devservices import redis_server
-from workers.locks import SingletonLock
+from workers.core.locks import SingletonLock
+from workers.dev.services import redis_server
 
 
 class CountingConnection(redis.Connection):

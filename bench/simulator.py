@@ -27,7 +27,7 @@ import jwt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench
-from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 
 def median_ms(fn, rounds: int) -> float:

@@ -6,9 +6,9 @@ job runs ~30,000 a day, the poll log 8,640 per playlist a day, calls at CALLS_PE
 prepared and transcribed; one attempt each, a few failures), quarantined records. Then, each
 timed REPEAT times on one connection (median, min, max):
 
-  status   workers.status._from_database(details=True): everything `bcfy status` reads from
+  status   workers.cli.status._from_database(details=True): everything `bcfy status` reads from
            PostgreSQL;
-  metrics  workers.status._from_database(details=False) + _totals: what one scrape reads.
+  metrics  workers.cli.status._from_database(details=False) + _totals: what one scrape reads.
 
 Phases: the year as an upgrade finds it (no maintenance run yet: the counters still count
 whole tables); after a maintenance run that keeps everything (counters folded); after a
@@ -190,7 +190,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
 
 
 def measure(database_url: str, phase: str) -> list[str]:
-    from workers.status import Snapshot, _from_database, _totals
+    from workers.cli.status import Snapshot, _from_database, _totals
 
     lines = []
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -238,8 +238,8 @@ def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, i
 
     os.environ["DATABASE_URL"] = database_url
     from tasks.maintenance import run_maintenance
-    from workers.runtime import Runtime
-    from workers.settings import get_settings, reset_settings_cache
+    from workers.core.runtime import Runtime
+    from workers.core.settings import get_settings, reset_settings_cache
 
     reset_settings_cache()
     Runtime.shutdown_current()
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--playlists", type=int, default=4)
     parser.add_argument("--batch", type=int, default=20_000, help="RETENTION_BATCH_SIZE")
     args = parser.parse_args()
-    from workers.settings import Settings
+    from workers.core.settings import Settings
 
     out = [
         heading(

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import Servers, heading, report, run_bench, servers, start_worker
 from tests.procs import Proc, wait_until
-from workers.audio_codec import convert_for_recognizers, decode_mono
-from workers.simulator.make_clips import CLIPS_DIR
+from workers.audio.codec import convert_for_recognizers, decode_mono
+from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]
 # Unit names from the calls, as an operator would list them.
@@ -152,8 +152,8 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
         pick_sql,
         publish_transcriptions,
     )
-    from workers.runtime import Runtime
-    from workers.settings import load_settings
+    from workers.core.runtime import Runtime
+    from workers.core.settings import load_settings
 
     settings = load_settings(
         {**os.environ, "TRANSCRIBE_DISPATCH_BATCH": "500", "TRANSCRIBE_QUEUE_MAX": "1000000"}
@@ -239,8 +239,8 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
 def pool_run(services: Servers, k: int, calls: int, env: dict[str, str], logdir: Path) -> float:
     """Wall seconds for k worker processes to transcribe `calls` calls sent at once."""
     from tasks.transcription import mark_dispatched, publish_transcriptions
-    from workers.runtime import Runtime
-    from workers.settings import load_settings
+    from workers.core.runtime import Runtime
+    from workers.core.settings import load_settings
 
     reset(services)
     clips = [CLIPS[i % len(CLIPS)]["file"] for i in range(calls)]

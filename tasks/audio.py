@@ -51,19 +51,19 @@ import psycopg
 from celery import Task
 
 from workers.app import app, settings
-from workers.audio_download import AudioFailure, Downloaded, UrlPolicy, download
-from workers.audio_prepare import PreparedAudio, validate_and_convert
-from workers.audio_store import FilesystemAudioStore, call_keys
-from workers.jobs import (
+from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
+from workers.audio.prepare import PreparedAudio, validate_and_convert
+from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.core.jobs import (
     JobContext,
     backstop_time_limits,
     claimant_is_gone,
     periodic_job,
     process_id,
 )
-from workers.locks import new_token
-from workers.runtime import Runtime, db_connection
-from workers.settings import Settings
+from workers.core.locks import new_token
+from workers.core.runtime import Runtime, db_connection
+from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

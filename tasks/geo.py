@@ -22,8 +22,8 @@ from typing import Any
 
 from psycopg import sql
 
-from workers.jobs import JobContext, periodic_job
-from workers.records import BadValue, as_text, show, storable, whole_number
+from workers.core.jobs import JobContext, periodic_job
+from workers.core.records import BadValue, as_text, show, storable, whole_number
 
 log = logging.getLogger(__name__)
 

@@ -50,14 +50,14 @@ from typing import Any
 import psycopg
 
 from workers.app import app
-from workers.bcfy_api import (
+from workers.clients.broadcastify import (
     BroadcastifyClient,
     BroadcastifyError,
     ConfigurationError,
     retry_budget,
 )
-from workers.jobs import JobContext, LockLost, periodic_job
-from workers.records import (
+from workers.core.jobs import JobContext, LockLost, periodic_job
+from workers.core.records import (
     DEFAULT_MAX_RECORD_BYTES,
     BadValue,
     bounded_copy,
@@ -68,7 +68,7 @@ from workers.records import (
     storable,
     whole_number,
 )
-from workers.settings import Settings
+from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Each run, in this order, until the work is done or its time budget is spent (the
 the next run; nothing depends on one run finishing):
 
   1. remove the files listed in audio_file_trash (left over by a run that stopped in between);
-  2. fold the all-time counters (workers.status.COUNTERS) forward to `now - FOLD_MARGIN`, so the
+  2. fold the all-time counters (workers.cli.status.COUNTERS) forward to `now - FOLD_MARGIN`, so the
      metrics endpoint's counters do not drop when rows go;
   3. prune, oldest first, RETENTION_BATCH_SIZE rows per transaction with a pause in between:
      original files, prepared files, calls (when set), transcripts (when set), audio attempts,
@@ -35,10 +35,10 @@ from typing import Any
 import psycopg
 
 from tasks.audio import store_for
-from workers.jobs import JobContext, periodic_job
-from workers.runtime import db_connection
-from workers.settings import Settings
-from workers.status import COUNTERS, Counter
+from workers.cli.status import COUNTERS, Counter
+from workers.core.jobs import JobContext, periodic_job
+from workers.core.runtime import db_connection
+from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

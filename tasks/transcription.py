@@ -51,8 +51,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from psycopg.types.json import Jsonb
 
 from workers.app import app, settings
-from workers.audio_codec import AudioDecodeError
-from workers.jobs import JobContext, claimant_is_gone, periodic_job, process_id
+from workers.audio.codec import AudioDecodeError
+from workers.core.jobs import JobContext, claimant_is_gone, periodic_job, process_id
+from workers.core.runtime import Runtime, db_connection
+from workers.core.settings import Settings
 from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
@@ -63,8 +65,6 @@ from workers.recognizers import (
     process_recognizer,
     run_on_loop,
 )
-from workers.runtime import Runtime, db_connection
-from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import av
 import numpy as np
 import psycopg
 
-from workers.audio_store import FilesystemAudioStore
-from workers.simulator import AudioFault, FeedSimulator
-from workers.simulator.audio import load_clips
+from workers.audio.store import FilesystemAudioStore
+from workers.dev.simulator import AudioFault, FeedSimulator
+from workers.dev.simulator.audio import load_clips
 
 if TYPE_CHECKING:
     from tests.conftest import Services
-    from workers.settings import Settings
+    from workers.core.settings import Settings
 
 CLIPS, SILENCE = load_clips()
 

@@ -23,9 +23,9 @@ from celery import Celery
 from psycopg.rows import namedtuple_row
 
 from tests.procs import Proc
-from workers.children import sigterm_unwinds
-from workers.devservices import empty_redis_db, postgres_server, redis_server, scratch_database
-from workers.settings import reset_settings_cache
+from workers.core.children import sigterm_unwinds
+from workers.core.settings import reset_settings_cache
+from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ def db(clean: Services) -> Iterator[psycopg.Connection]:
     """A connection (autocommit) to the database with no calls in it, as the audio tests start;
     the process's runtime is shut down after the test."""
     from tests.audio_helpers import truncate_calls
-    from workers.runtime import Runtime
+    from workers.core.runtime import Runtime
 
     with clean.db() as conn:
         truncate_calls(conn)
@@ -172,7 +172,7 @@ def db(clean: Services) -> Iterator[psycopg.Connection]:
 def sim():
     """A Broadcastify feed simulator on a free port: real clock, demo credentials (DEMO_API_KEYS,
     DEMO_USERS), no playlists yet. Tests wanting a ManualClock make their own FeedSimulator."""
-    from workers.simulator import FeedSimulator
+    from workers.dev.simulator import FeedSimulator
 
     with FeedSimulator(seed=1) as simulator:
         yield simulator

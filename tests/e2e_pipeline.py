@@ -39,9 +39,9 @@ import redis
 from celery import Celery
 
 from tests.procs import CLK_TCK, Proc, run_cli, wait_until
-from workers.processes import beat_argv, worker_argv
-from workers.settings import load_settings
-from workers.simulator import FeedSimulator
+from workers.core.processes import beat_argv, worker_argv
+from workers.core.settings import load_settings
+from workers.dev.simulator import FeedSimulator
 
 QUEUES = ("ingest", "audio", "transcription")
 STAGES = ("poll", "audio", "dispatch", "transcription")

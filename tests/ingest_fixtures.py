@@ -19,9 +19,9 @@ import pytest
 
 from tests.conftest import Services
 from tests.procs import run_cli
-from workers.runtime import Runtime
-from workers.settings import reset_settings_cache
-from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+from workers.core.runtime import Runtime
+from workers.core.settings import reset_settings_cache
+from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 KEY_ID = next(iter(DEMO_API_KEYS))
 SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
@@ -105,7 +105,7 @@ class Ingest:
 
     def follow(self, uuid: str, *, groups: list[str] | None = None) -> None:
         """Follow a playlist as `bcfy playlists add` does (its groups from playlist_get)."""
-        from workers.playlists_cli import _add
+        from workers.cli.playlists import _add
 
         Runtime.current().run(_add(uuid))
         if groups is not None:

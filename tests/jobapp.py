@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from beat_schedule import beat_entry
 from workers.app import app, settings
-from workers.jobs import JobContext, periodic_job
+from workers.core.jobs import JobContext, periodic_job
 
 __all__ = ["app"]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from workers.children import die_with_parent
+from workers.core.children import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from tasks.audio import (
     split_evenly,
 )
 from tests.audio_helpers import audio_rows, claim, insert_call
-from workers.audio_download import AudioFailure
-from workers.runtime import Runtime
-from workers.settings import Settings, get_settings
+from workers.audio.download import AudioFailure
+from workers.core.runtime import Runtime
+from workers.core.settings import Settings, get_settings
 
 
 def settings(**overrides) -> Settings:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from workers.audio_codec import AudioDecodeError, convert_for_recognizers, probe
-from workers.simulator.make_clips import CLIPS_DIR
+from workers.audio.codec import AudioDecodeError, convert_for_recognizers, probe
+from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from tests.audio_helpers import CLIPS
-from workers.audio_download import AudioFailure, UrlPolicy, download
-from workers.simulator import AudioFault, FeedSimulator
+from workers.audio.download import AudioFailure, UrlPolicy, download
+from workers.dev.simulator import AudioFault, FeedSimulator
 
 CAP = 1_000_000
 

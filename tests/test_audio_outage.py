@@ -23,7 +23,7 @@ from tests.audio_helpers import (
 )
 from tests.conftest import Services
 from tests.procs import start_beat, start_worker, wait_until
-from workers.devservices import ServiceError, ThrowawayPostgres, scratch_database
+from workers.dev.services import ServiceError, ThrowawayPostgres, scratch_database
 
 pytestmark = pytest.mark.slow
 

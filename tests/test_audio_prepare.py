@@ -27,14 +27,14 @@ from tests.audio_helpers import (
     publish,
 )
 from tests.conftest import Services
-from workers.audio_codec import probe
-from workers.audio_download import AudioFailure
-from workers.audio_prepare import PreparedAudio, validate_and_convert
-from workers.audio_store import FilesystemAudioStore
-from workers.runtime import Runtime
-from workers.settings import Settings, get_settings
-from workers.simulator import AudioFault, FeedSimulator
-from workers.simulator.server import _Answer
+from workers.audio.codec import probe
+from workers.audio.download import AudioFailure
+from workers.audio.prepare import PreparedAudio, validate_and_convert
+from workers.audio.store import FilesystemAudioStore
+from workers.core.runtime import Runtime
+from workers.core.settings import Settings, get_settings
+from workers.dev.simulator import AudioFault, FeedSimulator
+from workers.dev.simulator.server import _Answer
 
 
 def settings_for(sim: FeedSimulator, tmp_path, **overrides) -> Settings:

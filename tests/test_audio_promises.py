@@ -36,11 +36,11 @@ from hypothesis import strategies as st
 from tasks.audio import CallPreparer
 from tests.audio_helpers import audio_rows, claim, insert_call
 from tests.conftest import Services
-from workers.audio_download import AudioFailure, UrlPolicy, download
-from workers.audio_prepare import validate_and_convert
-from workers.audio_store import FilesystemAudioStore
-from workers.runtime import Runtime
-from workers.settings import Settings, get_settings
+from workers.audio.download import AudioFailure, UrlPolicy, download
+from workers.audio.prepare import validate_and_convert
+from workers.audio.store import FilesystemAudioStore
+from workers.core.runtime import Runtime
+from workers.core.settings import Settings, get_settings
 
 RATE = 16000
 WINDOW = RATE // 10  # the 100 ms the silence check looks at

@@ -12,8 +12,8 @@ import pytest
 
 from tests.audio_helpers import audio_rows, insert_call, truncate_calls
 from tests.procs import run_cli
-from workers.audio_store import FilesystemAudioStore, call_keys
-from workers.settings import SettingsError, load_settings
+from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.core.settings import SettingsError, load_settings
 
 
 def test_files_are_laid_out_by_playlist_date_and_call():

@@ -24,8 +24,8 @@ from tests.audio_helpers import (
 )
 from tests.ingest_fixtures import api_env, follow_with_cli
 from tests.procs import start_beat, start_worker, wait_until
-from workers.audio_store import FilesystemAudioStore
-from workers.simulator import AudioFault
+from workers.audio.store import FilesystemAudioStore
+from workers.dev.simulator import AudioFault
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tenacity import AsyncRetrying, RetryCallState
 
-from workers.bcfy_api import (
+from workers.clients.broadcastify import (
     BroadcastifyClient,
     BroadcastifyError,
     ConfigurationError,
@@ -26,10 +26,10 @@ from workers.bcfy_api import (
     TransientError,
     retry_budget,
 )
-from workers.devservices import free_port
-from workers.retry_after import retry_after_sec
-from workers.settings import load_settings
-from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+from workers.clients.retry_after import retry_after_sec
+from workers.core.settings import load_settings
+from workers.dev.services import free_port
+from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 KEY_ID = next(iter(DEMO_API_KEYS))
 SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]

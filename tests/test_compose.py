@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.procs import ROOT
-from workers.processes import worker_argv
-from workers.settings import load_settings
+from workers.core.processes import worker_argv
+from workers.core.settings import load_settings
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES = COMPOSE["services"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.procs import ROOT
-from workers.devservices import (
+from workers.dev.services import (
     ThrowawayPostgres,
     ThrowawayRedis,
     postgres_reachable,

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from workers.bcfy_api import TransientError
-from workers.simulator.geo import COUNTIES, COUNTRIES, STATES
+from workers.clients.broadcastify import TransientError
+from workers.dev.simulator.geo import COUNTIES, COUNTRIES, STATES
 
 GEO = "tasks.geo.refresh_geo_data"
 US_STATES = {s["stid"] for s in STATES if s["coid"] == 1}

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from workers.simulator import FeedSimulator
-from workers.simulator.geo import COUNTIES, STATES
-from workers.simulator.server import _Answer
+from workers.dev.simulator import FeedSimulator
+from workers.dev.simulator.geo import COUNTIES, STATES
+from workers.dev.simulator.server import _Answer
 
 GEO = "tasks.geo.refresh_geo_data"
 US_STATES = {s["stid"] for s in STATES if s["coid"] == 1}

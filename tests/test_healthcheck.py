@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Services
 from tests.procs import Proc, run_cli, wait_until
-from workers.devservices import free_port
+from workers.dev.services import free_port
 
 pytestmark = pytest.mark.slow
 

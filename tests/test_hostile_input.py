@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from tasks.geo import COUNTIES, COUNTRIES, STATES, upsert
 from tasks.ingest import PollRecord, Rejected, split_page, store_page, validate_call
 from tests.conftest import Services
-from workers.bcfy_api import BroadcastifyError, LivePage
-from workers.runtime import Runtime, db_connection
-from workers.settings import reset_settings_cache
+from workers.clients.broadcastify import BroadcastifyError, LivePage
+from workers.core.runtime import Runtime, db_connection
+from workers.core.settings import reset_settings_cache
 
 NOW = 1_750_000_000
 LATEST = NOW + 86_400
@@ -563,7 +563,7 @@ def test_any_geo_answer_is_stored_or_skipped_never_raised(canned, kind, data):
     wrapped=st.booleans(),
 )
 def test_any_playlist_answer_is_followed_or_a_clear_error(canned, info, wrapped):
-    from workers.playlists_cli import _add
+    from workers.cli.playlists import _add
 
     canned.answer(dump({"playlist": info} if wrapped else info))
     playlist = str(uuid_mod.uuid4())

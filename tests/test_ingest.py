@@ -14,10 +14,10 @@ import uuid as uuid_mod
 import pytest
 
 from tests.ingest_fixtures import SECRET, Ingest
-from workers.bcfy_api import BroadcastifyClient
-from workers.jobs import JobContext
-from workers.runtime import Runtime
-from workers.simulator import OMIT
+from workers.clients.broadcastify import BroadcastifyClient
+from workers.core.jobs import JobContext
+from workers.core.runtime import Runtime
+from workers.dev.simulator import OMIT
 
 POLL = "tasks.ingest.poll_followed_playlists"
 

@@ -12,9 +12,13 @@ import asyncio
 import httpx
 import pytest
 
-from workers.bcfy_api import CONFIG_ERROR_HOLD_SEC, BroadcastifyClient, ConfigurationError
-from workers.settings import load_settings
-from workers.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+from workers.clients.broadcastify import (
+    CONFIG_ERROR_HOLD_SEC,
+    BroadcastifyClient,
+    ConfigurationError,
+)
+from workers.core.settings import load_settings
+from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 POLL = "tasks.ingest.poll_followed_playlists"
 KEY_ID = next(iter(DEMO_API_KEYS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.settings import SettingsError, load_settings
+from workers.core.settings import SettingsError, load_settings
 
 
 def test_defaults():
@@ -51,7 +51,7 @@ def test_the_api_secret_and_password_are_never_shown():
 
 
 def test_the_retry_budget_fits_inside_a_run():
-    from workers.bcfy_api import retry_budget
+    from workers.clients.broadcastify import retry_budget
 
     assert retry_budget(load_settings({})) == 60
     # A short soft limit leaves room for fewer retries: the last attempt must end in time.

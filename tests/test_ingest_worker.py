@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import Services
 from tests.ingest_fixtures import TABLES, api_env, follow_with_cli
 from tests.procs import start_worker, wait_until
-from workers.simulator import FeedSimulator
+from workers.dev.simulator import FeedSimulator
 
 pytestmark = pytest.mark.slow
 

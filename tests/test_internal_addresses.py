@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from workers.audio_download import AudioFailure, Target, UrlPolicy
+from workers.audio.download import AudioFailure, Target, UrlPolicy
 
 HOST = "audio.example.com"
 URL = f"https://{HOST}/a.m4a"

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import Services
 from tests.procs import wait_until
-from workers.clock import redis_time_ms
-from workers.locks import (
+from workers.core.clock import redis_time_ms
+from workers.core.locks import (
     Acquired,
     Released,
     SingletonLock,

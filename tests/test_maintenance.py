@@ -24,10 +24,10 @@ from tests.audio_helpers import insert_call
 from tests.conftest import Services
 from tests.procs import start_beat, start_worker, wait_until
 from workers.app import TASK_ROUTES, app
-from workers.locks import SingletonLock
-from workers.runtime import Runtime
-from workers.settings import Settings, SettingsError, get_settings, load_settings
-from workers.status import totals
+from workers.cli.status import totals
+from workers.core.locks import SingletonLock
+from workers.core.runtime import Runtime
+from workers.core.settings import Settings, SettingsError, get_settings, load_settings
 
 JOB = "tasks.maintenance.prune_history"
 RETENTION_VARS = (
@@ -362,7 +362,7 @@ def test_the_metrics_counters_do_not_drop_when_history_is_pruned(hist, tmp_path)
         call(hist, store, days, ready_days=days, transcribed_days=days)
 
     def counted() -> tuple[dict, dict]:
-        from workers.status import counters
+        from workers.cli.status import counters
 
         with psycopg.connect(hist.info.dsn) as conn:
             runs = {k: n for k, n in counters(conn).items() if k[0] == "job_runs"}

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.procs import Proc, listening_addresses, wait_until
-from workers.devservices import free_port
+from workers.dev.services import free_port
 
 SCRAPERS = 40
 POOL_CONNECTIONS = 2  # the most `bcfy metrics` may hold (its pool has one)

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.procs import ROOT
-from workers.migrate import SQL_DIR, MigrationError, discover, migrate
+from workers.core.migrate import SQL_DIR, MigrationError, discover, migrate
 
 SEED_TABLES = {
     "bcfy_calls_raw",

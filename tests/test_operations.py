@@ -23,7 +23,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.procs import ROOT, listening_addresses, run_cli, wait_until
-from workers.devservices import free_port
+from workers.dev.services import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ from beat_schedule import tick_headers
 from tests.audio_helpers import HeldAudio, add_calls, attempts, audio_rows, make_env, states
 from tests.conftest import Services
 from tests.procs import Proc, start_worker, wait_until
-from workers.clock import redis_time_ms
-from workers.locks import holder_of
+from workers.core.clock import redis_time_ms
+from workers.core.locks import holder_of
 
 pytestmark = pytest.mark.slow
 

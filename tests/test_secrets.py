@@ -22,8 +22,8 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.procs import ROOT, run_cli, wait_until
-from workers.devservices import free_port
-from workers.simulator import FeedSimulator
+from workers.dev.services import free_port
+from workers.dev.simulator import FeedSimulator
 
 pytestmark = pytest.mark.slow
 

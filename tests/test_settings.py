@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.procs import ROOT
-from workers.settings import SettingsError, load_settings
+from workers.core.settings import SettingsError, load_settings
 
 
 def test_defaults_are_the_old_schedulers():
@@ -94,7 +94,7 @@ def test_cli_prints_settings_redacted():
 def test_env_example_documents_every_setting_with_its_default():
     import dataclasses
 
-    from workers.settings import Settings
+    from workers.core.settings import Settings
 
     documented = {}
     for line in (ROOT / ".env.example").read_text().splitlines():

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from tests.procs import ROOT, wait_until
-from workers.audio_codec import AudioDecodeError, decode_mono, probe
-from workers.devservices import free_port
-from workers.simulator import (
+from workers.audio.codec import AudioDecodeError, decode_mono, probe
+from workers.dev.services import free_port
+from workers.dev.simulator import (
     DEMO_API_KEYS,
     DEMO_USERS,
     OMIT,
@@ -30,7 +30,7 @@ from workers.simulator import (
     FeedSimulator,
     ManualClock,
 )
-from workers.simulator.audio import load_clips
+from workers.dev.simulator.audio import load_clips
 
 KID = "demo-key"
 SECRET, APP_ID = DEMO_API_KEYS[KID]

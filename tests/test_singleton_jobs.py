@@ -16,8 +16,8 @@ import redis
 from beat_schedule import tick_headers
 from tests.conftest import Services
 from tests.procs import start_beat, start_worker, wait_until
-from workers.clock import redis_time_ms
-from workers.locks import holder_of, late_count, skip_count
+from workers.core.clock import redis_time_ms
+from workers.core.locks import holder_of, late_count, skip_count
 
 pytestmark = pytest.mark.slow
 

@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Services
 from tests.procs import Proc, run_cli, start_worker, wait_until
-from workers import clock
-from workers.devservices import free_port
-from workers.locks import SingletonLock, job_keys
+from workers.core import clock
+from workers.core.locks import SingletonLock, job_keys
+from workers.dev.services import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Services
 from tests.procs import run_cli
-from workers.text import terminal_safe
+from workers.core.text import terminal_safe
 
 # C0, DEL, C1; bidi embeddings, overrides, isolates and marks; the line/paragraph separators.
 FORBIDDEN = re.compile(
@@ -215,8 +215,8 @@ def test_audio_status_shows_stored_codes_escaped(hostile):
 
 
 def test_run_prints_new_transcripts_escaped(hostile):
-    from workers.devrun import Supervisor
-    from workers.settings import load_settings
+    from workers.cli.run import Supervisor
+    from workers.core.settings import load_settings
 
     sup = Supervisor(load_settings())
     with psycopg.connect(hostile.database_url) as conn:

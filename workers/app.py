@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue
 
-from workers.settings import SettingsError, get_settings
+from workers.core.settings import SettingsError, get_settings
 
 try:
     settings = get_settings()
@@ -115,7 +115,7 @@ app.conf.update(
 @signals.worker_process_init.connect
 def _pool_child_started(**_: Any) -> None:
     """Each prefork child makes its own loop, pool and clients (after the fork, never before)."""
-    from workers.runtime import Runtime, mark_pool_child
+    from workers.core.runtime import Runtime, mark_pool_child
 
     mark_pool_child()
     Runtime.current()
@@ -139,7 +139,7 @@ def _warn_about_the_solo_pool(sender: str, instance: Any, **_: Any) -> None:
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _close_runtime(**_: Any) -> None:
-    from workers.runtime import Runtime
+    from workers.core.runtime import Runtime
 
     Runtime.shutdown_current()
 
@@ -157,7 +157,7 @@ class ClockReport(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         import redis
 
-        from workers.clock import REPORT_EVERY_SEC, Reporter
+        from workers.core.clock import REPORT_EVERY_SEC, Reporter
 
         self.client = redis.Redis.from_url(
             settings.redis_url.reveal(), socket_timeout=2, socket_connect_timeout=2

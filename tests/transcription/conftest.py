@@ -22,10 +22,10 @@ import pytest
 
 from tests.conftest import Services
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
-from workers.audio_codec import convert_for_recognizers
-from workers.runtime import Runtime
-from workers.settings import load_settings, reset_settings_cache
-from workers.simulator.make_clips import CLIPS_DIR
+from workers.audio.codec import convert_for_recognizers
+from workers.core.runtime import Runtime
+from workers.core.settings import load_settings, reset_settings_cache
+from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS: dict[str, Any] = json.loads((CLIPS_DIR / "clips.json").read_text())
 CLIP_TEXT = {c["file"]: c["text"] for c in CLIPS["clips"]}

@@ -26,7 +26,7 @@ from tasks.transcription import (
     mark_dispatched,
     queued_messages,
 )
-from workers.runtime import Runtime
+from workers.core.runtime import Runtime
 
 
 def queued_calls(redis_client) -> list[int]:

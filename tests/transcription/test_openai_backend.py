@@ -11,12 +11,12 @@ import pytest
 
 from tasks.transcription import backoff_sec
 from tests.transcription.fake_openai import Reply, verbose_json
+from workers.core.settings import SettingsError, load_settings
 from workers.recognizers import (
     PermanentRecognitionError,
     TransientRecognitionError,
     build_recognizer,
 )
-from workers.settings import SettingsError, load_settings
 
 KEY = "sk-test-abc123"
 

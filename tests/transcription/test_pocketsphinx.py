@@ -1,6 +1,6 @@
 """The embedded recogniser, for real: PocketSphinx with its bundled model on the spoken test calls.
 
-The calls were synthesised from known text (workers/simulator/clips/clips.json) and served as
+The calls were synthesised from known text (workers/dev/simulator/clips/clips.json) and served as
 AAC; here they go through the pipeline's one conversion to 16 kHz FLAC first.
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.transcription.conftest import CLIP_TEXT, CLIPS
-from workers.audio_codec import decode_mono
+from workers.audio.codec import decode_mono
+from workers.core.settings import load_settings
 from workers.recognizers import RecognizerConfigError, build_recognizer
 from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
-from workers.settings import load_settings
 
 
 def flac(prepared_clips: Path, clip: str) -> Path:

@@ -22,10 +22,10 @@ from tests.procs import start_worker, wait_until
 from tests.transcription.conftest import Calls, worker_env
 from tests.transcription.fake_openai import Reply
 from tests.transcription.test_workers import mark_dispatched, openai_env
-from workers.devservices import ServiceError, ThrowawayPostgres, scratch_database
+from workers.core.runtime import Runtime, db_connection
+from workers.core.settings import load_settings
+from workers.dev.services import ServiceError, ThrowawayPostgres, scratch_database
 from workers.recognizers import forget_process_recognizer
-from workers.runtime import Runtime, db_connection
-from workers.settings import load_settings
 
 pytestmark = pytest.mark.slow
 

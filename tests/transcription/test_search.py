@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from workers.cli import main
-from workers.search import parse_since
+from workers.cli.main import main
+from workers.cli.search import parse_since
 
 FIRE = uuid.UUID("11111111-2222-3333-4444-555555555555")
 POLICE = uuid.UUID("99999999-8888-7777-6666-555555555555")

@@ -1,4 +1,4 @@
-"""`bcfy search` uses the full-text index: EXPLAIN of the very query it runs (workers.search's
+"""`bcfy search` uses the full-text index: EXPLAIN of the very query it runs (workers.cli.search's
 SEARCH_SQL, with the parameters it passes) over a table large enough that reading it whole
 would cost the planner more, with the planner's own choices (no enable_* switched off)."""
 
@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Services
-from workers.search import SEARCH_SQL, search_transcripts
+from workers.cli.search import SEARCH_SQL, search_transcripts
 
 TRANSCRIPTS = 20_000
 MATCHING = 12  # calls that mention a structure fire; the rest are routine traffic

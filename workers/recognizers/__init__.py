@@ -4,8 +4,8 @@
     result = recognizer.transcribe(Path("call.flac"), name="call-42.flac")
 
 `transcribe` is blocking: the pocketsphinx backend is CPU work, the openai backend drives its
-HTTP request on the process's event loop (workers.runtime). Call it from a Celery task in a pool
-process, never from a coroutine.
+HTTP request on the process's event loop (workers.core.runtime). Call it from a Celery task in
+a pool process, never from a coroutine.
 
 Errors say what to do next: `TransientRecognitionError` (try again later, maybe after
 `retry_after` seconds), `PermanentRecognitionError` (this call's audio will never work), and
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from workers.settings import Settings
+from workers.core.settings import Settings
 
 T = TypeVar("T")
 

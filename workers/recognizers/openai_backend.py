@@ -6,7 +6,7 @@ Whisper then spells as given) and `response_format=verbose_json`, whose segments
 `avg_logprob` (the confidence) and `no_speech_prob`. Segments the model itself thinks are
 probably not speech are dropped: radio hiss makes Whisper invent whole sentences.
 
-The request runs on the process's shared httpx client (workers.runtime) with its own read
+The request runs on the process's shared httpx client (workers.core.runtime) with its own read
 timeout and an overall deadline. 429 and 5xx are transient (429's Retry-After is passed on);
 other refusals are permanent for this call, with the service's message as the reason.
 """
@@ -21,6 +21,9 @@ from typing import Any
 
 import httpx
 
+from workers.clients.retry_after import retry_after_sec
+from workers.core.runtime import Runtime
+from workers.core.settings import Settings
 from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
@@ -30,9 +33,6 @@ from workers.recognizers import (
     run_on_loop,
     vocabulary_terms,
 )
-from workers.retry_after import retry_after_sec
-from workers.runtime import Runtime
-from workers.settings import Settings
 
 TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 

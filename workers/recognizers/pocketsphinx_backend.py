@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.audio_codec import RECOGNIZER_RATE, AudioDecodeError, decode_mono, probe
+from workers.audio.codec import RECOGNIZER_RATE, AudioDecodeError, decode_mono, probe
+from workers.core.settings import Settings
 from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
     Segment,
     vocabulary_terms,
 )
-from workers.settings import Settings
 
 log = logging.getLogger(__name__)
 

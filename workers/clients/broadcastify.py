@@ -56,9 +56,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from workers.records import BadValue, parse_json, show, whole_number
-from workers.retry_after import retry_after_sec
-from workers.settings import Settings
+from workers.clients.retry_after import retry_after_sec
+from workers.core.records import BadValue, parse_json, show, whole_number
+from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

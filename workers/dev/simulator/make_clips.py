@@ -1,7 +1,7 @@
 """Make the spoken test calls in clips/: radio-style phrases read by espeak-ng, encoded to AAC
 in .m4a (as the service serves them), plus clips.json with each clip's text and duration.
 
-    python -m workers.simulator.make_clips      # needs espeak-ng; nothing else at run time does
+    python -m workers.dev.simulator.make_clips      # needs espeak-ng; nothing else at run time does
 
 The clips are committed, so tests, the simulator and demo mode need no speech synthesiser.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.audio_codec import (
+from workers.audio.codec import (
     RECOGNIZER_RATE,
     AudioDecodeError,
     AudioTooLong,
@@ -32,8 +32,8 @@ from workers.audio_codec import (
     StreamedAudio,
     stream_decode,
 )
-from workers.audio_download import AudioFailure, refused
-from workers.audio_store import file_digest, sync_file
+from workers.audio.download import AudioFailure, refused
+from workers.audio.store import file_digest, sync_file
 
 # FFmpeg demuxer name -> the extension the original is stored under.
 EXTENSIONS = {"mp3": "mp3", "aac": "aac", "wav": "wav", "ogg": "ogg", "flac": "flac"}

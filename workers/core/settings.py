@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from workers.records import DEFAULT_MAX_RECORD_BYTES
+from workers.core.records import DEFAULT_MAX_RECORD_BYTES
 
 
 class SettingsError(ValueError):
@@ -312,8 +312,8 @@ class Settings:
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
     # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
-    # The service (workers/bcfy_api.py). Key id, secret and app id come from the developer
-    # portal; the user name and password only for non-public playlists.
+    # The service (workers/clients/broadcastify.py). Key id, secret and app id come from the
+    # developer portal; the user name and password only for non-public playlists.
     bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
     # Plain http would send the key's tokens and BCFY_PASSWORD in clear: refused unless the
     # host is loopback (the simulator) or this is set.

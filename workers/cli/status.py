@@ -19,11 +19,11 @@ import psycopg
 import redis
 
 from beat_schedule import PERIODIC_JOBS
-from workers import clock
 from workers.app import QUEUES
-from workers.locks import holder_of, late_count, skip_count
-from workers.settings import Settings
-from workers.text import terminal_safe
+from workers.core import clock
+from workers.core.locks import holder_of, late_count, skip_count
+from workers.core.settings import Settings
+from workers.core.text import terminal_safe
 
 WINDOWS = {"5m": "5 minutes", "1h": "1 hour"}
 
@@ -369,7 +369,7 @@ def _with_redis(settings: Settings, snap: Snapshot) -> None:
 
 
 def _clock_offsets(snap: Snapshot, client: redis.Redis, grace_sec: float) -> None:
-    """The offsets workers and beat reported (workers.clock), a warning for each one beyond
+    """The offsets workers and beat reported (workers.core.clock), a warning for each one beyond
     a fraction of the grace, and each job's count of ticks dropped as late."""
     now_ms = clock.redis_time_ms(client)
     limit = clock.warn_above(grace_sec)

@@ -22,8 +22,8 @@ from typing import Any
 
 import psycopg
 
-from workers.settings import Settings
-from workers.text import terminal_safe
+from workers.core.settings import Settings
+from workers.core.text import terminal_safe
 
 Subparsers = Any
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from workers.settings import Settings, is_loopback_host
+from workers.core.settings import Settings, is_loopback_host
 
 
 def _celery(*args: str) -> list[str]:

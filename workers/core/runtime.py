@@ -20,10 +20,10 @@ import psycopg
 import redis
 from psycopg_pool import AsyncConnectionPool
 
-from workers.settings import Settings, get_settings
+from workers.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from workers.bcfy_api import BroadcastifyClient
+    from workers.clients.broadcastify import BroadcastifyClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Runtime:
     def bcfy_api(self) -> BroadcastifyClient:
         """The process's Broadcastify API client (on `http`; caches its token across runs)."""
         if self._bcfy_api is None:
-            from workers.bcfy_api import BroadcastifyClient
+            from workers.clients.broadcastify import BroadcastifyClient
 
             self._bcfy_api = BroadcastifyClient(self.settings, self.http)
         return self._bcfy_api

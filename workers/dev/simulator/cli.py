@@ -16,8 +16,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from workers.settings import Settings
-from workers.simulator.server import DEMO_API_KEYS, DEMO_USERS, FeedSimulator
+from workers.core.settings import Settings
+from workers.dev.simulator.server import DEMO_API_KEYS, DEMO_USERS, FeedSimulator
 
 
 def add_commands(sub: Any) -> None:

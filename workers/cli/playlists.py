@@ -17,11 +17,11 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from workers.bcfy_api import BroadcastifyError
-from workers.records import BadValue, as_text, storable, whole_number
-from workers.runtime import Runtime, db_connection
-from workers.settings import Settings
-from workers.text import terminal_safe
+from workers.clients.broadcastify import BroadcastifyError
+from workers.core.records import BadValue, as_text, storable, whole_number
+from workers.core.runtime import Runtime, db_connection
+from workers.core.settings import Settings
+from workers.core.text import terminal_safe
 
 T = TypeVar("T")
 

@@ -37,8 +37,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from workers.retry_after import retry_after_sec
-from workers.settings import split_host_port
+from workers.clients.retry_after import retry_after_sec
+from workers.core.settings import split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]

@@ -25,8 +25,8 @@ import psycopg
 import redis
 from psycopg import sql
 
-from workers.children import die_with_parent
-from workers.migrate import migrate
+from workers.core.children import die_with_parent
+from workers.core.migrate import migrate
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"

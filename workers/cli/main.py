@@ -2,7 +2,7 @@
 
     bcfy migrate                 apply pending schema migrations (creates the database if missing)
     bcfy settings                print the effective settings, secrets redacted
-    bcfy run                     the whole pipeline on this machine (see workers.devrun)
+    bcfy run                     the whole pipeline on this machine (see workers.cli.run)
     bcfy worker QUEUE [ARGS]     a worker pool for one queue: ingest, audio or transcription
     bcfy beat [ARGS]             the scheduler (run exactly one)
     bcfy flower [ARGS]           the Flower dashboard
@@ -25,24 +25,24 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from workers.settings import Settings, SettingsError, get_settings
+from workers.core.settings import Settings, SettingsError, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 
 # Modules that add subcommands, besides the ones below.
 COMMAND_MODULES: list[str] = [
-    "workers.simulator.cli",
-    "workers.playlists_cli",
-    "workers.search",
-    "workers.audio_cli",
-    "workers.status",
-    "workers.metrics",
+    "workers.dev.simulator.cli",
+    "workers.cli.playlists",
+    "workers.cli.search",
+    "workers.cli.audio",
+    "workers.cli.status",
+    "workers.cli.metrics",
 ]
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.migrate import MigrationError, ensure_database, migrate
+    from workers.core.migrate import MigrationError, ensure_database, migrate
 
     dsn = settings.database_url.reveal()
     try:
@@ -62,7 +62,7 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.devrun import run
+    from workers.cli.run import run
 
     return run(settings, flower_port=args.flower_port)
 
@@ -74,19 +74,19 @@ def _exec(argv: list[str]) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.processes import worker_argv
+    from workers.core.processes import worker_argv
 
     return _exec(worker_argv(args.queue, settings, args.celery_args))
 
 
 def _beat(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.processes import beat_argv
+    from workers.core.processes import beat_argv
 
     return _exec(beat_argv(settings, args.celery_args))
 
 
 def _flower(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.processes import flower_argv, flower_refusal
+    from workers.core.processes import flower_argv, flower_refusal
 
     refusal = flower_refusal(settings, args.celery_args)
     if refusal:
@@ -97,7 +97,7 @@ def _flower(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _healthcheck(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.health import check
+    from workers.cli.health import check
 
     ok, message = check(args.what, args.arg, settings)
     print(message)

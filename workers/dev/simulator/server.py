@@ -46,10 +46,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
 
-from workers.simulator import geo
-from workers.simulator.audio import WRONG_TYPE_PAGE, load_clips, oversize_stream, truncated
-from workers.simulator.faults import INTERNAL_REDIRECT_TARGET, AudioFault, Faults
-from workers.simulator.feed import (
+from workers.dev.simulator import geo
+from workers.dev.simulator.audio import WRONG_TYPE_PAGE, load_clips, oversize_stream, truncated
+from workers.dev.simulator.faults import INTERNAL_REDIRECT_TARGET, AudioFault, Faults
+from workers.dev.simulator.feed import (
     E_BAD_REQUEST,
     E_BAD_TOKEN,
     E_LOGIN_FAILED,
@@ -63,7 +63,7 @@ from workers.simulator.feed import (
     whole_number,
 )
 
-log = logging.getLogger("workers.simulator")
+log = logging.getLogger("workers.dev.simulator")
 
 # Demo credentials (`bcfy sim`, tests): not secrets. The secret is 32+ bytes, as HS256 wants.
 DEMO_API_KEYS: dict[str, tuple[str, str]] = {

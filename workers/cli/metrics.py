@@ -2,7 +2,7 @@
 
 Flower serves Celery's task metrics on its own /metrics; this adds what only the pipeline
 knows: each stage's backlog and totals, poll errors, quarantined records, lock skips, job run
-outcomes, queue depths, workers online and call-to-transcript latency, from a `workers.status`
+outcomes, queue depths, workers online and call-to-transcript latency, from a `workers.cli.status`
 snapshot (the same numbers as `bcfy status`).
 
 It has no login, so it listens on loopback unless METRICS_ADDRESS says otherwise. A crowd of
@@ -28,8 +28,8 @@ from prometheus_client.exposition import _SilentHandler
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
-from workers.settings import Settings
-from workers.status import Snapshot, snapshot
+from workers.cli.status import Snapshot, snapshot
+from workers.core.settings import Settings
 
 APPLICATION_NAME = "bcfy-metrics"  # how its connections show in pg_stat_activity
 

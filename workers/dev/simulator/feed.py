@@ -47,10 +47,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers import records
-from workers.simulator import geo
-from workers.simulator.audio import Clip
-from workers.simulator.faults import AudioFault, Faults
+from workers.core import records
+from workers.dev.simulator import geo
+from workers.dev.simulator.audio import Clip
+from workers.dev.simulator.faults import AudioFault, Faults
 
 LIVE_INIT_CALLS = 25
 LIVE_DEFAULT_WINDOW_SEC = 300

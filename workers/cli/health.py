@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from workers.settings import Settings
+from workers.core.settings import Settings
 
 
 def check(what: str, arg: str | None, settings: Settings) -> tuple[bool, str]:

@@ -4,7 +4,7 @@
     async def poll_followed_playlists(ctx: JobContext) -> None: ...
 
 Each run, in the worker process that received the message:
-  1. takes the job's lock (`workers.locks`); a beat tick that waited longer than its grace (by
+  1. takes the job's lock (`workers.core.locks`); a beat tick that waited longer than its grace (by
      Redis's clock) is dropped with a WARNING; if another run holds the lock, or this tick's slot
      already ran, the run is skipped: logged at WARNING, counted, recorded, never retried;
   2. runs the body on the process's event loop while a thread renews the lock; the body is
@@ -39,9 +39,9 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app
-from workers.locks import Acquired, Released, SingletonLock, holder_of, new_token
-from workers.runtime import Runtime, db_connection, in_pool_child
-from workers.settings import Settings, get_settings
+from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
+from workers.core.runtime import Runtime, db_connection, in_pool_child
+from workers.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -28,19 +28,19 @@ from typing import Any
 
 import psycopg
 
-from workers import status
-from workers.children import die_with_parent
-from workers.devservices import (
+from workers.cli import status
+from workers.core.children import die_with_parent
+from workers.core.migrate import ensure_database, migrate
+from workers.core.processes import beat_argv, flower_argv, worker_argv
+from workers.core.settings import Settings, redact_url
+from workers.core.text import terminal_safe
+from workers.dev.services import (
     ThrowawayPostgres,
     ThrowawayRedis,
     free_port,
     postgres_reachable,
     redis_reachable,
 )
-from workers.migrate import ensure_database, migrate
-from workers.processes import beat_argv, flower_argv, worker_argv
-from workers.settings import Settings, redact_url
-from workers.text import terminal_safe
 
 STOP_GRACE_SEC = 30
 PROGRESS_EVERY_SEC = 5.0
@@ -104,7 +104,7 @@ class Supervisor:
 
     def start_simulator(self) -> list[str]:
         """Demo mode: the feed simulator, its credentials and audio host in the children's env."""
-        from workers.simulator import DEMO_API_KEYS, FeedSimulator
+        from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator
 
         sim = self.simulator = FeedSimulator(DEMO_API_KEYS, seed=int(time.time())).start()
         for n, uuid in enumerate(DEMO_PLAYLIST_UUIDS, start=1):

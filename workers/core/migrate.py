@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # Arbitrary but fixed: the key of the advisory lock that serialises migrations.
 ADVISORY_LOCK_KEY = 0x6263_6679_0001
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")

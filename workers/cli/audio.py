@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
-from workers.settings import Settings
-from workers.text import terminal_safe
+from workers.core.settings import Settings
+from workers.core.text import terminal_safe
 
 STATUS = """
 SELECT state, count(*), min(next_attempt_at) FILTER (WHERE state = 'pending'),
