@@ -5,7 +5,7 @@
 1. Storage rate: calls stored per second from live pages of 1,000 records, served by the feed
    simulator over HTTP and decoded by the API client, then stored
      * by the real ingest path: validation, one INSERT ... ON CONFLICT DO NOTHING per page, the
-       cursor and the poll log row, one commit (tasks.ingest.store_page);
+       cursor and the poll log row, one commit (tasks.ingest.storage.store_page);
      * baseline: one INSERT per row, the page in one transaction (the fastest per-row form);
      * baseline: one INSERT per row, each committed (per-row as a per-call ingest writes it);
      * baseline: COPY of the same rows (the bulk-load ceiling; no conflict handling).
@@ -86,7 +86,8 @@ def copy_values(uuid: str, r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
-    from tasks.ingest import PollRecord, split_page, store_page
+    from tasks.ingest.storage import PollRecord, store_page
+    from tasks.ingest.validation import split_page
     from workers.clients.broadcastify import BroadcastifyClient
     from workers.core.settings import load_settings
 
@@ -193,7 +194,7 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
 
 def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
     """The real jobs on a ManualClock over `hours`, with outages and faults."""
-    from tasks.ingest import backfill_gaps, poll_followed_playlists
+    from tasks.ingest.jobs import backfill_gaps, poll_followed_playlists
     from workers.cli.playlists import _add
     from workers.core.runtime import Runtime
     from workers.core.settings import reset_settings_cache

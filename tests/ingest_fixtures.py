@@ -72,12 +72,12 @@ class Ingest:
     # --- running the jobs in this process ----------------------------------------------------
 
     def poll(self) -> str:
-        from tasks.ingest import poll_followed_playlists
+        from tasks.ingest.jobs import poll_followed_playlists
 
         return poll_followed_playlists.apply().get()
 
     def backfill(self) -> str:
-        from tasks.ingest import backfill_gaps
+        from tasks.ingest.jobs import backfill_gaps
 
         return backfill_gaps.apply().get()
 

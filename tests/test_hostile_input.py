@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks.geo import COUNTIES, COUNTRIES, STATES, upsert
-from tasks.ingest import PollRecord, Rejected, split_page, store_page, validate_call
+from tasks.ingest.storage import PollRecord, store_page
+from tasks.ingest.validation import Rejected, split_page, validate_call
 from tests.conftest import Services
 from workers.clients.broadcastify import BroadcastifyError, LivePage
 from workers.core.runtime import Runtime, db_connection

@@ -254,7 +254,7 @@ class _HeldLock:
 def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
     """Two runs polling one playlist at once for `seconds`, each as often as its claim lets
     it, each with its own API client: as on two hosts, each remembering only its requests."""
-    from tasks.ingest import poll_playlist
+    from tasks.ingest.polling import poll_playlist
 
     rt = Runtime.current()
 

@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tasks.ingest import Page, PollRecord, Rejected, split_page, store_page, validate_call
+from tasks.ingest.storage import PollRecord, store_page
+from tasks.ingest.validation import Page, Rejected, split_page, validate_call
 from tests.conftest import Services
 from tests.ingest_fixtures import TABLES
 

@@ -311,7 +311,7 @@ class Settings:
     http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
-    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest.py, tasks/geo.py)
+    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest/, tasks/geo.py)
     # The service (workers/clients/broadcastify.py). Key id, secret and app id come from the
     # developer portal; the user name and password only for non-public playlists.
     bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
