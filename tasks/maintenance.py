@@ -34,7 +34,7 @@ from typing import Any
 
 import psycopg
 
-from tasks.audio import store_for
+from tasks.audio.preparation import store_for
 from workers.cli.status import COUNTERS, Counter
 from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import db_connection

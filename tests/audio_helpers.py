@@ -241,7 +241,7 @@ def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
 
 async def claim(services: Services, s: Settings, owner: str, *, hold: float = 0.0):
     """Claim a batch as the audio job does, in a transaction held open `hold` seconds."""
-    from tasks.audio import claim_pending_calls
+    from tasks.audio.claims import claim_pending_calls
 
     async with await psycopg.AsyncConnection.connect(services.database_url) as conn:
         got = await claim_pending_calls(conn, s, owner)

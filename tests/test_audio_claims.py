@@ -11,13 +11,8 @@ import time
 
 import psycopg
 
-from tasks.audio import (
-    CallPreparer,
-    ClaimedCall,
-    backoff_sec,
-    fail_exhausted_leases,
-    split_evenly,
-)
+from tasks.audio.claims import ClaimedCall, fail_exhausted_leases, split_evenly
+from tasks.audio.preparation import CallPreparer, backoff_sec
 from tests.audio_helpers import audio_rows, claim, insert_call
 from workers.audio.download import AudioFailure
 from workers.core.runtime import Runtime

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.audio import CallPreparer
+from tasks.audio.preparation import CallPreparer
 from tests.audio_helpers import (
     CLIPS,
     SILENCE,

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tasks.audio import CallPreparer
+from tasks.audio.preparation import CallPreparer
 from tests.audio_helpers import audio_rows, claim, insert_call
 from tests.conftest import Services
 from workers.audio.download import AudioFailure, UrlPolicy, download

@@ -365,7 +365,7 @@ class Settings:
     geo_states: str = _env("GEO_STATES", _code_list, "")
     geo_concurrency: int = _env("GEO_CONCURRENCY", _integer, 4, min=1, max=32)
 
-    # --- audio: claiming, downloading, validating, converting, storing (tasks/audio.py)
+    # --- audio: claiming, downloading, validating, converting, storing (tasks/audio/)
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
     audio_store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
     audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)

@@ -1,0 +1,355 @@
+"""Preparing one claimed call: download, validate and convert, store, record the outcome.
+
+A task's CallPreparer takes over its claim's calls (claims.HeldClaim), then works them on the
+process's event loop: up to AUDIO_DOWNLOAD_CONCURRENCY downloads at once, each call validated
+and converted in an executor as soon as it has arrived (while the next ones download), its files
+moved into the store and the call marked ready, or failed (retried with backoff until
+AUDIO_MAX_ATTEMPTS, or at once for a policy refusal). Each attempt is logged as its download
+starts, naming the process, so that a death is counted against the right call; an outcome is
+written only while the claim still holds the lease (checked under a row lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
+from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
+from workers.audio.prepare import PreparedAudio, validate_and_convert
+from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.core.runtime import db_connection
+from workers.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def store_for(settings: Settings) -> FilesystemAudioStore:
+    return FilesystemAudioStore(settings.audio_store_dir)
+
+
+def stale_temp_age(settings: Settings) -> float:
+    """A temporary file untouched this long has no live writer: downloads have a deadline and
+    their writers renew leases far more often."""
+    return 2 * max(settings.audio_lease_sec, settings.http_total_timeout_sec)
+
+
+# Logged and committed as the call's download starts, naming the process: should that process
+# die on the call, the next one to take the task over finds the attempt open.
+START_ATTEMPT = """
+INSERT INTO call_audio_attempts (call_id, attempt, lease_owner, worker)
+SELECT call_id, attempts, lease_owner, %(worker)s FROM call_audio
+ WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+RETURNING id, attempt
+"""
+
+HOLD_LEASE = """
+SELECT attempts FROM call_audio
+ WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+   FOR UPDATE
+"""
+
+# Ready, and the attempt's log line, in one statement; the UPDATE keeps the row locked until
+# the transaction ends, and the files are moved in between. Returns 0 when the lease was lost.
+MARK_READY = """
+WITH done AS (
+    UPDATE call_audio
+       SET state = 'ready', lease_until = NULL, next_attempt_at = now(), error_code = NULL,
+           last_error = NULL, original_path = %(original_path)s,
+           original_bytes = %(original_bytes)s, original_sha256 = %(original_sha256)s,
+           original_codec = %(codec)s, prepared_path = %(prepared_path)s,
+           prepared_bytes = %(prepared_bytes)s, prepared_sha256 = %(prepared_sha256)s,
+           measured_duration_sec = %(duration)s, ready_at = now(), updated_at = now()
+     WHERE call_id = %(call_id)s AND state = 'downloading' AND lease_owner = %(owner)s
+    RETURNING call_id
+), logged AS (
+    UPDATE call_audio_attempts
+       SET ended_at = now(),
+           outcome = CASE WHEN EXISTS (SELECT 1 FROM done) THEN 'ready' ELSE 'lease_lost' END,
+           bytes = %(bytes)s, download_ms = %(download_ms)s, prepare_ms = %(prepare_ms)s
+     WHERE id = %(attempt_id)s
+)
+SELECT count(*) FROM done
+"""
+
+END_ATTEMPT = """
+UPDATE call_audio_attempts
+   SET ended_at = now(), outcome = %(outcome)s, error_code = %(code)s, error = %(error)s,
+       bytes = %(bytes)s, download_ms = %(download_ms)s, prepare_ms = %(prepare_ms)s
+ WHERE id = %(attempt_id)s
+"""
+
+
+@dataclass
+class ChunkOutcome:
+    ready: int = 0
+    retry: int = 0
+    failed: int = 0
+    lease_lost: int = 0
+    skipped: int = 0  # not ours any more (ready already, or claimed again) when the task began
+    unrecorded: int = 0  # the outcome could not be written (database down): the lease runs out
+
+
+def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
+    """Delay before the next attempt after `attempts` attempts."""
+    delay = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
+    delay = min(delay, settings.audio_retry_max_sec)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
+    return delay
+
+
+def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailure:
+    """A body shorter than the record's `size` that then fails to decode, or decodes short, was
+    cut off: say so. (The size alone never rejects a call: it is not always given, nor sure.)"""
+    if (
+        failure.code in ("not_audio", "duration_mismatch")
+        and call.expected_bytes
+        and call.bytes is not None
+        and call.bytes < call.expected_bytes
+    ):
+        return AudioFailure(
+            "truncated",
+            f"received {call.bytes} of the {call.expected_bytes} bytes the service announced"
+            f" ({failure.detail})",
+        )
+    return failure
+
+
+class CallPreparer:
+    """Prepares one task's claimed calls on this process's loop, HTTP client and pool."""
+
+    def __init__(self, settings: Settings, http: Any, owner: str, worker: str) -> None:
+        self.s = settings
+        self.http = http
+        self.owner = owner
+        self.claim = HeldClaim(settings, owner)
+        self.worker = worker
+        self.store = store_for(settings)
+        self.policy = UrlPolicy(
+            tuple(settings.audio_allowed_hosts), tuple(settings.audio_allowed_internal_networks)
+        )
+        self.slots = asyncio.Semaphore(settings.audio_download_concurrency)
+        self.in_progress: set[int] = set()
+
+    async def run(self, call_ids: list[int]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        taken = await self.take_over(call_ids)
+        calls = taken.calls
+        outcome.failed = taken.lost
+        outcome.skipped = len(call_ids) - len(calls) - taken.lost
+        if not calls:
+            return outcome
+        self.in_progress = {c.call_id for c in calls}
+        renewer = asyncio.create_task(self.claim.renew_leases(self.in_progress))
+        try:
+            if taken.after_death:
+                # One at a time: should the process die again, it dies on one call, which
+                # is then surely the one that kills it.
+                results = [await self.prepare(c) for c in calls]
+            else:
+                results = await asyncio.gather(*(self.prepare(c) for c in calls))
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        for result in results:
+            setattr(outcome, result, getattr(outcome, result) + 1)
+        return outcome
+
+    async def take_over(self, call_ids: list[int]) -> TakeOver:
+        """Take over the calls still leased to this claim (HeldClaim.take_over says how), and
+        discard what a dead process was writing for those that failed as worker_lost."""
+        taken = await self.claim.take_over(call_ids)
+        loop = asyncio.get_running_loop()
+        for call_id in taken.lost_calls:  # what the dead process was writing for it
+            await loop.run_in_executor(None, self.store.discard_temps, call_id)
+        return taken
+
+    async def prepare(self, call: ClaimedCall) -> str:
+        """Download, validate, convert and store one call. Returns its outcome's name; never
+        raises (one call's failure never stops its batch)."""
+        try:
+            return await self.prepare_or_raise(call)
+        except Exception:
+            log.exception(
+                "audio: call %s: its outcome could not be recorded; it is claimed again when "
+                "its lease runs out",
+                call.call_id,
+            )
+            return "unrecorded"
+
+    async def prepare_or_raise(self, call: ClaimedCall) -> str:
+        loop = asyncio.get_running_loop()
+        original = flac = None
+        try:
+            original, flac = await loop.run_in_executor(None, self.fresh_temps, call.call_id)
+            async with self.slots:
+                if not await self.start_attempt(call):
+                    return "lease_lost"
+                got = await self.download(call, original)
+            started = time.monotonic()
+            prepared = await loop.run_in_executor(
+                None,
+                functools.partial(
+                    validate_and_convert,
+                    original,
+                    flac,
+                    expected_duration=call.duration_sec,
+                    tolerance=self.s.audio_duration_tolerance,
+                    silence_dbfs=self.s.audio_silence_dbfs,
+                    max_duration_sec=self.s.audio_max_duration_sec,
+                ),
+            )
+            call.prepare_ms = int((time.monotonic() - started) * 1000)
+            return await self.mark_ready(call, got, prepared, original, flac)
+        except AudioFailure as failure:
+            return await self.mark_failed(call, diagnose_short_body(call, failure))
+        except Exception as exc:
+            log.exception("audio: call %s: unexpected error", call.call_id)
+            return await self.mark_failed(
+                call, AudioFailure("internal", f"{type(exc).__name__}: {exc}")
+            )
+        finally:
+            self.in_progress.discard(call.call_id)
+            self.store.discard(original, flac)
+
+    async def start_attempt(self, call: ClaimedCall) -> bool:
+        """Log the call's attempt, committed before its download starts (the risky work:
+        download, decode); False when the lease is no longer ours."""
+        async with db_connection() as conn:
+            cur = await conn.execute(
+                START_ATTEMPT,
+                {"call_id": call.call_id, "owner": self.owner, "worker": self.worker},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            log.warning("audio: call %s: lease lost before its download", call.call_id)
+            return False
+        call.attempt_id, call.attempt = row
+        return True
+
+    def fresh_temps(self, call_id: int) -> tuple[Path, Path]:
+        """Drop what an earlier, dead attempt left; two new temporary files. (Blocking.)"""
+        self.store.discard_temps(call_id)
+        return self.store.temp_file(call_id, "original"), self.store.temp_file(call_id, "prepared")
+
+    async def download(self, call: ClaimedCall, dest: Path) -> Downloaded:
+        got = await download(
+            self.http,
+            call.url,
+            dest,
+            self.policy,
+            max_bytes=self.s.audio_max_bytes,
+            max_redirects=self.s.audio_max_redirects,
+            timeout_sec=self.s.http_total_timeout_sec,
+        )
+        call.download_ms = int(got.elapsed_sec * 1000)
+        call.bytes = got.size
+        return got
+
+    async def mark_ready(
+        self,
+        call: ClaimedCall,
+        got: Downloaded,
+        prepared: PreparedAudio,
+        original: Path,
+        flac: Path,
+    ) -> str:
+        """Record the call as ready, only while the lease is ours, and move its files to their
+        final names while the row stays locked: a claim made after our lease ran out cannot
+        interleave, and a failed move rolls the record back."""
+        original_key, prepared_key = call_keys(
+            call.call_id, call.playlist_uuid, call.started_at, prepared.extension
+        )
+        loop = asyncio.get_running_loop()
+        async with db_connection() as conn:
+            cur = await conn.execute(
+                MARK_READY,
+                {
+                    "call_id": call.call_id,
+                    "owner": self.owner,
+                    "attempt_id": call.attempt_id,
+                    "original_path": original_key,
+                    "original_bytes": got.size,
+                    "original_sha256": got.sha256,
+                    "codec": prepared.codec,
+                    "prepared_path": prepared_key,
+                    "prepared_bytes": prepared.flac_bytes,
+                    "prepared_sha256": prepared.flac_sha256,
+                    "duration": prepared.duration_sec,
+                    "bytes": call.bytes,
+                    "download_ms": call.download_ms,
+                    "prepare_ms": call.prepare_ms,
+                },
+            )
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                log.warning("audio: call %s: lease lost before it was stored", call.call_id)
+                return "lease_lost"
+            await loop.run_in_executor(
+                None, self.store.promote, [(original, original_key), (flac, prepared_key)]
+            )
+        return "ready"
+
+    async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> str:
+        async with db_connection() as conn:
+            cur = await conn.execute(HOLD_LEASE, {"call_id": call.call_id, "owner": self.owner})
+            row = await cur.fetchone()
+            if row is None:
+                await self.end_attempt(conn, call, "lease_lost", failure.code, failure.detail)
+                return "lease_lost"
+            attempts = row[0]
+            final = not failure.retry or attempts >= self.s.audio_max_attempts
+            delay = 0.0 if final else backoff_sec(self.s, attempts, failure.retry_after)
+            await conn.execute(
+                MARK_FAILED,
+                {
+                    "call_id": call.call_id,
+                    "state": "failed" if final else "pending",
+                    "delay": delay,
+                    "code": failure.code,
+                    "error": failure.detail[:2000],
+                },
+            )
+            await self.end_attempt(
+                conn, call, "failed" if final else "retry", failure.code, failure.detail
+            )
+        if final:
+            log.warning(
+                "audio: call %s failed after %d attempts: %s", call.call_id, attempts, failure
+            )
+            return "failed"
+        log.info(
+            "audio: call %s attempt %d: %s; next in %.0fs", call.call_id, attempts, failure, delay
+        )
+        return "retry"
+
+    async def end_attempt(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        call: ClaimedCall,
+        outcome: str,
+        code: str | None,
+        error: str | None,
+    ) -> None:
+        await conn.execute(
+            END_ATTEMPT,
+            {
+                "attempt_id": call.attempt_id,
+                "outcome": outcome,
+                "code": code,
+                "error": error[:2000] if error else None,
+                "bytes": call.bytes,
+                "download_ms": call.download_ms,
+                "prepare_ms": call.prepare_ms,
+            },
+        )
