@@ -13,7 +13,7 @@ export INGEST_POOL INGEST_CONCURRENCY AUDIO_POOL AUDIO_CONCURRENCY \
        TRANSCRIPTION_POOL TRANSCRIPTION_CONCURRENCY LOG_LEVEL
 
 
-.PHONY: install run test lint bench migrate beat flower metrics status worker-ingest worker-audio \
+.PHONY: install run test lint bench migrate schema beat flower metrics status worker-ingest worker-audio \
         worker-transcription up down logs deploy clean
 
 $(VENV)/.installed: pyproject.toml
@@ -45,6 +45,9 @@ bench: install                     ## benchmarks; results land in bench/results/
 
 migrate: install
 	$(BIN)/bcfy migrate
+
+schema: install                    ## rewrite sql/schema.sql from a scratch database, migrated
+	$(BIN)/bcfy schema
 
 beat: install                      ## exactly one per deployment
 	$(BIN)/bcfy beat

@@ -59,6 +59,11 @@ SELECT attempts FROM call_audio
 
 # Ready, and the attempt's log line, in one statement; the UPDATE keeps the row locked until
 # the transaction ends, and the files are moved in between. Returns 0 when the lease was lost.
+# Making a call ready also gives it its call_transcription row, or resets one that had failed
+# for good (pending, attempts 0, last error cleared): the row triggers
+# call_transcription_on_ready_insert/_update on call_audio (sql/004_transcription.sql). So a
+# call sent back here by `bcfy audio retry` can restart its transcription (workers/cli/audio.py,
+# RETRY_EFFECT).
 MARK_READY = """
 WITH done AS (
     UPDATE call_audio

@@ -48,6 +48,10 @@ class Stored:
     quarantined: int
 
 
+# Each call this stores gets its call_audio row (pending: the audio stage's work queue) in the
+# same statement, from the statement-level trigger call_audio_for_new_calls on bcfy_calls_raw
+# (sql/003_audio.sql). It stays a trigger because every writer of bcfy_calls_raw relies on it
+# (tests and benches store calls directly) and deployments migrate before their workers change.
 _INSERT_CALLS = """
 WITH poll AS (
     SELECT COALESCE(%(poll_id)s::bigint,

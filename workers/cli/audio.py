@@ -4,6 +4,12 @@ bcfy audio status                     calls per state, in flight, failures by re
 bcfy audio retry [--code C] [--call ID ...]
                                       failed calls back to pending, attempts reset
                                       (after a fix: an allowed host added, say)
+
+A retry reaches past the audio stage: a retried call whose audio becomes ready again is taken up
+by the transcription stage as any newly ready call is, which resets a transcription that had
+failed for good (RETRY_EFFECT says how; the trigger `call_transcription_on_ready_update` on
+call_audio does it, sql/004_transcription.sql). The command counts, before it acts, which
+retried calls that will affect and says so.
 """
 
 from __future__ import annotations
@@ -25,13 +31,36 @@ FAILURES = """
 SELECT error_code, count(*), max(updated_at) FROM call_audio
  WHERE state = 'failed' GROUP BY error_code ORDER BY count(*) DESC
 """
+# What a retry does to the transcription stage, once a retried call's audio is ready again:
+# the trigger call_transcription_on_ready_update on call_audio (sql/004_transcription.sql)
+# inserts or resets the call's call_transcription row as for any call whose audio becomes ready.
+# The help and the README say it in these words (tests/test_audio_retry.py checks both).
+RETRY_EFFECT = (
+    "Once a retried call's audio is ready again, the transcription stage takes it up: a call "
+    "with no transcription yet gets one; a call whose transcription had failed for good is "
+    "transcribed afresh (pending again, its transcription attempts reset to 0 and its last "
+    "error cleared); a call already transcribed keeps its transcript, and one under way goes on."
+)
+
+# Failed calls back to pending, and, for what they will do to the transcription stage, each
+# one's transcription row as it is now (the retry itself does not touch it).
 RETRY = """
-UPDATE call_audio
-   SET state = 'pending', attempts = 0, next_attempt_at = now(), lease_until = NULL,
-       updated_at = now()
- WHERE state = 'failed'
-   AND (%(codes)s::text[] IS NULL OR error_code = ANY(%(codes)s))
-   AND (%(calls)s::bigint[] IS NULL OR call_id = ANY(%(calls)s))
+WITH retried AS (
+    UPDATE call_audio
+       SET state = 'pending', attempts = 0, next_attempt_at = now(), lease_until = NULL,
+           updated_at = now()
+     WHERE state = 'failed'
+       AND (%(codes)s::text[] IS NULL OR error_code = ANY(%(codes)s))
+       AND (%(calls)s::bigint[] IS NULL OR call_id = ANY(%(calls)s))
+    RETURNING call_id
+)
+SELECT count(*),
+       count(*) FILTER (WHERE t.call_id IS NULL),
+       count(*) FILTER (WHERE t.state = 'failed'),
+       COALESCE(sum(t.attempts) FILTER (WHERE t.state = 'failed'), 0),
+       count(*) FILTER (WHERE t.state = 'done'),
+       count(*) FILTER (WHERE t.state IN ('pending', 'dispatched', 'running'))
+  FROM retried r LEFT JOIN call_transcription t ON t.call_id = r.call_id
 """
 
 
@@ -41,7 +70,12 @@ def add_commands(sub: Any) -> None:
     verbs.add_parser("status", help="calls per state and failures by reason").set_defaults(
         handler=status
     )
-    retry_parser = verbs.add_parser("retry", help="failed calls back to pending")
+    retry_parser = verbs.add_parser(
+        "retry",
+        help="failed calls back to pending (transcription: see `bcfy audio retry --help`)",
+        description="Failed calls back to pending, their audio attempts reset to 0. "
+        + RETRY_EFFECT,
+    )
     retry_parser.add_argument("--code", action="append", help="only this error code (repeatable)")
     retry_parser.add_argument("--call", action="append", type=int, help="only this call id")
     retry_parser.set_defaults(handler=retry)
@@ -69,6 +103,23 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 def retry(args: argparse.Namespace, settings: Settings) -> int:
     with psycopg.connect(settings.database_url.reveal()) as conn:
-        cur = conn.execute(RETRY, {"codes": args.code, "calls": args.call})
-        print(f"{cur.rowcount} failed calls back to pending")
+        row = conn.execute(RETRY, {"codes": args.code, "calls": args.call}).fetchone()
+    assert row is not None
+    total, untranscribed, failed, failed_attempts, done, in_progress = row
+    print(f"{total} failed calls back to pending")
+    if not total:
+        return 0
+    # The cross-stage effect (RETRY_EFFECT), counted for these calls.
+    print("once their audio is ready again, transcription:")
+    if untranscribed:
+        print(f"  {untranscribed} without a transcription yet: transcribed")
+    if failed:
+        print(
+            f"  {failed} whose transcription failed for good ({failed_attempts} attempts in all):"
+            " transcribed afresh, transcription attempts reset to 0"
+        )
+    if done:
+        print(f"  {done} already transcribed: keep their transcript")
+    if in_progress:
+        print(f"  {in_progress} with a transcription under way: left as it is")
     return 0

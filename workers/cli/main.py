@@ -9,6 +9,7 @@
     bcfy healthcheck WHAT        exit 0 when beat / a worker / Flower is healthy (compose)
     bcfy status [--json]         backlog, throughput, failures, playlists, locks, queues, workers
     bcfy metrics [--port N]      the pipeline's Prometheus metrics (Flower has Celery's)
+    bcfy schema [--check]        write sql/schema.sql: the whole schema after all migrations
     bcfy sim | playlists | search | audio    see `bcfy COMMAND --help`
 
 Other areas add their own subcommands: each module in COMMAND_MODULES has
@@ -38,6 +39,7 @@ COMMAND_MODULES: list[str] = [
     "workers.cli.audio",
     "workers.cli.status",
     "workers.cli.metrics",
+    "workers.cli.schema",
 ]
 
 

@@ -21,6 +21,8 @@ SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 # Arbitrary but fixed: the key of the advisory lock that serialises migrations.
 ADVISORY_LOCK_KEY = 0x6263_6679_0001
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+# Not a migration: the schema they make, for reading (written by `bcfy schema`).
+SCHEMA_FILE_NAME = "schema.sql"
 
 
 class MigrationError(RuntimeError):
@@ -45,6 +47,8 @@ class Migration:
 def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
     found: dict[int, Migration] = {}
     for path in sorted(sql_dir.glob("*.sql")):
+        if path.name == SCHEMA_FILE_NAME:
+            continue
         match = _FILE_NAME.match(path.name)
         if not match:
             raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
