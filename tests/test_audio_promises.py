@@ -368,6 +368,7 @@ def test_a_clip_just_inside_the_duration_tolerance_passes_and_just_outside_fails
                 expected_duration=api_duration,
                 tolerance=tolerance,
                 silence_dbfs=-50,
+                max_duration_sec=3600.0,
             )
         except AudioFailure as failure:
             assert over, f"{off:.4f} off is within {tolerance:.4f}, yet refused: {failure}"
@@ -393,7 +394,12 @@ def test_a_clip_just_above_the_silence_threshold_passes_and_just_below_fails(
         original.write_bytes(wav(samples))
         try:
             prepared = validate_and_convert(
-                original, flac, expected_duration=1.0, tolerance=0.15, silence_dbfs=threshold
+                original,
+                flac,
+                expected_duration=1.0,
+                tolerance=0.15,
+                silence_dbfs=threshold,
+                max_duration_sec=3600.0,
             )
         except AudioFailure as failure:
             assert not louder, f"{level:.2f} dBFS is above {threshold:.2f}, yet refused"
