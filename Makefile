@@ -30,9 +30,10 @@ run: install                       ## the whole pipeline on this machine; Ctrl-C
 test: install                      ## the test suite (starts Redis/PostgreSQL if none answer)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install
+lint: install                      ## ruff (rules and format) and mypy (pyproject's [tool.mypy])
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/locks.py

@@ -20,7 +20,7 @@ import copy
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
@@ -46,7 +46,19 @@ PERIODIC_JOBS: dict[str, tuple[str, str]] = {
 }
 
 
-def beat_entry(task: str, interval: float, grace: float) -> dict[str, Any]:
+class BeatOptions(TypedDict):
+    headers: dict[str, float]
+
+
+class BeatEntry(TypedDict):
+    """One entry of Celery's `beat_schedule` setting."""
+
+    task: str
+    schedule: timedelta
+    options: BeatOptions
+
+
+def beat_entry(task: str, interval: float, grace: float) -> BeatEntry:
     """One schedule entry: every `interval` seconds, dropped if not started within `grace`
     (by Redis's clock: FirstRunScheduler adds the send time to each tick)."""
     return {
@@ -56,7 +68,7 @@ def beat_entry(task: str, interval: float, grace: float) -> dict[str, Any]:
     }
 
 
-def tick_headers(interval: float, grace: float, sent_ms: int) -> dict[str, Any]:
+def tick_headers(interval: float, grace: float, sent_ms: int) -> dict[str, float]:
     """The headers of one tick sent at `sent_ms` (Redis's clock)."""
     return {
         TICK_INTERVAL_HEADER: interval,
@@ -65,7 +77,7 @@ def tick_headers(interval: float, grace: float, sent_ms: int) -> dict[str, Any]:
     }
 
 
-def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+def build_beat_schedule(settings: Settings) -> dict[str, BeatEntry]:
     return {
         entry: beat_entry(
             task, float(getattr(settings, interval_attr)), settings.job_misfire_grace_sec
@@ -91,8 +103,10 @@ class FirstRunScheduler(PersistentScheduler):
     def apply_async(
         self, entry: ScheduleEntry, producer: Any = None, advance: bool = True, **kwargs: Any
     ) -> Any:
-        entry = self.reserve(entry) if advance else entry
-        headers = dict(entry.options.get("headers") or {})
+        if advance:
+            # celery-types says reserve() returns an event_t; Celery returns the next entry.
+            entry = self.reserve(entry)  # type: ignore[assignment]
+        headers = dict((entry.options or {}).get("headers") or {})
         if TICK_INTERVAL_HEADER in headers:
             reading = measure(self._redis())
             headers[TICK_SENT_HEADER] = reading.redis_time_ms
@@ -100,7 +114,7 @@ class FirstRunScheduler(PersistentScheduler):
             if reporter.due():
                 reporter.run(reading)
             entry = copy.copy(entry)  # the stamp is this tick's, not the stored entry's
-            entry.options = {**entry.options, "headers": headers}
+            entry.options = {**(entry.options or {}), "headers": headers}
         return super().apply_async(entry, producer, advance=False, **kwargs)
 
     def _redis(self) -> redis.Redis:
@@ -123,9 +137,11 @@ class FirstRunScheduler(PersistentScheduler):
             self._clock.close()
             self._clock = None
 
-    def merge_inplace(self, b: Mapping[str, Any]) -> None:
+    def merge_inplace(self, b: Mapping[str, BeatEntry]) -> None:  # type: ignore[override]
+        # Celery passes its beat_schedule setting (name -> BeatEntry); celery-types says
+        # dict[str, ScheduleEntry].
         never_run = set(b) - set(self.schedule)
-        super().merge_inplace(b)
+        super().merge_inplace(b)  # type: ignore[arg-type]
         now = self.app.now()
         for name in never_run:
             entry = self.schedule[name]

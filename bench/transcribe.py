@@ -182,7 +182,7 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
     dispatch = time.perf_counter() - t0
     assert sent == n == client.llen("transcription"), (sent, n)
 
-    def pass_latency(done: int) -> list[float]:
+    def pass_latency(done: int) -> tuple[list[float], list[float]]:
         reset(services)
         if done:
             add_ready_calls(services, ["call01.m4a"] * done, done=True)

@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 import redis
 from celery import Celery
+from psycopg.rows import TupleRow
 
 from tests.procs import CLK_TCK, Proc, run_cli, wait_until
 from workers.core.processes import beat_argv, worker_argv
@@ -144,7 +145,7 @@ def queue_lengths(broker: redis.Redis, *, unacked: bool = False) -> dict[str, in
     return dict(zip(names, map(int, pipe.execute()), strict=True))
 
 
-def take_sample(db: psycopg.Connection[Any], broker: redis.Redis, published: int) -> Sample:
+def take_sample(db: psycopg.Connection[TupleRow], broker: redis.Redis, published: int) -> Sample:
     row = db.execute(_COUNTS).fetchone()
     assert row is not None
     return Sample(time.time(), published, *row, queued=queue_lengths(broker))
@@ -252,7 +253,7 @@ class CallRecord:
     audio_sec: float | None
 
 
-def read_calls(db: psycopg.Connection[Any]) -> list[CallRecord]:
+def read_calls(db: psycopg.Connection[TupleRow]) -> list[CallRecord]:
     return [CallRecord(*row) for row in db.execute(_CALLS).fetchall()]
 
 
@@ -393,7 +394,7 @@ class Pipeline:
 
     # --- set-up ------------------------------------------------------------------------------
 
-    def db(self) -> psycopg.Connection[Any]:
+    def db(self) -> psycopg.Connection[TupleRow]:
         return psycopg.connect(self.database_url, autocommit=True)
 
     def empty(self) -> None:

@@ -22,12 +22,20 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from celery import Celery, bootsteps, signals
 from kombu import Exchange, Queue
 
 from workers.core.settings import SettingsError, get_settings
+
+if TYPE_CHECKING:
+    import redis
+    from celery.worker.consumer import Consumer
+    from celery.worker.worker import WorkController
+    from kombu.asynchronous.timer import Entry
+
+    from beat_schedule import BeatEntry
 
 try:
     settings = get_settings()
@@ -62,7 +70,7 @@ app = Celery(
 )
 
 
-def _beat_schedule() -> dict[str, Any]:
+def _beat_schedule() -> dict[str, BeatEntry]:
     from beat_schedule import build_beat_schedule
 
     return build_beat_schedule(settings)
@@ -113,7 +121,7 @@ app.conf.update(
 
 
 @signals.worker_process_init.connect
-def _pool_child_started(**_: Any) -> None:
+def _pool_child_started(**_: object) -> None:
     """Each prefork child makes its own loop, pool and clients (after the fork, never before)."""
     from workers.core.runtime import Runtime, mark_pool_child
 
@@ -122,11 +130,11 @@ def _pool_child_started(**_: Any) -> None:
 
 
 @signals.celeryd_after_setup.connect
-def _warn_about_the_solo_pool(sender: str, instance: Any, **_: Any) -> None:
+def _warn_about_the_solo_pool(sender: str, instance: WorkController, **_: object) -> None:
     """The solo pool runs tasks in the worker's own process, where Celery cannot enforce time
     limits. Periodic jobs keep theirs (an asyncio timeout), but a stuck transcription holds its
     pool until its claim runs out and the call is sent elsewhere. Fine for debugging; say so."""
-    pool = instance.pool_cls
+    pool = instance.pool_cls  # type: ignore[attr-defined]  # set by setup_defaults; not in celery-types
     name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
     if "solo" in name.lower():
         log.warning(
@@ -138,7 +146,7 @@ def _warn_about_the_solo_pool(sender: str, instance: Any, **_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
-def _close_runtime(**_: Any) -> None:
+def _close_runtime(**_: object) -> None:
     from workers.core.runtime import Runtime
 
     Runtime.shutdown_current()
@@ -149,12 +157,12 @@ class ClockReport(bootsteps.StartStopStep):
     REPORT_EVERY_SEC, and records it (a key with a TTL) for `bcfy status`; a large offset is
     logged at WARNING. Runs on the consumer's timer: one `TIME` and one `SET` per period."""
 
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
+    def __init__(self, parent: Consumer, **kwargs: object) -> None:
         super().__init__(parent, **kwargs)
-        self.tref: Any = None
-        self.client: Any = None
+        self.tref: Entry | None = None
+        self.client: redis.Redis | None = None
 
-    def start(self, c: Any) -> None:
+    def start(self, c: Consumer) -> None:
         import redis
 
         from workers.core.clock import REPORT_EVERY_SEC, Reporter
@@ -166,7 +174,7 @@ class ClockReport(bootsteps.StartStopStep):
         reporter.run()
         self.tref = c.timer.call_repeatedly(REPORT_EVERY_SEC, reporter.run, priority=10)
 
-    def stop(self, c: Any) -> None:
+    def stop(self, c: Consumer) -> None:
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None

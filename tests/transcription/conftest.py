@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from tests.conftest import Services
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
@@ -54,7 +55,7 @@ class Calls:
     services: Services
     store: Path
 
-    def db(self) -> psycopg.Connection[Any]:
+    def db(self) -> psycopg.Connection[TupleRow]:
         return self.services.db()
 
     def add(
@@ -87,7 +88,7 @@ class Calls:
                 self.make_ready(conn, call_id, f"prepared/{Path(clip).stem}.flac")
         return call_id
 
-    def make_ready(self, conn: psycopg.Connection[Any], call_id: int, prepared: str) -> None:
+    def make_ready(self, conn: psycopg.Connection[TupleRow], call_id: int, prepared: str) -> None:
         conn.execute(
             """UPDATE call_audio SET state = 'ready', prepared_path = %s, ready_at = now(),
                       original_path = %s, updated_at = now()

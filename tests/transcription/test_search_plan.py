@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from tests.conftest import Services
 from workers.cli.search import SEARCH_SQL, search_transcripts
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def many_transcripts(clean: Services) -> Iterator[psycopg.Connection[Any]]:
+def many_transcripts(clean: Services) -> Iterator[psycopg.Connection[TupleRow]]:
     with clean.db() as conn:
         conn.execute("TRUNCATE bcfy_calls_raw, bcfy_playlists CASCADE")
         conn.execute(
@@ -66,7 +67,7 @@ def many_transcripts(clean: Services) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-def explain(conn: psycopg.Connection[Any], **params: Any) -> str:
+def explain(conn: psycopg.Connection[TupleRow], **params: Any) -> str:
     """The plan of the query `bcfy search` runs, with the parameters it passes."""
     args = {"playlist": None, "group": None, "since": None, "limit": 20} | params
     return "\n".join(r[0] for r in conn.execute("EXPLAIN " + SEARCH_SQL, args).fetchall())

@@ -115,7 +115,7 @@ def stream_decode(
                 if max_duration_sec is not None and decoded_sec > max_duration_sec:
                     raise AudioTooLong(max_duration_sec, decoded_sec)
                 layout = (frame.format.name, frame.layout.name, frame.sample_rate)
-                if layout != source:  # the first frame, or the stream changed mid-way
+                if resampler is None or layout != source:  # the first frame, or a change
                     if resampler is not None:
                         send(resampler.resample(None))
                     resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)

@@ -15,10 +15,10 @@ retried calls that will affect and says so.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import psycopg
 
+from workers.cli import Subparsers
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
 
@@ -64,7 +64,7 @@ SELECT count(*),
 """
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     audio = sub.add_parser("audio", help="the audio stage: status, retry failed calls")
     verbs = audio.add_subparsers(dest="audio_command", required=True, metavar="VERB")
     verbs.add_parser("status", help="calls per state and failures by reason").set_defaults(

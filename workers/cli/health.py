@@ -41,7 +41,7 @@ def _worker(queue: str) -> tuple[bool, str]:
     from workers.app import app
 
     node = f"{queue}@{socket.gethostname()}"
-    replies = app.control.ping(destination=[node], timeout=5.0)
+    replies = app.control.ping(destination=[node], timeout=5.0) or []
     if any(node in reply for reply in replies):
         return True, f"{node} answered"
     return False, f"{node} did not answer a ping within 5s"

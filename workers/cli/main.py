@@ -24,12 +24,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from workers.cli import Subparsers
 from workers.core.settings import Settings, SettingsError, get_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-Subparsers = Any  # argparse's _SubParsersAction, which has no public name
 
 # Modules that add subcommands, besides the ones below.
 COMMAND_MODULES: list[str] = [

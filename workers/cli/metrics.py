@@ -28,6 +28,7 @@ from prometheus_client.exposition import _SilentHandler
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
+from workers.cli import Subparsers
 from workers.cli.status import Snapshot, snapshot
 from workers.core.settings import Settings
 
@@ -155,10 +156,14 @@ def families(snap: Snapshot) -> Iterator[Any]:
         labels=["window", "quantile", "recognition"],
     )
     for window, lat in snap.latency_sec.items():
-        if lat.get("calls"):
-            latency.add_metric([window, "0.5", "included"], lat["p50"])
-            latency.add_metric([window, "0.95", "included"], lat["p95"])
-            latency.add_metric([window, "0.95", "excluded"], lat["p95_excluding_recognition"])
+        quantiles = (
+            ("0.5", "included", lat["p50"]),
+            ("0.95", "included", lat["p95"]),
+            ("0.95", "excluded", lat["p95_excluding_recognition"]),
+        )
+        for quantile, recognition, seconds in quantiles:
+            if lat["calls"] and seconds is not None:  # none without a call in the window
+                latency.add_metric([window, quantile, recognition], seconds)
     yield latency
 
 
@@ -197,7 +202,7 @@ def serve(settings: Settings, address: str, port: int) -> tuple[BoundedWSGIServe
     return server, source
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     metrics = sub.add_parser("metrics", help="serve the pipeline's Prometheus metrics")
     metrics.add_argument("--port", type=int, help="default: METRICS_PORT")
     metrics.add_argument("--address", help="default: METRICS_ADDRESS (loopback)")

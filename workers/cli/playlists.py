@@ -15,10 +15,13 @@ import sys
 import uuid as uuid_mod
 from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
+from psycopg.rows import TupleRow
+
+from workers.cli import Subparsers
 from workers.clients.broadcastify import BroadcastifyError
-from workers.core.records import BadValue, as_text, storable, whole_number
+from workers.core.records import JSON, BadValue, JSONObject, as_text, storable, whole_number
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
@@ -26,7 +29,7 @@ from workers.core.text import terminal_safe
 T = TypeVar("T")
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     playlists = sub.add_parser("playlists", help="the playlists the ingest job follows")
     what = playlists.add_subparsers(dest="playlists_command", required=True, metavar="ACTION")
     add = what.add_parser("add", help="follow a playlist (fetches its name and groups)")
@@ -106,19 +109,35 @@ async def _add(playlist_uuid: str) -> tuple[str | None, int, list[int], bool]:
                 json.dumps(row["raw"]),
             ),
         )
-        name, n_groups, stored_ctids, created = await cur.fetchone()  # type: ignore[misc]
+        inserted = await cur.fetchone()
+    if inserted is None:  # INSERT ... ON CONFLICT DO UPDATE ... RETURNING always returns it
+        raise RuntimeError("bcfy playlists add: the insert returned no row")
+    name, n_groups, stored_ctids, created = inserted
     return name, n_groups, list(stored_ctids), created
 
 
-def playlist_row(info: dict[str, Any]) -> dict[str, Any]:
+class PlaylistRow(TypedDict):
+    """A bcfy_playlists row's columns, as `bcfy playlists add` stores them."""
+
+    name: str | None
+    descr: str | None
+    groups: JSON
+    ctids: list[int]
+    public: bool | None
+    raw: JSON
+
+
+def playlist_row(info: JSONObject) -> PlaylistRow:
     """The columns of a playlist from the service's answer (any JSON object): never raises.
     Values PostgreSQL cannot hold (NUL, NaN) are replaced; county ids that are not whole
     numbers are left out."""
-    if isinstance(info.get("playlist"), dict):
-        info = info["playlist"]
-    groups = info.get("groups") if isinstance(info.get("groups"), list) else []
-    ctids = []
-    for ctid in info.get("ctids") if isinstance(info.get("ctids"), list) else []:
+    inner = info.get("playlist")
+    if isinstance(inner, dict):
+        info = inner
+    groups = info.get("groups")
+    listed = info.get("ctids")
+    ctids: list[int] = []
+    for ctid in listed if isinstance(listed, list) else []:
         try:
             ctids.append(whole_number(ctid, "ctid", 0, 2**31 - 1))
         except BadValue:
@@ -127,7 +146,7 @@ def playlist_row(info: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": as_text(info.get("name")),
         "descr": as_text(info.get("descr")),
-        "groups": storable(groups),
+        "groups": storable(groups if isinstance(groups, list) else []),
         "ctids": ctids,
         "public": public if isinstance(public, bool) else None if public is None else bool(public),
         "raw": storable(info),
@@ -168,7 +187,7 @@ def list_playlists(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _list() -> list[tuple[Any, ...]]:
+async def _list() -> list[TupleRow]:
     async with db_connection() as conn:
         cur = await conn.execute(
             """
@@ -200,12 +219,12 @@ def _ago(when: datetime) -> str:
 
 
 def remove_playlist(args: argparse.Namespace, settings: Settings) -> int:
-    name = _run(_one("DELETE FROM bcfy_playlists WHERE uuid = %s RETURNING name", args.uuid))
-    if name is _MISSING:
+    row = _run(_one("DELETE FROM bcfy_playlists WHERE uuid = %s RETURNING name", args.uuid))
+    if row is None:
         print(f"bcfy playlists remove: {args.uuid} is not followed", file=sys.stderr)
         return 1
     print(
-        f"no longer following {args.uuid} ({terminal_safe(name) or 'no name'});"
+        f"no longer following {args.uuid} ({terminal_safe(row[0]) or 'no name'});"
         " its stored calls stay"
     )
     return 0
@@ -217,7 +236,7 @@ def set_sync(args: argparse.Namespace, settings: Settings) -> int:
         print("bcfy playlists sync: --from-now goes with on", file=sys.stderr)
         return 2
     row = _run(_set_sync(args.uuid, on, args.from_now))
-    if row is _MISSING:
+    if row is None:
         print(f"bcfy playlists sync: {args.uuid} is not followed (add it first)", file=sys.stderr)
         return 1
     name, cursor = row
@@ -231,7 +250,8 @@ def set_sync(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _set_sync(playlist_uuid: str, on: bool, from_now: bool) -> Any:
+async def _set_sync(playlist_uuid: str, on: bool, from_now: bool) -> TupleRow | None:
+    """(name, cursor) of the playlist, or None when it is not followed."""
     async with db_connection() as conn:
         if from_now:
             # init=1 on the next poll: the latest calls, no back-fill of the paused time.
@@ -244,14 +264,9 @@ async def _set_sync(playlist_uuid: str, on: bool, from_now: bool) -> Any:
             " WHERE uuid = %s RETURNING name, cursor_pos",
             (on, from_now, playlist_uuid),
         )
-        row = await cur.fetchone()
-    return _MISSING if row is None else row
+        return await cur.fetchone()
 
 
-_MISSING: Any = object()
-
-
-async def _one(query: str, *params: Any) -> Any:
+async def _one(query: str, *params: str) -> TupleRow | None:
     async with db_connection() as conn:
-        row = await (await conn.execute(query, params)).fetchone()
-    return _MISSING if row is None else row[0]
+        return await (await conn.execute(query, params)).fetchone()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from workers.cli import status
 from workers.core.children import die_with_parent
@@ -181,7 +182,7 @@ class Supervisor:
 
     # --- watching -------------------------------------------------------------------------
 
-    def progress(self, conn: psycopg.Connection[Any]) -> str:
+    def progress(self, conn: psycopg.Connection[TupleRow]) -> str:
         t = status.totals(conn)
         audio_failed, asr_failed = t["audio"]["failed"], t["transcription"]["failed"]
         return (
@@ -190,7 +191,7 @@ class Supervisor:
             f" (audio {audio_failed}, transcription {asr_failed})"
         )
 
-    def new_transcripts(self, conn: psycopg.Connection[Any]) -> list[str]:
+    def new_transcripts(self, conn: psycopg.Connection[TupleRow]) -> list[str]:
         rows = conn.execute(
             "SELECT t.id, c.started_at, coalesce(p.name, c.playlist_uuid::text), c.group_id,"
             "       t.text"

@@ -18,14 +18,13 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
+from workers.cli import Subparsers
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
-
-Subparsers = Any
 
 # The snippet's highlight marks, replaced for the terminal or kept for --json. The text's own
 # \x02 and \x03, if any, become U+FFFD before ts_headline, so that only the marks are marks.
@@ -76,7 +75,7 @@ class Hit:
 
 
 def search_transcripts(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[TupleRow],
     query: str,
     *,
     audio_store_dir: str,

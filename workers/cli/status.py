@@ -13,13 +13,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 import redis
+from psycopg.rows import TupleRow
 
 from beat_schedule import PERIODIC_JOBS
 from workers.app import QUEUES
+from workers.cli import Subparsers
 from workers.core import clock
 from workers.core.locks import holder_of, late_count, skip_count
 from workers.core.settings import Settings
@@ -38,11 +40,21 @@ class Stage:
     top_failures: list[tuple[str, int]] = field(default_factory=list)  # reason, calls (24 h)
 
 
+class Latency(TypedDict):
+    """From a call stored to its transcript over one window; the quantiles are None when no
+    call was transcribed in it."""
+
+    p50: float | None
+    p95: float | None
+    p95_excluding_recognition: float | None
+    calls: int
+
+
 @dataclass
 class Snapshot:
     generated_at: str
     stages: dict[str, Stage] = field(default_factory=dict)
-    latency_sec: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    latency_sec: dict[str, Latency] = field(default_factory=dict)
     playlists: list[dict[str, Any]] = field(default_factory=list)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     queues: dict[str, int] = field(default_factory=dict)
@@ -200,14 +212,14 @@ SELECT last.job, last.outcome, last.started_at, last.ended_at, last.error
 """
 
 
-def counters(conn: psycopg.Connection[Any]) -> dict[tuple[str, str, str], int]:
+def counters(conn: psycopg.Connection[TupleRow]) -> dict[tuple[str, str, str], int]:
     """Every counter of COUNTERS: {(kind, label, outcome): all-time count}."""
     upto = {c.kind: "-infinity" for c in COUNTERS}
     upto |= {kind: at for kind, at in conn.execute(_CHECKPOINTS)}
     return {(k, label, outcome): n for k, label, outcome, n in conn.execute(_COUNTERS, upto)}
 
 
-def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]]) -> Stage:
+def _stage(row: TupleRow, failures: list[TupleRow]) -> Stage:
     backlog, in_flight, done5, done1, fail5, fail1, failed = row
     return Stage(
         backlog=backlog,
@@ -220,7 +232,7 @@ def _stage(row: tuple[Any, ...], failures: list[tuple[Any, ...]]) -> Stage:
 
 
 def totals(
-    conn: psycopg.Connection[Any], counted: dict[tuple[str, str, str], int] | None = None
+    conn: psycopg.Connection[TupleRow], counted: dict[tuple[str, str, str], int] | None = None
 ) -> dict[str, dict[str, int]]:
     """All-time counts per stage (done, failed) and of polls (ok, error)."""
     n = counters(conn) if counted is None else counted
@@ -236,7 +248,7 @@ def totals(
     }
 
 
-def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
+def _totals(snap: Snapshot, conn: psycopg.Connection[TupleRow]) -> None:
     counted = counters(conn)
     snap.totals = totals(conn, counted)
     for (kind, job, outcome), n in counted.items():
@@ -244,26 +256,32 @@ def _totals(snap: Snapshot, conn: psycopg.Connection[Any]) -> None:
             snap.job_run_totals.setdefault(job, {})[outcome] = n
 
 
-def _from_database(snap: Snapshot, conn: psycopg.Connection[Any], *, details: bool) -> None:
+def _from_database(snap: Snapshot, conn: psycopg.Connection[TupleRow], *, details: bool) -> None:
     """The stages' figures and latency; with `details`, also what only `bcfy status` shows
     (top failures, playlists, each job's last run), which metrics scrapes do without."""
 
-    def failures(query: str) -> list[tuple[Any, ...]]:
+    def failures(query: str) -> list[TupleRow]:
         return conn.execute(query).fetchall() if details else []
 
-    calls5, calls1, polls_failed5, polls_failed1, quarantined = conn.execute(_INGEST).fetchone()
+    def one_row(query: str, params: tuple[str] | None = None) -> TupleRow:
+        row = conn.execute(query, params).fetchone()
+        if row is None:  # aggregates without GROUP BY: always exactly one row
+            raise RuntimeError("a status query returned no row")
+        return row
+
+    calls5, calls1, polls_failed5, polls_failed1, quarantined = one_row(_INGEST)
     snap.stages["ingest"] = Stage(
         done={"5m": calls5, "1h": calls1},
         failed={"5m": polls_failed5, "1h": polls_failed1},
         failed_total=quarantined,
         top_failures=[(str(r), int(n)) for r, n in failures(_INGEST_FAILURES)],
     )
-    snap.stages["audio"] = _stage(conn.execute(_AUDIO).fetchone(), failures(_AUDIO_FAILURES))
+    snap.stages["audio"] = _stage(one_row(_AUDIO), failures(_AUDIO_FAILURES))
     snap.stages["transcription"] = _stage(
-        conn.execute(_TRANSCRIPTION).fetchone(), failures(_TRANSCRIPTION_FAILURES)
+        one_row(_TRANSCRIPTION), failures(_TRANSCRIPTION_FAILURES)
     )
     for window, interval in WINDOWS.items():
-        p50, p95, p95_excl, n = conn.execute(_LATENCY, (interval,)).fetchone()
+        p50, p95, p95_excl, n = one_row(_LATENCY, (interval,))
         snap.latency_sec[window] = {
             "p50": p50,
             "p95": p95,
@@ -320,7 +338,7 @@ def _from_workers(snap: Snapshot, timeout: float) -> None:
     snap.workers = online
 
 
-Connect = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
+Connect = Callable[[], AbstractContextManager[psycopg.Connection[TupleRow]]]
 
 
 def snapshot(
@@ -470,7 +488,7 @@ def to_json(snap: Snapshot) -> str:
     return json.dumps(asdict(snap), indent=2, default=str)
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     status = sub.add_parser("status", help="backlog, throughput, failures, playlists, locks")
     status.add_argument("--json", action="store_true", help="machine-readable")
     status.set_defaults(handler=_status)

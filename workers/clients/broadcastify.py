@@ -42,7 +42,6 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import jwt
@@ -57,7 +56,7 @@ from tenacity import (
 )
 
 from workers.clients.retry_after import retry_after_sec
-from workers.core.records import BadValue, parse_json, show, whole_number
+from workers.core.records import JSON, BadValue, JSONObject, parse_json, show, whole_number
 from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,7 +118,7 @@ class LivePage:
     status: int
     server_time: int | None
     last_pos: int | None
-    calls: list[Any]
+    calls: list[JSON]
 
 
 class BroadcastifyClient:
@@ -172,8 +171,8 @@ class BroadcastifyClient:
         `before_send` runs before each attempt (see Pace)."""
         if (pos is None) == (not init):
             raise ValueError("live_calls needs exactly one of pos or init")
-        params: dict[str, Any] = {"playlist_uuid": playlist_uuid}
-        if init:
+        params: dict[str, str | int] = {"playlist_uuid": playlist_uuid}
+        if pos is None:
             params["init"] = 1
         else:
             params["pos"] = pos
@@ -192,13 +191,13 @@ class BroadcastifyClient:
             calls=calls,
         )
 
-    async def playlist_get(self, playlist_uuid: str) -> dict[str, Any]:
+    async def playlist_get(self, playlist_uuid: str) -> JSONObject:
         _, body = await self.request(
             "GET", "/calls/v1/playlist_get/", params={"uuid": playlist_uuid}
         )
         return body
 
-    async def group_archives(self, group_id: str, start: int, end: int) -> tuple[int, list[Any]]:
+    async def group_archives(self, group_id: str, start: int, end: int) -> tuple[int, list[JSON]]:
         """(HTTP status, calls) of one group between start and end (unix seconds, <= 8 h).
         Paced per group: a group is a selector of the service's too (`groups=`)."""
         status, body = await self.request(
@@ -212,26 +211,26 @@ class BroadcastifyClient:
         self._learn_server_time(body, status)
         return status, calls
 
-    async def countries(self) -> list[dict[str, Any]]:
+    async def countries(self) -> list[JSONObject]:
         return await self._list("/common/v1/countries", "countries")
 
-    async def states(self, country_id: int) -> list[dict[str, Any]]:
+    async def states(self, country_id: int) -> list[JSONObject]:
         return await self._list(f"/common/v1/states/{int(country_id)}", "states")
 
-    async def counties(self, state_id: int) -> list[dict[str, Any]]:
+    async def counties(self, state_id: int) -> list[JSONObject]:
         return await self._list(f"/common/v1/counties/{int(state_id)}", "counties")
 
     def server_now(self) -> float:
         """The service's clock, as far as we know it (ours until an answer says otherwise)."""
         return self.clock() + self.server_offset
 
-    def _learn_server_time(self, body: dict[str, Any], status: int) -> int | None:
+    def _learn_server_time(self, body: JSONObject, status: int) -> int | None:
         server_time = _optional_int(body.get("serverTime"), "serverTime", status)
         if server_time is not None:
             self.server_offset = server_time - self.clock()
         return server_time
 
-    async def _list(self, path: str, key: str) -> list[dict[str, Any]]:
+    async def _list(self, path: str, key: str) -> list[JSONObject]:
         """A list answer; its wrapper key is not documented: `key` and `data` are both seen."""
         status, body = await self.request("GET", path)
         for name in (key, "data"):
@@ -247,11 +246,11 @@ class BroadcastifyClient:
         method: str,
         path: str,
         *,
-        params: dict[str, Any] | None = None,
-        data: dict[str, Any] | None = None,
+        params: dict[str, str | int] | None = None,
+        data: dict[str, str] | None = None,
         as_user: bool = True,
         pace: Pace | None = None,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JSONObject]:
         """(status, JSON object) of one request, with transient failures retried; with a
         `pace`, every attempt keeps the 5 s rule of its selector."""
         s = self.settings
@@ -259,7 +258,7 @@ class BroadcastifyClient:
             # The service said the key is unknown: asking again soon would only repeat that.
             assert self._config_error is not None
             raise ConfigurationError(self._config_error[1])
-        one_at_a_time: contextlib.AbstractAsyncContextManager[Any] = (
+        one_at_a_time: contextlib.AbstractAsyncContextManager[None] = (
             self._pace_locks.setdefault(pace.key, asyncio.Lock())
             if pace
             else contextlib.nullcontext()
@@ -322,11 +321,11 @@ class BroadcastifyClient:
         self,
         method: str,
         path: str,
-        params: dict[str, Any] | None,
-        data: dict[str, Any] | None,
+        params: dict[str, str | int] | None,
+        data: dict[str, str] | None,
         as_user: bool,
         pace: Pace | None = None,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JSONObject]:
         """One attempt, plus one more with a new token if the service says 103."""
         for fresh in (False, True):
             if fresh:
@@ -359,10 +358,10 @@ class BroadcastifyClient:
         pace: Pace | None,
         method: str,
         path: str,
-        params: dict[str, Any] | None,
-        data: dict[str, Any] | None,
+        params: dict[str, str | int] | None,
+        data: dict[str, str] | None,
         token: str,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JSONObject]:
         """_send, once the selector's gap has passed and `before_send` agreed; the end of the
         exchange, whatever its outcome, starts the next gap."""
         if pace is None:
@@ -380,10 +379,10 @@ class BroadcastifyClient:
         self,
         method: str,
         path: str,
-        params: dict[str, Any] | None,
-        data: dict[str, Any] | None,
+        params: dict[str, str | int] | None,
+        data: dict[str, str] | None,
         token: str,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, JSONObject]:
         """One HTTP exchange under the total timeout; classify the answer."""
         headers = {"Authorization": f"Bearer {token}"}
         try:
@@ -479,7 +478,7 @@ class BroadcastifyClient:
         if missing:
             raise ConfigurationError(f"the Broadcastify API needs {', '.join(missing)}: not set")
         now = int(self.clock())
-        claims: dict[str, Any] = {
+        claims: dict[str, str | int] = {
             "iss": s.bcfy_app_id,
             "iat": now,
             "exp": now + int(s.bcfy_jwt_lifetime_sec),
@@ -510,7 +509,8 @@ class BroadcastifyClient:
             raise ConfigurationError(
                 f"login as BCFY_USERNAME failed: {exc}", status=exc.status, code=exc.code
             ) from None
-        found = body.get("data") if isinstance(body.get("data"), dict) else body
+        data = body.get("data")
+        found = data if isinstance(data, dict) else body
         utk = found.get("token")
         try:
             uid = whole_number(found.get("uid"), "uid", 0, 2**63 - 1)
@@ -533,7 +533,7 @@ def retry_budget(settings: Settings) -> float:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _first_error(errors: Any) -> tuple[int | None, str]:
+def _first_error(errors: JSON) -> tuple[int | None, str]:
     first = errors[0] if isinstance(errors, list) and errors else errors
     if isinstance(first, dict):
         try:
@@ -544,12 +544,12 @@ def _first_error(errors: Any) -> tuple[int | None, str]:
     return None, _text(first)
 
 
-def _text(value: Any) -> str:
+def _text(value: JSON) -> str:
     """An error title from the answer, short (never raises, whatever its type)."""
     return value[:200] if isinstance(value, str) else show(value)
 
 
-def _optional_int(value: Any, name: str, status: int) -> int | None:
+def _optional_int(value: JSON, name: str, status: int) -> int | None:
     """An envelope number (lastPos, serverTime): a whole number that fits the database's
     bigint, or a BroadcastifyError saying which field and why (the poll fails, its cursor
     stays)."""

@@ -36,6 +36,7 @@ import psycopg
 import redis
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from psycopg.rows import TupleRow
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app
@@ -68,7 +69,7 @@ class JobContext:
     def http(self) -> httpx.AsyncClient:
         return self.runtime.http
 
-    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[TupleRow]]:
         """Borrow a database connection (always returned; commit on success)."""
         return db_connection()
 
@@ -108,7 +109,8 @@ def periodic_job(
 
         run.__doc__ = body.__doc__
         run.__name__ = body.__name__
-        task = app.task(
+        # celery-types declares the time limits as int; Celery takes seconds as a float.
+        task: Task = app.task(  # type: ignore[call-overload]
             name=name,
             bind=True,
             ignore_result=True,

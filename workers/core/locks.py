@@ -145,7 +145,7 @@ class SingletonLock:
         ttl: float = 30.0,
         renew_every: float | None = None,
         token: str | None = None,
-        on_lost: Callable[[], None] | None = None,
+        on_lost: Callable[[], object] | None = None,
     ) -> None:
         self.client = client
         self.job = job
@@ -178,7 +178,7 @@ class SingletonLock:
         """tick_sent_ms: when beat sent the tick, by Redis's clock; a tick that waited longer
         than tick_grace seconds by Redis's clock now is LATE and takes nothing."""
         keys = [self.lock_key, self.tick_key, self.skips_key, self.rerun_key, self.late_key]
-        args = [
+        args: list[str | int] = [
             self.token,
             self.ttl_ms,
             "" if tick_slot is None else str(tick_slot),

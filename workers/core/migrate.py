@@ -64,7 +64,7 @@ def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
 def ensure_database(dsn: str) -> bool:
     """Create the database named in `dsn` if it does not exist. True when it was created."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)
-    dbname = info.get("dbname")
+    dbname = str(info["dbname"]) if "dbname" in info else None
     try:
         psycopg.connect(dsn, connect_timeout=10).close()
         return False

@@ -17,7 +17,11 @@ import json
 import math
 import re
 import reprlib
-from typing import Any
+from typing import TypeAlias, overload
+
+# A JSON value as parse_json returns it, and a JSON object (what the service's answers are).
+JSON: TypeAlias = "dict[str, JSON] | list[JSON] | str | int | float | bool | None"
+JSONObject: TypeAlias = "dict[str, JSON]"
 
 # No number the service sends needs more digits (int8 has 19); longer digit strings are refused
 # before int() sees them.
@@ -32,7 +36,7 @@ class BadValue(ValueError):
     """A value from outside that is not what the field needs; the message says why."""
 
 
-def whole_number(value: Any, name: str, low: float = -math.inf, high: float = math.inf) -> int:
+def whole_number(value: object, name: str, low: float = -math.inf, high: float = math.inf) -> int:
     """An integer, an integral float or a string of ASCII digits (an optional minus sign and
     surrounding white space allowed) within [low, high]."""
     if isinstance(value, bool):
@@ -50,7 +54,7 @@ def whole_number(value: Any, name: str, low: float = -math.inf, high: float = ma
     return number
 
 
-def real_number(value: Any, name: str, low: float, high: float) -> float:
+def real_number(value: object, name: str, low: float, high: float) -> float:
     """A finite number (or a string float() reads as one) within [low, high]."""
     if isinstance(value, bool):
         raise BadValue(f"{name} is not a number: {show(value)}")
@@ -79,7 +83,7 @@ _repr.maxlevel, _repr.maxstring, _repr.maxother = 2, 60, 60
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 4
 
 
-def show(value: Any) -> str:
+def show(value: object) -> str:
     """A short, safe rendering of any value for a reason or an error message (never raises:
     no huge-integer conversion, no deep recursion, never more than about 90 characters)."""
     if isinstance(value, float):
@@ -108,19 +112,20 @@ def _int_or_text(text: str) -> int | str:
         return text
 
 
-def parse_json(data: bytes | str) -> Any:
+def parse_json(data: bytes | str) -> JSON:
     """JSON text (UTF-8/16/32 bytes or str) as Python values.
 
     Raises BadValue for text that is not JSON or nests past the parser's depth."""
     try:
-        return json.loads(data, parse_int=_int_or_text)
+        value: JSON = json.loads(data, parse_int=_int_or_text)
+        return value
     except RecursionError:
         raise BadValue("nested too deeply to read") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise BadValue(f"malformed JSON ({exc})") from None
 
 
-def json_bytes(value: Any) -> int:
+def json_bytes(value: object) -> int:
     """The size of a value written as compact JSON, in UTF-8 bytes. BadValue when it cannot
     be written at all (nesting deeper than the writer goes, a number past 4,300 digits)."""
     try:
@@ -132,7 +137,7 @@ def json_bytes(value: Any) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def jsonb_problem(value: Any) -> str | None:
+def jsonb_problem(value: object) -> str | None:
     """Why PostgreSQL's jsonb would refuse this value, or None."""
     if isinstance(value, str):
         if "\x00" in value:
@@ -145,7 +150,7 @@ def jsonb_problem(value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return "a number is NaN or infinite"
     if isinstance(value, dict):
-        items: Any = [*value.keys(), *value.values()]
+        items: list[object] = [*value.keys(), *value.values()]
     elif isinstance(value, list):
         items = value
     else:
@@ -157,7 +162,11 @@ def jsonb_problem(value: Any) -> str | None:
     return None
 
 
-def storable(value: Any) -> Any:
+@overload
+def storable(value: str) -> str: ...
+@overload
+def storable(value: JSON) -> JSON: ...
+def storable(value: JSON) -> JSON:
     """The value with whatever jsonb (or a text column) cannot hold replaced: NUL and lone
     surrogates by U+FFFD, NaN and infinities by their names."""
     if isinstance(value, str):
@@ -171,7 +180,7 @@ def storable(value: Any) -> Any:
     return value
 
 
-def as_text(value: Any) -> str | None:
+def as_text(value: object) -> str | None:
     """A value for a text column: strings as they came (less what PostgreSQL cannot hold),
     numbers written out, anything else shown short; None stays None."""
     if value is None:
@@ -183,7 +192,7 @@ def as_text(value: Any) -> str | None:
     return show(value)
 
 
-def bounded_copy(value: Any, max_bytes: int) -> Any:
+def bounded_copy(value: JSON, max_bytes: int) -> JSON:
     """A storable copy of a record of at most about max_bytes of JSON: the record itself when
     it fits, else {"truncated": true, "bytes": its size, "json_head": the start of its JSON}."""
     try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import psycopg
 import redis
+from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from workers.core.settings import Settings, get_settings
@@ -159,7 +160,7 @@ def in_pool_child() -> bool:
 
 
 @asynccontextmanager
-async def db_connection() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def db_connection() -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
     """Borrow a connection from this process's pool; it always goes back.
 
     Commits when the block ends normally and rolls back on an exception. Keep the block short:

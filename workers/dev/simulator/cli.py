@@ -14,13 +14,13 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any
 
+from workers.cli import Subparsers
 from workers.core.settings import Settings
 from workers.dev.simulator.server import DEMO_API_KEYS, DEMO_USERS, FeedSimulator
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     sim = sub.add_parser("sim", help="run the Broadcastify feed simulator (demo mode)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8089)

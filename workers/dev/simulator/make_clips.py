@@ -57,7 +57,8 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return samples
     positions = np.arange(0, len(samples), rate / target)
-    return np.interp(positions, np.arange(len(samples)), samples).astype(np.float32)
+    resampled: np.ndarray = np.interp(positions, np.arange(len(samples)), samples)
+    return resampled.astype(np.float32)
 
 
 def radio(samples: np.ndarray, rng: random.Random) -> np.ndarray:
