@@ -82,7 +82,8 @@ async def process_pending_audio(ctx: JobContext) -> None:
     )
 
 
-@app.task(
+# celery-types declares the time limits as int; Celery takes seconds as a float.
+@app.task(  # type: ignore[call-overload]
     name=PREPARE_TASK,
     bind=True,
     ignore_result=True,

@@ -105,7 +105,7 @@ class ChunkOutcome:
 
 def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
     """Delay before the next attempt after `attempts` attempts."""
-    delay = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
+    delay: float = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
     delay = min(delay, settings.audio_retry_max_sec)
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
