@@ -237,7 +237,7 @@ def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, i
     import os
 
     os.environ["DATABASE_URL"] = database_url
-    from tasks.maintenance import run_maintenance
+    from tasks.maintenance.jobs import run_maintenance
     from workers.core.runtime import Runtime
     from workers.core.settings import get_settings, reset_settings_cache
 

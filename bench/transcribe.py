@@ -146,7 +146,7 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
 
 
 def bench_dispatch(services: Servers, n: int) -> list[str]:
-    from tasks.transcription import (
+    from tasks.transcription.dispatch import (
         dispatch_once,
         mark_dispatched,
         pick_sql,
@@ -238,7 +238,7 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
 
 def pool_run(services: Servers, k: int, calls: int, env: dict[str, str], logdir: Path) -> float:
     """Wall seconds for k worker processes to transcribe `calls` calls sent at once."""
-    from tasks.transcription import mark_dispatched, publish_transcriptions
+    from tasks.transcription.dispatch import mark_dispatched, publish_transcriptions
     from workers.core.runtime import Runtime
     from workers.core.settings import load_settings
 

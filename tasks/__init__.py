@@ -1,1 +1,3 @@
-"""One module per job: ingest, audio, transcription, geo."""
+"""The jobs, one package per stage (ingest, audio, transcription, geo, maintenance). Each
+package's `__init__` says what belongs there and imports its `jobs` module, which declares the
+stage's Celery tasks under their fixed names ("tasks.<stage>.<job>")."""

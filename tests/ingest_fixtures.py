@@ -82,7 +82,7 @@ class Ingest:
         return backfill_gaps.apply().get()
 
     def refresh_geo(self) -> str:
-        from tasks.geo import refresh_geo_data
+        from tasks.geo.jobs import refresh_geo_data
 
         return refresh_geo_data.apply().get()
 

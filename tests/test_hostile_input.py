@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.geo import COUNTIES, COUNTRIES, STATES, upsert
+from tasks.geo.tables import COUNTIES, COUNTRIES, STATES, upsert
 from tasks.ingest.storage import PollRecord, store_page
 from tasks.ingest.validation import Rejected, split_page, validate_call
 from tests.conftest import Services

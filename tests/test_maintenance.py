@@ -65,7 +65,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def maintain(s: Settings, **kwargs: Any):
-    from tasks.maintenance import run_maintenance
+    from tasks.maintenance.jobs import run_maintenance
 
     return Runtime.current().run(run_maintenance(s, **kwargs))
 
@@ -271,7 +271,7 @@ def test_transcripts_when_set_go_and_the_calls_stay(hist, tmp_path):
 def test_a_crash_after_the_commit_leaves_only_listed_files_which_the_next_run_removes(
     hist, tmp_path, monkeypatch
 ):
-    from tasks import maintenance
+    from tasks.maintenance import trash
 
     s = settings_for(tmp_path)
     store = tmp_path / "store"
@@ -279,10 +279,10 @@ def test_a_crash_after_the_commit_leaves_only_listed_files_which_the_next_run_re
     # One file already gone by hand: that must not stop anything.
     (store / f"p/{ids[0]}.m4a").unlink()
 
-    def crash(self: Any, keys: list[str]) -> int:
+    def crash(run: Any, keys: list[str]) -> int:
         raise SystemExit("worker killed between the commit and the file removal")
 
-    monkeypatch.setattr(maintenance._Run, "_remove", crash)
+    monkeypatch.setattr(trash, "_remove", crash)
     with pytest.raises(SystemExit):
         maintain(s)
     # The first batch's rows already say their files are gone; the files wait, listed, for
@@ -314,7 +314,7 @@ def test_a_listed_file_a_row_names_again_is_kept(hist, tmp_path):
 
 
 def test_a_large_table_is_pruned_completely_in_small_batches(hist, tmp_path, monkeypatch):
-    from tasks import maintenance
+    from tasks.maintenance import rows
 
     hist.execute(
         "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome)"
@@ -323,15 +323,15 @@ def test_a_large_table_is_pruned_completely_in_small_batches(hist, tmp_path, mon
     )
     job_run(hist, 1)
     batches: list[int] = []
-    real = maintenance._Run._prune_batch
+    real = rows._prune_batch
 
-    async def spy(self: Any, p: Any, cutoff: datetime) -> int:
-        n = await real(self, p, cutoff)
+    async def spy(run: Any, p: Any, cutoff: datetime) -> int:
+        n = await real(run, p, cutoff)
         if p.kind == "job_runs":
             batches.append(n)
         return n
 
-    monkeypatch.setattr(maintenance._Run, "_prune_batch", spy)
+    monkeypatch.setattr(rows, "_prune_batch", spy)
     s = settings_for(tmp_path, retention_batch_size=64, retention_batch_pause_sec=0.0)
     maintain(s)
     assert count(hist, "job_runs") == 1

@@ -16,12 +16,10 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from tasks.transcription import (
+from tasks.transcription.claims import Claim, Skip, claim_call
+from tasks.transcription.dispatch import (
     QUEUE,
     TRANSCRIBE_TASK,
-    Claim,
-    Skip,
-    claim_call,
     dispatch_once,
     mark_dispatched,
     queued_messages,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.transcription import backoff_sec
+from tasks.transcription.policy import backoff_sec
 from tests.transcription.fake_openai import Reply, verbose_json
 from workers.core.settings import SettingsError, load_settings
 from workers.recognizers import (

@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.transcription import TRANSCRIBE_TASK, backoff_sec, transcribe_call
+from tasks.transcription.dispatch import TRANSCRIBE_TASK
+from tasks.transcription.jobs import transcribe_call
+from tasks.transcription.policy import backoff_sec
 from tests.conftest import Services
 from tests.procs import start_worker, wait_until
 from tests.transcription.conftest import Calls, worker_env

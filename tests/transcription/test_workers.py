@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tasks.transcription import queued_messages
+from tasks.transcription.dispatch import queued_messages
 from tests.procs import ROOT, Proc, start_worker, wait_until
 from tests.transcription.conftest import CLIP_TEXT, worker_env
 from tests.transcription.fake_openai import Reply

@@ -23,6 +23,7 @@ from beat_schedule import PERIODIC_JOBS
 from workers.app import QUEUES
 from workers.cli import Subparsers
 from workers.core import clock
+from workers.core.counters import COUNTERS
 from workers.core.locks import holder_of, late_count, skip_count
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
@@ -146,37 +147,6 @@ SELECT p.uuid::text, p.name, p.sync, p.cursor_pos, l.poll_started_at, l.success,
  ORDER BY p.name NULLS LAST, p.uuid
 """
 
-
-@dataclass(frozen=True)
-class Counter:
-    """An all-time counter that outlives retention (tasks/maintenance.py): the rows of `table`
-    matching `where`, by `label` and `outcome`, counted by their `time` column. Rows up to the
-    kind's checkpoint are summed in history_totals (maintenance folds them before it prunes);
-    the rest are counted live, one index range on `time`."""
-
-    kind: str
-    table: str
-    time: str
-    where: str = "true"
-    label: str = "''"
-    outcome: str = "''"
-
-
-COUNTERS = (
-    Counter("calls", "bcfy_calls_raw", "created_at"),
-    Counter("quarantine", "bcfy_calls_quarantine", "created_at"),
-    Counter("audio_ready", "call_audio", "ready_at", "state = 'ready'"),
-    Counter("audio_failed", "call_audio", "updated_at", "state = 'failed'"),
-    Counter("transcripts", "transcripts", "created_at"),
-    Counter("transcription_failed", "call_transcription", "finished_at", "state = 'failed'"),
-    Counter(
-        "polls",
-        "bcfy_playlist_poll_log",
-        "poll_started_at",
-        outcome="CASE WHEN success THEN 'ok' ELSE 'error' END",
-    ),
-    Counter("job_runs", "job_runs", "started_at", label="job", outcome="outcome"),
-)
 
 _CHECKPOINTS = "SELECT kind, upto FROM history_checkpoints"
 # The checkpoints read just before go in as parameters, so that each live count is planned as

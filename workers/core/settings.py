@@ -311,7 +311,7 @@ class Settings:
     http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
     http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
-    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest/, tasks/geo.py)
+    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest/, tasks/geo/)
     # The service (workers/clients/broadcastify.py). Key id, secret and app id come from the
     # developer portal; the user name and password only for non-public playlists.
     bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
@@ -409,7 +409,7 @@ class Settings:
         "AUDIO_MAX_DURATION_SEC", _number, 3600.0, min=1, max=86400
     )
 
-    # --- transcription: dispatch and recognisers (tasks/transcription.py)
+    # --- transcription: dispatch and recognisers (tasks/transcription/)
     # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
     transcribe_backend: str = _env(
         "TRANSCRIBE_BACKEND", _text, "pocketsphinx", choices=TRANSCRIBE_BACKENDS
@@ -462,7 +462,7 @@ class Settings:
     # for words the bundled dictionary lacks.
     transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
-    # --- retention: what the maintenance job prunes, and after how many days (tasks/maintenance.py)
+    # --- retention: what the maintenance job prunes, and after how many days (tasks/maintenance/)
     # 0 keeps that kind for ever. Calls and transcripts are kept unless set; deleting a call
     # deletes its transcript, audio rows, attempts and files with it.
     retention_job_runs_days: float = _env("RETENTION_JOB_RUNS_DAYS", _number, 14.0, min=0)

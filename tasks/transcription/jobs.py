@@ -1,0 +1,167 @@
+"""The transcription stage's Celery entry points. Their names are part of the deployment
+(beat's schedule, the routes, queued messages): keep them.
+
+The task (`transcribe_call`, on the transcription pool: late acks, prefetch 1):
+  1. claims the call in one transaction (tasks.transcription.claims);
+  2. recognises it, directly in the pool process (CPU work; the openai backend drives its HTTP
+     request on the process's event loop), holding no database connection;
+  3. stores the transcript and marks the call done in one transaction.
+A failure is retried or recorded as `failed` as tasks.transcription.policy decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from tasks.transcription.claims import (
+    Skip,
+    claim_call,
+    record_failure,
+    release_for_retry,
+    store_transcript,
+)
+from tasks.transcription.dispatch import TRANSCRIBE_TASK, dispatch_once
+from tasks.transcription.policy import (
+    PERMANENT_ERRORS,
+    GiveUp,
+    after_failed_attempt,
+    backoff_sec,
+    reason,
+)
+from workers.app import app, settings
+from workers.core.jobs import JobContext, periodic_job, process_id
+from workers.core.runtime import Runtime
+from workers.recognizers import (
+    TransientRecognitionError,
+    forget_process_recognizer,
+    process_recognizer,
+    run_on_loop,
+)
+
+log = logging.getLogger(__name__)
+
+
+@periodic_job("tasks.transcription.dispatch_ready_calls", rerun_on_trigger=True)
+async def dispatch_ready_calls(ctx: JobContext) -> None:
+    """Send ready calls to the transcription queue, as many as it has room for."""
+    outcome = await dispatch_once(ctx.settings, ctx.runtime.redis, ensure_lock=ctx.ensure_lock)
+    s = ctx.settings
+    if outcome.held_back:
+        log.info(
+            "transcription dispatch: queue holds %d messages (TRANSCRIBE_QUEUE_MAX=%d): "
+            "nothing sent",
+            outcome.queued_before,
+            s.transcribe_queue_max,
+        )
+    elif outcome.sent:
+        log.info(
+            "transcription dispatch: sent %d calls (%d were queued)",
+            outcome.sent,
+            outcome.queued_before,
+        )
+
+
+# celery-types declares the time limits as int; Celery takes seconds as a float.
+@app.task(  # type: ignore[call-overload]
+    name=TRANSCRIBE_TASK,
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    # The database counts attempts (TRANSCRIBE_MAX_ATTEMPTS), across retries and re-dispatches.
+    max_retries=None,
+    soft_time_limit=settings.transcribe_soft_time_limit_sec,
+    time_limit=settings.transcribe_time_limit_sec,
+)
+def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str:
+    """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
+    rt = Runtime.current()
+    s = rt.settings
+    worker = process_id(self)
+    try:
+        claim = run_on_loop(rt.loop, claim_call(call_id, worker, s, reclaim))
+    except (psycopg.Error, OSError) as exc:
+        # Nothing claimed: try again later (the dispatcher's lease covers a lost retry too).
+        # A retry of our own claim keeps `reclaim`: after a database outage the claim may still
+        # name this process, and without it the retry would drop the call as a duplicate.
+        countdown = backoff_sec(self.request.retries + 1, s)
+        log.warning("call %s: cannot claim (%s); retry in %gs", call_id, exc, countdown)
+        raise self.retry(
+            countdown=countdown, kwargs={"call_id": call_id, "reclaim": reclaim}
+        ) from None
+    if isinstance(claim, Skip):
+        log.info("call %s: %s", call_id, claim)
+        return "skipped"
+
+    backend = s.transcribe_backend
+    why: str
+    retry_after: float | None = None
+    started = time.perf_counter()
+    try:
+        audio = Path(s.audio_store_dir) / claim.prepared_path
+        if not audio.is_file():
+            raise FileNotFoundError(2, "no such file", str(audio))
+        result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
+        elapsed = time.perf_counter() - started
+        inserted = run_on_loop(rt.loop, store_transcript(call_id, backend, result, elapsed))
+    except PERMANENT_ERRORS as exc:
+        why = reason(exc)
+        log.error("call %s: transcription failed for good: %s", call_id, why)
+        _try(rt, record_failure(call_id, why), call_id)
+        return "failed"
+    except TransientRecognitionError as exc:
+        why, retry_after = reason(exc), exc.retry_after
+    except SoftTimeLimitExceeded:
+        why = f"soft time limit ({s.transcribe_soft_time_limit_sec:g}s) reached"
+    except Exception as exc:
+        # A database outage, or a fault of ours: counted against the attempts, then failed.
+        log.exception("call %s: transcription attempt %d failed", call_id, claim.attempt)
+        why = reason(exc)
+        forget_process_recognizer()
+    else:
+        seconds = result.audio_duration_sec or 0.0
+        if inserted:
+            log.info(
+                "call %s transcribed by %s in %.2fs (%.1fs of audio, RTF %.2f, %d words)",
+                call_id,
+                result.model,
+                elapsed,
+                seconds,
+                elapsed / seconds if seconds else 0.0,
+                len(result.text.split()),
+            )
+        else:
+            log.info("call %s: another worker stored its transcript first; kept that", call_id)
+        return "done"
+
+    next_step = after_failed_attempt(claim.attempt, why, s, retry_after)
+    if isinstance(next_step, GiveUp):
+        log.error("call %s: %s", call_id, next_step.reason)
+        _try(rt, record_failure(call_id, next_step.reason), call_id)
+        return "failed"
+    countdown = next_step.countdown
+    log.warning(
+        "call %s: attempt %d/%d failed (%s); retry in %gs",
+        call_id,
+        claim.attempt,
+        s.transcribe_max_attempts,
+        why,
+        countdown,
+    )
+    _try(rt, release_for_retry(call_id, worker, why, countdown, s), call_id)
+    raise self.retry(countdown=countdown, kwargs={"call_id": call_id, "reclaim": worker})
+
+
+def _try(rt: Runtime, coro: Coroutine[Any, Any, None], call_id: int) -> None:
+    """Bookkeeping that must not turn one failure into another (the leases cover its loss)."""
+    try:
+        run_on_loop(rt.loop, coro)
+    except Exception as exc:
+        log.error("call %s: could not record the outcome: %s", call_id, reason(exc))

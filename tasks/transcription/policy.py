@@ -1,0 +1,73 @@
+"""The error policy: what a failed transcription attempt leads to.
+
+Permanent failures (the service refused the audio, the prepared file is missing or cannot be
+decoded) are recorded as `failed` with the reason at once. Anything else is retried with
+exponential backoff and jitter (a Celery retry whose countdown stays well below the broker's
+visibility timeout) until the call used up TRANSCRIBE_MAX_ATTEMPTS, then recorded as `failed`.
+The database counts the attempts, across retries and re-dispatches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from workers.audio.codec import AudioDecodeError
+from workers.core.settings import Settings
+from workers.recognizers import PermanentRecognitionError, TransientRecognitionError
+
+# Failures no retry can mend.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (
+    PermanentRecognitionError,
+    AudioDecodeError,
+    FileNotFoundError,
+)
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    countdown: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+def out_of_attempts(attempts: int, settings: Settings) -> bool:
+    return attempts >= settings.transcribe_max_attempts
+
+
+def gave_up(attempts: int, last_error: str | None) -> str:
+    return f"gave up after {attempts} attempts; last error: {last_error or 'none'}"
+
+
+def after_failed_attempt(
+    attempt: int, reason: str, settings: Settings, retry_after: float | None = None
+) -> RetryLater | GiveUp:
+    """A retry after a backoff, or none when `attempt` was the last one allowed."""
+    if out_of_attempts(attempt, settings):
+        return GiveUp(gave_up(attempt, reason))
+    return RetryLater(backoff_sec(attempt, settings, retry_after))
+
+
+def backoff_sec(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
+    """Exponential backoff with jitter, at least what the service asked for, capped."""
+    base: float = settings.transcribe_retry_backoff_sec * 2 ** max(attempt - 1, 0)
+    wait = base * random.uniform(0.8, 1.2)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    # Rounded for the logs, then capped: rounding must not lift a wait past the cap.
+    return min(round(wait, 1), settings.transcribe_retry_backoff_max_sec)
+
+
+def reason(exc: BaseException) -> str:
+    """The reason recorded for a failure: what it says, named where it does not say it."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        text = f"prepared audio is missing: {exc.filename}"
+    elif isinstance(exc, AudioDecodeError):
+        text = f"prepared audio cannot be decoded: {exc}"
+    elif not isinstance(exc, PermanentRecognitionError | TransientRecognitionError):
+        text = f"{type(exc).__name__}: {text}"
+    return text[:2000]
