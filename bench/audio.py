@@ -233,11 +233,13 @@ def main() -> None:
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="instead of the default"
     )
     ap.add_argument("--memory-only", action="store_true", help="just the memory per call")
+    ap.add_argument("--no-memory", action="store_true", help="just the throughput")
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose preparation to weigh")
     args = ap.parse_args()
 
-    memory = memory_report(args.code.resolve(), args.rounds)
-    report("audio_memory", memory, keep=args.code.resolve() == ROOT)
+    if not args.no_memory:
+        memory = memory_report(args.code.resolve(), args.rounds)
+        report("audio_memory", memory, keep=args.code.resolve() == ROOT)
     if args.memory_only:
         return
 

@@ -147,7 +147,7 @@ def test_a_bench_stopped_by_sigterm_leaves_nothing_running(
     """As `timeout 60 python bench/audio.py` would: SIGTERM while its workers run."""
     before = databases(services, "bcfy_bench")
     proc, mark, log = run_marked(
-        [sys.executable, "bench/audio.py", "--calls", "5", "--rounds", "50"],
+        [sys.executable, "bench/audio.py", "--no-memory", "--calls", "5", "--rounds", "50"],
         services,
         tmp_path,
     )
