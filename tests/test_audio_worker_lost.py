@@ -21,6 +21,7 @@ from tests.audio_helpers import (
     states,
 )
 from tests.procs import Proc, run_cli, start_worker, wait_until
+from workers.audio.store import FilesystemAudioStore
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +148,9 @@ def test_a_call_that_kills_its_pool_process_fails_as_worker_lost_and_the_rest_ar
     ]
     assert worker.alive(), "only pool processes died"
     assert states(db) == {"ready": len(others), "failed": 1}
+    # The take-over that failed the call removes its temporary files right after that commit.
+    store = FilesystemAudioStore(tmp_path / "store")
+    wait_until(lambda: store.temp_files() == [], 60, "the dead call's temporary files removed")
     assert assert_stored_files_match(db, tmp_path / "store") == len(others)
     status = run_cli("status", env=env)
     assert status.returncode == 0, status.stderr
