@@ -7,7 +7,10 @@ Prints, and writes to bench/results/simulator.txt, median milliseconds of:
   * serialising the page in the simulator (records pre-serialised at publication, joined);
   * the same page with json.dumps of the record dicts (what a naive server would do): baseline;
   * a full round trip over HTTP with httpx (request, token check, answer, parse with json);
-  * json.loads of the page alone (the client's share of the round trip).
+  * json.loads of the page alone (the client's share of the round trip);
+  * round trips of a small API answer (the countries list) and of one call's audio clip, the
+    server's own cost per request (HTTP parsing, dispatch, token check);
+  * 200 small answers asked by 8 threads at once, per request: the server under concurrency.
 Goal: the page serialises in a few milliseconds (at most 5 ms) and costs the simulator no
 more than the naive json.dumps.
 """
@@ -19,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -81,13 +85,43 @@ def main() -> None:
         def parse_only() -> None:
             json.loads(page_bytes)
 
+        def small_answer() -> None:
+            r = http.get("/common/v1/countries")
+            assert r.status_code == 200 and r.json()["countries"]
+
+        clip_url = sim.publish_call(uuid)["url"]
+
+        def audio_clip() -> None:
+            r = http.get(clip_url)
+            assert r.status_code == 200 and r.content
+
+        clients = [
+            httpx.Client(base_url=sim.url, headers={"Authorization": f"Bearer {bearer}"})
+            for _ in range(8)
+        ]
+        pool = ThreadPoolExecutor(len(clients))
+
+        def concurrent_per_request() -> None:
+            def twenty_five(client: httpx.Client) -> None:
+                for _ in range(25):
+                    assert client.get("/common/v1/countries").status_code == 200
+
+            list(pool.map(twenty_five, clients))
+
         figures = {
             "simulator: serialise the page": median_ms(in_simulator, args.rounds),
             "baseline: json.dumps the page": median_ms(naive, args.rounds),
             "HTTP round trip (httpx, parsed)": median_ms(over_http, args.rounds),
             "json.loads of the page alone": median_ms(parse_only, args.rounds),
+            "HTTP round trip, small answer": median_ms(small_answer, args.rounds),
+            "HTTP round trip, audio clip": median_ms(audio_clip, args.rounds),
+            "8 clients at once, per request": median_ms(concurrent_per_request, args.rounds)
+            / (25 * len(clients)),
         }
         http.close()
+        pool.shutdown()
+        for client in clients:
+            client.close()
     serialise = figures["simulator: serialise the page"]
     baseline = figures["baseline: json.dumps the page"]
     lines = [

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -767,6 +768,63 @@ def test_control_endpoints_drive_a_simulator_from_outside(fsim, clock, api):
 
 
 # --- bcfy sim ------------------------------------------------------------------------------
+
+
+# --- life cycle ----------------------------------------------------------------------------
+
+
+def open_sockets() -> set[str]:
+    """This process's open sockets (their /proc/self/fd targets)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def test_stop_leaves_no_thread_socket_or_connection(clock):
+    """A started simulator, with a kept-alive connection, a request held by latency and an
+    oversize answer half read, stops: its threads end, its sockets close, its port refuses,
+    and the connection it kept alive is closed from its side."""
+    threads, sockets = set(threading.enumerate()), open_sockets()
+    sim = FeedSimulator(clock=clock).start()
+    kept = socket.create_connection(("127.0.0.1", int(sim.audio_host.rsplit(":", 1)[1])))
+    kept.sendall(b"GET /_sim/stats HTTP/1.1\r\nHost: sim\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200 ")
+    oversize = httpx.stream("GET", publish_with_audio(sim, clock, AudioFault.OVERSIZE)["url"])
+    next(oversize.__enter__().iter_raw())
+    sim.faults.latency = 3
+    cut: list[Exception] = []
+
+    def held_request() -> None:
+        try:
+            httpx.get(f"{sim.url}/common/v1/countries", timeout=30)
+        except httpx.HTTPError as exc:
+            cut.append(exc)
+
+    held = threading.Thread(target=held_request)
+    held.start()
+    wait_until(lambda: sim.requests["countries"] == 1, 30, "the held request to arrive")
+
+    sim.stop()
+    kept.settimeout(30)
+    assert kept.recv(65536) == b"", "the kept-alive connection is closed by the simulator"
+    kept.close()
+    oversize.__exit__(None, None, None)
+    held.join(60)
+    assert cut, "the held request was cut by the stop, not answered after it"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{sim.url}/_sim/stats")
+    wait_until(lambda: set(threading.enumerate()) <= threads, 30, "the simulator's threads")
+    assert open_sockets() <= sockets
+
+    never_started = FeedSimulator(clock=clock)
+    never_started.stop()
+    assert open_sockets() <= sockets
 
 
 def start_bcfy_sim(port: int, extra_env: dict | None = None) -> tuple[subprocess.Popen, dict]:

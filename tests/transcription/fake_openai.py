@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible transcription service over real HTTP, for tests.
+"""A local OpenAI-compatible transcription service over real HTTP (aiohttp), for tests.
 
 `POST /v1/audio/transcriptions` records each request (headers, multipart fields, the uploaded
 file) and answers with the next scripted reply, or a default verbose_json answer. A reply can
@@ -7,16 +7,19 @@ hold the request until the test releases it: how a test catches a worker mid-tas
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
+import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from workers.dev.http_server import BackgroundServer
 
 PATH = "/v1/audio/transcriptions"
 
@@ -33,7 +36,7 @@ class Reply:
 @dataclass
 class Request:
     path: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # names in any case
     fields: dict[str, str]
     file_name: str | None
     file_type: str | None
@@ -74,49 +77,31 @@ class FakeTranscriptionService:
         self.replies: list[Reply] = []
         self.default = Reply()
         self.arrived = threading.Condition()
-        service = self
+        self.server = BackgroundServer(self._serve, name="fake-openai")
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                request = _parse(self.path, dict(self.headers.items()), raw)
-                with service.arrived:
-                    service.requests.append(request)
-                    service.request_times.append(time.monotonic())
-                    reply = service.replies.pop(0) if service.replies else service.default
-                    service.arrived.notify_all()
-                if self.path != PATH:
-                    reply = Reply(404, {"error": {"message": f"no route {self.path}"}})
-                if reply.hold is not None:
-                    reply.hold.wait(120)
-                if reply.delay:
-                    threading.Event().wait(reply.delay)
-                body = reply.body if reply.body is not None else DEFAULT_ANSWER
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                try:
-                    self.send_response(reply.status)
-                    ctype = "text/plain" if isinstance(body, str) else "application/json"
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in reply.headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (a killed worker)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    async def _serve(self, http: web.BaseRequest) -> web.StreamResponse:
+        request = await _parse(http)
+        with self.arrived:
+            self.requests.append(request)
+            self.request_times.append(time.monotonic())
+            reply = self.replies.pop(0) if self.replies else self.default
+            self.arrived.notify_all()
+        if http.raw_path != PATH:
+            reply = Reply(404, {"error": {"message": f"no route {http.raw_path}"}})
+        if reply.hold is not None:
+            await self.server.in_thread(reply.hold.wait, 120)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        body = reply.body if reply.body is not None else DEFAULT_ANSWER
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        ctype = "text/plain" if isinstance(body, str) else "application/json"
+        return web.Response(
+            status=reply.status, body=data, headers={"Content-Type": ctype, **reply.headers}
+        )
 
     @property
     def base_url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://127.0.0.1:{self.server.port}/v1"
 
     def wait_for_requests(self, n: int, timeout: float = 30) -> list[Request]:
         with self.arrived:
@@ -125,35 +110,26 @@ class FakeTranscriptionService:
             return list(self.requests)
 
     def start(self) -> FakeTranscriptionService:
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
 
-def _parse(path: str, headers: dict[str, str], raw: bytes) -> Request:
-    ctype = headers.get("Content-Type", "")
+async def _parse(http: web.BaseRequest) -> Request:
     fields: dict[str, str] = {}
     file_name = file_type = None
     file_bytes = b""
-    if ctype.startswith("multipart/form-data"):
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {ctype}\r\n\r\n".encode() + raw
-        )
-        for part in message.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            payload = part.get_payload(decode=True) or b""
-            if part.get_filename() is not None:
-                file_name, file_type, file_bytes = (
-                    part.get_filename(),
-                    part.get_content_type(),
-                    payload,
-                )
-            else:
-                fields[str(name)] = payload.decode()
-    return Request(path, headers, fields, file_name, file_type, file_bytes)
+    form = await http.post()  # multipart (or urlencoded) fields, parsed by aiohttp
+    for name, value in form.items():
+        if isinstance(value, web.FileField):
+            file_name, file_type, file_bytes = value.filename, value.content_type, value.file.read()
+        else:
+            fields[name] = str(value)
+    await http.read()
+    headers = CIMultiDict(http.headers)
+    return Request(http.raw_path, headers, fields, file_name, file_type, file_bytes)
 
 
 @contextmanager

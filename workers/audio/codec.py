@@ -108,6 +108,8 @@ def stream_decode(
             if not container.streams.audio:
                 raise AudioDecodeError("no audio stream")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # a damaged header can leave no decoder
+                raise AudioDecodeError("the audio stream has no decoder")
             codec, in_rate, channels = stream.codec_context.name, stream.rate, stream.channels
             for frame in container.decode(stream):
                 _check_layout(frame.sample_rate, frame.layout.nb_channels)

@@ -33,19 +33,18 @@ import logging
 import math
 import re
 import secrets
-import socket
-import socketserver
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import jwt
+from aiohttp import web
 
+from workers.dev.http_server import BackgroundServer
 from workers.dev.simulator import geo
 from workers.dev.simulator.audio import WRONG_TYPE_PAGE, load_clips, oversize_stream, truncated
 from workers.dev.simulator.faults import INTERNAL_REDIRECT_TARGET, AudioFault, Faults
@@ -71,6 +70,7 @@ DEMO_API_KEYS: dict[str, tuple[str, str]] = {
 }
 DEMO_USERS: dict[str, tuple[str, int]] = {"demo": ("demo", 1001)}
 
+SERVER_NAME = "bcfy-sim/1"  # the Server header
 MAX_TOKEN_LIFETIME_SEC = 86_400
 LIVE_SELECTORS = ("playlist_uuid", "sid", "nodeId", "groups")
 # What a number in a path or query parameter is expected to be (the error's title says it).
@@ -145,10 +145,8 @@ class FeedSimulator:
         self.users = dict(DEMO_USERS if users is None else users)
         self.clock = clock or time.time
         self.faults = Faults()
-        self._httpd = _HTTPServer((host, port), _Handler)
-        self._httpd.sim = self
-        bound_port = self._httpd.server_address[1]
-        self.audio_host = f"{host}:{bound_port}"
+        self._http = BackgroundServer(self._serve, host=host, port=port, name="bcfy-sim")
+        self.audio_host = f"{host}:{self._http.port}"
         self.url = f"http://{self.audio_host}"
         clips, silence = load_clips()
         self._feed = Feed(
@@ -169,15 +167,12 @@ class FeedSimulator:
     # --- life cycle -------------------------------------------------------------------------
 
     def start(self) -> FeedSimulator:
-        serve = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="bcfy-sim", daemon=True
-        )
+        self._http.start()
         # Drives the generator in real time, so calls appear (and are logged) as they happen;
         # every request also catches up, so a ManualClock needs no ticker.
         ticker = threading.Thread(target=self._tick, name="bcfy-sim-clock", daemon=True)
-        self._threads = [serve, ticker]
-        for thread in self._threads:
-            thread.start()
+        self._threads = [ticker]
+        ticker.start()
         return self
 
     def _tick(self) -> None:
@@ -186,10 +181,7 @@ class FeedSimulator:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._threads:
-            self._httpd.shutdown()
-        self._httpd.close_connections()
-        self._httpd.server_close()
+        self._http.stop()  # kept-alive connections end with the server, not with their client
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads = []
@@ -274,7 +266,42 @@ class FeedSimulator:
     def stats(self, per_call: bool = False) -> dict[str, Any]:
         return {**self._feed.stats(per_call), "requests": dict(self.requests)}
 
-    # --- request handling (called from the handler's threads) ------------------------------
+    # --- request handling -------------------------------------------------------------------
+
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's handler: the answer is made in a thread of its own (handle_* may block:
+        latency, a test holding a request back), then sent from here."""
+        started = time.perf_counter()
+        parts = urlsplit(request.raw_path)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        body = await request.read()
+        try:
+            answer = await self._http.in_thread(
+                self._answer, request.method, parts.path, query, request.headers, body
+            )
+        except Exception:
+            log.exception("simulator error on %s %s", request.method, request.raw_path)
+            answer = _Answer(b"simulator error\n", 500, "text/plain")
+        response = await _send(request, answer)
+        elapsed = (time.perf_counter() - started) * 1000
+        log.info(
+            "%s %s -> %d%s %.1f ms",
+            request.method,
+            request.raw_path,
+            answer.status,
+            f" {answer.records} records" if answer.records else "",
+            elapsed,
+        )
+        return response
+
+    def _answer(
+        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+    ) -> _Answer:
+        if path.startswith("/audio/"):
+            return self.handle_audio(path)
+        if path.startswith("/_sim/"):
+            return self.handle_control(method, path, query, body)
+        return self.handle_api("GET" if method == "HEAD" else method, path, query, headers, body)
 
     def handle_api(
         self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
@@ -574,118 +601,22 @@ def _only_params(query: Mapping[str, list[str]], allowed: set[str]) -> None:
         raise ApiError(E_BAD_REQUEST, f"unknown parameter {sorted(unknown)[0]!r}")
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    sim: FeedSimulator
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        self.open_connections: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer's own looks the host's name up (socket.getfqdn), which can stall.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def track(self, conn: socket.socket, alive: bool) -> None:
-        with self._conn_lock:
-            (self.open_connections.add if alive else self.open_connections.discard)(conn)
-
-    def close_connections(self) -> None:
-        """Kept-alive connections end with the server, not when their client leaves."""
-        with self._conn_lock:
-            for conn in self.open_connections:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
-    server_version = "bcfy-sim/1"
-    timeout = 120  # an idle kept-alive connection is closed after this
-    # Headers and body leave in one write where they fit (no Nagle / delayed-ACK stalls).
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, alive=True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, alive=False)
-        try:
-            super().finish()
-        except OSError:
-            pass  # the client left without reading the whole answer (one over its cap)
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
-        started = time.perf_counter()
-        sim = self.server.sim
-        parts = urlsplit(self.path)
-        path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        try:
-            if path.startswith("/audio/"):
-                answer = sim.handle_audio(path)
-            elif path.startswith("/_sim/"):
-                answer = sim.handle_control(method, path, query, body)
-            else:
-                api_method = "GET" if method == "HEAD" else method
-                answer = sim.handle_api(api_method, path, query, self.headers, body)
-        except Exception:
-            log.exception("simulator error on %s %s", method, self.path)
-            answer = _Answer(b"simulator error\n", 500, "text/plain")
-        self._send(answer, head_only=method == "HEAD")
-        elapsed = (time.perf_counter() - started) * 1000
-        log.info(
-            "%s %s -> %d%s %.1f ms",
-            method,
-            self.path,
-            answer.status,
-            f" {answer.records} records" if answer.records else "",
-            elapsed,
-        )
-
-    def _send(self, answer: _Answer, head_only: bool) -> None:
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        chunked = answer.length is None
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Content-Length", str(answer.length))
-        self.end_headers()
-        if head_only:
-            self.wfile.flush()
-            return
-        try:
-            if isinstance(answer.body, bytes):
-                self.wfile.write(answer.body)
-            else:
-                for chunk in answer.body:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                if chunked:
-                    self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client hung up (a size limit, say): fine
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request is logged in _dispatch
+async def _send(request: web.BaseRequest, answer: _Answer) -> web.StreamResponse:
+    headers = {"Server": SERVER_NAME, "Content-Type": answer.content_type, **answer.headers}
+    if isinstance(answer.body, bytes):
+        return web.Response(status=answer.status, body=answer.body, headers=headers)
+    response = web.StreamResponse(status=answer.status, headers=headers)
+    if answer.length is None:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = answer.length
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    try:
+        for chunk in answer.body:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client hung up (a size limit, say): fine
+    return response
