@@ -326,7 +326,8 @@ class FeedSimulator:
             return injected
         try:
             principal = self._authenticate(headers.get("Authorization"))
-            return getattr(self, f"_api_{name}")(principal, query, body, *args)
+            handler: Callable[..., _Answer] = getattr(self, f"_api_{name}")
+            return handler(principal, query, body, *args)
         except ApiError as exc:
             return _error(exc.code, exc.title, exc.http_status)
         except PollTooSoon as exc:
