@@ -51,3 +51,53 @@ def test_the_suite_runs_on_throwaway_servers_when_none_answer():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_an_index_claimed_by_a_killed_run_is_taken_over(services):
+    """A run killed without its clean-up (SIGKILL) leaves its Redis index claimed; the next run
+    takes it over instead of losing it, or fifteen such runs would leave none."""
+    import socket
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import redis
+
+    from workers.dev.services import empty_redis_db
+
+    claim_key = f"bcfy:test-claim-{uuid.uuid4().hex}"  # only this test uses it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def client(index: int) -> redis.Redis:
+        return redis.Redis.from_url(
+            urlunsplit(urlsplit(services.redis_url)._replace(path=f"/{index}"))
+        )
+
+    live_owner = f"{socket.gethostname()}:{os.getpid()}"
+    empty = []
+    for index in range(15, 0, -1):
+        with client(index) as c:
+            if c.dbsize() == 0:
+                empty.append(index)
+    # The dead run's index must hold nothing of a live run's: it is flushed when taken over.
+    assert empty, "no empty Redis database index to play the killed run's"
+    stale = empty[-1]
+    placed = []
+    try:
+        for index in range(15, 0, -1):  # every index is claimed: by us, alive, or by the dead
+            owner = f"{socket.gethostname()}:{dead.pid}" if index == stale else live_owner
+            with client(index) as c:
+                if c.set(claim_key, owner, nx=True):
+                    placed.append(index)
+        assert stale in placed
+        with client(stale) as c:
+            c.set(f"{claim_key}:left-over", "1")
+        with empty_redis_db(services.redis_url, claim_key) as url:
+            assert urlsplit(url).path == f"/{stale}"
+            with client(stale) as c:
+                assert c.get(f"{claim_key}:left-over") is None  # flushed before reuse
+                assert c.get(claim_key).decode() == live_owner
+    finally:
+        for index in placed:
+            with client(index) as c:
+                c.delete(claim_key)

@@ -270,14 +270,21 @@ def postgres_server(dsn: str | None = None, *, reuse: bool = True) -> Iterator[s
 def empty_redis_db(base_url: str, claim_key: str) -> Iterator[str]:
     """The URL of an empty database index on base_url's server that no one else uses, marked
     as ours with `claim_key`; flushed on exit."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
     for index in range(15, 0, -1):
         # The index goes in the URL: a URL's own /N would override a db= argument.
         url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
         client = redis.Redis.from_url(url)
-        if client.set(claim_key, str(os.getpid()), nx=True):
+        if client.set(claim_key, me, nx=True):
             if client.dbsize() == 1:
                 break
             client.delete(claim_key)  # someone's data lives here: not ours to use
+        elif _claimed_by_a_dead_process(client.get(claim_key)):
+            # A run killed without its clean-up (SIGKILL) left its index claimed: take it over,
+            # or every such run would leave one index fewer for the next.
+            client.flushdb()
+            if client.set(claim_key, me, nx=True):
+                break
         client.close()
     else:
         raise ServiceError(f"no empty Redis database index free on {base_url}")
@@ -286,6 +293,24 @@ def empty_redis_db(base_url: str, claim_key: str) -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+
+
+def _claimed_by_a_dead_process(owner: bytes | str | None) -> bool:
+    """Whether a claim ("host:pid", or a bare pid from before hosts were named) is this
+    machine's and its process is gone."""
+    if owner is None:
+        return False
+    text = owner.decode(errors="replace") if isinstance(owner, bytes) else owner
+    host, _, pid = text.rpartition(":")
+    if host not in ("", socket.gethostname()) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, someone else's
+    return False
 
 
 @contextlib.contextmanager
