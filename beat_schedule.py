@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypedDict
 
@@ -26,24 +27,96 @@ import redis
 from celery.beat import PersistentScheduler, ScheduleEntry
 
 from workers.core.clock import Reporter, measure
-from workers.core.settings import Settings, get_settings
+from workers.core.settings import Settings
 
 # Headers on every tick; workers.core.jobs.tick_of reads them.
 TICK_INTERVAL_HEADER = "bcfy_tick_interval"
 TICK_GRACE_HEADER = "bcfy_tick_grace"
 TICK_SENT_HEADER = "bcfy_tick_sent_ms"  # Redis's clock when beat sent it; set per tick
 
-# beat entry name -> (task name, the Settings attribute giving its interval)
-PERIODIC_JOBS: dict[str, tuple[str, str]] = {
-    "ingest-poll-playlists": ("tasks.ingest.poll_followed_playlists", "ingest_interval_sec"),
-    "audio-process-pending": ("tasks.audio.process_pending_audio", "audio_worker_interval_sec"),
-    "transcription-dispatch": (
-        "tasks.transcription.dispatch_ready_calls",
-        "transcription_dispatch_interval_sec",
+QUEUES = ("ingest", "audio", "transcription")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One Celery task, declared once. The app's routes, beat's schedule, the tasks' time limits
+    and `bcfy status`'s job list are all derived from JOBS (a test checks that every registered
+    task is declared here). Settings are named by their Settings attribute, read when a process
+    starts (workers.app.configure)."""
+
+    name: str  # the Celery task name: fixed, deployed schedules and queued messages use it
+    queue: str
+    # A periodic job: beat's entry name (kept in beat's schedule file) and the settings giving
+    # its interval and its misfire grace. None for a task sent by other tasks.
+    entry: str | None = None
+    interval_setting: str | None = None
+    grace_setting: str = "job_misfire_grace_sec"
+    # Celery's time limits. With `backstop`, the body has its own asyncio deadline at the soft
+    # setting, and Celery's soft limit (between soft and hard) is only the backstop.
+    soft_limit_setting: str = "job_soft_time_limit_sec"
+    hard_limit_setting: str = "job_time_limit_sec"
+    backstop: bool = True
+
+    def time_limits(self, settings: Settings) -> dict[str, float]:
+        soft = float(getattr(settings, self.soft_limit_setting))
+        hard = float(getattr(settings, self.hard_limit_setting))
+        if self.backstop:
+            return {"soft_time_limit": (soft + hard) / 2, "time_limit": hard}
+        return {"soft_time_limit": soft, "time_limit": hard}
+
+
+JOBS: tuple[Job, ...] = (
+    Job(
+        "tasks.ingest.poll_followed_playlists",
+        "ingest",
+        entry="ingest-poll-playlists",
+        interval_setting="ingest_interval_sec",
     ),
-    "geo-refresh": ("tasks.geo.refresh_geo_data", "geo_refresh_interval_sec"),
-    "maintenance": ("tasks.maintenance.prune_history", "maintenance_interval_sec"),
-}
+    Job("tasks.ingest.backfill_gaps", "ingest"),  # triggered by the poll
+    Job(
+        "tasks.audio.process_pending_audio",
+        "audio",
+        entry="audio-process-pending",
+        interval_setting="audio_worker_interval_sec",
+    ),
+    Job("tasks.audio.prepare_calls", "audio"),  # sent by the claim pass
+    # The dispatcher is light: it runs with ingest's jobs, not on the recognisers' queue.
+    Job(
+        "tasks.transcription.dispatch_ready_calls",
+        "ingest",
+        entry="transcription-dispatch",
+        interval_setting="transcription_dispatch_interval_sec",
+    ),
+    # Sent by the dispatcher, one per call; Celery's limits are its only ones.
+    Job(
+        "tasks.transcription.transcribe_call",
+        "transcription",
+        soft_limit_setting="transcribe_soft_time_limit_sec",
+        hard_limit_setting="transcribe_time_limit_sec",
+        backstop=False,
+    ),
+    Job(
+        "tasks.geo.refresh_geo_data",
+        "ingest",
+        entry="geo-refresh",
+        interval_setting="geo_refresh_interval_sec",
+    ),
+    Job(
+        "tasks.maintenance.prune_history",
+        "ingest",
+        entry="maintenance",
+        interval_setting="maintenance_interval_sec",
+    ),
+)
+JOBS_BY_NAME: dict[str, Job] = {job.name: job for job in JOBS}
+PERIODIC_JOBS: tuple[Job, ...] = tuple(job for job in JOBS if job.entry)
+# A task not declared above (the tests' own periodic jobs) is limited as a periodic job is.
+DEFAULT_JOB = Job("", "ingest")
+
+
+def task_routes() -> dict[str, dict[str, str]]:
+    """Celery's `task_routes`: each declared task to its queue (others: the default queue)."""
+    return {job.name: {"queue": job.queue} for job in JOBS}
 
 
 class BeatOptions(TypedDict):
@@ -78,12 +151,16 @@ def tick_headers(interval: float, grace: float, sent_ms: int) -> dict[str, float
 
 
 def build_beat_schedule(settings: Settings) -> dict[str, BeatEntry]:
-    return {
-        entry: beat_entry(
-            task, float(getattr(settings, interval_attr)), settings.job_misfire_grace_sec
+    """Beat's schedule: an entry per periodic job in JOBS, interval and grace from `settings`."""
+    schedule: dict[str, BeatEntry] = {}
+    for job in PERIODIC_JOBS:
+        assert job.entry is not None and job.interval_setting is not None
+        schedule[job.entry] = beat_entry(
+            job.name,
+            float(getattr(settings, job.interval_setting)),
+            float(getattr(settings, job.grace_setting)),
         )
-        for entry, (task, interval_attr) in PERIODIC_JOBS.items()
-    }
+    return schedule
 
 
 class FirstRunScheduler(PersistentScheduler):
@@ -119,15 +196,19 @@ class FirstRunScheduler(PersistentScheduler):
 
     def _redis(self) -> redis.Redis:
         if self._clock is None:
+            from workers.app import configured_settings
+
             self._clock = redis.Redis.from_url(
-                get_settings().redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5
+                configured_settings().redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5
             )
         return self._clock
 
     def _reporter(self) -> Reporter:
         if self._clock_reporter is None:
             node = f"beat@{socket.gethostname()}"
-            grace = get_settings().job_misfire_grace_sec
+            from workers.app import configured_settings
+
+            grace = configured_settings().job_misfire_grace_sec
             self._clock_reporter = Reporter(self._redis(), "beat", node, grace)
         return self._clock_reporter
 

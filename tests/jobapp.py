@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from beat_schedule import beat_entry
-from workers.app import app, settings
+from workers.app import app, configured_settings
 from workers.core.jobs import JobContext, periodic_job
 
 __all__ = ["app"]
@@ -92,9 +93,12 @@ async def whoami(ctx: JobContext, **_: object) -> None:
         await client.aclose()
 
 
-app.conf.beat_schedule = {
-    name: beat_entry(f"tests.jobs.{name}", float(interval), settings.job_misfire_grace_sec)
-    for name, interval in (
-        item.split(":") for item in os.environ.get("TEST_BEAT_JOBS", "").split(",") if item
-    )
-}
+@app.on_after_configure.connect
+def _test_beat_schedule(sender: Any, **_: Any) -> None:
+    grace = configured_settings().job_misfire_grace_sec
+    sender.conf.beat_schedule = {
+        name: beat_entry(f"tests.jobs.{name}", float(interval), grace)
+        for name, interval in (
+            item.split(":") for item in os.environ.get("TEST_BEAT_JOBS", "").split(",") if item
+        )
+    }

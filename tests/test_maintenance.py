@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beat_schedule import PERIODIC_JOBS
+from beat_schedule import JOBS_BY_NAME
 from tests.audio_helpers import insert_call
 from tests.conftest import Services
 from tests.procs import start_beat, start_worker, wait_until
-from workers.app import TASK_ROUTES, app
+from workers.app import app
 from workers.cli.status import totals
 from workers.core.locks import SingletonLock
 from workers.core.runtime import Runtime
@@ -411,9 +411,14 @@ def test_deleting_calls_while_keeping_their_transcripts_is_refused():
 
 
 def test_maintenance_is_a_beat_job_on_the_ingest_queue():
-    assert PERIODIC_JOBS["maintenance"] == (JOB, "maintenance_interval_sec")
+    job = JOBS_BY_NAME[JOB]
+    assert (job.entry, job.interval_setting, job.queue) == (
+        "maintenance",
+        "maintenance_interval_sec",
+        "ingest",
+    )
     assert app.conf.beat_schedule["maintenance"]["task"] == JOB
-    assert TASK_ROUTES["tasks.maintenance.*"] == {"queue": "ingest"}
+    assert app.amqp.router.route({}, JOB)["queue"].name == "ingest"
     assert get_settings().maintenance_interval_sec == 3600
 
 

@@ -81,6 +81,16 @@ def test_a_worker_with_a_bad_setting_stops_at_start_with_the_name():
     assert "Traceback" not in out.stderr
 
 
+def test_a_bad_setting_stops_the_cli_with_its_own_exit_code_and_the_name():
+    """The CLI reads the settings in main() and reports a bad one with exit code 2; no module
+    it imports reads them first (which exited 1 from inside an import)."""
+    out = run([sys.executable, "-m", "workers.cli", "settings"], {"INGEST_INTERVAL_SEC": "-5"})
+    assert out.returncode == 2, out.stderr
+    assert "bcfy: cannot start:" in out.stderr
+    assert "INGEST_INTERVAL_SEC='-5' must be at least 0.1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_cli_prints_settings_redacted():
     out = run(
         [sys.executable, "-m", "workers.cli", "settings"],

@@ -22,12 +22,13 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery, bootsteps, signals
+from celery import Celery, Task, bootsteps, signals
 from kombu import Exchange, Queue
 
-from workers.core.settings import SettingsError, get_settings
+from beat_schedule import DEFAULT_JOB, JOBS_BY_NAME, QUEUES, build_beat_schedule, task_routes
+from workers.core.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     import redis
@@ -35,31 +36,16 @@ if TYPE_CHECKING:
     from celery.worker.worker import WorkController
     from kombu.asynchronous.timer import Entry
 
-    from beat_schedule import BeatEntry
-
-try:
-    settings = get_settings()
-except SettingsError as exc:
-    # A bad setting stops start-up with a message naming it, not a traceback.
-    sys.exit(f"bcfy: cannot start: {exc}")
+__all__ = ["QUEUES", "app", "configure", "configured_settings"]
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("ingest", "audio", "transcription")
-
-# Routed by task name; the first matching pattern wins.
-TASK_ROUTES = {
-    "tasks.transcription.dispatch_*": {"queue": "ingest"},
-    "tasks.transcription.*": {"queue": "transcription"},
-    "tasks.audio.*": {"queue": "audio"},
-    "tasks.ingest.*": {"queue": "ingest"},
-    "tasks.geo.*": {"queue": "ingest"},
-    "tasks.maintenance.*": {"queue": "ingest"},
-}
-
+# Built without settings: importing this module (a task module, `bcfy status`) reads none.
+# Its configuration comes from `configure`, called where a process starts: by the CLI with the
+# settings it read, or, in a Celery process (`celery -A workers.app ...`), when Celery first
+# needs its configuration (the on_configure signal below).
 app = Celery(
     "bcfy",
-    broker=settings.redis_url.reveal(),
     include=[
         "tasks.ingest",
         "tasks.audio",
@@ -69,14 +55,55 @@ app = Celery(
     ],
 )
 
-
-def _beat_schedule() -> dict[str, BeatEntry]:
-    from beat_schedule import build_beat_schedule
-
-    return build_beat_schedule(settings)
+_settings: Settings | None = None
 
 
-def _beat_schedule_file() -> str:
+def configure(settings: Settings) -> None:
+    """Apply `settings` to the app, where a process starts and before it uses the app. The app
+    is configured once per process: a later call changes nothing."""
+    global _settings
+    if _settings is not None:
+        return
+    _settings = settings
+    app.conf.update(celery_config(settings))
+
+
+def configured_settings() -> Settings:
+    """The settings the app was configured with (configuring it now if nothing has)."""
+    app.conf.get("broker_url")  # reading the configuration configures it
+    assert _settings is not None
+    return _settings
+
+
+@app.on_configure.connect
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    """A Celery process (worker, beat, Flower) reads the settings here, once: the first time
+    Celery needs its configuration. A bad setting stops it with a message naming the variable,
+    not a traceback."""
+    if _settings is not None:
+        return  # configured by the process that started (the CLI)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        sys.exit(f"bcfy: cannot start: {exc}")
+    configure(settings)
+
+
+class TimeLimits:
+    """Celery's `task_annotations`: each task's time limits, from the settings its declaration
+    (beat_schedule.JOBS) names. Tasks not declared there (the tests' own periodic jobs) are
+    limited as a periodic job is; Celery's own tasks are left alone."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def annotate(self, task: Task) -> dict[str, float] | None:
+        if task.name.startswith("celery."):
+            return None
+        return JOBS_BY_NAME.get(task.name, DEFAULT_JOB).time_limits(self.settings)
+
+
+def _beat_schedule_file(settings: Settings) -> str:
     """Beat keeps its last-run times here; the directory must exist before beat opens it."""
     state = Path(settings.state_dir)
     with contextlib.suppress(OSError):
@@ -84,40 +111,46 @@ def _beat_schedule_file() -> str:
     return str(state / "celerybeat-schedule")
 
 
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    event_serializer="json",
-    task_ignore_result=True,
-    result_backend=None,
-    task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
-    task_default_queue="ingest",
-    task_routes=[TASK_ROUTES],
-    task_create_missing_queues=False,
-    worker_prefetch_multiplier=1,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    task_time_limit=settings.job_time_limit_sec,
-    broker_transport_options={
-        "visibility_timeout": settings.broker_visibility_timeout_sec,
-    },
-    broker_connection_retry_on_startup=True,
-    # With late acks, a task still running when the broker connection drops would be
-    # delivered again elsewhere; cancelling it avoids running it twice.
-    worker_cancel_long_running_tasks_on_connection_loss=True,
-    # Events for Flower.
-    worker_send_task_events=True,
-    task_send_sent_event=True,
-    timezone="UTC",
-    enable_utc=True,
-    beat_schedule=_beat_schedule(),
-    beat_scheduler="beat_schedule:FirstRunScheduler",
-    beat_schedule_filename=_beat_schedule_file(),
-    beat_max_loop_interval=1,
-    # Beat saves its schedule after every tick: the file's age is its healthcheck.
-    beat_sync_every=1,
-)
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The app's Celery configuration for `settings`."""
+    return {
+        "broker_url": settings.redis_url.reveal(),
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
+        "task_default_queue": "ingest",
+        "task_routes": [task_routes()],
+        "task_annotations": [TimeLimits(settings)],
+        "task_create_missing_queues": False,
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_time_limit": settings.job_time_limit_sec,
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout_sec,
+        },
+        "broker_connection_retry_on_startup": True,
+        # With late acks, a task still running when the broker connection drops would be
+        # delivered again elsewhere; cancelling it avoids running it twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": build_beat_schedule(settings),
+        "beat_scheduler": "beat_schedule:FirstRunScheduler",
+        "beat_schedule_filename": _beat_schedule_file(settings),
+        "beat_max_loop_interval": 1,
+        # Beat saves its schedule after every tick: the file's age is its healthcheck.
+        "beat_sync_every": 1,
+    }
 
 
 @signals.worker_process_init.connect
@@ -167,6 +200,7 @@ class ClockReport(bootsteps.StartStopStep):
 
         from workers.core.clock import REPORT_EVERY_SEC, Reporter
 
+        settings = configured_settings()
         self.client = redis.Redis.from_url(
             settings.redis_url.reveal(), socket_timeout=2, socket_connect_timeout=2
         )

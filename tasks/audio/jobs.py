@@ -21,8 +21,8 @@ from tasks.audio.claims import (
     split_evenly,
 )
 from tasks.audio.preparation import CallPreparer, stale_temp_age, store_for
-from workers.app import app, settings
-from workers.core.jobs import JobContext, backstop_time_limits, periodic_job, process_id
+from workers.app import app
+from workers.core.jobs import JobContext, periodic_job, process_id
 from workers.core.locks import new_token
 from workers.core.runtime import Runtime
 
@@ -82,17 +82,15 @@ async def process_pending_audio(ctx: JobContext) -> None:
     )
 
 
-# celery-types declares the time limits as int; Celery takes seconds as a float.
-@app.task(  # type: ignore[call-overload]
+@app.task(
     name=PREPARE_TASK,
     bind=True,
     ignore_result=True,
     # Acked when done: a worker lost mid-task has the message delivered again, and the calls
     # still leased to this claim are then prepared by the next process (others are skipped).
     acks_late=True,
-    # The asyncio deadline at the soft limit cancels the calls (their leases then run out and
-    # they are claimed again).
-    **backstop_time_limits(settings.job_soft_time_limit_sec, settings.job_time_limit_sec),
+    # Time limits: beat_schedule.JOBS. The asyncio deadline at JOB_SOFT_TIME_LIMIT_SEC
+    # cancels the calls (their leases then run out and they are claimed again).
 )
 def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = False) -> dict:
     """Prepare a few claimed calls at once; then hand ready ones to transcription."""

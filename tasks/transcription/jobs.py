@@ -36,7 +36,7 @@ from tasks.transcription.policy import (
     backoff_sec,
     reason,
 )
-from workers.app import app, settings
+from workers.app import app
 from workers.core.jobs import JobContext, periodic_job, process_id
 from workers.core.runtime import Runtime
 from workers.recognizers import (
@@ -69,16 +69,14 @@ async def dispatch_ready_calls(ctx: JobContext) -> None:
         )
 
 
-# celery-types declares the time limits as int; Celery takes seconds as a float.
-@app.task(  # type: ignore[call-overload]
+@app.task(
     name=TRANSCRIBE_TASK,
     bind=True,
     ignore_result=True,
     acks_late=True,
     # The database counts attempts (TRANSCRIBE_MAX_ATTEMPTS), across retries and re-dispatches.
     max_retries=None,
-    soft_time_limit=settings.transcribe_soft_time_limit_sec,
-    time_limit=settings.transcribe_time_limit_sec,
+    # Time limits (TRANSCRIBE_SOFT_TIME_LIMIT_SEC, TRANSCRIBE_TIME_LIMIT_SEC): beat_schedule.JOBS.
 )
 def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str:
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""

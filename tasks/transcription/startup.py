@@ -13,7 +13,7 @@ from typing import Any
 from celery import signals
 
 from tasks.transcription.dispatch import QUEUE
-from workers.app import settings
+from workers.app import configured_settings
 from workers.recognizers import RecognizerConfigError, build_recognizer
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ def _check_recognizer_at_start(sender: Any = None, **_: Any) -> None:
         return
     if QUEUE not in queues:
         return
+    settings = configured_settings()
     try:
         recognizer = build_recognizer(settings)
     except RecognizerConfigError as exc:

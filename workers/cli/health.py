@@ -16,7 +16,7 @@ def check(what: str, arg: str | None, settings: Settings) -> tuple[bool, str]:
     if what == "beat":
         return _beat(settings)
     if what == "worker":
-        return _worker(arg or "ingest")
+        return _worker(arg or "ingest", settings)
     if what == "metrics":
         return _http_ok(f"http://127.0.0.1:{int(arg or settings.metrics_port)}/metrics", "metrics")
     return _http_ok(f"http://127.0.0.1:{int(arg or 5555)}/healthcheck", "flower")
@@ -37,9 +37,10 @@ def _beat(settings: Settings) -> tuple[bool, str]:
     return age <= limit, f"beat last ticked {age:.0f}s ago (limit {limit:.0f}s)"
 
 
-def _worker(queue: str) -> tuple[bool, str]:
-    from workers.app import app
+def _worker(queue: str, settings: Settings) -> tuple[bool, str]:
+    from workers.app import app, configure
 
+    configure(settings)
     node = f"{queue}@{socket.gethostname()}"
     replies = app.control.ping(destination=[node], timeout=5.0) or []
     if any(node in reply for reply in replies):

@@ -19,8 +19,7 @@ import psycopg
 import redis
 from psycopg.rows import TupleRow
 
-from beat_schedule import PERIODIC_JOBS
-from workers.app import QUEUES
+from beat_schedule import PERIODIC_JOBS, QUEUES
 from workers.cli import Subparsers
 from workers.core import clock
 from workers.core.counters import COUNTERS
@@ -288,8 +287,13 @@ def _from_database(snap: Snapshot, conn: psycopg.Connection[TupleRow], *, detail
 # --- Redis and the workers --------------------------------------------------------------------
 
 
+def periodic_job_names() -> list[str]:
+    """The periodic jobs' task names, as beat_schedule.JOBS declares them."""
+    return [job.name for job in PERIODIC_JOBS]
+
+
 def _from_redis(snap: Snapshot, client: redis.Redis) -> None:
-    for task, _interval in PERIODIC_JOBS.values():
+    for task in periodic_job_names():
         entry = snap.jobs.setdefault(task, {})
         entry["lock_holder"] = holder_of(client, task)
         entry["lock_skips"] = skip_count(client, task)
@@ -297,9 +301,10 @@ def _from_redis(snap: Snapshot, client: redis.Redis) -> None:
         snap.queues[queue] = int(client.llen(queue))
 
 
-def _from_workers(snap: Snapshot, timeout: float) -> None:
-    from workers.app import app
+def _from_workers(snap: Snapshot, settings: Settings, timeout: float) -> None:
+    from workers.app import app, configure
 
+    configure(settings)
     replies = app.control.inspect(timeout=timeout).active_queues() or {}
     online: dict[str, list[str]] = {queue: [] for queue in QUEUES}
     for node, queues in sorted(replies.items()):
@@ -325,7 +330,7 @@ def snapshot(
     parts: list[tuple[str, Callable[[], None]]] = [
         ("database", lambda: _with_db(settings, snap, totals, connect)),
         ("redis", lambda: _with_redis(settings, snap)),
-        ("workers", lambda: _from_workers(snap, workers_timeout)),
+        ("workers", lambda: _from_workers(snap, settings, workers_timeout)),
     ]
     for name, read in parts:
         try:
@@ -374,7 +379,7 @@ def _clock_offsets(snap: Snapshot, client: redis.Redis, grace_sec: float) -> Non
                 f"JOB_MISFIRE_GRACE_SEC ({grace_sec:g}s); ticks are timed by Redis's clock, but "
                 "the times it writes (job runs, logs) are off by as much: fix its clock (NTP)"
             )
-    for task, _interval in PERIODIC_JOBS.values():
+    for task in periodic_job_names():
         snap.jobs.setdefault(task, {})["late_ticks"] = late_count(client, task)
 
 

@@ -39,10 +39,10 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from psycopg.rows import TupleRow
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
-from workers.app import app
+from workers.app import app, configured_settings
 from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
 from workers.core.runtime import Runtime, db_connection, in_pool_child
-from workers.core.settings import Settings, get_settings
+from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +81,31 @@ class JobContext:
 
 JobBody = Callable[..., Awaitable[Any]]
 
-# The periodic jobs' task names and their hard time limits (for _record_hard_time_limit).
-_HARD_LIMITS: dict[str, float] = {}
+# The periodic jobs' task names (for _record_hard_time_limit).
+_PERIODIC: set[str] = set()
 # Task ids of the killed runs recorded so far (Celery signals task_failure twice for one).
 _RECORDED_KILLS: deque[str] = deque(maxlen=256)
 
 
-def periodic_job(
-    name: str,
-    *,
-    rerun_on_trigger: bool = False,
-    soft_time_limit: float | None = None,
-    time_limit: float | None = None,
-) -> Callable[[JobBody], Task]:
-    """Register an async job body as a singleton Celery task named `name`.
+def periodic_job(name: str, *, rerun_on_trigger: bool = False) -> Callable[[JobBody], Task]:
+    """Register an async job body as a singleton Celery task named `name` (declared, with its
+    queue, interval and time limits, in beat_schedule.JOBS).
 
     rerun_on_trigger: a trigger (not a beat tick) that arrives while the job runs makes the
     running holder do one more pass when it finishes, instead of being dropped.
+
+    The body's asyncio deadline is JOB_SOFT_TIME_LIMIT_SEC: it cancels a well-behaved body
+    cleanly first; Celery's signal-based limits (the app's task_annotations, between the soft
+    and the hard limit) are the backstop for one that blocks its loop.
     """
-    settings = get_settings()
-    soft = soft_time_limit or settings.job_soft_time_limit_sec
-    hard = time_limit or settings.job_time_limit_sec
 
     def decorate(body: JobBody) -> Task:
         def run(self: Task, **kwargs: Any) -> str:
-            return run_singleton(self, body, kwargs, rerun_on_trigger=rerun_on_trigger, soft=soft)
+            return run_singleton(self, body, kwargs, rerun_on_trigger=rerun_on_trigger)
 
         run.__doc__ = body.__doc__
         run.__name__ = body.__name__
-        # celery-types declares the time limits as int; Celery takes seconds as a float.
-        task: Task = app.task(  # type: ignore[call-overload]
+        task: Task = app.task(
             name=name,
             bind=True,
             ignore_result=True,
@@ -118,19 +113,11 @@ def periodic_job(
             # an idle worker takes it. A tick redelivered after a crash is past its grace by
             # then (by Redis's clock) and dropped, so late acks never make a run late.
             acks_late=True,
-            **backstop_time_limits(soft, hard),
         )(run)
-        _HARD_LIMITS[name] = hard
+        _PERIODIC.add(name)
         return task
 
     return decorate
-
-
-def backstop_time_limits(soft: float, hard: float) -> dict[str, float]:
-    """Celery's limits for a task whose body has an asyncio deadline at `soft`: the deadline
-    cancels a well-behaved body cleanly first; Celery's signal-based limits, between `soft` and
-    `hard`, are the backstop for one that blocks its loop."""
-    return {"soft_time_limit": (soft + hard) / 2, "time_limit": hard}
 
 
 def worker_name(task: Task) -> str:
@@ -214,10 +201,11 @@ def tick_of(request: Any) -> Tick | None:
 
 
 def run_singleton(
-    task: Task, body: JobBody, kwargs: dict[str, Any], *, rerun_on_trigger: bool, soft: float
+    task: Task, body: JobBody, kwargs: dict[str, Any], *, rerun_on_trigger: bool
 ) -> str:
     rt = Runtime.current()
     s = rt.settings
+    soft = s.job_soft_time_limit_sec
     job = lock_name(task.name, kwargs)
     worker = worker_name(task)
     lock = SingletonLock(
@@ -391,13 +379,13 @@ def _record_hard_time_limit(
     connection crosses a fork. The lock is left to run out (LOCK_TTL_SEC): its holder is being
     killed, and the renewing thread dies with it."""
     name = getattr(sender, "name", None)
-    if not isinstance(exception, TimeLimitExceeded) or name not in _HARD_LIMITS:
+    if not isinstance(exception, TimeLimitExceeded) or name not in _PERIODIC:
         return
     if task_id in _RECORDED_KILLS:
         return
     _RECORDED_KILLS.append(str(task_id))
-    s = get_settings()
-    hard = _HARD_LIMITS[name]
+    s = configured_settings()
+    hard = float(getattr(sender, "time_limit", None) or s.job_time_limit_sec)
     job = lock_name(name, kwargs or {})
     ended = _now()
     worker = f"{socket.gethostname()}:{os.getpid()}"
