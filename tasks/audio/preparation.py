@@ -28,6 +28,7 @@ from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore, call_keys
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ class CallPreparer:
                     "state": "failed" if final else "pending",
                     "delay": delay,
                     "code": failure.code,
-                    "error": failure.detail[:2000],
+                    "error": error_text(failure.detail),
                 },
             )
             await self.end_attempt(
@@ -352,7 +353,7 @@ class CallPreparer:
                 "attempt_id": call.attempt_id,
                 "outcome": outcome,
                 "code": code,
-                "error": error[:2000] if error else None,
+                "error": error_text(error) if error else None,
                 "bytes": call.bytes,
                 "download_ms": call.download_ms,
                 "prepare_ms": call.prepare_ms,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from workers.audio.codec import AudioDecodeError
 from workers.core.settings import Settings
+from workers.core.text import error_text
 from workers.recognizers import PermanentRecognitionError, TransientRecognitionError
 
 # Failures no retry can mend.
@@ -70,4 +71,4 @@ def reason(exc: BaseException) -> str:
         text = f"prepared audio cannot be decoded: {exc}"
     elif not isinstance(exc, PermanentRecognitionError | TransientRecognitionError):
         text = f"{type(exc).__name__}: {text}"
-    return text[:2000]
+    return error_text(text)

@@ -43,6 +43,7 @@ from workers.app import app
 from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
 from workers.core.runtime import Runtime, db_connection, in_pool_child
 from workers.core.settings import Settings, get_settings
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def _install_sigterm(loop: asyncio.AbstractEventLoop, on_term: Callable[[], None
 
 def _error_text(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return text[:2000]
+    return error_text(text)
 
 
 def _now() -> datetime:
