@@ -26,6 +26,7 @@ from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
 from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.core.backoff import backoff_sec
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 from workers.core.text import error_text
@@ -102,15 +103,6 @@ class ChunkOutcome:
     lease_lost: int = 0
     skipped: int = 0  # not ours any more (ready already, or claimed again) when the task began
     unrecorded: int = 0  # the outcome could not be written (database down): the lease runs out
-
-
-def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
-    """Delay before the next attempt after `attempts` attempts."""
-    delay: float = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
-    delay = min(delay, settings.audio_retry_max_sec)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
-    return delay
 
 
 def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailure:
@@ -315,7 +307,12 @@ class CallPreparer:
                 return "lease_lost"
             attempts = row[0]
             final = not failure.retry or attempts >= self.s.audio_max_attempts
-            delay = 0.0 if final else backoff_sec(self.s, attempts, failure.retry_after)
+            delay = 0.0
+            if not final:
+                s = self.s
+                delay = backoff_sec(
+                    attempts, s.audio_retry_base_sec, s.audio_retry_max_sec, failure.retry_after
+                )
             await conn.execute(
                 MARK_FAILED,
                 {

@@ -33,8 +33,8 @@ from tasks.transcription.policy import (
     PERMANENT_ERRORS,
     GiveUp,
     after_failed_attempt,
-    backoff_sec,
     reason,
+    retry_wait,
 )
 from workers.app import app, settings
 from workers.core.jobs import JobContext, periodic_job, process_id
@@ -91,7 +91,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
         # Nothing claimed: try again later (the dispatcher's lease covers a lost retry too).
         # A retry of our own claim keeps `reclaim`: after a database outage the claim may still
         # name this process, and without it the retry would drop the call as a duplicate.
-        countdown = backoff_sec(self.request.retries + 1, s)
+        countdown = retry_wait(self.request.retries + 1, s)
         log.warning("call %s: cannot claim (%s); retry in %gs", call_id, exc, countdown)
         raise self.retry(
             countdown=countdown, kwargs={"call_id": call_id, "reclaim": reclaim}
