@@ -42,7 +42,9 @@ CLAIM_MARGIN_SEC = 10.0
 
 
 @dataclass(frozen=True)
-class Claim:
+class TranscriptionClaim:
+    """A call this process now holds for transcription: its attempt number and audio file."""
+
     attempt: int
     prepared_path: str
 
@@ -53,7 +55,7 @@ class Skip(str):
 
 async def claim_call(
     call_id: int, worker: str, settings: Settings, reclaim: str | None = None
-) -> Claim | Skip:
+) -> TranscriptionClaim | Skip:
     """Take the call for this worker, or say why not. One transaction."""
     async with db_connection() as conn:
         row = await (
@@ -102,7 +104,7 @@ async def claim_call(
                 WHERE call_id = %s""",
             (worker, settings.transcribe_time_limit_sec + CLAIM_MARGIN_SEC, call_id),
         )
-        return Claim(attempts + 1, prepared)
+        return TranscriptionClaim(attempts + 1, prepared)
 
 
 async def store_transcript(
