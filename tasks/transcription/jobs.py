@@ -43,7 +43,6 @@ from workers.recognizers import (
     TransientRecognitionError,
     forget_process_recognizer,
     process_recognizer,
-    run_on_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
     s = rt.settings
     worker = process_id(self)
     try:
-        claim = run_on_loop(rt.loop, claim_call(call_id, worker, s, reclaim))
+        claim = rt.run(claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:
         # Nothing claimed: try again later (the dispatcher's lease covers a lost retry too).
         # A retry of our own claim keeps `reclaim`: after a database outage the claim may still
@@ -110,7 +109,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
             raise FileNotFoundError(2, "no such file", str(audio))
         result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
-        inserted = run_on_loop(rt.loop, store_transcript(call_id, backend, result, elapsed))
+        inserted = rt.run(store_transcript(call_id, backend, result, elapsed))
     except PERMANENT_ERRORS as exc:
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)
@@ -162,6 +161,6 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
 def _try(rt: Runtime, coro: Coroutine[Any, Any, None], call_id: int) -> None:
     """Bookkeeping that must not turn one failure into another (the leases cover its loss)."""
     try:
-        run_on_loop(rt.loop, coro)
+        rt.run(coro)
     except Exception as exc:
         log.error("call %s: could not record the outcome: %s", call_id, reason(exc))

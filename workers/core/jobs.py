@@ -41,7 +41,7 @@ from psycopg.rows import TupleRow
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app
 from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
-from workers.core.runtime import Runtime, db_connection, in_pool_child
+from workers.core.runtime import Runtime, db_connection, in_pool_child, run_to_completion
 from workers.core.settings import Settings, get_settings
 from workers.core.text import error_text
 
@@ -311,7 +311,7 @@ def _run_body_holding(
     on_sigterm = _install_sigterm(loop, lambda: cancel("terminated by SIGTERM"))
     lock.start_renewing()
     try:
-        loop.run_until_complete(main)
+        run_to_completion(loop, main)
         return OK, None
     except asyncio.CancelledError:
         if lock.lost:
@@ -341,14 +341,6 @@ def _run_body_holding(
         lock.on_lost = None
         if on_sigterm:
             loop.remove_signal_handler(signal.SIGTERM)
-        if not main.done():
-            # Interrupted from outside the loop (a Celery soft limit): cancel the body and let
-            # it unwind, so its connections and files are given back.
-            main.cancel()
-            try:
-                loop.run_until_complete(asyncio.wait([main], timeout=5))
-            except BaseException:
-                log.exception("job %s: body did not unwind cleanly", ctx.job)
 
 
 class _Terminated(SystemExit):

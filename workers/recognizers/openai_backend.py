@@ -30,7 +30,6 @@ from workers.recognizers import (
     RecognizerConfigError,
     Segment,
     TransientRecognitionError,
-    run_on_loop,
     vocabulary_terms,
 )
 
@@ -52,7 +51,7 @@ class OpenAIRecognizer:
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
         rt = Runtime.current()
-        return run_on_loop(rt.loop, self.transcribe_bytes(rt.http, audio, name))
+        return rt.run(self.transcribe_bytes(rt.http, audio, name))
 
     async def transcribe_bytes(
         self, http: httpx.AsyncClient, audio: bytes, name: str
