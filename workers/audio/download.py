@@ -37,7 +37,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from workers.clients.retry_after import retry_after_sec
+from workers.clients.http import retry_after_of
 from workers.core.settings import split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -254,12 +254,13 @@ def _request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
 def _check_response(response: httpx.Response, url: str, max_bytes: int) -> None:
     status = response.status_code
     if status != 200:
+        # Tried again up to AUDIO_MAX_ATTEMPTS whatever the status (workers.clients.http says
+        # which are transient, and so whose Retry-After counts).
         reason = response.reason_phrase or ""
-        asked = response.headers.get("retry-after") if status in (429, 503) else None
         raise AudioFailure(
             f"http_{status}",
             f"GET {url} answered {status} {reason}".rstrip(),
-            retry_after=retry_after_sec(asked),
+            retry_after=retry_after_of(response),
         )
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith(NOT_AUDIO_TYPES):

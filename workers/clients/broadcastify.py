@@ -9,7 +9,8 @@ BCFY_JWT_RENEW_MARGIN_SEC of its expiry is replaced first. With BCFY_USERNAME/BC
 the client logs in once (`/common/v1/auth`, app-only token) and adds `sub`/`utk` to its tokens.
 
 Errors (all subclasses of BroadcastifyError; `status` is the HTTP status when one came back):
-  * TransientError - timeouts, connection errors, 429 (honouring Retry-After), 5xx. Retried with
+  * TransientError - timeouts, connection errors, the transient statuses (429, 5xx, ... as
+    workers.clients.http classifies them; their Retry-After honoured). Retried with
     tenacity: exponential backoff with jitter, at most BCFY_RETRY_ATTEMPTS attempts, none
     started after BCFY_RETRY_BUDGET_SEC, so a request with its retries fits inside one run.
   * ConfigurationError - error 108 (unknown key id), missing credentials, a rejected login.
@@ -55,7 +56,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from workers.clients.retry_after import retry_after_sec
+from workers.clients.http import StatusClass, retry_after_of, status_class
 from workers.core.records import JSON, BadValue, JSONObject, parse_json, show, whole_number
 from workers.core.settings import Settings
 
@@ -391,10 +392,11 @@ class BroadcastifyClient:
                     method, self.base + path, params=params, data=data, headers=headers
                 ) as response:
                     status = response.status_code
-                    # 429 and 5xx are retried on their status alone: their bodies are not read.
+                    kind = status_class(status)
+                    # A transient answer is retried on its status alone: its body is not read.
                     content = (
                         b""
-                        if status == 429 or status >= 500
+                        if kind is StatusClass.TRANSIENT
                         else await self._read_body(response, path)
                     )
         except (httpx.TimeoutException, TimeoutError) as exc:
@@ -402,15 +404,13 @@ class BroadcastifyClient:
         except httpx.TransportError as exc:
             raise TransientError(f"{path}: {type(exc).__name__}: {exc}") from None
         log.debug("bcfy api: %s %s -> %d", method, path, status)
-        if status == 429:
+        if kind is StatusClass.TRANSIENT:
             raise TransientError(
-                f"{path}: 429 too many requests",
+                f"{path}: 429 too many requests" if status == 429 else f"{path}: HTTP {status}",
                 status=status,
-                retry_after=retry_after_sec(response.headers.get("Retry-After"), self.clock),
+                retry_after=retry_after_of(response, self.clock),
             )
-        if status >= 500:
-            raise TransientError(f"{path}: HTTP {status}", status=status)
-        if not 200 <= status < 300:
+        if kind is StatusClass.PERMANENT:
             raise BroadcastifyError(f"{path}: HTTP {status}: {_snippet(content)}", status=status)
         try:
             body = parse_json(content)
