@@ -57,7 +57,15 @@ from tenacity import (
 )
 
 from workers.clients.http import StatusClass, retry_after_of, status_class
-from workers.core.records import JSON, BadValue, JSONObject, parse_json, show, whole_number
+from workers.core.records import (
+    JSON,
+    BadValue,
+    JSONObject,
+    parse_json,
+    show,
+    whole_number,
+    whole_number_or_none,
+)
 from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -427,10 +435,8 @@ class BroadcastifyClient:
         """The answer's body, read in chunks up to BCFY_MAX_RESPONSE_BYTES (decoded): a larger
         one is refused as soon as it says so (Content-Length) or grows past the cap."""
         cap = self.settings.bcfy_max_response_bytes
-        try:
-            declared = whole_number(response.headers.get("Content-Length"), "Content-Length", 0)
-        except BadValue:
-            declared = None  # none, or unreadable: the count below still holds
+        # None when absent or unreadable: the count below still holds.
+        declared = whole_number_or_none(response.headers.get("Content-Length"), "Content-Length", 0)
         if declared is not None and declared > cap:
             raise _oversize(path, response.status_code, cap, f"{declared} bytes declared")
         chunks: list[bytes] = []
@@ -512,10 +518,7 @@ class BroadcastifyClient:
         data = body.get("data")
         found = data if isinstance(data, dict) else body
         utk = found.get("token")
-        try:
-            uid = whole_number(found.get("uid"), "uid", 0, 2**63 - 1)
-        except BadValue:
-            uid = None
+        uid = whole_number_or_none(found.get("uid"), "uid", 0, 2**63 - 1)
         if not isinstance(utk, str) or not utk or uid is None:
             raise ConfigurationError("login as BCFY_USERNAME: no uid and token in the answer")
         self._user = (uid, utk)
@@ -536,11 +539,9 @@ def retry_budget(settings: Settings) -> float:
 def _first_error(errors: JSON) -> tuple[int | None, str]:
     first = errors[0] if isinstance(errors, list) and errors else errors
     if isinstance(first, dict):
-        try:
-            code: int | None = whole_number(first.get("code"), "code")
-        except BadValue:
-            code = None
-        return code, _text(first.get("title") or first.get("message") or "")
+        return whole_number_or_none(first.get("code"), "code"), _text(
+            first.get("title") or first.get("message") or ""
+        )
     return None, _text(first)
 
 
