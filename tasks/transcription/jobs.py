@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Coroutine
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ from workers.recognizers import (
 log = logging.getLogger(__name__)
 
 
+class TranscriptionOutcome(StrEnum):
+    """What a delivery of transcribe_call came to (its return value; a retry raises instead)."""
+
+    DONE = "done"  # transcribed (by this delivery, or another stored it first)
+    FAILED = "failed"  # for good, with the reason in call_transcription.last_error
+    SKIPPED = "skipped"  # nothing to do: a duplicate, a call already finished, audio not ready
+
+
 @periodic_job("tasks.transcription.dispatch_ready_calls", rerun_on_trigger=True)
 async def dispatch_ready_calls(ctx: JobContext) -> None:
     """Send ready calls to the transcription queue, as many as it has room for."""
@@ -79,7 +88,7 @@ async def dispatch_ready_calls(ctx: JobContext) -> None:
     soft_time_limit=settings.transcribe_soft_time_limit_sec,
     time_limit=settings.transcribe_time_limit_sec,
 )
-def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str:
+def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> TranscriptionOutcome:
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
     rt = Runtime.current()
     s = rt.settings
@@ -97,7 +106,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
         ) from None
     if isinstance(claim, Skip):
         log.info("call %s: %s", call_id, claim)
-        return "skipped"
+        return TranscriptionOutcome.SKIPPED
 
     backend = s.transcribe_backend
     why: str
@@ -114,7 +123,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)
         _try(rt, record_failure(call_id, why), call_id)
-        return "failed"
+        return TranscriptionOutcome.FAILED
     except TransientRecognitionError as exc:
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
@@ -138,13 +147,13 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
             )
         else:
             log.info("call %s: another worker stored its transcript first; kept that", call_id)
-        return "done"
+        return TranscriptionOutcome.DONE
 
     next_step = after_failed_attempt(claim.attempt, why, s, retry_after)
     if isinstance(next_step, GiveUp):
         log.error("call %s: %s", call_id, next_step.reason)
         _try(rt, record_failure(call_id, next_step.reason), call_id)
-        return "failed"
+        return TranscriptionOutcome.FAILED
     countdown = next_step.countdown
     log.warning(
         "call %s: attempt %d/%d failed (%s); retry in %gs",

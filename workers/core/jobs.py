@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,15 @@ from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
-OK, ERROR, SKIPPED, LOST_LOCK = "ok", "error", "skipped", "lost_lock"
-EXPIRED = "expired"  # a late beat tick, dropped (returned, not recorded in job_runs)
+
+class JobOutcome(StrEnum):
+    """How a run ended: job_runs.outcome, and what the task returns."""
+
+    OK = "ok"
+    ERROR = "error"
+    SKIPPED = "skipped"  # another run held the lock, or this tick's slot already ran
+    LOST_LOCK = "lost_lock"  # stopped before writing more: another run may hold the lock
+    EXPIRED = "expired"  # a late beat tick, dropped (returned, not recorded in job_runs)
 
 
 class LockLost(Exception):
@@ -105,7 +113,7 @@ def periodic_job(
     hard = time_limit or settings.job_time_limit_sec
 
     def decorate(body: JobBody) -> Task:
-        def run(self: Task, **kwargs: Any) -> str:
+        def run(self: Task, **kwargs: Any) -> JobOutcome:
             return run_singleton(self, body, kwargs, rerun_on_trigger=rerun_on_trigger, soft=soft)
 
         run.__doc__ = body.__doc__
@@ -216,7 +224,7 @@ def tick_of(request: Any) -> Tick | None:
 
 def run_singleton(
     task: Task, body: JobBody, kwargs: dict[str, Any], *, rerun_on_trigger: bool, soft: float
-) -> str:
+) -> JobOutcome:
     rt = Runtime.current()
     s = rt.settings
     job = lock_name(task.name, kwargs)
@@ -237,8 +245,8 @@ def run_singleton(
     except Exception as exc:
         # Without Redis nobody can tell whether another run holds the lock: do not run.
         log.error("job %s not run: could not take its lock: %s", job, _error_text(exc))
-        _record_run(rt, job, worker, started, _now(), ERROR, f"lock unavailable: {exc}")
-        return ERROR
+        _record_run(rt, job, worker, started, _now(), JobOutcome.ERROR, f"lock unavailable: {exc}")
+        return JobOutcome.ERROR
     if got.outcome is Acquired.LATE:
         # Missed runs coalesce: a tick that waited out its grace (workers down) is dropped, not
         # run late, and not recorded as a run. Timed by Redis's clock, not this host's.
@@ -248,15 +256,15 @@ def run_singleton(
             int(got.holder) / 1000,
             tick.grace if tick else 0,
         )
-        return EXPIRED
+        return JobOutcome.EXPIRED
     if not got:
         if got.outcome is Acquired.DUPLICATE_TICK:
             reason = f"duplicate beat tick: slot {tick.slot if tick else '?'} already ran"
         else:
             reason = f"already running, held by {got.holder}"
         log.warning("job %s skipped: %s", job, reason)
-        _record_run(rt, job, worker, started, _now(), SKIPPED, reason)
-        return SKIPPED
+        _record_run(rt, job, worker, started, _now(), JobOutcome.SKIPPED, reason)
+        return JobOutcome.SKIPPED
 
     ctx = JobContext(job, s, rt, lock, triggered=tick is None, kwargs=kwargs)
     while True:
@@ -264,11 +272,11 @@ def run_singleton(
         try:
             outcome, error = _run_body_holding(rt, lock, body, ctx, soft)
         except _Terminated as exc:
-            terminated, outcome, error = exc, ERROR, exc.reason
+            terminated, outcome, error = exc, JobOutcome.ERROR, exc.reason
         ended = _now()
         released = Released.NOT_OURS
         try:
-            if outcome != LOST_LOCK:
+            if outcome != JobOutcome.LOST_LOCK:
                 released = lock.release(allow_run_again=rerun_on_trigger and not terminated)
                 if released is Released.NOT_OURS:
                     # The token check failed: the lock expired under us without the renewer
@@ -289,7 +297,7 @@ def run_singleton(
 
 def _run_body_holding(
     rt: Runtime, lock: SingletonLock, body: JobBody, ctx: JobContext, soft: float
-) -> tuple[str, str | None]:
+) -> tuple[JobOutcome, str | None]:
     """Run the body once while renewing the lock. Returns (outcome, error text)."""
     loop = rt.loop
     why_cancelled: list[str] = []
@@ -307,35 +315,35 @@ def _run_body_holding(
         why_cancelled.append(reason)
         main.cancel()
 
-    lock.on_lost = lambda: loop.call_soon_threadsafe(cancel, LOST_LOCK)
+    lock.on_lost = lambda: loop.call_soon_threadsafe(cancel, JobOutcome.LOST_LOCK)
     on_sigterm = _install_sigterm(loop, lambda: cancel("terminated by SIGTERM"))
     lock.start_renewing()
     try:
         run_to_completion(loop, main)
-        return OK, None
+        return JobOutcome.OK, None
     except asyncio.CancelledError:
         if lock.lost:
-            return LOST_LOCK, "lock lost while running; stopped before writing more"
+            return JobOutcome.LOST_LOCK, "lock lost while running; stopped before writing more"
         reason = why_cancelled[0] if why_cancelled else "cancelled"
         log.error("job %s: %s", ctx.job, reason)
         if on_sigterm and "SIGTERM" in reason:
             # Finish our bookkeeping (lock, run log), then let the process stop as asked.
             raise _Terminated(reason) from None
-        return ERROR, reason
+        return JobOutcome.ERROR, reason
     except LockLost:
-        return LOST_LOCK, "lock lost while running; stopped before writing more"
+        return JobOutcome.LOST_LOCK, "lock lost while running; stopped before writing more"
     except TimeoutError:
         if not (deadlines and deadlines[0].expired()):
             log.exception("job %s failed", ctx.job)
-            return ERROR, "timed out"
+            return JobOutcome.ERROR, "timed out"
         log.error("job %s: soft time limit (%gs) reached; run cancelled", ctx.job, soft)
-        return ERROR, f"soft time limit ({soft:g}s) reached"
+        return JobOutcome.ERROR, f"soft time limit ({soft:g}s) reached"
     except SoftTimeLimitExceeded:
         log.error("job %s: Celery soft time limit reached (event loop blocked?)", ctx.job)
-        return ERROR, "soft time limit reached (Celery backstop)"
+        return JobOutcome.ERROR, "soft time limit reached (Celery backstop)"
     except Exception as exc:
         log.exception("job %s failed", ctx.job)
-        return ERROR, _error_text(exc)
+        return JobOutcome.ERROR, _error_text(exc)
     finally:
         lock.stop_renewing()
         lock.on_lost = None
@@ -415,10 +423,10 @@ def _record_hard_time_limit(
             conn.execute(
                 "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
-                (job, worker, ended - timedelta(seconds=hard), ended, ERROR, error),
+                (job, worker, ended - timedelta(seconds=hard), ended, JobOutcome.ERROR, error),
             )
     except Exception as exc:
-        log.error("job %s: could not record run (%s): %s", job, ERROR, _error_text(exc))
+        log.error("job %s: could not record run (%s): %s", job, JobOutcome.ERROR, _error_text(exc))
 
 
 def _is_my_child(pid: int) -> bool:
@@ -436,7 +444,7 @@ def _record_run(
     worker: str,
     started: datetime,
     ended: datetime,
-    outcome: str,
+    outcome: JobOutcome,
     error: str | None,
 ) -> None:
     """One row per run in job_runs. A database outage must not break the job: log and go on."""
