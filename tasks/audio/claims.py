@@ -77,7 +77,9 @@ UPDATE call_audio
 
 
 @dataclass(frozen=True)
-class Claim:
+class AudioClaim:
+    """A claim pass's leases: the calls it took for `owner` (the claim's token)."""
+
     owner: str
     call_ids: list[int]
     room: int  # how many this pass was allowed to claim
@@ -90,7 +92,7 @@ class Claim:
 
 async def claim_pending_calls(
     conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
-) -> Claim:
+) -> AudioClaim:
     """Lease up to AUDIO_WORKER_BATCH_SIZE due calls to `owner` (commit to make it count)."""
     cur = await conn.execute(
         CLAIM,
@@ -104,7 +106,7 @@ async def claim_pending_calls(
     row = await cur.fetchone()
     assert row is not None  # an aggregate: always one row
     room, call_ids = row
-    return Claim(owner, list(call_ids), room)
+    return AudioClaim(owner, list(call_ids), room)
 
 
 async def fail_exhausted_leases(

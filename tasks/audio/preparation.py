@@ -16,7 +16,10 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,10 @@ from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
 from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.core.backoff import backoff_sec
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +98,40 @@ UPDATE call_audio_attempts
 """
 
 
+class AudioOutcome(StrEnum):
+    """What became of one call in a task; the first four are also the `outcome` its attempt
+    logs in call_audio_attempts (with `worker_lost`, written by the claim's SQL)."""
+
+    READY = "ready"
+    RETRY = "retry"  # failed, back to pending after its backoff
+    FAILED = "failed"  # for good
+    LEASE_LOST = "lease_lost"  # another claim has it now: nothing written
+    SKIPPED = "skipped"  # not ours any more (ready already, or claimed again) when the task began
+    UNRECORDED = "unrecorded"  # the outcome could not be written (database down): lease runs out
+
+
 @dataclass
 class ChunkOutcome:
+    """How many of a task's calls ended in each AudioOutcome."""
+
     ready: int = 0
     retry: int = 0
     failed: int = 0
     lease_lost: int = 0
-    skipped: int = 0  # not ours any more (ready already, or claimed again) when the task began
-    unrecorded: int = 0  # the outcome could not be written (database down): the lease runs out
+    skipped: int = 0
+    unrecorded: int = 0
 
-
-def backoff_sec(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
-    """Delay before the next attempt after `attempts` attempts."""
-    delay: float = settings.audio_retry_base_sec * 2 ** max(attempts - 1, 0)
-    delay = min(delay, settings.audio_retry_max_sec)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, settings.audio_retry_max_sec))
-    return delay
+    @classmethod
+    def count(cls, outcomes: Iterable[AudioOutcome]) -> ChunkOutcome:
+        n = Counter(outcomes)
+        return cls(
+            ready=n[AudioOutcome.READY],
+            retry=n[AudioOutcome.RETRY],
+            failed=n[AudioOutcome.FAILED],
+            lease_lost=n[AudioOutcome.LEASE_LOST],
+            skipped=n[AudioOutcome.SKIPPED],
+            unrecorded=n[AudioOutcome.UNRECORDED],
+        )
 
 
 def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailure:
@@ -146,13 +168,12 @@ class CallPreparer:
         self.in_progress: set[int] = set()
 
     async def run(self, call_ids: list[int]) -> ChunkOutcome:
-        outcome = ChunkOutcome()
         taken = await self.take_over(call_ids)
         calls = taken.calls
-        outcome.failed = taken.lost
-        outcome.skipped = len(call_ids) - len(calls) - taken.lost
+        before = [AudioOutcome.FAILED] * taken.lost  # failed as worker_lost
+        before += [AudioOutcome.SKIPPED] * (len(call_ids) - len(calls) - taken.lost)
         if not calls:
-            return outcome
+            return ChunkOutcome.count(before)
         self.in_progress = {c.call_id for c in calls}
         renewer = asyncio.create_task(self.claim.renew_leases(self.in_progress))
         try:
@@ -166,9 +187,7 @@ class CallPreparer:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-        for result in results:
-            setattr(outcome, result, getattr(outcome, result) + 1)
-        return outcome
+        return ChunkOutcome.count([*before, *results])
 
     async def take_over(self, call_ids: list[int]) -> TakeOver:
         """Take over the calls still leased to this claim (HeldClaim.take_over says how), and
@@ -179,7 +198,7 @@ class CallPreparer:
             await loop.run_in_executor(None, self.store.discard_temps, call_id)
         return taken
 
-    async def prepare(self, call: ClaimedCall) -> str:
+    async def prepare(self, call: ClaimedCall) -> AudioOutcome:
         """Download, validate, convert and store one call. Returns its outcome's name; never
         raises (one call's failure never stops its batch)."""
         try:
@@ -190,16 +209,16 @@ class CallPreparer:
                 "its lease runs out",
                 call.call_id,
             )
-            return "unrecorded"
+            return AudioOutcome.UNRECORDED
 
-    async def prepare_or_raise(self, call: ClaimedCall) -> str:
+    async def prepare_or_raise(self, call: ClaimedCall) -> AudioOutcome:
         loop = asyncio.get_running_loop()
         original = flac = None
         try:
             original, flac = await loop.run_in_executor(None, self.fresh_temps, call.call_id)
             async with self.slots:
                 if not await self.start_attempt(call):
-                    return "lease_lost"
+                    return AudioOutcome.LEASE_LOST
                 got = await self.download(call, original)
             started = time.monotonic()
             prepared = await loop.run_in_executor(
@@ -268,7 +287,7 @@ class CallPreparer:
         prepared: PreparedAudio,
         original: Path,
         flac: Path,
-    ) -> str:
+    ) -> AudioOutcome:
         """Record the call as ready, only while the lease is ours, and move its files to their
         final names while the row stays locked: a claim made after our lease ran out cannot
         interleave, and a failed move rolls the record back."""
@@ -299,22 +318,29 @@ class CallPreparer:
             row = await cur.fetchone()
             if not (row and row[0]):
                 log.warning("audio: call %s: lease lost before it was stored", call.call_id)
-                return "lease_lost"
+                return AudioOutcome.LEASE_LOST
             await loop.run_in_executor(
                 None, self.store.promote, [(original, original_key), (flac, prepared_key)]
             )
-        return "ready"
+        return AudioOutcome.READY
 
-    async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> str:
+    async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> AudioOutcome:
         async with db_connection() as conn:
             cur = await conn.execute(HOLD_LEASE, {"call_id": call.call_id, "owner": self.owner})
             row = await cur.fetchone()
             if row is None:
-                await self.end_attempt(conn, call, "lease_lost", failure.code, failure.detail)
-                return "lease_lost"
+                await self.end_attempt(
+                    conn, call, AudioOutcome.LEASE_LOST, failure.code, failure.detail
+                )
+                return AudioOutcome.LEASE_LOST
             attempts = row[0]
             final = not failure.retry or attempts >= self.s.audio_max_attempts
-            delay = 0.0 if final else backoff_sec(self.s, attempts, failure.retry_after)
+            delay = 0.0
+            if not final:
+                s = self.s
+                delay = backoff_sec(
+                    attempts, s.audio_retry_base_sec, s.audio_retry_max_sec, failure.retry_after
+                )
             await conn.execute(
                 MARK_FAILED,
                 {
@@ -322,27 +348,31 @@ class CallPreparer:
                     "state": "failed" if final else "pending",
                     "delay": delay,
                     "code": failure.code,
-                    "error": failure.detail[:2000],
+                    "error": error_text(failure.detail),
                 },
             )
             await self.end_attempt(
-                conn, call, "failed" if final else "retry", failure.code, failure.detail
+                conn,
+                call,
+                AudioOutcome.FAILED if final else AudioOutcome.RETRY,
+                failure.code,
+                failure.detail,
             )
         if final:
             log.warning(
                 "audio: call %s failed after %d attempts: %s", call.call_id, attempts, failure
             )
-            return "failed"
+            return AudioOutcome.FAILED
         log.info(
             "audio: call %s attempt %d: %s; next in %.0fs", call.call_id, attempts, failure, delay
         )
-        return "retry"
+        return AudioOutcome.RETRY
 
     async def end_attempt(
         self,
         conn: psycopg.AsyncConnection[Any],
         call: ClaimedCall,
-        outcome: str,
+        outcome: AudioOutcome,
         code: str | None,
         error: str | None,
     ) -> None:
@@ -352,7 +382,7 @@ class CallPreparer:
                 "attempt_id": call.attempt_id,
                 "outcome": outcome,
                 "code": code,
-                "error": error[:2000] if error else None,
+                "error": error_text(error) if error else None,
                 "bytes": call.bytes,
                 "download_ms": call.download_ms,
                 "prepare_ms": call.prepare_ms,

@@ -31,6 +31,7 @@ from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, split_page
 from workers.clients.broadcastify import BroadcastifyClient, retry_budget
 from workers.core.jobs import JobContext, LockLost
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
                 await conn.execute(
                     "UPDATE bcfy_backfill SET attempts = attempts + 1, last_error = %s,"
                     " updated_at = now() WHERE id = %s",
-                    (f"{type(exc).__name__}: {exc}"[:2000], gap.id),
+                    (error_text(f"{type(exc).__name__}: {exc}"), gap.id),
                 )
         except Exception:
             log.exception("back-fill %s: could not record the failure", gap.id)

@@ -20,6 +20,7 @@ import psycopg
 from tasks.ingest.validation import Page
 from workers.core.jobs import JobContext
 from workers.core.records import jsonb_problem, storable
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ async def _log_poll(
             "duplicate": stored.duplicate if stored else 0,
             "quarantined": stored.quarantined if stored else 0,
             "status": poll.http_status,
-            "error": error[:2000] if error else None,
+            "error": error_text(error) if error else None,
         },
     )
 

@@ -32,6 +32,7 @@ from tasks.transcription.policy import gave_up, out_of_attempts
 from workers.core.jobs import claimant_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
+from workers.core.text import error_text
 from workers.recognizers import Recognition
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ CLAIM_MARGIN_SEC = 10.0
 
 
 @dataclass(frozen=True)
-class Claim:
+class TranscriptionClaim:
+    """A call this process now holds for transcription: its attempt number and audio file."""
+
     attempt: int
     prepared_path: str
 
@@ -52,7 +55,7 @@ class Skip(str):
 
 async def claim_call(
     call_id: int, worker: str, settings: Settings, reclaim: str | None = None
-) -> Claim | Skip:
+) -> TranscriptionClaim | Skip:
     """Take the call for this worker, or say why not. One transaction."""
     async with db_connection() as conn:
         row = await (
@@ -101,7 +104,7 @@ async def claim_call(
                 WHERE call_id = %s""",
             (worker, settings.transcribe_time_limit_sec + CLAIM_MARGIN_SEC, call_id),
         )
-        return Claim(attempts + 1, prepared)
+        return TranscriptionClaim(attempts + 1, prepared)
 
 
 async def store_transcript(
@@ -144,7 +147,7 @@ async def _set_failed(conn: psycopg.AsyncConnection[Any], call_id: int, reason: 
               SET state = 'failed', due_at = NULL, finished_at = now(), last_error = %s,
                   updated_at = now()
             WHERE call_id = %s""",
-        (reason[:2000], call_id),
+        (error_text(reason), call_id),
     )
 
 
@@ -164,5 +167,10 @@ async def release_for_retry(
                   SET state = 'dispatched', last_error = %s, updated_at = now(),
                       due_at = now() + make_interval(secs => %s)
                 WHERE call_id = %s AND state = 'running' AND claimed_by = %s""",
-            (reason[:2000], countdown + settings.transcribe_dispatch_lease_sec, call_id, worker),
+            (
+                error_text(reason),
+                countdown + settings.transcribe_dispatch_lease_sec,
+                call_id,
+                worker,
+            ),
         )

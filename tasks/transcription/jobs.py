@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Coroutine
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ from tasks.transcription.policy import (
     PERMANENT_ERRORS,
     GiveUp,
     after_failed_attempt,
-    backoff_sec,
     reason,
+    retry_wait,
 )
 from workers.app import app
 from workers.core.jobs import JobContext, periodic_job, process_id
@@ -43,10 +44,17 @@ from workers.recognizers import (
     TransientRecognitionError,
     forget_process_recognizer,
     process_recognizer,
-    run_on_loop,
 )
 
 log = logging.getLogger(__name__)
+
+
+class TranscriptionOutcome(StrEnum):
+    """What a delivery of transcribe_call came to (its return value; a retry raises instead)."""
+
+    DONE = "done"  # transcribed (by this delivery, or another stored it first)
+    FAILED = "failed"  # for good, with the reason in call_transcription.last_error
+    SKIPPED = "skipped"  # nothing to do: a duplicate, a call already finished, audio not ready
 
 
 @periodic_job("tasks.transcription.dispatch_ready_calls", rerun_on_trigger=True)
@@ -78,25 +86,25 @@ async def dispatch_ready_calls(ctx: JobContext) -> None:
     max_retries=None,
     # Time limits (TRANSCRIBE_SOFT_TIME_LIMIT_SEC, TRANSCRIBE_TIME_LIMIT_SEC): beat_schedule.JOBS.
 )
-def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str:
+def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> TranscriptionOutcome:
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
     rt = Runtime.current()
     s = rt.settings
     worker = process_id(self)
     try:
-        claim = run_on_loop(rt.loop, claim_call(call_id, worker, s, reclaim))
+        claim = rt.run(claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:
         # Nothing claimed: try again later (the dispatcher's lease covers a lost retry too).
         # A retry of our own claim keeps `reclaim`: after a database outage the claim may still
         # name this process, and without it the retry would drop the call as a duplicate.
-        countdown = backoff_sec(self.request.retries + 1, s)
+        countdown = retry_wait(self.request.retries + 1, s)
         log.warning("call %s: cannot claim (%s); retry in %gs", call_id, exc, countdown)
         raise self.retry(
             countdown=countdown, kwargs={"call_id": call_id, "reclaim": reclaim}
         ) from None
     if isinstance(claim, Skip):
         log.info("call %s: %s", call_id, claim)
-        return "skipped"
+        return TranscriptionOutcome.SKIPPED
 
     backend = s.transcribe_backend
     why: str
@@ -108,12 +116,12 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
             raise FileNotFoundError(2, "no such file", str(audio))
         result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
-        inserted = run_on_loop(rt.loop, store_transcript(call_id, backend, result, elapsed))
+        inserted = rt.run(store_transcript(call_id, backend, result, elapsed))
     except PERMANENT_ERRORS as exc:
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)
         _try(rt, record_failure(call_id, why), call_id)
-        return "failed"
+        return TranscriptionOutcome.FAILED
     except TransientRecognitionError as exc:
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
@@ -137,13 +145,13 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
             )
         else:
             log.info("call %s: another worker stored its transcript first; kept that", call_id)
-        return "done"
+        return TranscriptionOutcome.DONE
 
     next_step = after_failed_attempt(claim.attempt, why, s, retry_after)
     if isinstance(next_step, GiveUp):
         log.error("call %s: %s", call_id, next_step.reason)
         _try(rt, record_failure(call_id, next_step.reason), call_id)
-        return "failed"
+        return TranscriptionOutcome.FAILED
     countdown = next_step.countdown
     log.warning(
         "call %s: attempt %d/%d failed (%s); retry in %gs",
@@ -160,6 +168,6 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> str
 def _try(rt: Runtime, coro: Coroutine[Any, Any, None], call_id: int) -> None:
     """Bookkeeping that must not turn one failure into another (the leases cover its loss)."""
     try:
-        run_on_loop(rt.loop, coro)
+        rt.run(coro)
     except Exception as exc:
         log.error("call %s: could not record the outcome: %s", call_id, reason(exc))

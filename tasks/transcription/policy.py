@@ -9,11 +9,12 @@ The database counts the attempts, across retries and re-dispatches.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 from workers.audio.codec import AudioDecodeError
+from workers.core.backoff import backoff_sec
 from workers.core.settings import Settings
+from workers.core.text import error_text
 from workers.recognizers import PermanentRecognitionError, TransientRecognitionError
 
 # Failures no retry can mend.
@@ -48,17 +49,18 @@ def after_failed_attempt(
     """A retry after a backoff, or none when `attempt` was the last one allowed."""
     if out_of_attempts(attempt, settings):
         return GiveUp(gave_up(attempt, reason))
-    return RetryLater(backoff_sec(attempt, settings, retry_after))
+    return RetryLater(retry_wait(attempt, settings, retry_after))
 
 
-def backoff_sec(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
-    """Exponential backoff with jitter, at least what the service asked for, capped."""
-    base: float = settings.transcribe_retry_backoff_sec * 2 ** max(attempt - 1, 0)
-    wait = base * random.uniform(0.8, 1.2)
-    if retry_after is not None:
-        wait = max(wait, retry_after)
-    # Rounded for the logs, then capped: rounding must not lift a wait past the cap.
-    return min(round(wait, 1), settings.transcribe_retry_backoff_max_sec)
+def retry_wait(attempt: int, settings: Settings, retry_after: float | None = None) -> float:
+    """The wait before the retry of failed attempt `attempt` (workers.core.backoff), with
+    TRANSCRIBE_RETRY_BACKOFF_SEC doubling up to TRANSCRIBE_RETRY_BACKOFF_MAX_SEC."""
+    return backoff_sec(
+        attempt,
+        settings.transcribe_retry_backoff_sec,
+        settings.transcribe_retry_backoff_max_sec,
+        retry_after,
+    )
 
 
 def reason(exc: BaseException) -> str:
@@ -70,4 +72,4 @@ def reason(exc: BaseException) -> str:
         text = f"prepared audio cannot be decoded: {exc}"
     elif not isinstance(exc, PermanentRecognitionError | TransientRecognitionError):
         text = f"{type(exc).__name__}: {text}"
-    return text[:2000]
+    return error_text(text)

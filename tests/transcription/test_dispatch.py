@@ -16,7 +16,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from tasks.transcription.claims import Claim, Skip, claim_call
+from tasks.transcription.claims import Skip, TranscriptionClaim, claim_call
 from tasks.transcription.dispatch import (
     QUEUE,
     TRANSCRIBE_TASK,
@@ -169,7 +169,7 @@ def test_a_redelivery_takes_over_a_claim_whose_process_on_this_machine_is_gone(c
     hold_claim(calls, call_id, f"asr@x:{socket.gethostname()}:{gone.pid}")
     me = f"asr@x:{socket.gethostname()}:{os.getpid()}"
     claim = Runtime.current().run(claim_call(call_id, me, settings))
-    assert isinstance(claim, Claim) and claim.attempt == 2
+    assert isinstance(claim, TranscriptionClaim) and claim.attempt == 2
     assert calls.state(call_id)["claimed_by"] == me
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.transcription.policy import backoff_sec
+from tasks.transcription.policy import retry_wait
 from tests.transcription.fake_openai import Reply, verbose_json
 from workers.core.settings import SettingsError, load_settings
 from workers.recognizers import (
@@ -123,7 +123,7 @@ def test_429_is_transient_and_its_retry_after_is_honoured(openai, service, audio
         recognizer.transcribe(audio, name="x.flac")
     assert err.value.retry_after == 42
     # The retry waits at least that long, even on the first attempt (15 s backoff).
-    assert backoff_sec(1, settings, err.value.retry_after) >= 42
+    assert retry_wait(1, settings, err.value.retry_after) >= 42
 
     later = datetime.now(UTC) + timedelta(seconds=90)
     service.replies.append(Reply(429, {}, {"Retry-After": format_datetime(later, usegmt=True)}))

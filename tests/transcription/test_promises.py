@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tasks.transcription.dispatch import TRANSCRIBE_TASK
 from tasks.transcription.jobs import transcribe_call
-from tasks.transcription.policy import backoff_sec
+from tasks.transcription.policy import retry_wait
 from tests.conftest import Services
 from tests.procs import start_worker, wait_until
 from tests.transcription.conftest import Calls, worker_env
@@ -113,7 +113,7 @@ def test_a_retry_never_waits_longer_than_the_cap(attempt, base, cap_over_base, r
             "BROKER_VISIBILITY_TIMEOUT_SEC": "7200",
         }
     )
-    wait = backoff_sec(attempt, s, retry_after)
+    wait = retry_wait(attempt, s, retry_after)
     assert 0 <= wait <= s.transcribe_retry_backoff_max_sec
     if retry_after is not None:
         # What the service asked for, unless that is past the cap.

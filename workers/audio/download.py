@@ -37,7 +37,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from workers.clients.retry_after import retry_after_sec
+from workers.clients.http import retry_after_of
+from workers.core.records import whole_number_or_none
 from workers.core.settings import split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -254,19 +255,20 @@ def _request_for(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
 def _check_response(response: httpx.Response, url: str, max_bytes: int) -> None:
     status = response.status_code
     if status != 200:
+        # Tried again up to AUDIO_MAX_ATTEMPTS whatever the status (workers.clients.http says
+        # which are transient, and so whose Retry-After counts).
         reason = response.reason_phrase or ""
-        asked = response.headers.get("retry-after") if status in (429, 503) else None
         raise AudioFailure(
             f"http_{status}",
             f"GET {url} answered {status} {reason}".rstrip(),
-            retry_after=retry_after_sec(asked),
+            retry_after=retry_after_of(response),
         )
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith(NOT_AUDIO_TYPES):
         raise AudioFailure("not_audio", f"GET {url} answered Content-Type {content_type}")
-    length = response.headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-        raise refused("too_large", f"Content-Length {int(length)} exceeds {max_bytes} bytes")
+    length = whole_number_or_none(response.headers.get("content-length"), "Content-Length", 0)
+    if length is not None and length > max_bytes:
+        raise refused("too_large", f"Content-Length {length} exceeds {max_bytes} bytes")
 
 
 async def download(
@@ -347,8 +349,7 @@ async def _download(
 async def _stream_to_file(response: httpx.Response, dest: Path, max_bytes: int) -> tuple[int, str]:
     """Write the body to dest, counting and hashing it; stop past max_bytes. Writes go through
     the executor in blocks of FLUSH_AT (a typical call is one block), never on the loop."""
-    declared = response.headers.get("content-length")
-    expected = int(declared) if declared and declared.strip().isdigit() else None
+    expected = whole_number_or_none(response.headers.get("content-length"), "Content-Length", 0)
     digest = hashlib.sha256()
     size = 0
     pending = bytearray()

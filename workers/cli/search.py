@@ -23,6 +23,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from workers.cli import Subparsers
+from workers.core.records import whole_number_or_none
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
 
@@ -125,11 +126,8 @@ def parse_since(raw: str, now: datetime | None = None) -> datetime:
 
 
 def _positive(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
+    value = whole_number_or_none(raw, "value", 1)
+    if value is None:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {raw!r}")
     return value
 

@@ -1,2 +1,2 @@
 """Clients of the services outside the pipeline (the Broadcastify Calls API), and what they
-share about HTTP (Retry-After)."""
+share about HTTP (what a status means, Retry-After)."""

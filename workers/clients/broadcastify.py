@@ -9,7 +9,8 @@ BCFY_JWT_RENEW_MARGIN_SEC of its expiry is replaced first. With BCFY_USERNAME/BC
 the client logs in once (`/common/v1/auth`, app-only token) and adds `sub`/`utk` to its tokens.
 
 Errors (all subclasses of BroadcastifyError; `status` is the HTTP status when one came back):
-  * TransientError - timeouts, connection errors, 429 (honouring Retry-After), 5xx. Retried with
+  * TransientError - timeouts, connection errors, the transient statuses (429, 5xx, ... as
+    workers.clients.http classifies them; their Retry-After honoured). Retried with
     tenacity: exponential backoff with jitter, at most BCFY_RETRY_ATTEMPTS attempts, none
     started after BCFY_RETRY_BUDGET_SEC, so a request with its retries fits inside one run.
   * ConfigurationError - error 108 (unknown key id), missing credentials, a rejected login.
@@ -55,8 +56,16 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from workers.clients.retry_after import retry_after_sec
-from workers.core.records import JSON, BadValue, JSONObject, parse_json, show, whole_number
+from workers.clients.http import StatusClass, retry_after_of, status_class
+from workers.core.records import (
+    JSON,
+    BadValue,
+    JSONObject,
+    parse_json,
+    show,
+    whole_number,
+    whole_number_or_none,
+)
 from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -391,10 +400,11 @@ class BroadcastifyClient:
                     method, self.base + path, params=params, data=data, headers=headers
                 ) as response:
                     status = response.status_code
-                    # 429 and 5xx are retried on their status alone: their bodies are not read.
+                    kind = status_class(status)
+                    # A transient answer is retried on its status alone: its body is not read.
                     content = (
                         b""
-                        if status == 429 or status >= 500
+                        if kind is StatusClass.TRANSIENT
                         else await self._read_body(response, path)
                     )
         except (httpx.TimeoutException, TimeoutError) as exc:
@@ -402,15 +412,13 @@ class BroadcastifyClient:
         except httpx.TransportError as exc:
             raise TransientError(f"{path}: {type(exc).__name__}: {exc}") from None
         log.debug("bcfy api: %s %s -> %d", method, path, status)
-        if status == 429:
+        if kind is StatusClass.TRANSIENT:
             raise TransientError(
-                f"{path}: 429 too many requests",
+                f"{path}: 429 too many requests" if status == 429 else f"{path}: HTTP {status}",
                 status=status,
-                retry_after=retry_after_sec(response.headers.get("Retry-After"), self.clock),
+                retry_after=retry_after_of(response, self.clock),
             )
-        if status >= 500:
-            raise TransientError(f"{path}: HTTP {status}", status=status)
-        if not 200 <= status < 300:
+        if kind is StatusClass.PERMANENT:
             raise BroadcastifyError(f"{path}: HTTP {status}: {_snippet(content)}", status=status)
         try:
             body = parse_json(content)
@@ -427,10 +435,8 @@ class BroadcastifyClient:
         """The answer's body, read in chunks up to BCFY_MAX_RESPONSE_BYTES (decoded): a larger
         one is refused as soon as it says so (Content-Length) or grows past the cap."""
         cap = self.settings.bcfy_max_response_bytes
-        try:
-            declared = whole_number(response.headers.get("Content-Length"), "Content-Length", 0)
-        except BadValue:
-            declared = None  # none, or unreadable: the count below still holds
+        # None when absent or unreadable: the count below still holds.
+        declared = whole_number_or_none(response.headers.get("Content-Length"), "Content-Length", 0)
         if declared is not None and declared > cap:
             raise _oversize(path, response.status_code, cap, f"{declared} bytes declared")
         chunks: list[bytes] = []
@@ -512,10 +518,7 @@ class BroadcastifyClient:
         data = body.get("data")
         found = data if isinstance(data, dict) else body
         utk = found.get("token")
-        try:
-            uid = whole_number(found.get("uid"), "uid", 0, 2**63 - 1)
-        except BadValue:
-            uid = None
+        uid = whole_number_or_none(found.get("uid"), "uid", 0, 2**63 - 1)
         if not isinstance(utk, str) or not utk or uid is None:
             raise ConfigurationError("login as BCFY_USERNAME: no uid and token in the answer")
         self._user = (uid, utk)
@@ -536,11 +539,9 @@ def retry_budget(settings: Settings) -> float:
 def _first_error(errors: JSON) -> tuple[int | None, str]:
     first = errors[0] if isinstance(errors, list) and errors else errors
     if isinstance(first, dict):
-        try:
-            code: int | None = whole_number(first.get("code"), "code")
-        except BadValue:
-            code = None
-        return code, _text(first.get("title") or first.get("message") or "")
+        return whole_number_or_none(first.get("code"), "code"), _text(
+            first.get("title") or first.get("message") or ""
+        )
     return None, _text(first)
 
 

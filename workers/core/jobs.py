@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,21 @@ from psycopg.rows import TupleRow
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app, configured_settings
 from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
-from workers.core.runtime import Runtime, db_connection, in_pool_child
+from workers.core.runtime import Runtime, db_connection, in_pool_child, run_to_completion
 from workers.core.settings import Settings
+from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
 
-OK, ERROR, SKIPPED, LOST_LOCK = "ok", "error", "skipped", "lost_lock"
-EXPIRED = "expired"  # a late beat tick, dropped (returned, not recorded in job_runs)
+
+class JobOutcome(StrEnum):
+    """How a run ended: job_runs.outcome, and what the task returns."""
+
+    OK = "ok"
+    ERROR = "error"
+    SKIPPED = "skipped"  # another run held the lock, or this tick's slot already ran
+    LOST_LOCK = "lost_lock"  # stopped before writing more: another run may hold the lock
+    EXPIRED = "expired"  # a late beat tick, dropped (returned, not recorded in job_runs)
 
 
 class LockLost(Exception):
@@ -100,7 +109,7 @@ def periodic_job(name: str, *, rerun_on_trigger: bool = False) -> Callable[[JobB
     """
 
     def decorate(body: JobBody) -> Task:
-        def run(self: Task, **kwargs: Any) -> str:
+        def run(self: Task, **kwargs: Any) -> JobOutcome:
             return run_singleton(self, body, kwargs, rerun_on_trigger=rerun_on_trigger)
 
         run.__doc__ = body.__doc__
@@ -202,7 +211,7 @@ def tick_of(request: Any) -> Tick | None:
 
 def run_singleton(
     task: Task, body: JobBody, kwargs: dict[str, Any], *, rerun_on_trigger: bool
-) -> str:
+) -> JobOutcome:
     rt = Runtime.current()
     s = rt.settings
     soft = s.job_soft_time_limit_sec
@@ -224,8 +233,8 @@ def run_singleton(
     except Exception as exc:
         # Without Redis nobody can tell whether another run holds the lock: do not run.
         log.error("job %s not run: could not take its lock: %s", job, _error_text(exc))
-        _record_run(rt, job, worker, started, _now(), ERROR, f"lock unavailable: {exc}")
-        return ERROR
+        _record_run(rt, job, worker, started, _now(), JobOutcome.ERROR, f"lock unavailable: {exc}")
+        return JobOutcome.ERROR
     if got.outcome is Acquired.LATE:
         # Missed runs coalesce: a tick that waited out its grace (workers down) is dropped, not
         # run late, and not recorded as a run. Timed by Redis's clock, not this host's.
@@ -235,15 +244,15 @@ def run_singleton(
             int(got.holder) / 1000,
             tick.grace if tick else 0,
         )
-        return EXPIRED
+        return JobOutcome.EXPIRED
     if not got:
         if got.outcome is Acquired.DUPLICATE_TICK:
             reason = f"duplicate beat tick: slot {tick.slot if tick else '?'} already ran"
         else:
             reason = f"already running, held by {got.holder}"
         log.warning("job %s skipped: %s", job, reason)
-        _record_run(rt, job, worker, started, _now(), SKIPPED, reason)
-        return SKIPPED
+        _record_run(rt, job, worker, started, _now(), JobOutcome.SKIPPED, reason)
+        return JobOutcome.SKIPPED
 
     ctx = JobContext(job, s, rt, lock, triggered=tick is None, kwargs=kwargs)
     while True:
@@ -251,11 +260,11 @@ def run_singleton(
         try:
             outcome, error = _run_body_holding(rt, lock, body, ctx, soft)
         except _Terminated as exc:
-            terminated, outcome, error = exc, ERROR, exc.reason
+            terminated, outcome, error = exc, JobOutcome.ERROR, exc.reason
         ended = _now()
         released = Released.NOT_OURS
         try:
-            if outcome != LOST_LOCK:
+            if outcome != JobOutcome.LOST_LOCK:
                 released = lock.release(allow_run_again=rerun_on_trigger and not terminated)
                 if released is Released.NOT_OURS:
                     # The token check failed: the lock expired under us without the renewer
@@ -276,7 +285,7 @@ def run_singleton(
 
 def _run_body_holding(
     rt: Runtime, lock: SingletonLock, body: JobBody, ctx: JobContext, soft: float
-) -> tuple[str, str | None]:
+) -> tuple[JobOutcome, str | None]:
     """Run the body once while renewing the lock. Returns (outcome, error text)."""
     loop = rt.loop
     why_cancelled: list[str] = []
@@ -294,48 +303,40 @@ def _run_body_holding(
         why_cancelled.append(reason)
         main.cancel()
 
-    lock.on_lost = lambda: loop.call_soon_threadsafe(cancel, LOST_LOCK)
+    lock.on_lost = lambda: loop.call_soon_threadsafe(cancel, JobOutcome.LOST_LOCK)
     on_sigterm = _install_sigterm(loop, lambda: cancel("terminated by SIGTERM"))
     lock.start_renewing()
     try:
-        loop.run_until_complete(main)
-        return OK, None
+        run_to_completion(loop, main)
+        return JobOutcome.OK, None
     except asyncio.CancelledError:
         if lock.lost:
-            return LOST_LOCK, "lock lost while running; stopped before writing more"
+            return JobOutcome.LOST_LOCK, "lock lost while running; stopped before writing more"
         reason = why_cancelled[0] if why_cancelled else "cancelled"
         log.error("job %s: %s", ctx.job, reason)
         if on_sigterm and "SIGTERM" in reason:
             # Finish our bookkeeping (lock, run log), then let the process stop as asked.
             raise _Terminated(reason) from None
-        return ERROR, reason
+        return JobOutcome.ERROR, reason
     except LockLost:
-        return LOST_LOCK, "lock lost while running; stopped before writing more"
+        return JobOutcome.LOST_LOCK, "lock lost while running; stopped before writing more"
     except TimeoutError:
         if not (deadlines and deadlines[0].expired()):
             log.exception("job %s failed", ctx.job)
-            return ERROR, "timed out"
+            return JobOutcome.ERROR, "timed out"
         log.error("job %s: soft time limit (%gs) reached; run cancelled", ctx.job, soft)
-        return ERROR, f"soft time limit ({soft:g}s) reached"
+        return JobOutcome.ERROR, f"soft time limit ({soft:g}s) reached"
     except SoftTimeLimitExceeded:
         log.error("job %s: Celery soft time limit reached (event loop blocked?)", ctx.job)
-        return ERROR, "soft time limit reached (Celery backstop)"
+        return JobOutcome.ERROR, "soft time limit reached (Celery backstop)"
     except Exception as exc:
         log.exception("job %s failed", ctx.job)
-        return ERROR, _error_text(exc)
+        return JobOutcome.ERROR, _error_text(exc)
     finally:
         lock.stop_renewing()
         lock.on_lost = None
         if on_sigterm:
             loop.remove_signal_handler(signal.SIGTERM)
-        if not main.done():
-            # Interrupted from outside the loop (a Celery soft limit): cancel the body and let
-            # it unwind, so its connections and files are given back.
-            main.cancel()
-            try:
-                loop.run_until_complete(asyncio.wait([main], timeout=5))
-            except BaseException:
-                log.exception("job %s: body did not unwind cleanly", ctx.job)
 
 
 class _Terminated(SystemExit):
@@ -357,7 +358,7 @@ def _install_sigterm(loop: asyncio.AbstractEventLoop, on_term: Callable[[], None
 
 def _error_text(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return text[:2000]
+    return error_text(text)
 
 
 def _now() -> datetime:
@@ -410,10 +411,10 @@ def _record_hard_time_limit(
             conn.execute(
                 "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
-                (job, worker, ended - timedelta(seconds=hard), ended, ERROR, error),
+                (job, worker, ended - timedelta(seconds=hard), ended, JobOutcome.ERROR, error),
             )
     except Exception as exc:
-        log.error("job %s: could not record run (%s): %s", job, ERROR, _error_text(exc))
+        log.error("job %s: could not record run (%s): %s", job, JobOutcome.ERROR, _error_text(exc))
 
 
 def _is_my_child(pid: int) -> bool:
@@ -431,7 +432,7 @@ def _record_run(
     worker: str,
     started: datetime,
     ended: datetime,
-    outcome: str,
+    outcome: JobOutcome,
     error: str | None,
 ) -> None:
     """One row per run in job_runs. A database outage must not break the job: log and go on."""

@@ -7,6 +7,7 @@ printable reason naming the field) whatever it is given: any JSON value, unicode
 limit, integers past the float range, NaN, NUL characters, lone surrogates.
 
     size = whole_number(record.get("size"), "size", 0, INT8)   # int, or BadValue
+    length = whole_number_or_none(headers.get("Content-Length"), "Content-Length", 0)
     freq = real_number(record.get("freq"), "freq", 0, 1e6)     # float, or BadValue
     data = parse_json(body)                                    # huge int literals kept as text
 """
@@ -52,6 +53,17 @@ def whole_number(value: object, name: str, low: float = -math.inf, high: float =
     if not low <= number <= high:
         raise BadValue(f"{name} is out of range: {show(number)}")
     return number
+
+
+def whole_number_or_none(
+    value: object, name: str, low: float = -math.inf, high: float = math.inf
+) -> int | None:
+    """whole_number, or None where the value is absent or not one: for a header or a field
+    that may be left out or garbled without failing what carries it."""
+    try:
+        return whole_number(value, name, low, high)
+    except BadValue:
+        return None
 
 
 def real_number(value: object, name: str, low: float, high: float) -> float:

@@ -3,7 +3,8 @@
 Celery's prefork pool forks its children from the main worker process. Sockets, event loops and
 connection pools must not cross a fork, so everything here is made lazily in the process that
 uses it (checked by pid) and closed when that process shuts down. Job bodies are `async def`;
-`Runtime.run()` drives one to completion on the process's loop.
+`Runtime.run()` drives one to completion on the process's loop (`run_to_completion`, the one way
+synchronous code here runs a coroutine).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Runtime:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine to completion on this process's loop (from synchronous code)."""
-        return self.loop.run_until_complete(coro)
+        return run_to_completion(self.loop, coro)
 
     def close(self) -> None:
         """Close the pool and clients on their own loop, then the loop."""
@@ -144,6 +145,31 @@ class Runtime:
             loop.close()
             self._http = self._db = self._redis = None
             self._bcfy_api = None
+
+
+# How long an interrupted coroutine is given to unwind (close its connections and files).
+UNWIND_SEC = 5.0
+
+
+def run_to_completion(
+    loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, T] | asyncio.Task[T]
+) -> T:
+    """Run a coroutine (or a task already made on `loop`) to completion from synchronous code.
+
+    If something from outside the loop interrupts it (Celery's soft time limit raises in the
+    main thread), the task is cancelled and given up to UNWIND_SEC to unwind, so that its
+    connections and files are given back; then the interruption is raised again."""
+    task = work if isinstance(work, asyncio.Task) else loop.create_task(work)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            try:
+                loop.run_until_complete(asyncio.wait([task], timeout=UNWIND_SEC))
+            except BaseException:  # the interruption matters more
+                log.exception("runtime: %s did not unwind cleanly", task.get_name())
+        raise
 
 
 _pool_child_pid: int | None = None

@@ -1,7 +1,9 @@
 """Text from outside (the service's names and descriptions, transcripts, error messages that
-quote an answer) made safe to print on an operator's terminal.
+quote an answer) made safe to print on an operator's terminal, and error texts cut to the length
+the pipeline stores.
 
-What is stored stays as received; this is applied where a command prints it.
+What is stored stays as received (less what error_text cuts); terminal_safe is applied where a
+command prints it.
 """
 
 from __future__ import annotations
@@ -32,3 +34,14 @@ def terminal_safe(text: str | None) -> str:
     return "".join(
         _escape(char) if unicodedata.category(char) in UNSAFE_CATEGORIES else char for char in text
     )
+
+
+# The most of an error message stored anywhere (job_runs.error, the poll log, last_error of
+# calls, back-fill gaps and transcriptions, the audio attempts' log): enough for any traceback
+# line or service answer quoted in it, and a bound on what one failure can write.
+ERROR_TEXT_CHARS = 2000
+
+
+def error_text(text: str) -> str:
+    """An error message as it is stored: its first ERROR_TEXT_CHARS characters."""
+    return text[:ERROR_TEXT_CHARS]

@@ -14,16 +14,12 @@ Errors say what to do next: `TransientRecognitionError` (try again later, maybe 
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from workers.core.settings import Settings
-
-T = TypeVar("T")
 
 
 class RecognitionError(Exception):
@@ -115,20 +111,3 @@ def forget_process_recognizer() -> None:
     rather than trusting a decoder whose state is unknown."""
     global _process_recognizer
     _process_recognizer = None
-
-
-def run_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from synchronous code. If something from outside the loop
-    interrupts it (Celery's soft time limit raises in the main thread), cancel the coroutine
-    and let it unwind, so its connections go back, then re-raise."""
-    task = loop.create_task(coro)
-    try:
-        return loop.run_until_complete(task)
-    except BaseException:
-        if not task.done():
-            task.cancel()
-            try:
-                loop.run_until_complete(asyncio.wait([task], timeout=5))
-            except BaseException:  # the original exception matters more
-                pass
-        raise

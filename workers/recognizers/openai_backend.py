@@ -7,8 +7,9 @@ Whisper then spells as given) and `response_format=verbose_json`, whose segments
 probably not speech are dropped: radio hiss makes Whisper invent whole sentences.
 
 The request runs on the process's shared httpx client (workers.core.runtime) with its own read
-timeout and an overall deadline. 429 and 5xx are transient (429's Retry-After is passed on);
-other refusals are permanent for this call, with the service's message as the reason.
+timeout and an overall deadline. The transient statuses (429, 5xx, ... as workers.clients.http
+classifies them) are retried, their Retry-After passed on; other refusals are permanent for
+this call, with the service's message as the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from workers.clients.retry_after import retry_after_sec
+from workers.clients.http import StatusClass, retry_after_of, status_class
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings
 from workers.recognizers import (
@@ -30,11 +31,8 @@ from workers.recognizers import (
     RecognizerConfigError,
     Segment,
     TransientRecognitionError,
-    run_on_loop,
     vocabulary_terms,
 )
-
-TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class OpenAIRecognizer:
@@ -52,7 +50,7 @@ class OpenAIRecognizer:
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
         rt = Runtime.current()
-        return run_on_loop(rt.loop, self.transcribe_bytes(rt.http, audio, name))
+        return rt.run(self.transcribe_bytes(rt.http, audio, name))
 
     async def transcribe_bytes(
         self, http: httpx.AsyncClient, audio: bytes, name: str
@@ -98,17 +96,14 @@ class OpenAIRecognizer:
 
     def parse_response(self, response: httpx.Response) -> Recognition:
         status = response.status_code
-        if status == 429:
+        kind = status_class(status)
+        if kind is StatusClass.TRANSIENT:
+            said = "429 rate limited" if status == 429 else f"HTTP {status}"
             raise TransientRecognitionError(
-                f"{self.url}: 429 rate limited: {_error_message(response)}",
-                retry_after=retry_after_sec(response.headers.get("Retry-After")),
+                f"{self.url}: {said}: {_error_message(response)}",
+                retry_after=retry_after_of(response),
             )
-        if status in TRANSIENT_STATUSES or status >= 500:
-            raise TransientRecognitionError(
-                f"{self.url}: HTTP {status}: {_error_message(response)}",
-                retry_after=retry_after_sec(response.headers.get("Retry-After")),
-            )
-        if not 200 <= status < 300:
+        if kind is StatusClass.PERMANENT:
             raise PermanentRecognitionError(
                 f"{self.url}: HTTP {status}: {_error_message(response)}"
             )
