@@ -14,10 +14,10 @@ from pathlib import Path
 import psycopg
 import redis
 
-from tests.procs import Proc
 from workers.core.children import sigterm_unwinds
 from workers.core.processes import worker_argv
 from workers.core.settings import load_settings
+from workers.dev.procs import Proc
 from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent

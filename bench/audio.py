@@ -48,10 +48,10 @@ from celery import Celery
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench, servers, start_worker
-from tests.audio_helpers import CLIPS, make_flac, publish, slow_audio
-from tests.procs import Proc, group_cpu_sec, wait_until
 from workers.audio.prepare import validate_and_convert
 from workers.core.settings import load_settings
+from workers.dev.calls import CLIPS, make_flac, publish, slow_audio
+from workers.dev.procs import Proc, group_cpu_sec, wait_until
 from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"

@@ -37,8 +37,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import Servers, heading, report, run_bench, servers, start_worker
-from tests.procs import Proc, wait_until
 from workers.audio.codec import convert_for_recognizers, decode_mono
+from workers.dev.procs import Proc, wait_until
 from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]

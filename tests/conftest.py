@@ -22,15 +22,15 @@ import redis
 from celery import Celery
 from psycopg.rows import namedtuple_row
 
-from tests.procs import Proc
 from workers.core.children import sigterm_unwinds
 from workers.core.settings import reset_settings_cache
+from workers.dev.procs import Proc
 from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Fixtures of the ingestion tests (ingest, ingest_manual).
-pytest_plugins = ("tests.ingest_fixtures",)
+pytest_plugins = ("tests.support.ingest",)
 
 
 @dataclass
@@ -159,7 +159,7 @@ def clean(services: Services) -> Iterator[Services]:
 def db(clean: Services) -> Iterator[psycopg.Connection]:
     """A connection (autocommit) to the database with no calls in it, as the audio tests start;
     the process's runtime is shut down after the test."""
-    from tests.audio_helpers import truncate_calls
+    from tests.support.audio import truncate_calls
     from workers.core.runtime import Runtime
 
     with clean.db() as conn:
