@@ -36,9 +36,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Servers, heading, report, run_bench, servers, start_worker
+from bench._common import heading, report, run_bench, servers, start_worker
 from workers.audio.codec import convert_for_recognizers, decode_mono
 from workers.dev.procs import Proc, wait_until
+from workers.dev.services import Servers
 from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]

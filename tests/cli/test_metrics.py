@@ -3,7 +3,6 @@ pool of database connections, each of them still getting a complete page."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,8 +15,8 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from tests.support.procs import listening_addresses
-from workers.dev.procs import Proc, wait_until
+from tests.support.procs import listening_addresses, start_metrics
+from workers.dev.procs import wait_until
 from workers.dev.services import free_port
 
 SCRAPERS = 40
@@ -44,18 +43,6 @@ def limited_role(clean: Services) -> Iterator[str]:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
         )
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
-def start_metrics(env: dict[str, str], tmp_path: Path, procs: list[Proc], port: int) -> str:
-    proc = Proc(
-        "metrics",
-        [sys.executable, "-m", "workers.cli", "metrics", "--port", str(port)],
-        env,
-        tmp_path,
-    )
-    procs.append(proc)
-    proc.wait_for_log("metrics on http://")
-    return f"http://127.0.0.1:{port}/metrics"
 
 
 def test_metrics_listen_on_loopback_by_default(clean: Services, tmp_path: Path, procs):

@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from tests.support.procs import listening_addresses
+from tests.support.procs import listening_addresses, operator_env, start_bcfy, transcribed_so_far
 from workers.dev.procs import ROOT, run_cli, wait_until
 from workers.dev.services import free_port
 
@@ -48,21 +48,9 @@ def run_env(clean: Services, tmp_path: Path) -> Iterator[dict[str, str]]:
     """A database of its own (bcfy run creates and migrates it), the session's Redis index."""
     name = f"bcfy_run_{uuid.uuid4().hex[:8]}"
     url = urlunsplit(urlsplit(clean.admin_dsn)._replace(path=f"/{name}"))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("BCFY_", "AUDIO_", "INGEST_", "TRANSCRIBE_", "FLOWER_"))
-    }
-    env |= {
-        "DATABASE_URL": url,
-        "REDIS_URL": clean.redis_url,
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(tmp_path / "audio"),
-        "INGEST_INTERVAL_SEC": "6",
-        "TRANSCRIPTION_CONCURRENCY": "1",
-        "PYTHONUNBUFFERED": "1",
-        "BCFY_TEST_MARKER": f"run-{uuid.uuid4().hex}",
-    }
+    env = operator_env(
+        clean, tmp_path, DATABASE_URL=url, BCFY_TEST_MARKER=f"run-{uuid.uuid4().hex}"
+    )
     yield env
     with psycopg.connect(clean.admin_dsn, autocommit=True) as conn:
         conn.execute(
@@ -73,42 +61,21 @@ def run_env(clean: Services, tmp_path: Path) -> Iterator[dict[str, str]]:
 def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
     flower_port, metrics_port = free_port(), free_port()
     out_path = tmp_path / "run.out"
-    with open(out_path, "wb") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "--flower-port", str(flower_port)],
-            start_new_session=True,
-            cwd=ROOT,
-            env=run_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    metrics = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "metrics",
-            "--port",
-            str(metrics_port),
-            "--address",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        env=run_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    run = start_bcfy(
+        "run", "--flower-port", str(flower_port), env=run_env, out=out_path, new_session=True
+    )
+    metrics = start_bcfy(
+        "metrics", "--port", str(metrics_port), "--address", "127.0.0.1", env=run_env
     )
     started = time.monotonic()
     try:
-
-        def transcribed() -> int:
-            lines = [ln for ln in out_path.read_text().splitlines() if "transcribed" in ln]
-            if run.poll() is not None:
-                raise AssertionError(out_path.read_text())
-            return lines and int(lines[-1].split("transcribed ")[1].split(",")[0])
-
         # A deadline for the event, not the README's "about 15 s": a speed, not checked here.
-        wait_until(transcribed, 240, "a transcript after `bcfy run` started", every=1)
+        wait_until(
+            lambda: transcribed_so_far(run, out_path),
+            240,
+            "a transcript after `bcfy run` started",
+            every=1,
+        )
         took = time.monotonic() - started
         output = out_path.read_text()
         assert "demo mode: feed simulator" in output and "following " in output

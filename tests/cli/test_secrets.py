@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,8 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import Services
-from workers.dev.procs import ROOT, run_cli, wait_until
+from tests.support.procs import operator_env, start_bcfy, transcribed_so_far
+from workers.dev.procs import run_cli, wait_until
 from workers.dev.services import free_port
 from workers.dev.simulator import FeedSimulator
 
@@ -71,27 +71,19 @@ def secret_env(clean: Services, tmp_path: Path) -> Iterator[tuple[dict[str, str]
         users={USER: (SECRETS["BCFY_PASSWORD"], 4242)},
         seed=11,
     ).start()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("BCFY_", "AUDIO_", "INGEST_", "TRANSCRIBE_", "FLOWER_"))
-    }
-    env |= {
+    env = operator_env(
+        clean,
+        tmp_path,
         **sim.pipeline_env(),
-        "DATABASE_URL": db_url,
-        "REDIS_URL": redis_url,
-        "BCFY_USERNAME": USER,
-        "BCFY_PASSWORD": SECRETS["BCFY_PASSWORD"],
-        "FLOWER_BASIC_AUTH": f"ops:{SECRETS['FLOWER_BASIC_AUTH password']}",
-        "TRANSCRIBE_OPENAI_API_KEY": SECRETS["TRANSCRIBE_OPENAI_API_KEY"],
-        "BCFY_STATE_DIR": str(tmp_path / "state"),
-        "AUDIO_STORE_DIR": str(tmp_path / "audio"),
-        "INGEST_INTERVAL_SEC": "6",
-        "TRANSCRIPTION_CONCURRENCY": "1",
-        "LOG_LEVEL": "DEBUG",
-        "PYTHONUNBUFFERED": "1",
-        "BCFY_TEST_MARKER": f"secrets-{uuid.uuid4().hex}",
-    }
+        DATABASE_URL=db_url,
+        REDIS_URL=redis_url,
+        BCFY_USERNAME=USER,
+        BCFY_PASSWORD=SECRETS["BCFY_PASSWORD"],
+        FLOWER_BASIC_AUTH=f"ops:{SECRETS['FLOWER_BASIC_AUTH password']}",
+        TRANSCRIBE_OPENAI_API_KEY=SECRETS["TRANSCRIBE_OPENAI_API_KEY"],
+        LOG_LEVEL="DEBUG",
+        BCFY_TEST_MARKER=f"secrets-{uuid.uuid4().hex}",
+    )
     assert env["BCFY_API_KEY"] == SECRETS["BCFY_API_KEY"]
     try:
         yield env, sim
@@ -127,34 +119,14 @@ def test_a_full_run_shows_no_secret_anywhere(secret_env, clean: Services, tmp_pa
 
     flower_port, metrics_port = free_port(), free_port()
     out_path = tmp_path / "run.out"
-    with open(out_path, "wb") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", "--flower-port", str(flower_port)],
-            start_new_session=True,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    run = start_bcfy(
+        "run", "--flower-port", str(flower_port), env=env, out=out_path, new_session=True
+    )
     metrics_log = tmp_path / "metrics.out"
-    with open(metrics_log, "wb") as out:
-        metrics = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "metrics", "--port", str(metrics_port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    metrics = start_bcfy("metrics", "--port", str(metrics_port), env=env, out=metrics_log)
     outputs: dict[str, str] = {}
     try:
-
-        def transcribed() -> int:
-            if run.poll() is not None:
-                raise AssertionError(out_path.read_text())
-            lines = [ln for ln in out_path.read_text().splitlines() if "transcribed " in ln]
-            return lines and int(lines[-1].split("transcribed ")[1].split(",")[0]) >= 2
-
-        wait_until(transcribed, 180, "two transcripts", every=1)
+        wait_until(lambda: transcribed_so_far(run, out_path) >= 2, 180, "two transcripts", every=1)
         # Faults the service may throw: their errors are stored and shown.
         sim.faults.malformed_json_next = 1
         sim.faults.error_in_200 = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Services
-from tests.support.procs import start_worker
+from tests.support.procs import start_metrics, start_worker
 from workers.core import clock
 from workers.core.locks import SingletonLock, job_keys
 from workers.dev.procs import Proc, run_cli, wait_until
@@ -499,15 +498,7 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def test_metrics_values_of_a_known_state(known: Known, clean: Services, tmp_path, procs):
     port = free_port()
     env = clean.worker_env(tmp_path, METRICS_CACHE_SEC="0")
-    metrics = Proc(
-        "metrics",
-        [sys.executable, "-m", "workers.cli", "metrics", "--port", str(port)],
-        env,
-        tmp_path,
-    )
-    procs.append(metrics)
-    metrics.started("metrics on http://")
-    url = f"http://127.0.0.1:{port}/metrics"
+    url = start_metrics(env, tmp_path, procs, port)
 
     def with_worker() -> dict | None:
         page = scrape(url)

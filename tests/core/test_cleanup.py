@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.conftest import ROOT, Services
+from tests.support.procs import pytest_argv
 from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
@@ -65,17 +66,7 @@ def run_marked(argv: list[str], services: Services, tmp_path: Path, **env: str) 
 def start_probe(services: Services, tmp_path: Path) -> tuple:
     report = tmp_path / "probe.report"
     proc, mark, log = run_marked(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "addopts=",
-            "tests/probes/hold_a_worker.py",
-        ],
+        pytest_argv("-o", "addopts=", "tests/probes/hold_a_worker.py"),
         services,
         tmp_path,
         BCFY_PROBE_REPORT=str(report),

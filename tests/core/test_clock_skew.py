@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
-from tests.support.procs import start_beat, start_worker
+from tests.support.procs import stale_ticks, start_beat, start_worker
 from workers.dev.procs import run_cli, wait_until
 
 pytestmark = [
@@ -106,12 +106,7 @@ def test_a_tick_that_waited_longer_than_the_grace_is_dropped_by_a_worker_behind(
     # Ticks wait with no worker for longer than their grace, then a worker whose clock is
     # behind comes up: by its own clock they would still look fresh; they are stale.
     env |= {"TEST_BEAT_JOBS": "sleeper:0.5", "JOB_MISFIRE_GRACE_SEC": "1"}
-    beat = start_beat("beat", env, tmp_path)
-    procs.append(beat)
-    wait_until(lambda: clean.redis().llen("ingest") >= 4, 20, "ticks to pile up")
-    beat.stop()
-    queued = clean.redis().llen("ingest")
-    time.sleep(1.5)  # every queued tick is now older than its grace
+    queued = stale_ticks(env, tmp_path, procs, clean.redis(), 4)
     worker = start_worker("behind", env, tmp_path, prefix=shifted(-SKEW_SEC))
     procs.append(worker)
     wait_until(

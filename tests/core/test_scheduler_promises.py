@@ -29,15 +29,9 @@ CLAIM_JOB = "tasks.audio.process_pending_audio"
 
 
 @pytest.fixture
-def env(clean: Services, tmp_path: Path) -> dict[str, str]:
-    return clean.worker_env(
-        tmp_path, LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1", JOB_MISFIRE_GRACE_SEC="60"
-    )
-
-
-@pytest.fixture
-def stop_grace() -> float:
-    return 3
+def env(env: dict[str, str]) -> dict[str, str]:
+    """tests/core/conftest.py's, its ticks stale after 60 s."""
+    return env | {"JOB_MISFIRE_GRACE_SEC": "60"}
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from beat_schedule import tick_headers
-from tests.conftest import Services
-from tests.support.procs import start_beat, start_worker
+from tests.support.procs import stale_ticks, start_beat, start_worker
 from workers.core.clock import redis_time_ms
 from workers.core.locks import holder_of, late_count, skip_count
 from workers.dev.procs import wait_until
@@ -23,18 +21,6 @@ from workers.dev.procs import wait_until
 pytestmark = pytest.mark.slow
 
 SLEEPER = "tests.jobs.sleeper"
-
-
-@pytest.fixture
-def env(clean: Services, tmp_path: Path) -> dict[str, str]:
-    return clean.worker_env(
-        tmp_path, LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1", JOB_MISFIRE_GRACE_SEC="30"
-    )
-
-
-@pytest.fixture
-def stop_grace() -> float:
-    return 3  # the jobs here sleep for long; no test needs them finished after it
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:
@@ -205,12 +191,7 @@ def test_an_expired_tick_is_dropped_not_run_late(env, procs, tmp_path, clean, cl
 
 def test_missed_ticks_coalesce_when_workers_return(env, procs, tmp_path, clean):
     env |= {"TEST_BEAT_JOBS": "sleeper:0.5", "JOB_MISFIRE_GRACE_SEC": "1"}
-    beat = start_beat("beat", env, tmp_path)
-    procs.append(beat)
-    wait_until(lambda: clean.redis().llen("ingest") >= 8, 60, "ticks to pile up (no worker)")
-    beat.stop()
-    queued = clean.redis().llen("ingest")
-    time.sleep(1.5)  # every queued tick is now older than its grace
+    queued = stale_ticks(env, tmp_path, procs, clean.redis(), 8)
     worker = start_worker("w1", env, tmp_path)
     procs.append(worker)
     wait_until(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
+from tests.support.procs import pytest_argv
 from workers.dev.procs import ROOT
 from workers.dev.services import (
     ThrowawayPostgres,
@@ -33,16 +33,7 @@ def test_the_suite_runs_on_throwaway_servers_when_none_answer():
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/core/test_locks.py",
-            "tests/core/test_migrate.py",
-        ],
+        pytest_argv("tests/core/test_locks.py", "tests/core/test_migrate.py"),
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -28,11 +28,12 @@ from tasks.geo.tables import COUNTIES, COUNTRIES, STATES, upsert
 from tasks.ingest.storage import PollRecord, store_page
 from tasks.ingest.validation import Rejected, split_page, validate_call
 from tests.conftest import Services
+from tests.support.ingest import NOW
+from tests.support.ingest import call_record as good_record
 from workers.clients.broadcastify import BroadcastifyError, LivePage
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import reset_settings_cache
 
-NOW = 1_750_000_000
 LATEST = NOW + 86_400
 EXAMPLES = settings(
     max_examples=60,
@@ -44,31 +45,6 @@ EXAMPLES = settings(
 
 # Strings str.isdigit() accepts that int() refuses, or that int() refuses for their length.
 ODD_DIGITS = ["¹²", "²", "9" * 5000, "-" + "1" * 4400, "①"]
-
-
-def good_record(i: int = 0, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "groupId": "2431-1001",
-        "ts": NOW + i,
-        "start_ts": NOW + i,
-        "end_ts": NOW + i + 4,
-        "duration": 3.6,
-        "url": f"https://calls.example.org/2431/{NOW + i}-{i:05d}.m4a",
-        "sid": 2431,
-        "siteId": 1,
-        "nodeId": 5012,
-        "feedId": 21431,
-        "tgId": 1001,
-        "tag": 2,
-        "freq": 851.0125,
-        "src": 1234567,
-        "descr": "Police Dispatch - District 1",
-        "display": "PD Disp 1",
-        "grouping": "Police",
-        "size": 23456,
-    }
-    base.update(changes)
-    return base
 
 
 @pytest.mark.parametrize("value", ODD_DIGITS)

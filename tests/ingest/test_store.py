@@ -16,37 +16,8 @@ import pytest
 from tasks.ingest.storage import PollRecord, store_page
 from tasks.ingest.validation import Page, Rejected, split_page, validate_call
 from tests.conftest import Services
-from tests.support.ingest import TABLES
-
-NOW = 1_750_000_000
-
-
-def record(i: int = 0, **changes: Any) -> dict[str, Any]:
-    base = {
-        "groupId": "2431-1001",
-        "ts": NOW + i,
-        "start_ts": NOW + i,
-        "end_ts": NOW + i + 4,
-        "duration": 3.6,
-        "url": f"https://calls.example.org/2431/{NOW + i}-{i:05d}.m4a",
-        "sid": 2431,
-        "siteId": 1,
-        "nodeId": 5012,
-        "feedId": 21431,
-        "tgId": 1001,
-        "tag": 2,
-        "freq": 851.0125,
-        "src": 1234567,
-        "descr": "Police Dispatch - District 1",
-        "display": "PD Disp 1",
-        "grouping": "Police",
-        "size": 23456,
-    }
-    base.update(changes)
-    return {k: v for k, v in base.items() if v is not DROP}
-
-
-DROP: Any = object()
+from tests.support.ingest import DROP, NOW, TABLES
+from tests.support.ingest import call_record as record
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,38 @@ TABLES = (
 )
 
 
+# The time of the records call_record makes.
+NOW = 1_750_000_000
+DROP: Any = object()  # a field call_record leaves out
+
+
+def call_record(i: int = 0, **changes: Any) -> dict[str, Any]:
+    """A valid call record as the live feed serves it (the i-th, a second after the one before),
+    with `changes`; a field changed to DROP is left out."""
+    base: dict[str, Any] = {
+        "groupId": "2431-1001",
+        "ts": NOW + i,
+        "start_ts": NOW + i,
+        "end_ts": NOW + i + 4,
+        "duration": 3.6,
+        "url": f"https://calls.example.org/2431/{NOW + i}-{i:05d}.m4a",
+        "sid": 2431,
+        "siteId": 1,
+        "nodeId": 5012,
+        "feedId": 21431,
+        "tgId": 1001,
+        "tag": 2,
+        "freq": 851.0125,
+        "src": 1234567,
+        "descr": "Police Dispatch - District 1",
+        "display": "PD Disp 1",
+        "grouping": "Police",
+        "size": 23456,
+    }
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not DROP}
+
+
 def api_env(sim: FeedSimulator) -> dict[str, str]:
     """The settings that point the Broadcastify client at the simulator, with its demo key."""
     return {k: v for k, v in sim.pipeline_env().items() if k.startswith("BCFY_")}

@@ -42,6 +42,7 @@ from psycopg.rows import TupleRow
 from workers.core.processes import beat_argv, worker_argv
 from workers.core.settings import load_settings
 from workers.dev.procs import CLK_TCK, Proc, run_cli, wait_until
+from workers.dev.services import Servers
 from workers.dev.simulator import FeedSimulator
 
 QUEUES = ("ingest", "audio", "transcription")
@@ -383,15 +384,13 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sim = FeedSimulator(seed=self.seed).start()
-        self.env = {
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-            "BCFY_STATE_DIR": str(self.workdir / "state"),
-            "AUDIO_STORE_DIR": str(self.workdir / "audio"),
+        self.env = Servers(self.database_url, self.redis_url).worker_env(
+            self.workdir,
+            AUDIO_STORE_DIR=str(self.workdir / "audio"),
             **self.sim.pipeline_env(),
-            "LOG_LEVEL": "INFO",
+            LOG_LEVEL="INFO",
             **self.extra_env,
-        }
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -108,13 +108,18 @@ class Proc:
         return self
 
 
+def bcfy_argv(*args: str) -> list[str]:
+    """The command line of `bcfy ARGS`, run by this Python."""
+    return [sys.executable, "-m", "workers.cli", *args]
+
+
 def run_cli(
     *args: str, env: Mapping[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """`bcfy ARGS` as an operator runs it, in a process of its own with `env` (and, unless `env`
     gives one, a PATH of the system's directories only)."""
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        bcfy_argv(*args),
         cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
