@@ -261,18 +261,16 @@ def main() -> None:
         logdir = Path(args.logs or tmp)
         logdir.mkdir(parents=True, exist_ok=True)
         for config in configs:
-            env = {
-                "DATABASE_URL": services.database_url,
-                "REDIS_URL": services.redis_url,
-                "BCFY_STATE_DIR": f"{tmp}/state",
-                "AUDIO_STORE_DIR": f"{tmp}/store",
-                "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-                "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-                "AUDIO_POOL": "prefork",
-                "AUDIO_CONCURRENCY": str(config.processes),
-                "AUDIO_DOWNLOAD_CONCURRENCY": str(config.concurrency),
-                "LOG_LEVEL": "INFO",  # the worker says "ready." at INFO
-            }
+            env = services.worker_env(
+                Path(tmp),
+                AUDIO_STORE_DIR=f"{tmp}/store",
+                AUDIO_ALLOWED_HOSTS=sim.audio_host,
+                AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+                AUDIO_POOL="prefork",
+                AUDIO_CONCURRENCY=str(config.processes),
+                AUDIO_DOWNLOAD_CONCURRENCY=str(config.concurrency),
+                LOG_LEVEL="INFO",  # the worker says "ready." at INFO
+            )
             procs: list[Proc] = []
             try:
                 for i in range(config.workers):

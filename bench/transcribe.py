@@ -356,12 +356,7 @@ def main() -> None:
                     store / "prepared" / f"{Path(clip['file']).stem}.flac",
                 )
             # Everything below, in this process and in the workers, uses these.
-            os.environ.update(
-                DATABASE_URL=services.database_url,
-                REDIS_URL=services.redis_url,
-                AUDIO_STORE_DIR=str(store),
-                BCFY_STATE_DIR=str(store / "state"),
-            )
+            os.environ.update(services.worker_env(store, AUDIO_STORE_DIR=str(store)))
             load = os.getloadavg()
             lines = [
                 heading(
