@@ -270,6 +270,25 @@ def certificate() -> Iterator[tuple[Path, Path]]:
         yield cert, key
 
 
+def fetch_over_https(url: str, cafile: Path, tmp_path: Path, policy: UrlPolicy) -> Any:
+    """download() of `url` to tmp_path/"a", through a client that trusts only `cafile`."""
+
+    async def fetch() -> Any:
+        trusted = ssl.create_default_context(cafile=str(cafile))
+        async with httpx.AsyncClient(verify=trusted, timeout=10) as client:
+            return await download(
+                client,
+                url,
+                tmp_path / "a",
+                policy,
+                max_bytes=1_000_000,
+                max_redirects=0,
+                timeout_sec=30,
+            )
+
+    return asyncio.run(fetch())
+
+
 def test_https_goes_to_the_checked_address_with_the_names_host_and_sni(certificate, tmp_path):
     cert, key = certificate
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -284,21 +303,7 @@ def test_https_goes_to_the_checked_address_with_the_names_host_and_sni(certifica
     with AudioServer(tls=tls) as server:
         server.clips["/call.wav"] = clip
         policy = UrlPolicy((f"{NAME}:{server.port}",), ("127.0.0.1/32",), resolver)
-        trusted = ssl.create_default_context(cafile=str(cert))
-
-        async def fetch() -> Any:
-            async with httpx.AsyncClient(verify=trusted, timeout=10) as client:
-                return await download(
-                    client,
-                    f"https://{NAME}:{server.port}/call.wav",
-                    tmp_path / "a",
-                    policy,
-                    max_bytes=1_000_000,
-                    max_redirects=0,
-                    timeout_sec=30,
-                )
-
-        got = asyncio.run(fetch())
+        got = fetch_over_https(f"https://{NAME}:{server.port}/call.wav", cert, tmp_path, policy)
     assert (tmp_path / "a").read_bytes() == clip and got.size == len(clip)
     assert resolved == [(NAME, server.port)], "the name was resolved once, by the checked hook"
     assert server.sni == [NAME], "the TLS server name is the host name, not the address"
@@ -319,22 +324,8 @@ def test_https_with_a_certificate_for_another_name_is_refused(certificate, tmp_p
         server.clips["/call.wav"] = wav(to_int16(tone(1.0, -20)))
         other = "other.bcfy-promise.test"
         policy = UrlPolicy((f"{other}:{server.port}",), ("127.0.0.1/32",), resolver)
-        trusted = ssl.create_default_context(cafile=str(cert))
-
-        async def fetch() -> Any:
-            async with httpx.AsyncClient(verify=trusted, timeout=10) as client:
-                return await download(
-                    client,
-                    f"https://{other}:{server.port}/call.wav",
-                    tmp_path / "a",
-                    policy,
-                    max_bytes=1_000_000,
-                    max_redirects=0,
-                    timeout_sec=30,
-                )
-
         with pytest.raises(AudioFailure) as err:
-            asyncio.run(fetch())
+            fetch_over_https(f"https://{other}:{server.port}/call.wav", cert, tmp_path, policy)
     assert err.value.code == "network" and "certificate" in err.value.detail.lower()
     assert server.sni == [other] and server.hosts == []
 

@@ -53,14 +53,20 @@ def assert_each_call_once(ing: Ingest, uuid: str, since: int) -> list[str]:
     return stored
 
 
-def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
-    ing = ingest_manual
+def followed_and_polled(ing: Ingest, calls_per_minute: int, polls: int) -> tuple[str, int]:
+    """With retention: a playlist with a minute of calls already, followed, then polled every
+    10 s `polls` times; returns its uuid and where its first poll ended (last_pos)."""
     with_retention(ing)
-    uuid = ing.sim.add_playlist(calls_per_minute=6)
+    uuid = ing.sim.add_playlist(calls_per_minute=calls_per_minute)
     ing.advance(60)
     ing.follow(uuid)
-    ing.poll_every_10s(6)
-    first = ing.polls(uuid)[0]["last_pos"]
+    ing.poll_every_10s(polls)
+    return uuid, ing.polls(uuid)[0]["last_pos"]
+
+
+def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
+    ing = ingest_manual
+    uuid, first = followed_and_polled(ing, 6, 6)
     before = ing.cursor(uuid)
 
     # 20 hours away. Calls go on; in the last 30 s one every second, so that whichever second
@@ -104,12 +110,7 @@ def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
 
 def test_a_short_outage_is_caught_up_live_without_back_fill(ingest_manual):
     ing = ingest_manual
-    with_retention(ing)
-    uuid = ing.sim.add_playlist(calls_per_minute=12)
-    ing.advance(60)
-    ing.follow(uuid)
-    ing.poll_every_10s(3)
-    first = ing.polls(uuid)[0]["last_pos"]
+    uuid, first = followed_and_polled(ing, 12, 3)
     ing.advance(RETENTION - 60)
     ing.poll_every_10s(2)
     assert ing.sim.requests.get("group_archives", 0) == 0
@@ -119,13 +120,8 @@ def test_a_short_outage_is_caught_up_live_without_back_fill(ingest_manual):
 
 def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_manual):
     ing = ingest_manual
-    with_retention(ing)
     ing.configure(BCFY_RETRY_ATTEMPTS=1, INGEST_BACKFILL_CONCURRENCY=2)
-    uuid = ing.sim.add_playlist(calls_per_minute=4)
-    ing.advance(60)
-    ing.follow(uuid)
-    ing.poll_every_10s(2)
-    first = ing.polls(uuid)[0]["last_pos"]
+    uuid, first = followed_and_polled(ing, 4, 2)
     ing.advance(30 * HOUR)
     ing.poll_every_10s(1)
 
@@ -148,13 +144,8 @@ def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_
 
 def test_a_back_fill_cut_short_by_its_budget_goes_on_next_run(ingest_manual):
     ing = ingest_manual
-    with_retention(ing)
     ing.configure(INGEST_BACKFILL_BUDGET_SEC=1, INGEST_BACKFILL_CONCURRENCY=1)
-    uuid = ing.sim.add_playlist(calls_per_minute=4)
-    ing.advance(60)
-    ing.follow(uuid)
-    ing.poll_every_10s(2)
-    first = ing.polls(uuid)[0]["last_pos"]
+    uuid, first = followed_and_polled(ing, 4, 2)
     ing.advance(40 * HOUR)
     ing.poll_every_10s(1)
     windows = sum(
@@ -181,12 +172,7 @@ def test_a_gap_the_answer_reveals_is_back_filled_too(ingest_manual):
     """Our clock lags the service's, so the cursor looks young enough to send as it is; the
     answer's serverTime shows what the service left out, and that gap is back-filled."""
     ing = ingest_manual
-    with_retention(ing)
-    uuid = ing.sim.add_playlist(calls_per_minute=6)
-    ing.advance(60)
-    ing.follow(uuid)
-    ing.poll_every_10s(2)
-    first = ing.polls(uuid)[0]["last_pos"]
+    uuid, first = followed_and_polled(ing, 6, 2)
     ing.advance(RETENTION + 300)
     ing.reset_runtime()  # a restarted worker: it has not seen the service's clock yet
     ing.api.clock = lambda: ing.clock() - 400
