@@ -7,48 +7,28 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import psycopg
-import redis
-
-from tests.procs import Proc
 from workers.core.children import sigterm_unwinds
 from workers.core.processes import worker_argv
 from workers.core.settings import load_settings
-from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
+from workers.dev.procs import Proc
+from workers.dev.services import Servers, scratch_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
-@dataclass(frozen=True)
-class Servers:
-    database_url: str
-    redis_url: str
-
-    def db(self) -> psycopg.Connection:
-        return psycopg.connect(self.database_url, autocommit=True)
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
-
-
-@contextlib.contextmanager
-def servers(redis_url: str | None = None, database_url: str | None = None) -> Iterator[Servers]:
-    """PostgreSQL and Redis for one run: the given servers (by default REDIS_URL / DATABASE_URL,
-    then the standard local ports) when they answer, else throwaway ones. The run gets a
-    database of its own (migrated, dropped at the end) and an empty Redis database index
-    (flushed at the end)."""
-    with contextlib.ExitStack() as stack:
-        redis_base = stack.enter_context(redis_server(redis_url))
-        pg_base = stack.enter_context(postgres_server(database_url))
-        yield Servers(
-            database_url=stack.enter_context(scratch_database(pg_base, "bcfy_bench")),
-            redis_url=stack.enter_context(empty_redis_db(redis_base, "bcfy:bench")),
-        )
+def servers(
+    redis_url: str | None = None, database_url: str | None = None
+) -> contextlib.AbstractContextManager[Servers]:
+    """PostgreSQL and Redis for one run: a database and a Redis index of its own, on the given
+    servers (by default REDIS_URL / DATABASE_URL, then the standard local ports) or throwaway
+    ones (see scratch_servers)."""
+    return scratch_servers(
+        "bcfy_bench", "bcfy:bench", redis_url=redis_url, database_url=database_url
+    )
 
 
 def start_worker(queue: str, name: str, env: Mapping[str, str], logdir: Path) -> Proc:

@@ -48,10 +48,10 @@ from celery import Celery
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench, servers, start_worker
-from tests.audio_helpers import CLIPS, make_flac, publish, slow_audio
-from tests.procs import Proc, group_cpu_sec, wait_until
 from workers.audio.prepare import validate_and_convert
 from workers.core.settings import load_settings
+from workers.dev.calls import CLIPS, make_flac, publish, slow_audio
+from workers.dev.procs import Proc, group_cpu_sec, wait_until
 from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
@@ -263,18 +263,16 @@ def main() -> None:
         logdir = Path(args.logs or tmp)
         logdir.mkdir(parents=True, exist_ok=True)
         for config in configs:
-            env = {
-                "DATABASE_URL": services.database_url,
-                "REDIS_URL": services.redis_url,
-                "BCFY_STATE_DIR": f"{tmp}/state",
-                "AUDIO_STORE_DIR": f"{tmp}/store",
-                "AUDIO_ALLOWED_HOSTS": sim.audio_host,
-                "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1/32",
-                "AUDIO_POOL": "prefork",
-                "AUDIO_CONCURRENCY": str(config.processes),
-                "AUDIO_DOWNLOAD_CONCURRENCY": str(config.concurrency),
-                "LOG_LEVEL": "INFO",  # the worker says "ready." at INFO
-            }
+            env = services.worker_env(
+                Path(tmp),
+                AUDIO_STORE_DIR=f"{tmp}/store",
+                AUDIO_ALLOWED_HOSTS=sim.audio_host,
+                AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+                AUDIO_POOL="prefork",
+                AUDIO_CONCURRENCY=str(config.processes),
+                AUDIO_DOWNLOAD_CONCURRENCY=str(config.concurrency),
+                LOG_LEVEL="INFO",  # the worker says "ready." at INFO
+            )
             procs: list[Proc] = []
             try:
                 for i in range(config.workers):

@@ -5,7 +5,7 @@ stage that saturates first, at given arrival rates.
                         [--set NAME=VALUE ...] [--no-save]
 
 For each arrival rate (calls per second over all playlists, Poisson, on the real clock), lowest
-first: a fresh pipeline (tests/e2e_pipeline.py: the feed simulator over real HTTP, `bcfy
+first: a fresh pipeline (workers/dev/pipeline.py: the feed simulator over real HTTP, `bcfy
 playlists add`, beat and the three pools with the command lines and settings of `bcfy
 beat|worker`, pocketsphinx), a warm-up call per playlist, DURATION seconds of traffic, then the
 drain. Every second meanwhile it samples each stage's backlog: calls published but not stored
@@ -56,7 +56,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, run_bench, servers
-from tests.e2e_pipeline import (
+from workers.core.settings import Settings, SettingsError, load_settings
+from workers.dev.pipeline import (
     QUEUES,
     STAGES,
     Latency,
@@ -67,8 +68,7 @@ from tests.e2e_pipeline import (
     period_means,
     slope_fit,
 )
-from tests.procs import group_cpu_sec
-from workers.core.settings import Settings, SettingsError, load_settings
+from workers.dev.procs import group_cpu_sec
 
 # The pipeline's settings: the defaults, plus any --set NAME=VALUE.
 SETTINGS: dict[str, str] = {}

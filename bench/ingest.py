@@ -42,7 +42,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Servers, heading, report, run_bench, servers
+from bench._common import heading, report, run_bench, servers
+from workers.dev.services import Servers
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
 KEY_ID = next(iter(DEMO_API_KEYS))

@@ -36,9 +36,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import Servers, heading, report, run_bench, servers, start_worker
-from tests.procs import Proc, wait_until
+from bench._common import heading, report, run_bench, servers, start_worker
 from workers.audio.codec import convert_for_recognizers, decode_mono
+from workers.dev.procs import Proc, wait_until
+from workers.dev.services import Servers
 from workers.dev.simulator.make_clips import CLIPS_DIR
 
 CLIPS = json.loads((CLIPS_DIR / "clips.json").read_text())["clips"]
@@ -355,12 +356,7 @@ def main() -> None:
                     store / "prepared" / f"{Path(clip['file']).stem}.flac",
                 )
             # Everything below, in this process and in the workers, uses these.
-            os.environ.update(
-                DATABASE_URL=services.database_url,
-                REDIS_URL=services.redis_url,
-                AUDIO_STORE_DIR=str(store),
-                BCFY_STATE_DIR=str(store / "state"),
-            )
+            os.environ.update(services.worker_env(store, AUDIO_STORE_DIR=str(store)))
             load = os.getloadavg()
             lines = [
                 heading(

@@ -2,9 +2,9 @@
 -- table by table: each with its sequences, defaults, keys, indexes, foreign keys and
 -- triggers.
 -- Written by `bcfy schema` (`make schema`) from PostgreSQL 15's pg_dump. Do not
--- edit: change the schema with a new migration, then regenerate (tests/test_schema.py
--- checks that this file is current). Databases are made by `bcfy migrate`, not from
--- this file.
+-- edit: change the schema with a new migration, then regenerate
+-- (tests/core/test_schema.py checks that this file is current). Databases are made by
+-- `bcfy migrate`, not from this file.
 
 -- Functions (the triggers below call them)
 

@@ -18,42 +18,24 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 from celery import Celery
 from psycopg.rows import namedtuple_row
 
-from tests.procs import Proc
 from workers.core.children import sigterm_unwinds
 from workers.core.settings import reset_settings_cache
-from workers.dev.services import empty_redis_db, postgres_server, redis_server, scratch_database
+from workers.dev.procs import Proc
+from workers.dev.services import Servers, scratch_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Fixtures of the ingestion tests (ingest, ingest_manual).
-pytest_plugins = ("tests.ingest_fixtures",)
+pytest_plugins = ("tests.support.ingest",)
 
 
-@dataclass
-class Services:
-    database_url: str
-    redis_url: str
-    admin_dsn: str
-
-    def db(self) -> psycopg.Connection:
-        return psycopg.connect(self.database_url, autocommit=True)
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
-
-    def worker_env(self, tmp_path: Path, **values: str) -> dict[str, str]:
-        """The environment of a worker or beat a test starts: these servers, its state under
-        tmp_path, and `values`."""
-        return {
-            "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis_url,
-            "BCFY_STATE_DIR": str(tmp_path / "state"),
-            **values,
-        }
+@dataclass(frozen=True)
+class Services(Servers):
+    """The session's servers (Servers: db(), redis(), worker_env()), the PostgreSQL server's
+    admin DSN, and what the tests read back from them."""
 
     def job_runs(self, job: str, outcome: str | None = None) -> list[Any]:
         """The job's runs as job_runs records them (all, or those with `outcome`), in the order
@@ -92,15 +74,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # SIGTERM (as from `timeout` or CI) unwinds like Ctrl-C: fixtures are torn down, so the
     # workers, servers and scratch database of this session are stopped and removed.
     sigterm_unwinds()
-    redis_base = _session.enter_context(redis_server(reuse=REUSE))
-    pg_base = _session.enter_context(postgres_server(reuse=REUSE))
-    redis_url = _session.enter_context(empty_redis_db(redis_base, CLAIM_KEY))
-    database_url = _session.enter_context(scratch_database(pg_base, "bcfy_test"))
+    servers = _session.enter_context(scratch_servers("bcfy_test", CLAIM_KEY, reuse=REUSE))
     for name in ("DATABASE_URL", "REDIS_URL"):
         _session.callback(_restore_env, name, os.environ.get(name))
-    os.environ["DATABASE_URL"], os.environ["REDIS_URL"] = database_url, redis_url
+    os.environ["DATABASE_URL"], os.environ["REDIS_URL"] = servers.database_url, servers.redis_url
     reset_settings_cache()
-    _services = Services(database_url, redis_url, pg_base)
+    _services = Services(servers.database_url, servers.redis_url, servers.admin_dsn)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -159,7 +138,7 @@ def clean(services: Services) -> Iterator[Services]:
 def db(clean: Services) -> Iterator[psycopg.Connection]:
     """A connection (autocommit) to the database with no calls in it, as the audio tests start;
     the process's runtime is shut down after the test."""
-    from tests.audio_helpers import truncate_calls
+    from tests.support.audio import truncate_calls
     from workers.core.runtime import Runtime
 
     with clean.db() as conn:

@@ -1,4 +1,4 @@
-"""A test that starts a real worker and then waits to be interrupted; tests/test_cleanup.py
+"""A test that starts a real worker and then waits to be interrupted; tests/core/test_cleanup.py
 runs it in a pytest of its own and kills that pytest."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import Services
-from tests.procs import Proc, start_worker
+from tests.support.procs import start_worker
+from workers.dev.procs import Proc
 
 
 def test_hold_a_worker(clean: Services, procs: list[Proc], tmp_path: Path) -> None:

@@ -20,12 +20,13 @@ from tasks.transcription.dispatch import TRANSCRIBE_TASK
 from tasks.transcription.jobs import transcribe_call
 from tasks.transcription.policy import retry_wait
 from tests.conftest import Services
-from tests.procs import start_worker, wait_until
+from tests.support.procs import start_worker
 from tests.transcription.conftest import Calls, worker_env
 from tests.transcription.fake_openai import Reply
 from tests.transcription.test_workers import mark_dispatched, openai_env
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import load_settings
+from workers.dev.procs import wait_until
 from workers.dev.services import ServiceError, ThrowawayPostgres, scratch_database
 from workers.recognizers import forget_process_recognizer
 

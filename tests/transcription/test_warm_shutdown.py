@@ -9,10 +9,11 @@ import threading
 
 import pytest
 
-from tests.procs import start_worker, wait_until
+from tests.support.procs import start_worker
 from tests.transcription.conftest import worker_env
 from tests.transcription.fake_openai import Reply
 from tests.transcription.test_workers import TRANSCRIBE, mark_dispatched, openai_env
+from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import pytest
 
 from tasks.transcription.dispatch import queued_messages
-from tests.procs import ROOT, Proc, start_worker, wait_until
+from tests.support.procs import start_worker
 from tests.transcription.conftest import CLIP_TEXT, worker_env
 from tests.transcription.fake_openai import Reply
+from workers.dev.procs import ROOT, Proc, wait_until
 
 pytestmark = pytest.mark.slow
 

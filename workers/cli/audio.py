@@ -34,7 +34,7 @@ SELECT error_code, count(*), max(updated_at) FROM call_audio
 # What a retry does to the transcription stage, once a retried call's audio is ready again:
 # the trigger call_transcription_on_ready_update on call_audio (sql/004_transcription.sql)
 # inserts or resets the call's call_transcription row as for any call whose audio becomes ready.
-# The help and the README say it in these words (tests/test_audio_retry.py checks both).
+# The help and the README say it in these words (tests/audio/test_retry.py checks both).
 RETRY_EFFECT = (
     "Once a retried call's audio is ready again, the transcription stage takes it up: a call "
     "with no transcription yet gets one; a call whose transcription had failed for good is "

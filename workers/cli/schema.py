@@ -224,9 +224,9 @@ def render(dump: str, migrations: list[str], major: int) -> str:
         "-- table by table: each with its sequences, defaults, keys, indexes, foreign keys and",
         "-- triggers.",
         f"-- Written by `bcfy schema` (`make schema`) from PostgreSQL {major}'s pg_dump. Do not",
-        "-- edit: change the schema with a new migration, then regenerate (tests/test_schema.py",
-        "-- checks that this file is current). Databases are made by `bcfy migrate`, not from",
-        "-- this file.",
+        "-- edit: change the schema with a new migration, then regenerate",
+        "-- (tests/core/test_schema.py checks that this file is current). Databases are made by",
+        "-- `bcfy migrate`, not from this file.",
         "",
     ]
     if functions:

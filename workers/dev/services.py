@@ -236,6 +236,33 @@ def _wait_for(check: object, what: str, proc: subprocess.Popen[bytes], timeout: 
 # --- a session's servers (the tests, the benches) ---------------------------------------------
 
 
+@dataclass(frozen=True)
+class Servers:
+    """A PostgreSQL database and a Redis database index that a test session or a bench runs on,
+    and the environment of the processes it starts on them."""
+
+    database_url: str
+    redis_url: str
+    admin_dsn: str = ""  # the PostgreSQL server the database is on, connected as its admin
+
+    def db(self) -> psycopg.Connection:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def worker_env(self, workdir: Path, **values: str) -> dict[str, str]:
+        """The environment of a worker, beat or `bcfy` command run on these servers: its state
+        under workdir, and `values` (which may replace any of it). The one builder of a worker's
+        environment: stages add their own values to it."""
+        return {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "BCFY_STATE_DIR": str(workdir / "state"),
+            **values,
+        }
+
+
 @contextlib.contextmanager
 def redis_server(url: str | None = None, *, reuse: bool = True) -> Iterator[str]:
     """A Redis server's URL: `url` (by default REDIS_URL, then the standard local port) when it
@@ -329,3 +356,26 @@ def scratch_database(admin_dsn: str, prefix: str) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@contextlib.contextmanager
+def scratch_servers(
+    db_prefix: str,
+    claim_key: str,
+    *,
+    redis_url: str | None = None,
+    database_url: str | None = None,
+    reuse: bool = True,
+) -> Iterator[Servers]:
+    """PostgreSQL and Redis for one test session or bench run: the given servers (by default
+    REDIS_URL / DATABASE_URL, then the standard local ports) when they answer and `reuse`, else
+    throwaway ones. The run gets a database of its own (named from db_prefix, migrated, dropped
+    at the end) and an empty Redis database index (claimed with claim_key, flushed at the end)."""
+    with contextlib.ExitStack() as stack:
+        redis_base = stack.enter_context(redis_server(redis_url, reuse=reuse))
+        pg_base = stack.enter_context(postgres_server(database_url, reuse=reuse))
+        yield Servers(
+            database_url=stack.enter_context(scratch_database(pg_base, db_prefix)),
+            redis_url=stack.enter_context(empty_redis_db(redis_base, claim_key)),
+            admin_dsn=pg_base,
+        )

@@ -1,0 +1,1 @@
+"""workers/clients: the Broadcastify API client over real HTTP."""

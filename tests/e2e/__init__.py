@@ -1,0 +1,1 @@
+"""The whole pipeline as production runs it, fed by the simulator."""

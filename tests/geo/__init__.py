@@ -1,0 +1,1 @@
+"""tasks/geo: the geo refresh against the simulator, its concurrency and retries."""

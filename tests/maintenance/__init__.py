@@ -1,0 +1,1 @@
+"""tasks/maintenance: retention, what is pruned after which setting, and the files with it."""
