@@ -137,8 +137,16 @@ def _boolean(raw: str) -> bool:
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str], Secret]:
     def parse(raw: str) -> Secret:
-        parts = urlsplit(raw.strip())
-        if parts.scheme not in schemes or not (parts.hostname or parts.path):
+        try:
+            parts = urlsplit(raw.strip())
+            host = parts.hostname
+        except ValueError:
+            # urllib's own message quotes the address part, password included: never shown.
+            raise ValueError(
+                "not a URL that can be read: percent-encode special characters of the user"
+                " name and password ([ and ] as %5B and %5D, @ as %40, / as %2F)"
+            ) from None
+        if parts.scheme not in schemes or not (host or parts.path):
             raise ValueError(
                 f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
             )
@@ -181,8 +189,13 @@ def _postgres_url(raw: str) -> Secret:
 
 
 def _http_url(raw: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(raw.strip())
+        host = parts.hostname
+    except ValueError:
+        # urllib's own message quotes the address part: never shown (it may hold a password).
+        raise ValueError("expected an http:// or https:// URL that can be read") from None
+    if parts.scheme not in ("http", "https") or not host:
         raise ValueError("expected an http:// or https:// URL")
     if "@" in parts.netloc:
         # It would be printed by `bcfy settings` and end up in error texts and logs.
