@@ -21,6 +21,7 @@ from workers.audio.codec import probe
 from workers.audio.download import AudioFailure
 from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore
+from workers.core.backoff import JITTER
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings, get_settings
 from workers.dev.calls import CLIPS, SILENCE, insert_call, make_flac, make_wav, publish
@@ -114,7 +115,9 @@ def test_a_retryable_failure_goes_back_to_pending_with_backoff(db, clean, sim, t
     row = audio_rows(db)[call]
     assert (row["state"], row["attempts"], row["error_code"]) == ("pending", 1, "http_404")
     assert row["lease_until"] is None
-    assert 55 < (row["next_attempt_at"] - row["updated_at"]).total_seconds() < 65
+    # The one backoff: 60 s for the first retry, give or take its jitter (and rounding).
+    wait = (row["next_attempt_at"] - row["updated_at"]).total_seconds()
+    assert 60 * (1 - JITTER) - 0.1 <= wait <= 60 * (1 + JITTER) + 0.1, wait
 
 
 def test_a_call_already_ready_is_not_prepared_again(db, clean, sim, tmp_path):
