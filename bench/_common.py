@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from workers.core.children import sigterm_unwinds
@@ -51,6 +52,21 @@ def run_bench(main: Callable[[], None]) -> None:
         raise SystemExit(130) from None
     finally:
         Proc.stop_all()
+
+
+def spread(values: Iterable[float], fmt: str = ".1f") -> str:
+    """A figure measured several times, as every bench prints one: "median (min\u2013max)"."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("no measurements")
+    return f"{statistics.median(v):{fmt}} ({v[0]:{fmt}}\u2013{v[-1]:{fmt}})"
+
+
+def rotated(items: list, round_no: int) -> list:
+    """ITEMS in the order round ROUND_NO runs them: each round starts one further along, so no
+    configuration always runs first (after a quiet spell) or right after the heaviest one."""
+    k = round_no % len(items) if items else 0
+    return items[k:] + items[:k]
 
 
 def heading(script: str, details: str) -> str:

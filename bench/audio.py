@@ -1,12 +1,15 @@
 """The audio stage's throughput with real worker processes, against a baseline in the same run.
 
-    python bench/audio.py [--calls 200] [--latency 0.2] [--rounds 3]
+    python bench/audio.py [--calls 200] [--latency 0.2] [--rounds 5]
 
 Publishes CALLS calls on the feed simulator, whose audio answers each come LATENCY late,
 stores them as ingest does, sends the
 claim job one trigger (as ingest does; no beat), and times until every call is ready:
-downloaded, validated, converted, stored. Each configuration runs ROUNDS times (median shown),
-with its workers started once, outside the timing:
+downloaded, validated, converted, stored. Rounds are the outer loop: each round runs every
+configuration once, in an order that rotates from round to round, so drift on a shared machine
+hits them all alike. A configuration's workers are started for its turn, outside the timing,
+warmed with a few calls, and stopped after it (idle workers of the other configurations would
+take work from the same queue). Each figure is the median over ROUNDS, its range beside it:
 
   * one worker of one pool process, AUDIO_DOWNLOAD_CONCURRENCY=1     (the baseline)
   * one worker of one pool process, the default concurrency
@@ -19,11 +22,14 @@ per minute of audio for validation plus conversion alone (in this process).
 Then the memory one call's preparation takes (validate + convert, each in a fresh process):
 the RSS high-water mark it adds and the Python heap peak (tracemalloc), for a served clip (a
 normal call), ten minutes of silence as FLAC (114 KB that decodes to 19 MB) and a file just past
-AUDIO_MAX_DURATION_SEC, as medians over ROUNDS with their ratio to the normal call. They go to
+AUDIO_MAX_DURATION_SEC, as medians over ROUNDS (the cases interleaved round by round) with
+their range and their ratio to the normal call. They go to
 bench/results/audio_memory.txt. `--memory-only` runs just these; `--code DIR` measures the
 preparation of another checkout (e.g. one from before decoding streamed), for comparison.
 
-Goals: default concurrency >= 0.8 x the concurrency over the baseline; two workers >= 1.6 x one.
+Goals, on the medians of the same run: default concurrency >= 0.8 x the concurrency over the
+baseline; two workers >= 1.6 x one. Each ratio is also shown per round (the configurations of
+one round ran minutes apart), as its range.
 This machine has two cores, which the server, PostgreSQL and Redis share with the workers: two
 workers can show that the claim and fan-out do not serialise work that waits on the network;
 they cannot show more CPU than two cores give.
@@ -47,7 +53,7 @@ from celery import Celery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, run_bench, servers, start_worker
+from bench._common import heading, report, rotated, run_bench, servers, spread, start_worker
 from workers.audio.prepare import validate_and_convert
 from workers.core.settings import load_settings
 from workers.dev.calls import CLIPS, make_flac, publish, slow_audio
@@ -188,33 +194,34 @@ def memory_report(code: Path, rounds: int) -> list[str]:
                 make_flac(Path(tmp) / "past.flac", limit + 1),
             ),
         ]
-        figures: dict[str, tuple[float, float, float, str, int]] = {}
-        for name, path in cases:
-            runs = [
-                prepare_memory(code, path, Path(tmp) / "out.flac", limit) for _ in range(rounds)
-            ]
-            figures[name] = (
-                statistics.median(r[0] for r in runs),
-                statistics.median(r[1] for r in runs),
-                statistics.median(r[2] for r in runs),
-                runs[0][3],
-                path.stat().st_size,
-            )
-            print(f"{name:42} {figures[name][0] / 1e6:8.1f} MB RSS", flush=True)
-    base_rss, _, base_peak, _, _ = next(iter(figures.values()))
+        runs: dict[str, list[tuple[int, int, int, str]]] = {name: [] for name, _ in cases}
+        for round_no in range(rounds):  # interleaved: drift hits every case alike
+            for name, path in rotated(cases, round_no):
+                runs[name].append(prepare_memory(code, path, Path(tmp) / "out.flac", limit))
+            print(f"memory round {round_no + 1}/{rounds} done", flush=True)
+        sizes = {name: path.stat().st_size for name, path in cases}
+    base = runs[cases[0][0]]
+    base_rss = statistics.median(r[0] for r in base)
+    base_peak = statistics.median(r[2] for r in base)
     lines = [
         heading(
             "audio",
             f"memory per call  code={'this checkout' if code == ROOT else code}"
-            f"  AUDIO_MAX_DURATION_SEC={limit:g}  rounds={rounds} (medians)",
+            f"  AUDIO_MAX_DURATION_SEC={limit:g}  rounds={rounds} interleaved:"
+            " median (min\u2013max)",
         ),
-        f"{'file':42} {'bytes':>9} {'outcome':>9} {'RSS MB':>7} {'x normal':>8} {'added':>6}"
-        f" {'heap MB':>8} {'x normal':>8}",
+        f"{'file':42} {'bytes':>9} {'outcome':>9} {'RSS MB':>19} {'x normal':>8}"
+        f" {'added MB':>15} {'heap MB':>19} {'x normal':>8}",
     ]
-    for name, (rss, added, peak, outcome, size) in figures.items():
+    for name, rs in runs.items():
+        rss = statistics.median(r[0] for r in rs)
+        peak = statistics.median(r[2] for r in rs)
+        outcomes = sorted({r[3] for r in rs})
         lines.append(
-            f"{name:42} {size:9d} {outcome:>9} {rss / 1e6:7.1f} {rss / base_rss:8.2f}"
-            f" {added / 1e6:6.1f} {peak / 1e6:8.2f} {peak / max(base_peak, 1):8.2f}"
+            f"{name:42} {sizes[name]:9d} {'/'.join(outcomes):>9}"
+            f" {spread(r[0] / 1e6 for r in rs):>19} {rss / base_rss:8.2f}"
+            f" {spread(r[1] / 1e6 for r in rs):>15} {spread((r[2] / 1e6 for r in rs), '.2f'):>19}"
+            f" {peak / max(base_peak, 1):8.2f}"
         )
     lines.append(
         "RSS: the process's high-water mark (imports included), added: by the call itself; "
@@ -227,7 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--logs", help="keep the workers' logs in this directory")
     ap.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="instead of the default"
@@ -251,7 +258,8 @@ def main() -> None:
         Config(f"1 worker x 2 processes, concurrency {d}", 1, 2, d),
         Config(f"2 workers x 2 processes, concurrency {d}", 2, 2, d),
     ]
-    results: dict[str, tuple[float, float]] = {}
+    # Per configuration, per round: (seconds to the last call ready, worker CPU seconds).
+    runs: dict[str, list[tuple[float, float]]] = {c.name: [] for c in configs}
     with (
         servers() as services,
         celery_client(services.redis_url) as client,
@@ -262,53 +270,68 @@ def main() -> None:
         slow_audio(sim, args.latency)
         logdir = Path(args.logs or tmp)
         logdir.mkdir(parents=True, exist_ok=True)
-        for config in configs:
-            env = services.worker_env(
-                Path(tmp),
-                AUDIO_STORE_DIR=f"{tmp}/store",
-                AUDIO_ALLOWED_HOSTS=sim.audio_host,
-                AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
-                AUDIO_POOL="prefork",
-                AUDIO_CONCURRENCY=str(config.processes),
-                AUDIO_DOWNLOAD_CONCURRENCY=str(config.concurrency),
-                LOG_LEVEL="INFO",  # the worker says "ready." at INFO
-            )
-            procs: list[Proc] = []
-            try:
-                for i in range(config.workers):
-                    procs.append(start_worker("audio", f"bench{i}", env, logdir))
-                runs = [one_round(db, client, sim, args.calls, procs) for _ in range(args.rounds)]
-            finally:
-                for p in procs:
-                    p.stop(timeout=10)
-            elapsed = statistics.median(r[0] for r in runs)
-            cpu = statistics.median(r[1] for r in runs)
-            results[config.name] = (elapsed, cpu)
-            print(f"{config.name:42} {args.calls / elapsed:7.1f} calls/s", flush=True)
+        for round_no in range(args.rounds):
+            for config in rotated(configs, round_no):
+                env = services.worker_env(
+                    Path(tmp),
+                    AUDIO_STORE_DIR=f"{tmp}/store",
+                    AUDIO_ALLOWED_HOSTS=sim.audio_host,
+                    AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+                    AUDIO_POOL="prefork",
+                    AUDIO_CONCURRENCY=str(config.processes),
+                    AUDIO_DOWNLOAD_CONCURRENCY=str(config.concurrency),
+                    LOG_LEVEL="INFO",  # the worker says "ready." at INFO
+                )
+                procs: list[Proc] = []
+                try:
+                    for i in range(config.workers):
+                        procs.append(start_worker("audio", f"bench{i}", env, logdir))
+                    # Warm-up, untimed: connections, imports in the pool processes.
+                    one_round(db, client, sim, 2 * config.workers * config.processes, procs)
+                    elapsed, cpu = one_round(db, client, sim, args.calls, procs)
+                finally:
+                    for p in procs:
+                        p.stop(timeout=10)
+                runs[config.name].append((elapsed, cpu))
+                print(
+                    f"round {round_no + 1}/{args.rounds}  {config.name:42}"
+                    f" {args.calls / elapsed:7.1f} calls/s",
+                    flush=True,
+                )
 
     per_minute = conversion_cpu_per_audio_minute()
-    rate = {name: args.calls / elapsed for name, (elapsed, _) in results.items()}
-    base, one, two = (rate[c.name] for c in configs[:3])
-    pool_one, pool_two = rate[configs[3].name], rate[configs[4].name]
+    rates = {name: [args.calls / e for e, _ in rs] for name, rs in runs.items()}
+    rate = {name: statistics.median(r) for name, r in rates.items()}
+    base_name, one_name, two_name, pool_one_name, pool_two_name = (c.name for c in configs)
+
+    def ratio(a: str, b: str) -> str:
+        """The ratio of the medians; then the same ratio round by round (the configurations of
+        one round ran minutes apart, those of different rounds maybe further)."""
+        per_round = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+        return f"{rate[a] / rate[b]:.2f} x; per round {spread(per_round, '.2f')}"
+
+    one_x, two_x = rate[one_name] / rate[base_name], rate[two_name] / rate[one_name]
     lines = [
         heading(
             "audio",
             f"calls={args.calls}  latency={args.latency * 1000:.0f} ms  rounds={args.rounds}"
-            f" (medians)  cpus={os.cpu_count()}",
+            f" interleaved, rotating order: median (min\u2013max)  cpus={os.cpu_count()}",
         ),
-        f"{'configuration':42} {'calls/s':>8} {'x base':>7} {'cpu ms/call':>12}",
+        f"{'configuration':42} {'calls/s':>19} {'x base':>7} {'cpu ms/call':>19}",
     ]
-    for name, (_, cpu) in results.items():
+    for name, rs in runs.items():
+        cpu_ms = spread(cpu / args.calls * 1000 for _, cpu in rs)
         lines.append(
-            f"{name:42} {rate[name]:8.1f} {rate[name] / base:7.2f} {cpu / args.calls * 1000:12.1f}"
+            f"{name:42} {spread(rates[name]):>19} {rate[name] / rate[base_name]:7.2f} {cpu_ms:>19}"
         )
     lines += [
         f"validation + conversion: {per_minute:.3f} CPU s per minute of audio",
         f"goal: concurrency {d} >= {0.8 * d:.1f} x concurrency 1 -> "
-        f"{'met' if one / base >= 0.8 * d else 'NOT met'} ({one / base:.2f} x)",
+        f"{'met' if one_x >= 0.8 * d else 'NOT met'} ({ratio(one_name, base_name)})",
         f"goal: two workers >= 1.6 x one (1 process each) -> "
-        f"{'met' if two / one >= 1.6 else 'NOT met'} ({two / one:.2f} x)",
-        f"shipped pool (2 processes per worker): two workers {pool_two / pool_one:.2f} x one",
+        f"{'met' if two_x >= 1.6 else 'NOT met'} ({ratio(two_name, one_name)})",
+        "shipped pool (2 processes per worker): two workers over one"
+        f" {ratio(pool_two_name, pool_one_name)}",
     ]
     report("audio", lines, keep=d == DEFAULT_CONCURRENCY)  # the committed figures: defaults
     print(json.dumps({k: round(v, 2) for k, v in rate.items()}))

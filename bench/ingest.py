@@ -10,7 +10,8 @@
      * baseline: one INSERT per row, each committed (per-row as a per-call ingest writes it);
      * baseline: COPY of the same rows (the bulk-load ceiling; no conflict handling).
    Every method validates the page first, writes the same columns, fires 003's audio trigger,
-   and commits the cursor and a poll log row. Methods are interleaved round by round; medians.
+   and commits the cursor and a poll log row. Methods are interleaved round by round, in an
+   order that rotates from round to round; each rate is printed as median (min\u2013max).
    Also shown: the ingest path end to end, the HTTP fetch of the page included.
 2. Read efficiency: billed call records per stored call over a long simulated run (a
    ManualClock): four playlists, the real jobs (poll every 10 s, back-fill when triggered),
@@ -19,8 +20,8 @@
    malformed answers. Baseline in the same run: polling without a cursor (the service's
    5-minute window), as a client that does not keep one does.
 
-Goals: at least 25x the per-row rate, at least 30 % of COPY, at most 1.01 billed reads per
-stored call. Results: bench/results/ingest.txt.
+Goals: at least 25x the per-row rate, at least 30 % of COPY (ratios of the medians of the same
+run), at most 1.01 billed reads per stored call. Results: bench/results/ingest.txt.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, run_bench, servers
+from bench._common import heading, report, rotated, run_bench, servers, spread
 from workers.dev.services import Servers
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
@@ -86,7 +87,8 @@ def copy_values(uuid: str, r: dict[str, Any]) -> tuple[Any, ...]:
 # --- 1. storage rate ----------------------------------------------------------------------------
 
 
-async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
+async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict[str, list[float]]:
+    """Calls stored per second, per method, one figure per round."""
     from tasks.ingest.storage import PollRecord, store_page
     from tasks.ingest.validation import split_page
     from workers.clients.broadcastify import BroadcastifyClient
@@ -164,8 +166,8 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
     try:
         for method in methods.values():  # warm up: plans, caches, connections
             await method((await fetch())[0])
-        for _ in range(rounds):
-            for name, method in methods.items():
+        for round_no in range(rounds):
+            for name, method in rotated(list(methods.items()), round_no):
                 page, fetch_took = await fetch()
                 t0 = time.perf_counter()
                 await method(page)
@@ -185,9 +187,8 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict:
         await autocommit.close()
         await http.aclose()
         sim.stop()
-    out = {name: statistics.median(r) for name, r in rates.items()}
-    out["ingest path, HTTP fetch included"] = statistics.median(end_to_end)
-    return out
+    rates["ingest path, HTTP fetch included"] = end_to_end
+    return rates
 
 
 # --- 2. read efficiency ---------------------------------------------------------------------------
@@ -366,28 +367,41 @@ def main() -> None:
         efficiency = read_efficiency(args.hours, args.seed)
         naive = cursorless_baseline(1.0, args.seed)
 
-    ours = rates["ingest path (one statement per page)"]
-    per_row = rates["baseline: INSERT per row, one txn"]
-    per_row_committed = rates["baseline: INSERT per row, committed"]
-    copy = rates["baseline: COPY"]
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    ours = medians["ingest path (one statement per page)"]
+    per_row = medians["baseline: INSERT per row, one txn"]
+    per_row_committed = medians["baseline: INSERT per row, committed"]
+    copy = medians["baseline: COPY"]
     lines = [
         heading(
             "ingest", f"page={args.page} rounds={args.rounds} hours={args.hours:g} seed={args.seed}"
         ),
         "",
-        "1. calls stored per second from live pages (medians; every method validates the page,",
-        "   writes the same columns, fires the audio trigger, commits the cursor and a log row)",
-        f"{'method':<42}{'calls/s':>10}{'x ingest':>10}",
+        f"1. calls stored per second from live pages, {args.rounds} rounds interleaved: median"
+        " (min\u2013max)",
+        "   (every method validates the page, writes the same columns, fires the audio trigger,",
+        "   commits the cursor and a log row)",
+        f"{'method':<42}{'calls/s':>24}{'x ingest':>10}",
     ]
     for name, rate in rates.items():
-        lines.append(f"{name:<42}{rate:>10.0f}{rate / ours:>10.3f}")
+        lines.append(f"{name:<42}{spread(rate, '.0f'):>24}{medians[name] / ours:>10.3f}")
     r_txn, r_commit, of_copy = ours / per_row, ours / per_row_committed, ours / copy
+
+    def paired(baseline: str, scale: float = 1, fmt: str = ".1f") -> str:
+        """The ingest path's rate over BASELINE's, round by round (measured back to back)."""
+        pairs = zip(rates["ingest path (one statement per page)"], rates[baseline], strict=True)
+        return spread((a / b * scale for a, b in pairs), fmt)
+
     e = efficiency
     lines += [
         "",
-        f"ingest path vs INSERT per row, one txn   : {r_txn:6.1f}x",
-        f"ingest path vs INSERT per row, committed : {r_commit:6.1f}x",
-        f"ingest path vs COPY                      : {of_copy * 100:6.0f} %",
+        "ratios of the medians; in brackets the same ratio round by round, median (min\u2013max)",
+        f"ingest path vs INSERT per row, one txn   : {r_txn:6.1f}x"
+        f"  ({paired('baseline: INSERT per row, one txn')})",
+        f"ingest path vs INSERT per row, committed : {r_commit:6.1f}x"
+        f"  ({paired('baseline: INSERT per row, committed')})",
+        f"ingest path vs COPY                      : {of_copy * 100:6.0f} %"
+        f"  ({paired('baseline: COPY', 100, '.0f')} %)",
         f"for scale, COPY itself vs INSERT per row, one txn: {copy / per_row:.1f}x",
         "",
         f"2. read efficiency over {e['hours']:g} simulated hours: {e['ticks']} polls of 4 "

@@ -1,11 +1,14 @@
 """The singleton lock's cost per run, against a bare Redis round trip measured in the same run.
 
-    python bench/locks.py [--runs 3000] [--redis-url redis://127.0.0.1:6379/14]
+    python bench/locks.py [--runs 3000] [--rounds 5] [--redis-url redis://127.0.0.1:6379/14]
 
 Prints, and writes to bench/results/locks.txt:
   * Redis round trips per run (counted at the connection) for a run that takes and releases the
     lock, for a beat tick (which also records its slot), and for a skipped run;
-  * median microseconds of each, next to the median of a bare PING, and their ratio.
+  * microseconds of each, next to a bare PING, and their ratio (of the medians). ROUNDS
+    rounds, each timing every case (in an order that rotates from round to round, so drift on
+    a shared machine hits them all alike); a round's figure is the median over chunks of 100
+    calls, and the report shows median (min\u2013max) over the rounds.
 Goal: at most 3 round trips per run.
 """
 
@@ -21,7 +24,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, run_bench
+from bench._common import heading, report, rotated, run_bench, spread
 from workers.core.locks import SingletonLock
 from workers.dev.services import redis_server
 
@@ -51,20 +54,27 @@ def timed(fn, runs: int, chunk: int = 100) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = ap.parse_args()
     with redis_server(args.redis_url) as url:
-        rows = measure(url, args.runs)
+        rows = measure(url, args.runs, args.rounds)
 
     ping = statistics.median(r["ping"][0] for r in rows)
     lines = [
-        heading("locks", f"runs={args.runs} x3 rounds"),
-        f"{'case':30} {'round trips':>11} {'median us':>10} {'x ping':>7}",
+        heading(
+            "locks",
+            f"runs={args.runs} x {args.rounds} rounds interleaved: median (min\u2013max)",
+        ),
+        f"{'case':30} {'round trips':>11} {'us':>24} {'x ping':>7}",
     ]
     for case in rows[0]:
         us = statistics.median(r[case][0] for r in rows)
         trips = statistics.median(r[case][1] for r in rows)
-        lines.append(f"{case:30} {trips:11.2f} {us:10.1f} {us / ping:7.2f}")
+        lines.append(
+            f"{case:30} {trips:11.2f} {spread((r[case][0] for r in rows), '.1f'):>24}"
+            f" {us / ping:7.2f}"
+        )
     worst = max(statistics.median(r[c][1] for r in rows) for c in rows[0] if c != "ping")
     lines.append(
         f"goal: at most 3 round trips per run -> {'met' if worst <= 3 else 'NOT met'}"
@@ -73,8 +83,8 @@ def main() -> None:
     report("locks", lines)
 
 
-def measure(url: str, runs: int) -> list[dict[str, tuple[float, float]]]:
-    """Three interleaved rounds of every case: {case: (median us, round trips)}."""
+def measure(url: str, runs: int, rounds: int) -> list[dict[str, tuple[float, float]]]:
+    """Interleaved rounds of every case, one row per round: {case: (median us, round trips)}."""
     pool = redis.ConnectionPool.from_url(url, connection_class=CountingConnection)
     client = redis.Redis(connection_pool=pool)
     try:
@@ -104,16 +114,16 @@ def measure(url: str, runs: int) -> list[dict[str, tuple[float, float]]]:
         def skipped_once() -> None:
             assert not SingletonLock(client, "bench.held").acquire(trigger=True)
 
+        cases = {
+            "ping": client.ping,
+            "run (acquire+release)": run_once,
+            "beat tick (acquire+release)": tick_once,
+            "skipped run": skipped_once,
+        }
         rows = []
-        for _ in range(3):  # interleave, so drift on a noisy machine hits every case alike
-            rows.append(
-                {
-                    "ping": timed(client.ping, runs),
-                    "run (acquire+release)": timed(run_once, runs),
-                    "beat tick (acquire+release)": timed(tick_once, runs),
-                    "skipped run": timed(skipped_once, runs),
-                }
-            )
+        for round_no in range(rounds):  # interleaved, so drift hits every case alike
+            row = {name: timed(fn, runs) for name, fn in rotated(list(cases.items()), round_no)}
+            rows.append({name: row[name] for name in cases})  # the report's order
         holder.release()
     finally:
         client.delete(*[k for k in client.scan_iter("bcfy:job:{bench.*")] or ["-"])

@@ -4,7 +4,7 @@ take, before and after the maintenance job prunes (goal: under 200 ms each).
 A scratch database is filled with INSERT ... SELECT generate_series at the default cadence:
 job runs ~30,000 a day, the poll log 8,640 per playlist a day, calls at CALLS_PER_DAY (all
 prepared and transcribed; one attempt each, a few failures), quarantined records. Then, each
-timed REPEAT times on one connection (median, min, max):
+timed REPEAT times on one connection, the two interleaved (shown as median (min\u2013max)):
 
   status   workers.cli.status._from_database(details=True): everything `bcfy status` reads from
            PostgreSQL;
@@ -12,7 +12,8 @@ timed REPEAT times on one connection (median, min, max):
 
 Phases: the year as an upgrade finds it (no maintenance run yet: the counters still count
 whole tables); after a maintenance run that keeps everything (counters folded); after a
-maintenance run with the default retention settings (pruned).
+maintenance run with the default retention settings (pruned). The phases follow one another by
+nature (each changes the data); within a phase, status and metrics alternate.
 
     python bench/status.py [--days 365] [--calls-per-day 12000] [--playlists 4]
 """
@@ -31,7 +32,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, servers
+from bench._common import heading, report, rotated, run_bench, servers, spread
 
 REPEAT = 15
 JOB_RUNS_PER_DAY = 30_000
@@ -179,14 +180,17 @@ def vacuum(conn: psycopg.Connection) -> None:
     print(f"  vacuum analyze {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
-    fn()  # warm the cache, as a running system has it
-    samples = []
-    for _ in range(REPEAT):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples), min(samples), max(samples)
+def timed(cases: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Milliseconds per case, REPEAT each, the cases interleaved in rotating order."""
+    for fn in cases.values():
+        fn()  # warm the cache, as a running system has it
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for round_no in range(REPEAT):
+        for name, fn in rotated(list(cases.items()), round_no):
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1000)
+    return samples
 
 
 def measure(database_url: str, phase: str) -> list[str]:
@@ -203,13 +207,9 @@ def measure(database_url: str, phase: str) -> list[str]:
             _from_database(snap, conn, details=False)
             _totals(snap, conn)
 
-        for name, fn in (("status", status), ("metrics", metrics)):
-            med, lo, hi = timed(fn)
-            verdict = "ok" if med < GOAL_MS else f"OVER {GOAL_MS} ms"
-            lines.append(
-                f"  {phase:44} {name:8} median {med:8.1f} ms  min {lo:8.1f}  max {hi:8.1f}"
-                f"  {verdict}"
-            )
+        for name, ms in timed({"status": status, "metrics": metrics}).items():
+            verdict = "ok" if statistics.median(ms) < GOAL_MS else f"OVER {GOAL_MS} ms"
+            lines.append(f"  {phase:44} {name:8} {spread(ms):>30} ms  {verdict}")
             print(lines[-1], flush=True)
     return lines
 
@@ -256,7 +256,7 @@ def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--calls-per-day", type=int, default=12_000)
     parser.add_argument("--playlists", type=int, default=4)
@@ -276,7 +276,12 @@ def main() -> None:
     with servers() as srv:
         with srv.db() as conn:
             out += fill(conn, args.days, args.calls_per_day, args.playlists)
-            out += ["", f"rows: {sizes(conn)}", "", "PostgreSQL reads (goal < 200 ms):"]
+            out += [
+                "",
+                f"rows: {sizes(conn)}",
+                "",
+                "PostgreSQL reads, median (min\u2013max) (goal: median < 200 ms):",
+            ]
         out += measure(srv.database_url, f"{args.days} days, before any maintenance run")
 
         keep = {
@@ -310,4 +315,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_bench(main)

@@ -1,7 +1,7 @@
 """Transcription: the embedded recogniser's speed and accuracy, dispatch throughput, and the
 transcription pool's throughput with one and with two worker processes.
 
-    python bench/transcribe.py [--rounds 3] [--pool-calls 32] [--dispatch-calls 2000]
+    python bench/transcribe.py [--rounds 5] [--pool-calls 32] [--dispatch-calls 2000]
 
 Prints, and writes to bench/results/transcribe.txt:
   * pocketsphinx on the 16 spoken test calls (prepared 16 kHz FLAC): real-time factor (total
@@ -13,8 +13,11 @@ Prints, and writes to bench/results/transcribe.txt:
     100,000 transcribed calls in the window against an empty window (the partial index at
     work: a pass costs what it sends, not what was transcribed before);
   * the pool: calls per second with one and with two `bcfy worker transcription` processes of
-    one pool process each (production command line, real Redis and PostgreSQL), rounds
-    interleaved, medians. Goal: two workers at least 1.6 x one.
+    one pool process each (production command line, real Redis and PostgreSQL), against bare
+    processes doing the same recognition. Goal: two workers at least 1.6 x one.
+Every part runs ROUNDS rounds with its cases interleaved (each round runs every case, the order
+rotating from round to round), so drift on a shared machine hits them all alike; each figure is
+printed as median (min\u2013max) over the rounds, and goals compare medians of the same run.
 Uses DATABASE_URL / REDIS_URL or the local PostgreSQL / Redis when they answer (its own database,
 dropped at the end, and an empty Redis database index), else throwaway servers.
 """
@@ -36,7 +39,15 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, run_bench, servers, start_worker
+from bench._common import (
+    heading,
+    report,
+    rotated,
+    run_bench,
+    servers,
+    spread,
+    start_worker,
+)
 from workers.audio.codec import convert_for_recognizers, decode_mono
 from workers.dev.procs import Proc, wait_until
 from workers.dev.services import Servers
@@ -109,8 +120,8 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
     times: dict[str, list[float]] = {c["file"]: [] for c in CLIPS}
     decode_times: dict[str, list[float]] = {c["file"]: [] for c in CLIPS}
     texts: dict[str, str] = {}
-    for _ in range(rounds):
-        for path, clip in files:
+    for round_no in range(rounds):
+        for path, clip in rotated(files, round_no):
             t0 = time.perf_counter()
             decode_mono(path)
             decode_times[clip["file"]].append(time.perf_counter() - t0)
@@ -121,9 +132,12 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
     tuned_texts = {c["file"]: tuned.transcribe(p, name=c["file"]).text for p, c in files}
 
     audio = sum(c["duration"] for c in CLIPS)
-    processing = sum(statistics.median(times[c["file"]]) for c in CLIPS)
-    decoding = sum(statistics.median(decode_times[c["file"]]) for c in CLIPS)
-    per_call = [statistics.median(times[c["file"]]) / c["duration"] for c in CLIPS]
+    # Per round: all calls' processing over all their audio.
+    rtf = [sum(times[c["file"]][i] for c in CLIPS) / audio for i in range(rounds)]
+    decode_rtf = [sum(decode_times[c["file"]][i] for c in CLIPS) / audio for i in range(rounds)]
+    per_call = [
+        statistics.median(times[c["file"]][i] / c["duration"] for c in CLIPS) for i in range(rounds)
+    ]
     ref_words = sum(len(c["text"].split()) for c in CLIPS)
 
     def wer(hyps: dict[str, str]) -> float:
@@ -132,11 +146,12 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
 
     return [
         f"## pocketsphinx on the {len(CLIPS)} spoken calls ({audio:.1f} s of audio,"
-        f" {ref_words} words), median of {rounds} rounds",
-        f"{'real-time factor (total)':40} {processing / audio:8.3f}",
-        f"{'real-time factor (median per call)':40} {statistics.median(per_call):8.3f}",
-        f"{'baseline: FLAC decoding alone, RTF':40} {decoding / audio:8.4f}",
-        f"{'recognition / decoding':40} {processing / decoding:8.1f} x",
+        f" {ref_words} words), {rounds} rounds: median (min\u2013max)",
+        f"{'real-time factor (total)':40} {spread(rtf, '.3f'):>22}",
+        f"{'real-time factor (median per call)':40} {spread(per_call, '.3f'):>22}",
+        f"{'baseline: FLAC decoding alone, RTF':40} {spread(decode_rtf, '.4f'):>22}",
+        f"{'recognition / decoding':40}"
+        f" {statistics.median(rtf) / statistics.median(decode_rtf):8.1f} x",
         f"{'word error rate':40} {wer(texts):8.1%}",
         f"{'word error rate, with vocabulary':40} {wer(tuned_texts):8.1%}"
         f"   ({len(VOCABULARY.split(','))} unit names)",
@@ -146,7 +161,7 @@ def bench_recognizer(store: Path, rounds: int) -> list[str]:
 # --- 2. dispatch -------------------------------------------------------------------------------
 
 
-def bench_dispatch(services: Servers, n: int) -> list[str]:
+def bench_dispatch(services: Servers, n: int, rounds: int) -> list[str]:
     from tasks.transcription.dispatch import (
         dispatch_once,
         mark_dispatched,
@@ -162,26 +177,39 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
     rt = Runtime.current()
     client = redis.Redis.from_url(services.redis_url)
 
-    reset(services)
-    ids = add_ready_calls(services, ["call01.m4a"] * n)
-    publish_transcriptions(settings, ids[:50])  # warm up: connection, serialiser
-    client.delete("transcription")
-    t0 = time.perf_counter()
-    for start in range(0, n, 500):
-        publish_transcriptions(settings, ids[start : start + 500])
-    publish_only = time.perf_counter() - t0
-    assert client.llen("transcription") == n
-    client.delete("transcription")
+    def publish_only(ids: list[int]) -> float:
+        client.delete("transcription")
+        t0 = time.perf_counter()
+        for start in range(0, n, 500):
+            publish_transcriptions(settings, ids[start : start + 500])
+        took = time.perf_counter() - t0
+        assert client.llen("transcription") == n
+        client.delete("transcription")
+        return took
 
-    t0 = time.perf_counter()
-    sent = 0
-    while True:
-        outcome = rt.run(dispatch_once(settings, client))
-        if not outcome.sent:
-            break
-        sent += outcome.sent
-    dispatch = time.perf_counter() - t0
-    assert sent == n == client.llen("transcription"), (sent, n)
+    def dispatch(ids: list[int]) -> float:
+        client.delete("transcription")
+        t0 = time.perf_counter()
+        sent = 0
+        while True:
+            outcome = rt.run(dispatch_once(settings, client))
+            if not outcome.sent:
+                break
+            sent += outcome.sent
+        took = time.perf_counter() - t0
+        assert sent == n == client.llen("transcription"), (sent, n)
+        client.delete("transcription")
+        return took
+
+    rates: dict[str, list[float]] = {"publish": [], "dispatch": []}
+    cases = [("publish", publish_only), ("dispatch", dispatch)]
+    for round_no in range(rounds):  # publishing does not change the calls: either may go first
+        reset(services)
+        ids = add_ready_calls(services, ["call01.m4a"] * n)
+        if round_no == 0:
+            publish_transcriptions(settings, ids[:50])  # warm up: connection, serialiser
+        for name, fn in rotated(cases, round_no):
+            rates[name].append(n / fn(ids))
 
     def pass_latency(done: int) -> tuple[list[float], list[float]]:
         reset(services)
@@ -211,25 +239,27 @@ def bench_dispatch(services: Servers, n: int) -> list[str]:
 
     walls: dict[int, list[float]] = {0: [], 100000: []}
     server: dict[int, list[float]] = {0: [], 100000: []}
-    for _ in range(2):  # interleaved: background work (autovacuum, neighbours) hits both
-        for done in walls:
+    for round_no in range(rounds):  # interleaved: background work (autovacuum...) hits both
+        for done in rotated(list(walls), round_no):
             w, x = pass_latency(done)
             walls[done] += w
             server[done] += x
-    latency = {done: statistics.median(times) for done, times in walls.items()}
     executing = {done: statistics.median(times) for done, times in server.items()}
     client.close()
     Runtime.shutdown_current()
+    publish, dispatched = (statistics.median(rates[k]) for k in ("publish", "dispatch"))
     return [
-        f"## dispatch, {n} ready calls, batches of 500",
-        f"{'baseline: publishing alone, calls/s':40} {n / publish_only:8.0f}",
-        f"{'dispatcher (mark+commit+publish), calls/s':40} {n / dispatch:8.0f}"
-        f"   ({publish_only / dispatch:.2f} x publishing alone)",
+        f"## dispatch, {n} ready calls, batches of 500; {rounds} rounds interleaved:"
+        " median (min\u2013max)",
+        f"{'baseline: publishing alone, calls/s':40} {spread(rates['publish'], '.0f'):>22}",
+        f"{'dispatcher (mark+commit+publish), calls/s':40} {spread(rates['dispatch'], '.0f'):>22}"
+        f"   ({dispatched / publish:.2f} x publishing alone)",
         *(
-            f"{f'one pass of 100, {done} done in window, ms':40} {t * 1000:8.1f}"
-            f"   (query executing {executing[done] * 1000:.2f} ms,"
+            f"{f'one pass of 100, {done} done in window, ms':40}"
+            f" {spread((t * 1000 for t in times), '.1f'):>22}"
+            f"   (query executing {spread((t * 1000 for t in server[done]), '.2f')} ms,"
             f" {executing[done] / executing[0]:.2f} x empty)"
-            for done, t in latency.items()
+            for done, times in walls.items()
         ),
     ]
 
@@ -304,41 +334,48 @@ def bench_pool(services: Servers, store: Path, calls: int, rounds: int) -> list[
     audio = sum(CLIPS[i % len(CLIPS)]["duration"] for i in range(calls))
     walls: dict[int, list[float]] = {1: [], 2: []}
     bare: dict[int, list[float]] = {1: [], 2: []}
+    cases = [(walls, k) for k in (1, 2)] + [(bare, k) for k in (1, 2)]
     try:
-        for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
-            for k in (1, 2):
-                walls[k].append(pool_run(services, k, calls, env, logdir))
-                bare[k].append(plain_processes(store, calls, k))
+        for round_no in range(rounds):  # interleaved, so drift on a shared machine hits all alike
+            for kind, k in rotated(cases, round_no):
+                if kind is walls:
+                    walls[k].append(pool_run(services, k, calls, env, logdir))
+                else:
+                    bare[k].append(plain_processes(store, calls, k))
+            print(f"pool round {round_no + 1}/{rounds} done", flush=True)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
     one, two = statistics.median(walls[1]), statistics.median(walls[2])
     bare_one, bare_two = statistics.median(bare[1]), statistics.median(bare[2])
     speedup, machine = one / two, bare_one / bare_two
 
-    def shown(ws: list[float]) -> str:
-        return ", ".join(f"{w:.1f}" for w in ws)
+    def rate(ws: list[float]) -> str:
+        return spread((calls / w for w in ws), ".2f")
+
+    def paired(a: list[float], b: list[float]) -> str:
+        """b's wall over a's, round by round."""
+        return spread((y / x for x, y in zip(a, b, strict=True)), ".2f")
 
     return [
         f"## transcription pool, {calls} calls ({audio:.0f} s of audio) sent at once,"
-        f" {rounds} rounds interleaved, medians",
-        f"{'1 worker: calls/s':40} {calls / one:8.2f}   ({audio / one:.1f} s of audio per s;"
-        f" walls {shown(walls[1])} s)",
-        f"{'2 workers: calls/s':40} {calls / two:8.2f}   ({audio / two:.1f} s of audio per s;"
-        f" walls {shown(walls[2])} s)",
-        f"{'baseline: 1 bare process: calls/s':40} {calls / bare_one:8.2f}"
-        f"   (walls {shown(bare[1])} s)",
-        f"{'baseline: 2 bare processes: calls/s':40} {calls / bare_two:8.2f}"
-        f"   (walls {shown(bare[2])} s)",
-        f"{'pool overhead, 1 worker vs 1 bare':40} {one / bare_one:8.2f} x",
-        f"{'this machine now, 2 vs 1 bare processes':40} {machine:8.2f} x",
+        f" {rounds} rounds interleaved: median (min\u2013max)",
+        f"{'1 worker: calls/s':40} {rate(walls[1]):>22}   ({audio / one:.1f} s of audio per s)",
+        f"{'2 workers: calls/s':40} {rate(walls[2]):>22}   ({audio / two:.1f} s of audio per s)",
+        f"{'baseline: 1 bare process: calls/s':40} {rate(bare[1]):>22}",
+        f"{'baseline: 2 bare processes: calls/s':40} {rate(bare[2]):>22}",
+        f"{'pool overhead, 1 worker vs 1 bare':40} {one / bare_one:8.2f} x"
+        f"   (per round {paired(bare[1], walls[1])})",
+        f"{'this machine now, 2 vs 1 bare processes':40} {machine:8.2f} x"
+        f"   (per round {paired(bare[2], bare[1])})",
         f"goal: 2 workers >= 1.6 x 1 worker -> {'met' if speedup >= 1.6 else 'NOT met'}"
-        f" ({speedup:.2f} x; {speedup / machine:.0%} of what the machine gave bare processes)",
+        f" ({speedup:.2f} x, ratio of the medians; per round {paired(walls[2], walls[1])};"
+        f" {speedup / machine:.0%} of what the machine gave bare processes)",
     ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--pool-calls", type=int, default=32)
     ap.add_argument("--dispatch-calls", type=int, default=2000)
     ap.add_argument("--redis-url", help="default: REDIS_URL, else the standard local port")
@@ -365,10 +402,10 @@ def main() -> None:
                     f" {load[2]:.1f}",
                 ),
                 *bench_recognizer(store, args.rounds),
-                *bench_dispatch(services, args.dispatch_calls),
+                *bench_dispatch(services, args.dispatch_calls, args.rounds),
             ]
             if not args.skip_pool:
-                lines += bench_pool(services, store, args.pool_calls, max(2, args.rounds - 1))
+                lines += bench_pool(services, store, args.pool_calls, args.rounds)
             load = os.getloadavg()
             lines.append(f"load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:
