@@ -31,6 +31,7 @@ from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, split_page
 from workers.clients.broadcastify import BroadcastifyClient, retry_budget
 from workers.core.jobs import JobContext, LockLost
+from workers.core.rows import one_row
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ async def gaps_due(ctx: JobContext) -> bool:
     """Whether some gap is due to be read now (a poll run then triggers back-fill)."""
     async with ctx.connection() as conn:
         cur = await conn.execute(f"SELECT EXISTS (SELECT 1 {DUE_GAPS})")
-        (due,) = await cur.fetchone()  # type: ignore[misc]
+        (due,) = one_row(await cur.fetchone())
     return bool(due)
 
 

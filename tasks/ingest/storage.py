@@ -20,6 +20,7 @@ import psycopg
 from tasks.ingest.validation import Page
 from workers.core.jobs import JobContext
 from workers.core.records import jsonb_problem, storable
+from workers.core.rows import one_row
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ async def _insert_calls(
             cur = await conn.execute(
                 _INSERT_CALLS, {"playlist": playlist_uuid, "rows": text, "poll_id": None}
             )
-            poll_id, new = await cur.fetchone()  # type: ignore[misc]
+            poll_id, new = one_row(await cur.fetchone(), "the page's INSERT")
             return int(poll_id), int(new)
     except psycopg.DataError as exc:
         log.warning(
@@ -167,7 +168,7 @@ async def _insert_calls(
     cur = await conn.execute(
         "SELECT nextval(pg_get_serial_sequence('bcfy_playlist_poll_log', 'id'))"
     )
-    (poll_id,) = await cur.fetchone()  # type: ignore[misc]
+    (poll_id,) = one_row(await cur.fetchone(), "nextval")
     new = 0
     for row in rows:
         one, _ = _rows_json([row])
@@ -176,7 +177,7 @@ async def _insert_calls(
                 cur = await conn.execute(
                     _INSERT_CALLS, {"playlist": playlist_uuid, "rows": one, "poll_id": poll_id}
                 )
-                _, count = await cur.fetchone()  # type: ignore[misc]
+                _, count = one_row(await cur.fetchone(), "a row's INSERT")
                 new += int(count)
         except psycopg.DataError as exc:
             rejected.append((f"refused by the database: {exc}", row["raw"]))

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from tasks.audio.preparation import CallPreparer
 from tests.conftest import Services
-from tests.support.audio import audio_rows, claim
+from tests.support.audio import attempt_rows, audio_rows, claim
 from workers.audio.download import AudioFailure, UrlPolicy, download
 from workers.audio.prepare import validate_and_convert
 from workers.audio.store import FilesystemAudioStore
@@ -76,10 +76,14 @@ def dbfs_of(samples: np.ndarray) -> float:
 
 def wav(samples: np.ndarray, rate: int = RATE, layout: str = "mono") -> bytes:
     """A WAV file: int16 samples as pcm_s16le, float ones (interleaved) as pcm_f32le."""
-    fmt, codec = ("s16", "pcm_s16le") if samples.dtype == np.int16 else ("flt", "pcm_f32le")
+    int16 = samples.dtype == np.int16
+    fmt = "s16" if int16 else "flt"
     out = io.BytesIO()
     with av.open(out, "w", format="wav") as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
+        # (the codec named in the call: av's types tell an audio stream by the literal)
+        stream = container.add_stream(
+            "pcm_s16le" if int16 else "pcm_f32le", rate=rate, layout=layout
+        )
         frame = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(samples).reshape(1, -1), format=fmt, layout=layout
         )
@@ -204,14 +208,6 @@ def prepare_due_calls(services: Services, s: Settings, owner: str = "test-claim"
     claimed = asyncio.run(claim(services, s, owner))
     rt = Runtime.current()
     return rt.run(CallPreparer(s, rt.http, owner, "test:1").run(claimed.call_ids))
-
-
-def attempt_rows(db: Any, call_id: int) -> list[tuple[Any, ...]]:
-    return db.execute(
-        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
-        " ORDER BY id",
-        (call_id,),
-    ).fetchall()
 
 
 # --- the download deadline -------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_sigterm_mid_task_finishes_the_calls_in_hand_and_hands_back_the_rest(
     procs.append(second)
     wait_until(lambda: states(db) == {"ready": CALLS}, 120, "every call ready")
 
-    per_call = {}
+    per_call: dict[int, list[str]] = {}
     for call_id, _, _worker, outcome in attempts(db):
         per_call.setdefault(call_id, []).append(outcome)
     assert per_call == {call_id: ["ready"] for call_id in calls}, "each call prepared once"

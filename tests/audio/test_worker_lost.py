@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.audio import assert_stored_files_match, audio_rows, make_env, states
+from tests.support.audio import (
+    assert_stored_files_match,
+    attempt_rows,
+    audio_rows,
+    make_env,
+    states,
+)
 from tests.support.procs import start_worker
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import HeldAudio, publish
@@ -50,14 +56,6 @@ def kill_the_pool_process_on_it(
     killed.append(pid)
     for held in holds:
         held.release_all()  # the server's threads answer into closed connections
-
-
-def attempt_rows(db, call_id: int) -> list[tuple]:
-    return db.execute(
-        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
-        " ORDER BY id",
-        (call_id,),
-    ).fetchall()
 
 
 def kill_it_each_time_it_downloads(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import pytest
@@ -26,6 +26,7 @@ from tests.conftest import Services
 from tests.support.procs import start_metrics, start_worker
 from workers.core import clock
 from workers.core.locks import SingletonLock, job_keys
+from workers.core.rows import one_row
 from workers.dev.procs import Proc, run_cli, wait_until
 from workers.dev.services import free_port
 
@@ -62,20 +63,23 @@ def build_state(services: Services) -> datetime:
             "TRUNCATE bcfy_calls_raw, bcfy_playlists, bcfy_playlist_poll_log,"
             " bcfy_calls_quarantine, job_runs, history_totals, history_checkpoints CASCADE"
         )
-        (t0,) = conn.execute("SELECT now()").fetchone()
+        (t0,) = one_row(conn.execute("SELECT now()").fetchone())
 
         def call(created_ago: float) -> int:
-            (call_id,) = conn.execute(
-                "INSERT INTO bcfy_calls_raw (group_id, call_ts, started_at, url, raw, created_at)"
-                " VALUES ('1-100', %s, %s, %s, '{}', %s) RETURNING id",
-                (
-                    int(_at(t0, created_ago).timestamp()),
-                    _at(t0, created_ago),
-                    f"https://calls.example/{uuid.uuid4().hex}.m4a",
-                    _at(t0, created_ago),
-                ),
-            ).fetchone()
-            return call_id
+            (call_id,) = one_row(
+                conn.execute(
+                    "INSERT INTO bcfy_calls_raw"
+                    " (group_id, call_ts, started_at, url, raw, created_at)"
+                    " VALUES ('1-100', %s, %s, %s, '{}', %s) RETURNING id",
+                    (
+                        int(_at(t0, created_ago).timestamp()),
+                        _at(t0, created_ago),
+                        f"https://calls.example/{uuid.uuid4().hex}.m4a",
+                        _at(t0, created_ago),
+                    ),
+                ).fetchone()
+            )
+            return int(call_id)
 
         def audio(call_id: int, **cols: Any) -> None:
             sets = ", ".join(f"{k} = %({k})s" for k in cols)
@@ -144,6 +148,7 @@ def build_state(services: Services) -> datetime:
         )
         # Transcribed: in the last 5 minutes after 10, 20 and 40 s (1, 2, 4 s recognising);
         # earlier in the hour after 100 s (recognition time unknown) and 200 s (50 s).
+        processing: float | None  # (None below: recognition time unknown)
         for latency, processing in ((10, 1.0), (20, 2.0), (40, 4.0)):
             c = call(120 + latency)
             ready(c, 125)
@@ -153,6 +158,7 @@ def build_state(services: Services) -> datetime:
             ready(c, 30 * MIN + 50)
             transcript(c, 30 * MIN, processing)
         # Transcription failed: 5 minutes, the hour, within 24 hours, older.
+        error: str | None  # (None below: polls and job runs that succeeded)
         for created, ready_ago, failed_ago, error in (
             (200, 130, 100, "HTTP 401: bad key\nTraceback ..."),
             (2500, 40 * MIN, 30 * MIN, "audio missing: prepared/x.flac"),
@@ -245,7 +251,18 @@ def known(clean: Services, procs: list[Proc], tmp_path: Path) -> Iterator[Known]
     client.close()
 
 
-EXPECTED_STAGES = {
+class StageJson(TypedDict):
+    """A stage as `bcfy status --json` prints it (workers/cli/status.py's Stage)."""
+
+    backlog: int
+    in_flight: int
+    done: dict[str, int]
+    failed: dict[str, int]
+    failed_total: int
+    top_failures: list[list[Any]]  # [reason, calls]: JSON has no tuples
+
+
+EXPECTED_STAGES: dict[str, StageJson] = {
     # backlog, in flight, done 5m / 1h, failed 5m / 1h, failed total, top failures (24 h)
     "ingest": {
         "backlog": 0,
@@ -485,7 +502,10 @@ def test_status_text_prints_every_figure_of_a_known_state(known: Known, clean: S
     assert not any(line.startswith("! ") for line in lines), "no part unreachable"
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
     """The page's samples: (name, labels) -> value."""
     text = httpx.get(url, timeout=60).text
     return {
@@ -500,7 +520,7 @@ def test_metrics_values_of_a_known_state(known: Known, clean: Services, tmp_path
     env = clean.worker_env(tmp_path, METRICS_CACHE_SEC="0")
     url = start_metrics(env, tmp_path, procs, port)
 
-    def with_worker() -> dict | None:
+    def with_worker() -> Samples | None:
         page = scrape(url)
         return page if page.get(("bcfy_workers_online", frozenset({("queue", "ingest")}))) else None
 

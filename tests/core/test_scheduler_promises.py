@@ -35,7 +35,7 @@ def env(env: dict[str, str]) -> dict[str, str]:
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:
-    return [v.decode() for v in r.lrange(key, 0, -1)]
+    return [v.decode() if isinstance(v, bytes) else v for v in r.lrange(key, 0, -1)]
 
 
 def send_tick(client, r: redis.Redis, task: str) -> None:
@@ -134,7 +134,10 @@ def test_each_pool_process_has_its_own_database_connections_made_after_the_fork(
     wait_until(lambda: len(runs_of(clean, WHOAMI)) == 2, 30, "both runs")
     assert runs_of(clean, WHOAMI) == ["ok", "ok"]
 
-    seen = dict(tuple(map(int, note.split())) for note in notes(r, "test:whoami"))
+    seen = {
+        int(pid): int(backend)
+        for pid, backend in (note.split() for note in notes(r, "test:whoami"))
+    }
     children = pool_children(worker)
     assert sorted(seen) == children, "each pool process ran one"
     assert len(set(seen.values())) == 2, f"one PostgreSQL backend per process: {seen}"

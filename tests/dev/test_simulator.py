@@ -62,14 +62,16 @@ class Api:
     def json(self, path: str, **params) -> dict:
         response = self.get(path, **params)
         assert response.status_code == 200, response.text
-        return response.json()
+        body: dict = response.json()
+        return body
 
     def live(self, uuid: str, **params) -> dict:
         return self.json("/calls/v1/live/", playlist_uuid=uuid, **params)
 
 
 def error_code(response: httpx.Response) -> int:
-    return response.json()["errors"][0]["code"]
+    code: int = response.json()["errors"][0]["code"]
+    return code
 
 
 @pytest.fixture
@@ -261,9 +263,10 @@ def test_polling_with_the_last_lastpos_serves_every_call_exactly_once(fsim, cloc
 
 def test_the_generator_is_driven_by_the_clock_and_the_seed(clock):
     def run() -> list[tuple]:
-        with FeedSimulator(clock=ManualClock(START), seed=11) as sim:
+        manual = ManualClock(START)
+        with FeedSimulator(clock=manual, seed=11) as sim:
             uuid = sim.add_playlist(calls_per_minute=12)
-            sim.clock.advance(600)
+            manual.advance(600)
             return [(c["groupId"], c["ts"], c["duration"]) for c in sim.calls(uuid)]
 
     first, second = run(), run()
@@ -608,7 +611,7 @@ def test_latency_delays_every_api_answer(fsim, api):
 # --- audio ---------------------------------------------------------------------------------
 
 
-def publish_with_audio(sim, clock, fault: AudioFault) -> dict:
+def publish_with_audio(sim: FeedSimulator, clock, fault: AudioFault) -> dict:
     uuid = sim.add_playlist()
     return sim.publish_call(uuid, audio=fault)
 
@@ -834,6 +837,7 @@ def start_bcfy_sim(port: int, extra_env: dict | None = None) -> tuple[subprocess
          "--calls-per-minute", "600"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     printed: dict[str, str] = {}
     while "BCFY_SIM_PLAYLISTS" not in printed:
         line = proc.stdout.readline()
@@ -859,7 +863,9 @@ def test_bcfy_sim_prints_its_environment_serves_and_stops(stop_with):
         )
 
         def published() -> int:
-            return httpx.get(f"{env['BCFY_API_BASE']}/_sim/stats").json()["playlists"][uuids[0]]
+            stats = httpx.get(f"{env['BCFY_API_BASE']}/_sim/stats").json()
+            count: int = stats["playlists"][uuids[0]]
+            return count
 
         wait_until(published, timeout=30, what="the generator's first call")
         time.sleep(1.1)  # until its second is complete

@@ -13,9 +13,8 @@ import uuid as uuid_mod
 
 import pytest
 
-from tests.support.ingest import SECRET, Ingest
+from tests.support.ingest import SECRET, Ingest, direct_context
 from workers.clients.broadcastify import BroadcastifyClient
-from workers.core.jobs import JobContext
 from workers.core.runtime import Runtime
 from workers.dev.simulator import OMIT
 
@@ -245,12 +244,6 @@ def test_a_retried_poll_waits_out_the_gap_since_the_last_request(ingest, fault):
     assert [p["success"] for p in ing.polls(uuid)] == [True, True]
 
 
-class _HeldLock:
-    """A run's lock that is never lost: the runs below overlap as if on two hosts."""
-
-    lost = False
-
-
 def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
     """Two runs polling one playlist at once for `seconds`, each as often as its claim lets
     it, each with its own API client: as on two hosts, each remembering only its requests."""
@@ -259,7 +252,7 @@ def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
     rt = Runtime.current()
 
     async def host(api: BroadcastifyClient) -> None:
-        ctx = JobContext(POLL, rt.settings, rt, _HeldLock(), triggered=True)  # type: ignore[arg-type]
+        ctx = direct_context(POLL)  # the two runs overlap as if on two hosts
         until = time.monotonic() + seconds
         while time.monotonic() < until:
             await poll_playlist(ctx, api, uuid)

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import Services
 from tests.support.ingest import TABLES, api_env, follow_with_cli
 from tests.support.procs import start_worker
+from workers.core.rows import one_row
 from workers.dev.procs import wait_until
 from workers.dev.simulator import FeedSimulator
 
@@ -41,7 +42,8 @@ def setup(clean: Services, tmp_path: Path) -> Iterator[tuple[FeedSimulator, dict
 
 def count(services: Services, query: str) -> int:
     with services.db() as conn:
-        return conn.execute(query).fetchone()[0]
+        (n,) = one_row(conn.execute(query).fetchone())
+    return int(n)
 
 
 def test_a_worker_polls_on_trigger_stores_every_call_and_backfills(

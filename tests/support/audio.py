@@ -65,6 +65,15 @@ def attempts(db: psycopg.Connection) -> list[tuple]:
     ).fetchall()
 
 
+def attempt_rows(db: psycopg.Connection, call_id: int) -> list[tuple]:
+    """Rows of (attempt, outcome, error_code) of one call's attempts, in order."""
+    return db.execute(
+        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
+        " ORDER BY id",
+        (call_id,),
+    ).fetchall()
+
+
 def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
     """Every ready call's original and prepared files match their recorded size and sha256, and
     no temporary file is left in the store; returns how many calls are ready."""

@@ -24,6 +24,7 @@ from psycopg.rows import TupleRow
 from tests.conftest import Services
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio.codec import convert_for_recognizers
+from workers.core.rows import one_row
 from workers.core.runtime import Runtime
 from workers.core.settings import load_settings, reset_settings_cache
 from workers.dev.simulator.make_clips import CLIPS_DIR
@@ -71,22 +72,24 @@ class Calls:
         """A stored call, with its audio ready (unless ready=False). Returns its id."""
         started = datetime.now(UTC) - ago
         with self.db() as conn:
-            (call_id,) = conn.execute(
-                """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
-                                               duration_sec, url, display, raw)
-                   VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
-                (
-                    playlist,
-                    group_id,
-                    int(started.timestamp()),
-                    started,
-                    f"https://calls.example/{uuid.uuid4().hex}.m4a",
-                    display,
-                ),
-            ).fetchone()
+            (call_id,) = one_row(
+                conn.execute(
+                    """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
+                                                   duration_sec, url, display, raw)
+                       VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
+                    (
+                        playlist,
+                        group_id,
+                        int(started.timestamp()),
+                        started,
+                        f"https://calls.example/{uuid.uuid4().hex}.m4a",
+                        display,
+                    ),
+                ).fetchone()
+            )
             if ready:
                 self.make_ready(conn, call_id, f"prepared/{Path(clip).stem}.flac")
-        return call_id
+        return int(call_id)
 
     def make_ready(self, conn: psycopg.Connection[TupleRow], call_id: int, prepared: str) -> None:
         conn.execute(

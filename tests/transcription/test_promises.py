@@ -227,7 +227,7 @@ def test_no_connection_is_held_while_the_recogniser_request_is_in_flight(
         async def borrow() -> int:
             async with db_connection() as conn:
                 (pid,) = await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,)
-                return pid
+                return int(pid)
 
         backend = asyncio.run_coroutine_threadsafe(borrow(), rt.loop).result(timeout=60)
         assert backend > 0

@@ -13,12 +13,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 
 from tasks.transcription.dispatch import queued_messages
 from tests.support.procs import start_worker
-from tests.transcription.conftest import CLIP_TEXT, worker_env
+from tests.transcription.conftest import CLIP_TEXT, Calls, worker_env
 from tests.transcription.fake_openai import Reply
 from workers.dev.procs import ROOT, Proc, wait_until
 
@@ -48,6 +49,11 @@ def mark_dispatched(calls, call_id):
             " due_at = now() + interval '15 minutes' WHERE call_id = %s",
             (call_id,),
         )
+
+
+def has_failed(calls: Calls, call_id: int) -> bool:
+    state: str = calls.state(call_id)["state"]
+    return state == "failed"
 
 
 def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tmp_path, client):
@@ -146,7 +152,7 @@ def test_permanent_failures_are_recorded_with_the_reason(calls, procs, tmp_path,
     for call_id in (bad_audio, never_up):
         mark_dispatched(calls, call_id)
         client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
-        wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
+        wait_until(partial(has_failed, calls, call_id), 60, "a failure")
 
     refused_state = calls.state(bad_audio)
     assert refused_state["attempts"] == 1, "a refusal is not retried"
@@ -171,7 +177,7 @@ def test_audio_that_is_missing_or_undecodable_fails_with_the_reason(calls, procs
         mark_dispatched(calls, call_id)
         client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
     for call_id in (missing, garbage):
-        wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
+        wait_until(partial(has_failed, calls, call_id), 60, "a failure")
     assert "prepared audio is missing" in calls.state(missing)["last_error"]
     assert "nowhere.flac" in calls.state(missing)["last_error"]
     assert "prepared audio cannot be decoded" in calls.state(garbage)["last_error"]
