@@ -13,9 +13,10 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from uuid import UUID
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from workers.core.jobs import claimant_is_gone
 from workers.core.runtime import db_connection
@@ -91,7 +92,7 @@ class AudioClaim:
 
 
 async def claim_pending_calls(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings, owner: str
 ) -> AudioClaim:
     """Lease up to AUDIO_WORKER_BATCH_SIZE due calls to `owner` (commit to make it count)."""
     cur = await conn.execute(
@@ -110,7 +111,7 @@ async def claim_pending_calls(
 
 
 async def fail_exhausted_leases(
-    conn: psycopg.AsyncConnection[Any], settings: Settings
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings
 ) -> list[int]:
     cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio_max_attempts})
     return [r[0] for r in await cur.fetchall()]
@@ -194,7 +195,7 @@ class ClaimedCall:
     attempt: int
     url: str
     duration_sec: float | None
-    playlist_uuid: Any
+    playlist_uuid: UUID | None
     started_at: datetime
     expected_bytes: int | None  # the record's `size`, when the service gave one
     attempt_id: int | None = None  # its call_audio_attempts row, once started
@@ -263,7 +264,7 @@ class HeldClaim:
 
     async def count_deaths(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[TupleRow],
         calls: dict[int, ClaimedCall],
         dead: list[tuple[int, int, str]],
     ) -> list[int]:

@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.validation import Page
 from workers.core.jobs import JobContext
-from workers.core.records import jsonb_problem, storable
+from workers.core.records import JSON, jsonb_problem, storable
 from workers.core.rows import one_row
 from workers.core.text import error_text
 
@@ -96,7 +97,7 @@ VALUES (COALESCE(%(id)s, nextval(pg_get_serial_sequence('bcfy_playlist_poll_log'
 
 
 async def store_page(
-    conn: psycopg.AsyncConnection[Any], poll: PollRecord, page: Page, *, new_cursor: int | None
+    conn: psycopg.AsyncConnection[TupleRow], poll: PollRecord, page: Page, *, new_cursor: int | None
 ) -> Stored:
     """Store a page's calls (one statement), its rejects, the cursor and the poll log row.
 
@@ -142,11 +143,11 @@ async def store_page(
 
 
 async def _insert_calls(
-    conn: psycopg.AsyncConnection[Any],
+    conn: psycopg.AsyncConnection[TupleRow],
     playlist_uuid: str,
     rows: list[dict[str, Any]],
     text: str,
-    rejected: list[tuple[str, Any]],
+    rejected: list[tuple[str, JSON]],
 ) -> tuple[int, int]:
     """(poll id, calls new) for one INSERT of the whole page.
 
@@ -204,7 +205,7 @@ def _rows_json(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, str]]]:
 
 
 async def _log_poll(
-    conn: psycopg.AsyncConnection[Any],
+    conn: psycopg.AsyncConnection[TupleRow],
     poll: PollRecord,
     *,
     stored: Stored | None = None,

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from tasks.transcription.policy import gave_up, out_of_attempts
@@ -141,7 +141,7 @@ async def store_transcript(
     return inserted
 
 
-async def _set_failed(conn: psycopg.AsyncConnection[Any], call_id: int, reason: str) -> None:
+async def _set_failed(conn: psycopg.AsyncConnection[TupleRow], call_id: int, reason: str) -> None:
     await conn.execute(
         """UPDATE call_transcription
               SET state = 'failed', due_at = NULL, finished_at = now(), last_error = %s,

@@ -23,11 +23,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from workers.cli import Subparsers
 from workers.core.migrate import SCHEMA_FILE_NAME, SQL_DIR, discover
 from workers.core.settings import Settings
 
@@ -277,7 +277,7 @@ def stale_message(path: Path) -> str:
 # --- the command -------------------------------------------------------------------------------
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "schema", help="write sql/schema.sql: the whole schema after all migrations"
     )

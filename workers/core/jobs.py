@@ -36,6 +36,7 @@ import httpx
 import psycopg
 import redis
 from celery import Task, signals
+from celery.app.task import Context
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from psycopg.rows import TupleRow
 
@@ -192,7 +193,7 @@ class Tick:
         return self.interval + self.grace
 
 
-def tick_of(request: Any) -> Tick | None:
+def tick_of(request: Context) -> Tick | None:
     """The beat tick a task request carries; None for a direct trigger."""
     headers = getattr(request, "headers", None) or {}
 

@@ -29,10 +29,10 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import psycopg
 import redis
@@ -209,7 +209,11 @@ def slope_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def period_means(
-    samples: Sequence[Sample], start: float, end: float, period: float, value: Any
+    samples: Sequence[Sample],
+    start: float,
+    end: float,
+    period: float,
+    value: Callable[[Sample], float],
 ) -> list[tuple[float, float]]:
     """(middle, mean of value(sample)) for each whole `period` from `start` within `end`.
 

@@ -221,7 +221,7 @@ class Feed:
         self._playlists: dict[str, Playlist] = {}
         self._all = Timeline()
         self._by_group: dict[str, list[Call]] = {}
-        self._by_identity: dict[tuple[Any, Any, Any], Call] = {}
+        self._by_identity: dict[tuple[object, object, object], Call] = {}
         self._by_audio_key: dict[str, Call] = {}
         self._previous_answer: dict[tuple[str, Selector], list[Call]] = {}
         self._last_poll: dict[tuple[str, Selector], float] = {}
@@ -584,7 +584,7 @@ class Feed:
         return geo.ROSTER.get(group_id)
 
 
-def identity(record: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+def identity(record: Mapping[str, Any]) -> tuple[object, object, object]:
     """How the simulator tells calls apart: groupId, ts and the call's own audio url."""
     return (record.get("groupId"), record.get("ts"), record.get("url"))
 

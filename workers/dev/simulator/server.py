@@ -295,7 +295,12 @@ class FeedSimulator:
         return response
 
     def _answer(
-        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
     ) -> _Answer:
         if path.startswith("/audio/"):
             return self.handle_audio(path)
@@ -304,7 +309,12 @@ class FeedSimulator:
         return self.handle_api("GET" if method == "HEAD" else method, path, query, headers, body)
 
     def handle_api(
-        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: Mapping[str, str],
+        body: bytes,
     ) -> _Answer:
         route = None
         for route_method, pattern, name in _API_ROUTES:
