@@ -90,7 +90,7 @@ def pg_dump_schema(url: str, major: int) -> str:
     if password is not None:
         env["PGPASSWORD"] = str(password)
     argv = [pg_dump_binary(major), "--schema-only", "--no-owner", "--no-privileges"]
-    argv.append("--dbname=" + psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
+    argv.append("--dbname=" + psycopg.conninfo.make_conninfo("", **params))
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SchemaError(f"pg_dump failed: {done.stderr.strip()}")

@@ -142,7 +142,7 @@ def slow_audio(sim: FeedSimulator, latency: float) -> None:
         time.sleep(latency)
         return answer(path)
 
-    sim.handle_audio = delayed  # type: ignore[method-assign]
+    sim.handle_audio = delayed  # type: ignore[method-assign]  # this instance's route, wrapped
 
 
 class HeldAudio:
@@ -169,7 +169,7 @@ class HeldAudio:
                         self._cond.wait_for(lambda: self._released >= mine, most_sec)
             return answer(path)
 
-        sim.handle_audio = held  # type: ignore[method-assign]
+        sim.handle_audio = held  # type: ignore[method-assign]  # this instance's route, wrapped
 
     def release_all(self) -> None:
         with self._cond:
