@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -232,7 +233,7 @@ def sizes(conn: psycopg.Connection) -> str:
     return ", ".join(f"{name} {n:,}" for name, n in rows)
 
 
-def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, int], bool]:
+def maintain(database_url: str, **overrides: Any) -> tuple[float, dict[str, int], bool]:
     """One maintenance pass to completion in this process, with these settings."""
     import os
 

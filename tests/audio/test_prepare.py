@@ -23,7 +23,7 @@ from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore
 from workers.core.backoff import JITTER
 from workers.core.runtime import Runtime
-from workers.core.settings import Settings, get_settings
+from workers.core.settings import NameList, Settings, get_settings
 from workers.dev.calls import CLIPS, SILENCE, insert_call, make_flac, make_wav, publish
 from workers.dev.simulator import AudioFault, FeedSimulator
 from workers.dev.simulator.server import _Answer
@@ -33,8 +33,8 @@ def settings_for(sim: FeedSimulator, tmp_path, **overrides) -> Settings:
     return dataclasses.replace(
         get_settings(),
         audio_store_dir=str(tmp_path / "store"),
-        audio_allowed_hosts=(sim.audio_host,),
-        audio_allowed_internal_networks=("127.0.0.1/32",),
+        audio_allowed_hosts=NameList((sim.audio_host,)),
+        audio_allowed_internal_networks=NameList(("127.0.0.1/32",)),
         **overrides,
     )
 

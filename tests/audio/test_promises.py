@@ -40,7 +40,7 @@ from workers.audio.download import AudioFailure, UrlPolicy, download
 from workers.audio.prepare import validate_and_convert
 from workers.audio.store import FilesystemAudioStore
 from workers.core.runtime import Runtime
-from workers.core.settings import Settings, get_settings
+from workers.core.settings import NameList, Settings, get_settings
 from workers.dev.calls import insert_call
 
 RATE = 16000
@@ -198,8 +198,8 @@ def settings_for(server: AudioServer, tmp_path: Path, **overrides: Any) -> Setti
     return dataclasses.replace(
         get_settings(),
         audio_store_dir=str(tmp_path / "store"),
-        audio_allowed_hosts=(server.host,),
-        audio_allowed_internal_networks=("127.0.0.1/32",),
+        audio_allowed_hosts=NameList((server.host,)),
+        audio_allowed_internal_networks=NameList(("127.0.0.1/32",)),
         **overrides,
     )
 
