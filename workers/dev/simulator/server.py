@@ -83,6 +83,9 @@ class Principal:
     uid: int | None  # set when the token acts as a user
 
 
+Headers = Mapping[str, str]  # a request's (aiohttp's CIMultiDictProxy[str] is one)
+
+
 class _Answer:
     """What a route returns: status, body, headers, and how many call records it serves."""
 
@@ -295,12 +298,7 @@ class FeedSimulator:
         return response
 
     def _answer(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        headers: Mapping[str, str],
-        body: bytes,
+        self, method: str, path: str, query: dict[str, list[str]], headers: Headers, body: bytes
     ) -> _Answer:
         if path.startswith("/audio/"):
             return self.handle_audio(path)
@@ -309,12 +307,7 @@ class FeedSimulator:
         return self.handle_api("GET" if method == "HEAD" else method, path, query, headers, body)
 
     def handle_api(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        headers: Mapping[str, str],
-        body: bytes,
+        self, method: str, path: str, query: dict[str, list[str]], headers: Headers, body: bytes
     ) -> _Answer:
         route = None
         for route_method, pattern, name in _API_ROUTES:
