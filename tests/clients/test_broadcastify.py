@@ -56,10 +56,10 @@ def client_for(base: str, clock: Any = time.time, **env: Any) -> tuple[Broadcast
     )
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(
-            connect=settings.http_connect_timeout_sec,
-            read=settings.http_read_timeout_sec,
-            write=settings.http_read_timeout_sec,
-            pool=settings.http_connect_timeout_sec,
+            connect=settings.services.http_connect_timeout_sec,
+            read=settings.services.http_read_timeout_sec,
+            write=settings.services.http_read_timeout_sec,
+            pool=settings.services.http_connect_timeout_sec,
         )
     )
     return BroadcastifyClient(settings, http, clock=clock), http

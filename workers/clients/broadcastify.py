@@ -143,7 +143,7 @@ class BroadcastifyClient:
         self.settings = settings
         self.http = http
         self.clock = clock
-        self.base = settings.bcfy_api_base.rstrip("/")
+        self.base = settings.broadcastify.api_base.rstrip("/")
         self.tokens_minted = 0
         self._token: str | None = None
         self._token_expires = 0.0
@@ -160,9 +160,9 @@ class BroadcastifyClient:
         self._last_request_end: dict[str, float] = {}
         self._pace_locks: dict[str, asyncio.Lock] = {}
         self._backoff = wait_exponential_jitter(
-            multiplier=settings.bcfy_retry_backoff_sec,
-            max=settings.bcfy_retry_backoff_max_sec,
-            jitter=settings.bcfy_retry_backoff_sec,
+            multiplier=settings.broadcastify.retry_backoff_sec,
+            max=settings.broadcastify.retry_backoff_max_sec,
+            jitter=settings.broadcastify.retry_backoff_sec,
         )
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class BroadcastifyClient:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(TransientError),
                 stop=stop_any(
-                    stop_after_attempt(s.bcfy_retry_attempts),
+                    stop_after_attempt(s.broadcastify.retry_attempts),
                     stop_before_delay(retry_budget(s)),
                 ),
                 wait=lambda state: self._wait(state, pace),
@@ -317,7 +317,7 @@ class BroadcastifyClient:
         """Seconds until the selector may be asked again (0 without a pace or a last request)."""
         if pace is None or pace.key not in self._last_request_end:
             return 0.0
-        due = self._last_request_end[pace.key] + self.settings.ingest_min_poll_gap_sec
+        due = self._last_request_end[pace.key] + self.settings.ingest.min_poll_gap_sec
         return max(0.0, due - time.monotonic())
 
     @staticmethod
@@ -395,7 +395,7 @@ class BroadcastifyClient:
         """One HTTP exchange under the total timeout; classify the answer."""
         headers = {"Authorization": f"Bearer {token}"}
         try:
-            async with asyncio.timeout(self.settings.http_total_timeout_sec):
+            async with asyncio.timeout(self.settings.services.http_total_timeout_sec):
                 async with self.http.stream(
                     method, self.base + path, params=params, data=data, headers=headers
                 ) as response:
@@ -434,7 +434,7 @@ class BroadcastifyClient:
     async def _read_body(self, response: httpx.Response, path: str) -> bytes:
         """The answer's body, read in chunks up to BCFY_MAX_RESPONSE_BYTES (decoded): a larger
         one is refused as soon as it says so (Content-Length) or grows past the cap."""
-        cap = self.settings.bcfy_max_response_bytes
+        cap = self.settings.broadcastify.max_response_bytes
         # None when absent or unreadable: the count below still holds.
         declared = whole_number_or_none(response.headers.get("Content-Length"), "Content-Length", 0)
         if declared is not None and declared > cap:
@@ -452,7 +452,7 @@ class BroadcastifyClient:
 
     async def _valid_token(self, as_user: bool) -> str:
         """The cached token, or a new one when it is missing or within the margin of expiry."""
-        if as_user and self._user is None and self.settings.bcfy_username:
+        if as_user and self._user is None and self.settings.broadcastify.username:
             async with self._login_lock:
                 if self._user is None:
                     await self._log_in()
@@ -461,10 +461,10 @@ class BroadcastifyClient:
         now = self.clock()
         if (
             self._token is None
-            or now >= self._token_expires - self.settings.bcfy_jwt_renew_margin_sec
+            or now >= self._token_expires - self.settings.broadcastify.jwt_renew_margin_sec
         ):
             self._token = self._mint(user=self._user)
-            self._token_expires = now + self.settings.bcfy_jwt_lifetime_sec
+            self._token_expires = now + self.settings.broadcastify.jwt_lifetime_sec
         return self._token
 
     def _forget_token(self) -> None:
@@ -475,9 +475,9 @@ class BroadcastifyClient:
         missing = [
             name
             for name, value in (
-                ("BCFY_API_KEY_ID", s.bcfy_api_key_id),
-                ("BCFY_API_KEY", s.bcfy_api_key),
-                ("BCFY_APP_ID", s.bcfy_app_id),
+                ("BCFY_API_KEY_ID", s.broadcastify.api_key_id),
+                ("BCFY_API_KEY", s.broadcastify.api_key),
+                ("BCFY_APP_ID", s.broadcastify.app_id),
             )
             if not value
         ]
@@ -485,28 +485,31 @@ class BroadcastifyClient:
             raise ConfigurationError(f"the Broadcastify API needs {', '.join(missing)}: not set")
         now = int(self.clock())
         claims: dict[str, str | int] = {
-            "iss": s.bcfy_app_id,
+            "iss": s.broadcastify.app_id,
             "iat": now,
-            "exp": now + int(s.bcfy_jwt_lifetime_sec),
+            "exp": now + int(s.broadcastify.jwt_lifetime_sec),
         }
         if user is not None:
             claims["sub"], claims["utk"] = user
         self.tokens_minted += 1
         return jwt.encode(
-            claims, s.bcfy_api_key.reveal(), algorithm="HS256", headers={"kid": s.bcfy_api_key_id}
+            claims,
+            s.broadcastify.api_key.reveal(),
+            algorithm="HS256",
+            headers={"kid": s.broadcastify.api_key_id},
         )
 
     async def _log_in(self) -> None:
         """User auth for non-public playlists: uid and token, sent with an app-only JWT."""
         s = self.settings
-        if not s.bcfy_password:
+        if not s.broadcastify.password:
             raise ConfigurationError("BCFY_USERNAME is set but BCFY_PASSWORD is not")
         try:
             _, body = await self._attempt(
                 "POST",
                 "/common/v1/auth",
                 None,
-                {"username": s.bcfy_username, "password": s.bcfy_password.reveal()},
+                {"username": s.broadcastify.username, "password": s.broadcastify.password.reveal()},
                 as_user=False,
             )
         except (ConfigurationError, TransientError):
@@ -523,14 +526,14 @@ class BroadcastifyClient:
             raise ConfigurationError("login as BCFY_USERNAME: no uid and token in the answer")
         self._user = (uid, utk)
         self._forget_token()
-        log.info("bcfy api: logged in as %s (uid %s)", s.bcfy_username, uid)
+        log.info("bcfy api: logged in as %s (uid %s)", s.broadcastify.username, uid)
 
 
 def retry_budget(settings: Settings) -> float:
     """Seconds within which retries may start: BCFY_RETRY_BUDGET_SEC, cut down so that the
     last attempt (up to HTTP_TOTAL_TIMEOUT_SEC) still ends inside a job's soft time limit."""
-    room = settings.job_soft_time_limit_sec - settings.http_total_timeout_sec
-    return max(0.0, min(settings.bcfy_retry_budget_sec, room))
+    room = settings.jobs.soft_time_limit_sec - settings.services.http_total_timeout_sec
+    return max(0.0, min(settings.broadcastify.retry_budget_sec, room))
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -84,15 +84,15 @@ def vocabulary_terms(raw: str) -> list[str]:
 
 def build_recognizer(settings: Settings) -> Recognizer:
     """A recogniser for TRANSCRIBE_BACKEND; RecognizerConfigError if it cannot work."""
-    if settings.transcribe_backend == "pocketsphinx":
+    if settings.transcription.backend == "pocketsphinx":
         from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 
         return PocketsphinxRecognizer.from_settings(settings)
-    if settings.transcribe_backend == "openai":
+    if settings.transcription.backend == "openai":
         from workers.recognizers.openai_backend import OpenAIRecognizer
 
         return OpenAIRecognizer(settings)
-    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={settings.transcribe_backend!r} is unknown")
+    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={settings.transcription.backend!r} is unknown")
 
 
 _process_recognizer: tuple[int, Recognizer] | None = None

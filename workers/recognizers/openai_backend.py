@@ -39,13 +39,13 @@ class OpenAIRecognizer:
     backend = "openai"
 
     def __init__(self, settings: Settings) -> None:
-        if not settings.transcribe_openai_model:
+        if not settings.transcription.openai_model:
             raise RecognizerConfigError("TRANSCRIBE_OPENAI_MODEL must be set")
         self.settings = settings
-        self.model = settings.transcribe_openai_model
-        self.url = settings.transcribe_openai_base_url.rstrip("/") + "/audio/transcriptions"
-        self.prompt = prompt_for(vocabulary_terms(settings.transcribe_vocabulary))
-        self.language = settings.transcribe_language.split("-")[0].lower() or None
+        self.model = settings.transcription.openai_model
+        self.url = settings.transcription.openai_base_url.rstrip("/") + "/audio/transcriptions"
+        self.prompt = prompt_for(vocabulary_terms(settings.transcription.vocabulary))
+        self.language = settings.transcription.language.split("-")[0].lower() or None
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
@@ -67,15 +67,15 @@ class OpenAIRecognizer:
         if self.prompt:
             form["prompt"] = self.prompt
         headers = {"Accept": "application/json"}
-        key = s.transcribe_openai_api_key
+        key = s.transcription.openai_api_key
         if key:
             headers["Authorization"] = f"Bearer {key.reveal()}"
-        limit = s.transcribe_openai_timeout_sec
+        limit = s.transcription.openai_timeout_sec
         timeout = httpx.Timeout(
-            connect=s.http_connect_timeout_sec,
+            connect=s.services.http_connect_timeout_sec,
             read=limit,
             write=limit,
-            pool=s.http_connect_timeout_sec,
+            pool=s.services.http_connect_timeout_sec,
         )
         try:
             async with asyncio.timeout(limit):
@@ -120,7 +120,7 @@ class OpenAIRecognizer:
             body,
             model=self.model,
             language=self.language,
-            no_speech_threshold=self.settings.transcribe_no_speech_threshold,
+            no_speech_threshold=self.settings.transcription.no_speech_threshold,
         )
 
 

@@ -82,8 +82,10 @@ class PocketsphinxRecognizer:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PocketsphinxRecognizer:
-        extra = settings.transcribe_pocketsphinx_dict
-        return cls(vocabulary_terms(settings.transcribe_vocabulary), Path(extra) if extra else None)
+        extra = settings.transcription.pocketsphinx_dict
+        return cls(
+            vocabulary_terms(settings.transcription.vocabulary), Path(extra) if extra else None
+        )
 
     def _new_entries(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Words the dictionary has already get the new pronunciation as an alternate."""
