@@ -114,7 +114,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         audio = Path(s.audio.store_dir) / claim.prepared_path
         if not audio.is_file():
             raise FileNotFoundError(2, "no such file", str(audio))
-        result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
+        result = process_recognizer(s.transcription).transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
         inserted = rt.run(store_transcript(call_id, backend, result, elapsed))
     except PERMANENT_ERRORS as exc:

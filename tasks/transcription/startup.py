@@ -31,7 +31,7 @@ def _check_recognizer_at_start(sender: Any = None, **_: Any) -> None:
         return
     settings = configured_settings()
     try:
-        recognizer = build_recognizer(settings)
+        recognizer = build_recognizer(settings.transcription)
     except RecognizerConfigError as exc:
         raise SystemExit(
             f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcription.backend}: {exc}"

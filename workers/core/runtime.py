@@ -107,7 +107,7 @@ class Runtime:
         if self._bcfy_api is None:
             from workers.clients.broadcastify import BroadcastifyClient
 
-            self._bcfy_api = BroadcastifyClient(self.settings, self.http)
+            self._bcfy_api = BroadcastifyClient.from_settings(self.settings, self.http)
         return self._bcfy_api
 
     @property
