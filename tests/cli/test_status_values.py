@@ -38,7 +38,7 @@ GEO = "tasks.geo.refresh_geo_data"
 MAINTENANCE = "tasks.maintenance.prune_history"
 ALPHA = uuid.UUID("0a0a0a0a-0000-4000-8000-00000000000a")
 BRAVO = uuid.UUID("0b0b0b0b-0000-4000-8000-00000000000b")
-HOLDER = "ops-test-host:4242:held"
+HOLDER = "audio@ops-test-host:4242:0123456789ab"
 MIN, HOUR = 60, 3600
 
 

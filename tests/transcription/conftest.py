@@ -96,6 +96,14 @@ class Calls:
             (prepared, f"originals/{call_id}.m4a", call_id),
         )
 
+    def update(self, call_id: int, assignments: str, *params: object) -> None:
+        """`UPDATE call_transcription SET <assignments>` for one call, as a stage would."""
+        with self.db() as conn:
+            conn.execute(
+                f"UPDATE call_transcription SET {assignments} WHERE call_id = %s",
+                (*params, call_id),
+            )
+
     def state(self, call_id: int) -> dict[str, Any]:
         with self.db() as conn:
             cur = conn.execute("SELECT * FROM call_transcription WHERE call_id = %s", (call_id,))

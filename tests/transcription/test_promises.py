@@ -21,9 +21,9 @@ from tasks.transcription.jobs import transcribe_call
 from tasks.transcription.policy import retry_wait
 from tests.conftest import Services
 from tests.support.procs import start_worker
+from tests.support.transcription import mark_dispatched, openai_env, send_to_transcribe
 from tests.transcription.conftest import Calls, worker_env
 from tests.transcription.fake_openai import Reply
-from tests.transcription.test_workers import mark_dispatched, openai_env
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import load_settings
 from workers.dev.procs import wait_until
@@ -79,8 +79,7 @@ def test_a_database_outage_mid_call_is_retried_and_the_call_ends_transcribed_onc
     worker = start_worker("asr", env, tmp_path, queues="transcription")
     procs.append(worker)
     call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    send_to_transcribe(calls, client, call_id)
     service.wait_for_requests(1)  # claimed; the recogniser holds its request
 
     pg.stop_server()  # as a crash would: every connection is cut
@@ -146,8 +145,7 @@ def test_retries_through_a_worker_wait_no_longer_than_the_cap(
     worker = start_worker("asr", env, tmp_path, queues="transcription")
     procs.append(worker)
     call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    send_to_transcribe(calls, client, call_id)
     wait_until(lambda: calls.state(call_id)["state"] == "done", 120, "the call transcribed")
 
     waits = [float(w) for w in re.findall(r"retry in ([0-9.]+)s", worker.log())]
@@ -175,8 +173,7 @@ def test_two_workers_finishing_the_same_call_store_one_transcript(
     one = start_worker("asr1", env, tmp_path, queues="transcription")
     procs.append(one)
     call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    send_to_transcribe(calls, client, call_id)
     service.wait_for_requests(1)  # asr1 holds the call
 
     two = start_worker("asr2", env, tmp_path, queues="transcription")

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from tests.support.procs import start_worker
+from tests.support.transcription import openai_env, send_to_transcribe
 from tests.transcription.conftest import worker_env
 from tests.transcription.fake_openai import Reply
-from tests.transcription.test_workers import TRANSCRIBE, mark_dispatched, openai_env
 from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,7 @@ def test_sigterm_mid_call_finishes_it_and_leaves_the_next_to_a_later_worker(
     procs.append(first)
     ids = [calls.add("call01.m4a"), calls.add("call04.m4a")]
     for call_id in ids:
-        mark_dispatched(calls, call_id)
-        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+        send_to_transcribe(calls, client, call_id)
     service.wait_for_requests(1)
     in_hand = next(i for i in ids if calls.state(i)["state"] == "running")
     waiting = next(i for i in ids if i != in_hand)

@@ -18,6 +18,7 @@ import pytest
 
 from tasks.transcription.dispatch import queued_messages
 from tests.support.procs import start_worker
+from tests.support.transcription import mark_dispatched, openai_env, send_to_transcribe
 from tests.transcription.conftest import CLIP_TEXT, worker_env
 from tests.transcription.fake_openai import Reply
 from workers.dev.procs import ROOT, Proc, wait_until
@@ -26,28 +27,6 @@ pytestmark = pytest.mark.slow
 
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
 TRANSCRIBE = "tasks.transcription.transcribe_call"
-
-
-def openai_env(service, **extra):
-    return {
-        "TRANSCRIBE_BACKEND": "openai",
-        "TRANSCRIBE_OPENAI_BASE_URL": service.base_url,
-        "TRANSCRIBE_OPENAI_MODEL": "whisper-test",
-        "TRANSCRIBE_OPENAI_TIMEOUT_SEC": "30",
-        "TRANSCRIBE_SOFT_TIME_LIMIT_SEC": "40",
-        "TRANSCRIBE_TIME_LIMIT_SEC": "45",
-        **extra,
-    }
-
-
-def mark_dispatched(calls, call_id):
-    """What the dispatcher does before it sends a call's message."""
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET state = 'dispatched', dispatch_count = 1,"
-            " due_at = now() + interval '15 minutes' WHERE call_id = %s",
-            (call_id,),
-        )
 
 
 def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tmp_path, client):
@@ -111,8 +90,7 @@ def test_transient_failures_are_retried_with_backoff(calls, procs, tmp_path, cli
     worker = start_worker("asr", env, tmp_path, queues="transcription")
     procs.append(worker)
     call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    send_to_transcribe(calls, client, call_id)
     wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
 
     (t,) = calls.transcripts(call_id)
@@ -144,8 +122,7 @@ def test_permanent_failures_are_recorded_with_the_reason(calls, procs, tmp_path,
     procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
     bad_audio, never_up = calls.add(), calls.add()
     for call_id in (bad_audio, never_up):
-        mark_dispatched(calls, call_id)
-        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+        send_to_transcribe(calls, client, call_id)
         wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
 
     refused_state = calls.state(bad_audio)
@@ -168,8 +145,7 @@ def test_audio_that_is_missing_or_undecodable_fails_with_the_reason(calls, procs
         calls.make_ready(conn, missing, "prepared/nowhere.flac")
         calls.make_ready(conn, garbage, "prepared/garbage.flac")
     for call_id in (missing, garbage):
-        mark_dispatched(calls, call_id)
-        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+        send_to_transcribe(calls, client, call_id)
     for call_id in (missing, garbage):
         wait_until(lambda c=call_id: calls.state(c)["state"] == "failed", 60, "a failure")
     assert "prepared audio is missing" in calls.state(missing)["last_error"]
