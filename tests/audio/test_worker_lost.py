@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.audio import assert_stored_files_match, audio_rows, make_env, states
-from tests.support.procs import start_worker
+from tests.support.audio import assert_stored_files_match, audio_rows, make_env, start_audio, states
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import HeldAudio, publish
 from workers.dev.procs import Proc, run_cli, wait_until
@@ -104,8 +103,7 @@ def start_audio_worker(clean, procs, client, sim, tmp_path) -> tuple[Proc, dict]
         AUDIO_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
         AUDIO_DOWNLOAD_CONCURRENCY="4",
     )
-    worker = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(worker)
+    worker = start_audio(procs, env, tmp_path, concurrency=1)
     client.send_task(CLAIM_JOB, queue="audio")
     return worker, env
 

@@ -1,17 +1,21 @@
 """Helpers for the transcription tests: the openai backend's settings against the fake service,
-and a call dispatched by hand, as the dispatcher does it."""
+a call dispatched by hand, as the dispatcher does it, and starting a transcription worker."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from tasks.transcription.dispatch import TRANSCRIBE_TASK
+from tests.support.procs import start_worker
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from celery import Celery
 
     from tests.transcription.conftest import Calls
     from tests.transcription.fake_openai import FakeTranscriptionService
+    from workers.dev.procs import Proc
 
 
 def openai_env(service: FakeTranscriptionService, **extra: str) -> dict[str, str]:
@@ -38,3 +42,12 @@ def send_to_transcribe(calls: Calls, client: Celery, call_id: int) -> None:
     """What the dispatcher does for one call: mark it dispatched, send its message."""
     mark_dispatched(calls, call_id)
     client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+
+
+def start_transcription(
+    procs: list[Proc], env: dict[str, str], tmp_path: Path, name: str = "asr", concurrency: int = 1
+) -> Proc:
+    """A transcription worker, stopped with `procs`."""
+    worker = start_worker(name, env, tmp_path, queues="transcription", concurrency=concurrency)
+    procs.append(worker)
+    return worker
