@@ -38,10 +38,14 @@ def mark_dispatched(calls: Calls, call_id: int) -> None:
     )
 
 
-def send_to_transcribe(calls: Calls, client: Celery, call_id: int) -> None:
-    """What the dispatcher does for one call: mark it dispatched, send its message."""
+def send_to_transcribe(calls: Calls, client: Celery, call_id: int | None = None) -> int:
+    """What the dispatcher does for one call (by default a new ready one): mark it dispatched,
+    send its message. Returns the call's id."""
+    if call_id is None:
+        call_id = calls.add()
     mark_dispatched(calls, call_id)
     client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    return call_id
 
 
 def start_transcription(

@@ -80,8 +80,7 @@ def test_a_database_outage_mid_call_is_retried_and_the_call_ends_transcribed_onc
         ),
     )
     worker = start_transcription(procs, env, tmp_path)
-    call_id = calls.add()
-    send_to_transcribe(calls, client, call_id)
+    call_id = send_to_transcribe(calls, client)
     service.wait_for_requests(1)  # claimed; the recogniser holds its request
 
     pg.stop_server()  # as a crash would: every connection is cut
@@ -143,8 +142,7 @@ def test_retries_through_a_worker_wait_no_longer_than_the_cap(
         ),
     )
     worker = start_transcription(procs, env, tmp_path)
-    call_id = calls.add()
-    send_to_transcribe(calls, client, call_id)
+    call_id = send_to_transcribe(calls, client)
     wait_until(lambda: calls.state(call_id)["state"] == "done", 120, "the call transcribed")
 
     waits = [float(w) for w in re.findall(r"retry in ([0-9.]+)s", worker.log())]
@@ -170,8 +168,7 @@ def test_two_workers_finishing_the_same_call_store_one_transcript(
     service.replies += [Reply(hold=first_held), Reply(hold=second_held)]
     env = calls.worker_env(tmp_path, **openai_env(service))
     one = start_transcription(procs, env, tmp_path, "asr1")
-    call_id = calls.add()
-    send_to_transcribe(calls, client, call_id)
+    call_id = send_to_transcribe(calls, client)
     service.wait_for_requests(1)  # asr1 holds the call
 
     two = start_transcription(procs, env, tmp_path, "asr2")

@@ -90,8 +90,7 @@ def test_transient_failures_are_retried_with_backoff(calls, procs, tmp_path, cli
         **openai_env(service, TRANSCRIBE_RETRY_BACKOFF_SEC="0.5"),
     )
     worker = start_transcription(procs, env, tmp_path)
-    call_id = calls.add()
-    send_to_transcribe(calls, client, call_id)
+    call_id = send_to_transcribe(calls, client)
     wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
 
     (t,) = calls.transcripts(call_id)
