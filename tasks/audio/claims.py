@@ -18,7 +18,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import TupleRow
 
-from workers.core.jobs import claimant_is_gone
+from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 
@@ -245,7 +245,7 @@ class HeldClaim:
         async with db_connection() as conn:
             rows = await (await conn.execute(HELD, params)).fetchall()
             left_open = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
-            busy = sorted({w for _, _, w in left_open if not claimant_is_gone(w)})
+            busy = sorted({w for _, _, w in left_open if not process_is_gone(w)})
             if busy:
                 log.warning(
                     "audio: claim %s is being worked on by %s: duplicate delivery dropped",

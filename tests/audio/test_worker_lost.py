@@ -17,9 +17,9 @@ from tests.support.audio import (
     attempt_rows,
     audio_rows,
     make_env,
+    start_audio,
     states,
 )
-from tests.support.procs import start_worker
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import HeldAudio, publish
 from workers.dev.procs import Proc, run_cli, wait_until
@@ -102,8 +102,7 @@ def start_audio_worker(clean, procs, client, sim, tmp_path) -> tuple[Proc, dict]
         AUDIO_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
         AUDIO_DOWNLOAD_CONCURRENCY="4",
     )
-    worker = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(worker)
+    worker = start_audio(procs, env, tmp_path, concurrency=1)
     client.send_task(CLAIM_JOB, queue="audio")
     return worker, env
 

@@ -39,7 +39,7 @@ GEO = "tasks.geo.refresh_geo_data"
 MAINTENANCE = "tasks.maintenance.prune_history"
 ALPHA = uuid.UUID("0a0a0a0a-0000-4000-8000-00000000000a")
 BRAVO = uuid.UUID("0b0b0b0b-0000-4000-8000-00000000000b")
-HOLDER = "ops-test-host:4242:held"
+HOLDER = "audio@ops-test-host:4242:0123456789ab"
 MIN, HOUR = 60, 3600
 
 
@@ -262,32 +262,41 @@ class StageJson(TypedDict):
     top_failures: list[list[Any]]  # [reason, calls]: JSON has no tuples
 
 
+def stage(
+    backlog: int,
+    in_flight: int,
+    done: tuple[int, int],
+    failed: tuple[int, int],
+    failed_total: int,
+    top_failures: list[list[Any]],
+) -> StageJson:
+    """A stage's counts as `bcfy status --json` shows them: done and failed in the last 5
+    minutes and in the last hour."""
+    return {
+        "backlog": backlog,
+        "in_flight": in_flight,
+        "done": {"5m": done[0], "1h": done[1]},
+        "failed": {"5m": failed[0], "1h": failed[1]},
+        "failed_total": failed_total,
+        "top_failures": top_failures,
+    }
+
+
 EXPECTED_STAGES: dict[str, StageJson] = {
-    # backlog, in flight, done 5m / 1h, failed 5m / 1h, failed total, top failures (24 h)
-    "ingest": {
-        "backlog": 0,
-        "in_flight": 0,
-        "done": {"5m": 15, "1h": 19},
-        "failed": {"5m": 2, "1h": 3},  # failed polls
-        "failed_total": 2,  # quarantined records
-        "top_failures": [["HTTP 500: upstream down", 3], ["timeout reading the answer", 1]],
-    },
-    "audio": {
-        "backlog": 4,
-        "in_flight": 2,
-        "done": {"5m": 7, "1h": 10},
-        "failed": {"5m": 2, "1h": 3},
-        "failed_total": 5,
-        "top_failures": [["http_404", 3], ["not audio: text/html", 1]],
-    },
-    "transcription": {
-        "backlog": 2,
-        "in_flight": 1,
-        "done": {"5m": 3, "1h": 5},
-        "failed": {"5m": 1, "1h": 2},
-        "failed_total": 4,
-        "top_failures": [["HTTP 401: bad key", 2], ["audio missing: prepared/x.flac", 1]],
-    },
+    # backlog, in flight, done (5m, 1h), failed (5m, 1h), failed total; top failures (24 h).
+    # ingest: failed polls in the windows, quarantined records in the total.
+    "ingest": stage(
+        0,
+        0,
+        (15, 19),
+        (2, 3),
+        2,
+        [["HTTP 500: upstream down", 3], ["timeout reading the answer", 1]],
+    ),
+    "audio": stage(4, 2, (7, 10), (2, 3), 5, [["http_404", 3], ["not audio: text/html", 1]]),
+    "transcription": stage(
+        2, 1, (3, 5), (1, 2), 4, [["HTTP 401: bad key", 2], ["audio missing: prepared/x.flac", 1]]
+    ),
 }
 # percentile_cont over 10, 20, 40 s (minus 1, 2, 4 s of recognition), and with 100 and 200 s
 # (minus 0 and 50 s) for the hour.

@@ -14,7 +14,8 @@ import redis
 
 from beat_schedule import tick_headers
 from tests.conftest import Services
-from tests.support.audio import add_calls, attempts, audio_rows, make_env, states
+from tests.support.audio import add_calls, attempts, audio_rows, make_env, start_audio, states
+from tests.support.env import ONE_DB_CONNECTION, http_timeouts
 from tests.support.procs import start_worker
 from workers.core.clock import redis_time_ms
 from workers.core.locks import holder_of
@@ -172,14 +173,11 @@ def test_no_connection_is_held_across_an_audio_download(db, clean, procs, client
         clean,
         tmp_path,
         sim,
-        DB_POOL_MIN_SIZE="1",
-        DB_POOL_MAX_SIZE="1",
-        DB_CONNECT_TIMEOUT_SEC="3",
+        **ONE_DB_CONNECTION,
+        **http_timeouts(600),
         AUDIO_DOWNLOAD_CONCURRENCY="2",
-        HTTP_READ_TIMEOUT_SEC="600",
-        HTTP_TOTAL_TIMEOUT_SEC="600",
     )
-    procs.append(start_worker("a1", env, tmp_path, queues="audio"))
+    start_audio(procs, env, tmp_path, concurrency=1)
     try:
         client.send_task(CLAIM_JOB, queue="audio")
         wait_until(lambda: held.arrived, 30, "the first call's download to start")

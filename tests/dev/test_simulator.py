@@ -96,6 +96,15 @@ def urls(calls: list[dict]) -> list[str]:
     return [c["url"] for c in calls]
 
 
+def publish_every(fsim, clock, uuid: str, n: int, seconds: float) -> list[dict]:
+    """Publish `n` calls on the playlist, one every `seconds` of the fake clock."""
+    published = []
+    for _ in range(n):
+        published.append(fsim.publish_call(uuid))
+        clock.advance(seconds)
+    return published
+
+
 # --- tokens --------------------------------------------------------------------------------
 
 
@@ -203,10 +212,7 @@ def test_a_user_login_opens_non_public_playlists(fsim, clock, api):
 
 def test_init_gives_the_last_25_calls_oldest_first(fsim, clock, api):
     uuid = fsim.add_playlist()
-    published = []
-    for _ in range(40):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(1.5)
+    published = publish_every(fsim, clock, uuid, 40, 1.5)
     answer = api.live(uuid, init=1)
     assert urls(answer["calls"]) == urls(published[-25:])
     assert answer["lastPos"] == math.floor(clock()) - 1
@@ -374,10 +380,7 @@ def test_polling_one_selector_faster_than_every_5_s_is_refused(fsim, clock, api)
 
 def test_a_cursorless_poll_rereads_the_last_5_minutes_and_is_billed_again(fsim, clock, api):
     uuid = fsim.add_playlist()
-    published = []
-    for _ in range(20):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(30)
+    published = publish_every(fsim, clock, uuid, 20, 30)
 
     def last_5_minutes() -> list[dict]:
         window_start = math.floor(clock()) - 1 - 300
@@ -396,10 +399,7 @@ def test_a_cursorless_poll_rereads_the_last_5_minutes_and_is_billed_again(fsim, 
 def test_max_pos_age_answers_an_old_pos_only_with_recent_calls(fsim, clock, api):
     uuid = fsim.add_playlist(groups=["2431-1001"])
     cursor = math.floor(clock()) - 1
-    published = []
-    for _ in range(10):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(60)
+    published = publish_every(fsim, clock, uuid, 10, 60)
     fsim.faults.max_pos_age = 150
     horizon = math.floor(clock() - 150)
     kept = [c for c in published if c["ts"] > horizon]

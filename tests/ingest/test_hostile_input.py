@@ -620,9 +620,7 @@ def test_an_answer_over_the_response_cap_fails_that_poll_and_keeps_the_cursor(in
 def test_a_record_over_the_raw_cap_is_quarantined_with_a_bounded_copy(ingest_manual):
     ing = ingest_manual
     ing.configure(BCFY_MAX_RECORD_BYTES=2048)
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     good = [ing.sim.publish_call(uuid, notes="n" * 500) for _ in range(2)]
     ing.sim.publish_call(uuid, notes="x" * 100_000)
     ing.advance(3)

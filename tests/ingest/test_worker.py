@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
+from tests.support.env import http_timeouts
 from tests.support.ingest import TABLES, api_env, follow_with_cli
 from tests.support.procs import start_worker
 from workers.core.rows import one_row
@@ -34,8 +35,7 @@ def setup(clean: Services, tmp_path: Path) -> Iterator[tuple[FeedSimulator, dict
             LOCK_RENEW_SEC="2",
             INGEST_LIVE_MAX_POS_AGE_SEC="120",
             BCFY_RETRY_BUDGET_SEC="10",
-            HTTP_TOTAL_TIMEOUT_SEC="10",
-            HTTP_READ_TIMEOUT_SEC="10",
+            **http_timeouts(10),
         )
         yield sim, env
 

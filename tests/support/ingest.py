@@ -157,6 +157,14 @@ class Ingest:
                 uuid,
             )
 
+    def follow_a_quiet_playlist(self, polls: int = 1) -> str:
+        """A new playlist with no calls of its own, followed and polled `polls` times (so that
+        its cursor is set): calls published from here on are new. Returns its uuid."""
+        uuid = self.sim.add_playlist(calls_per_minute=0)
+        self.follow(uuid)
+        self.poll_every_10s(polls)
+        return uuid
+
     def stored_urls(self, uuid: str | None = None) -> list[str]:
         if uuid is None:
             return [u for (u,) in self.sql("SELECT url FROM bcfy_calls_raw ORDER BY id")]

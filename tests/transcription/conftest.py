@@ -99,6 +99,25 @@ class Calls:
             (prepared, f"originals/{call_id}.m4a", call_id),
         )
 
+    def update(self, call_id: int, assignments: str, *params: object) -> None:
+        """`UPDATE call_transcription SET <assignments>` for one call, as a stage would."""
+        with self.db() as conn:
+            conn.execute(
+                f"UPDATE call_transcription SET {assignments} WHERE call_id = %s",
+                (*params, call_id),
+            )
+
+    def worker_env(self, tmp_path: Path, **extra: str) -> dict[str, str]:
+        """A transcription worker's environment: these calls' store, short locks, and `extra`."""
+        env = self.services.worker_env(
+            tmp_path, AUDIO_STORE_DIR=str(self.store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
+        )
+        env.update(extra)
+        # Keep the worker's environment from this process's monkeypatched settings.
+        for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
+            env[key] = ""
+        return env
+
     def state(self, call_id: int) -> dict[str, Any]:
         with self.db() as conn:
             cur = conn.execute("SELECT * FROM call_transcription WHERE call_id = %s", (call_id,))
@@ -145,14 +164,3 @@ def use_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 def service() -> Iterator[FakeTranscriptionService]:
     with fake_service() as s:
         yield s
-
-
-def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = services.worker_env(
-        tmp_path, AUDIO_STORE_DIR=str(store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
-    )
-    env.update(extra)
-    # Keep the worker's environment from this process's monkeypatched settings.
-    for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
-        env[key] = ""
-    return env

@@ -188,7 +188,7 @@ class Playlist:
             "public": self.public,
             "listeners": self.listeners,
             "ctids": list(self.ctids),
-            "groups": [_pick(g.as_json(), _PLAYLIST_GROUP_KEYS) for g in self.groups],
+            "groups": [_pick(geo.camel_json(g), _PLAYLIST_GROUP_KEYS) for g in self.groups],
         }
 
 
@@ -500,12 +500,12 @@ class Feed:
             group = self._find_group(group_id)
         if group is None:
             raise ApiError(E_NOT_FOUND, "unknown group")
-        return group.as_json()
+        return geo.camel_json(group)
 
     def node_get(self, node_id: int) -> dict[str, Any]:
         if node_id not in geo.NODES:
             raise ApiError(E_NOT_FOUND, "unknown node")
-        return geo.NODES[node_id].as_json()
+        return geo.camel_json(geo.NODES[node_id])
 
     # --- audio, counters, inspection ----------------------------------------------------------
 
