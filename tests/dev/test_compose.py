@@ -101,6 +101,25 @@ def test_data_lives_in_volumes():
         assert any(v.startswith("audio:") for v in SERVICES[f"worker-{queue}"]["volumes"])
 
 
+def test_the_workers_store_audio_on_the_audio_volume():
+    # .env (from .env.example) says AUDIO_STORE_DIR=var/audio, for `make run`: compose's own
+    # environment must win, or the workers write under the image's working directory, which the
+    # service user cannot write, and the volume stays empty (issue 14).
+    for queue in ("ingest", "audio", "transcription"):
+        service = SERVICES[f"worker-{queue}"]
+        mounts = dict(v.split(":", 1)[::-1] for v in service["volumes"])
+        assert mounts[service["environment"]["AUDIO_STORE_DIR"]] == "audio", queue
+        assert service["env_file"] == ".env"  # environment wins over env_file
+
+
+def test_no_service_runs_as_root():
+    # The Python services run as the image's user; redis:7-alpine drops to its user only when
+    # its command is redis-server (here: sh, to write the password into a config file).
+    assert SERVICES["redis"]["user"] == "redis"
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    assert [ln for ln in dockerfile if ln.startswith("USER ")][-1] == "USER bcfy"
+
+
 # --- nothing exposed, no secret where it is not needed (issue 10, item 4) ---------------------
 
 SECRETS_ENV = {
