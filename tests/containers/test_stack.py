@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,8 +31,10 @@ from base64 import b64encode
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from workers.dev.procs import ROOT, wait_until
 from workers.dev.services import free_port
@@ -41,28 +44,37 @@ HERE = Path(__file__).resolve().parent
 WORK = ROOT / "var" / "containers"
 WHEELHOUSE = ROOT / "var" / "wheelhouse"
 PROJECT = "bcfy-containers-test"
-NETWORK = "bcfy-containers-test"  # compose.override.yaml's default network, made here
+NETWORK = "bcfy-containers-test"  # the override's default network, made here
 SUBNET, GATEWAY = "10.89.240.0/24", "10.89.240.1"
+BUILD_ARGS = {
+    "BASE_IMAGE": "localhost/bcfy-test/python:bookworm",
+    "PIP_INSTALL_OPTIONS": "--no-index --find-links /src/var/wheelhouse",
+    "EXTRAS": os.environ.get("BCFY_TEST_CONTAINERS_EXTRAS", ""),
+}
 APP_IMAGE = "docker.io/library/bcfy-pipeline:latest"  # compose.yaml image, named by the API
 BASE_IMAGE = "localhost/bcfy-test/python:bookworm"  # base_images.sh
 DEBIAN_PYTHON = "/usr/bin/python3"  # bookworm's, as in BASE_IMAGE
 # Extras of pyproject.toml installed in the image (comma-separated; none by default).
-EXTRAS = os.environ.get("BCFY_TEST_CONTAINERS_EXTRAS", "")
+EXTRAS = BUILD_ARGS["EXTRAS"]
 PLAYLISTS = ["5d1e0c2a-7a1b-4c3d-9e8f-140000000001", "5d1e0c2a-7a1b-4c3d-9e8f-140000000002"]
 # Per playlist: `bcfy run`'s demo has 6, but two cores shared with other work transcribed about
 # 5 calls a minute in containers; more would make a backlog the checks would wait out.
 CALLS_PER_MINUTE = 1.5
 BACKLOG_CALLS = 3  # per playlist, published before the playlists are followed
-PIPELINE_SERVICES = [
-    "beat",
-    "worker-ingest",
-    "worker-audio",
-    "worker-transcription",
-    "flower",
-    "metrics",
+COMPOSE_SERVICES: dict[str, dict[str, Any]] = yaml.safe_load((ROOT / "compose.yaml").read_text())[
+    "services"
 ]
-LONG_RUNNING = ["redis", "postgres", *PIPELINE_SERVICES]
-WORKERS = ["worker-ingest", "worker-audio", "worker-transcription"]
+# Every service that keeps running (migrate runs once); the app's are built from the Dockerfile.
+LONG_RUNNING = [n for n, s in COMPOSE_SERVICES.items() if s.get("restart") != "no"]
+APP_SERVICES = [n for n in LONG_RUNNING if "build" in COMPOSE_SERVICES[n]]
+# What `make deploy` replaces, in its order: the Makefile's loop.
+_DEPLOY_LOOP = re.search(r"for svc in ([^;]+); do", (ROOT / "Makefile").read_text())
+DEPLOY_ORDER = _DEPLOY_LOOP.group(1).split() if _DEPLOY_LOOP else []
+# compose.yaml's server images, and the ones base_images.sh makes in their place.
+LOCAL_IMAGES = {
+    "redis:7-alpine": "localhost/bcfy-test/redis:bookworm",
+    "postgres:15": "localhost/bcfy-test/postgres:bookworm",
+}
 FLOWER_LOGIN = "ops:flower-7f3a"
 # Generous limits for waits that end at the event, on a shared two-core machine.
 BUILD_TIMEOUT = 1800
@@ -321,8 +333,32 @@ def _stage(stage: Path, env: dict[str, str]) -> None:
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, stage / name)
     shutil.copytree(WHEELHOUSE, stage / "var" / "wheelhouse")
-    shutil.copy2(HERE / "compose.override.yaml", stage / "compose.override.yaml")
+    (stage / "compose.override.yaml").write_text(OVERRIDE_HEADER + yaml.safe_dump(_override()))
     (stage / ".env").write_text(_env_file((ROOT / ".env.example").read_text(), env))
+
+
+OVERRIDE_HEADER = """\
+# Made by tests/containers/test_stack.py: what compose.yaml needs on the test machine, given as a
+# second file (-f compose.yaml -f compose.override.yaml), so compose.yaml runs unchanged.
+# - Images made here (base_images.sh), as no registry is reachable; the app image is built
+#   from the same Dockerfile on a Debian bookworm base with its packages from the wheelhouse
+#   the test made, so the build needs no network.
+# - A network the test makes, with a known gateway, where the containers reach the feed
+#   simulator running on the host. (A subnet given here instead trips docker-compose 1.29
+#   against Podman on the next `up`: "needs to be recreated - IPAM option".)
+"""
+
+
+def _override() -> dict[str, Any]:
+    services: dict[str, Any] = {}
+    for name, service in COMPOSE_SERVICES.items():
+        if "build" in service:
+            services[name] = {"build": {"context": ".", "args": BUILD_ARGS}}
+        elif service.get("image") in LOCAL_IMAGES:
+            services[name] = {"image": LOCAL_IMAGES[service["image"]]}
+        else:
+            pytest.fail(f"{name}: no local image for {service.get('image')} in base_images.sh")
+    return {"services": services, "networks": {"default": {"external": True, "name": NETWORK}}}
 
 
 def _wheelhouse(engine: Engine) -> None:
@@ -520,7 +556,8 @@ def test_make_deploy_migrates_and_rolls_the_workers_one_at_a_time(stack: Stack):
     (stack.stage / "sql" / "900_deploy_check.sql").write_text(
         "CREATE TABLE deploy_check (deployed_at timestamptz DEFAULT now());\n"
     )
-    before = {name: str(stack.running(name)["Id"]) for name in PIPELINE_SERVICES}
+    assert sorted(DEPLOY_ORDER) == sorted(APP_SERVICES), "make deploy must replace every one"
+    before = {name: str(stack.running(name)["Id"]) for name in APP_SERVICES}
     watch = _ServiceWatch(stack)
     watch.start()
     try:
@@ -530,12 +567,12 @@ def test_make_deploy_migrates_and_rolls_the_workers_one_at_a_time(stack: Stack):
     finally:
         watch.stop()
     assert stack.value("SELECT count(*) FROM schema_migrations WHERE version = 900") == 1
-    after = {name: str(stack.running(name)["Id"]) for name in PIPELINE_SERVICES}
-    assert all(after[n] != before[n] for n in PIPELINE_SERVICES), (before, after)
+    after = {name: str(stack.running(name)["Id"]) for name in APP_SERVICES}
+    assert all(after[n] != before[n] for n in APP_SERVICES), (before, after)
     # At every moment at most one pipeline service was without its running container, and
     # they were replaced in the Makefile's order.
     assert watch.most_down_at_once <= 1, watch.down_sets
-    assert watch.replaced_order == [*WORKERS, "beat", "flower", "metrics"], watch.replaced_order
+    assert watch.replaced_order == DEPLOY_ORDER, watch.replaced_order
 
     # Calls published while deploying are all transcribed, each once.
     cut = time.time()
@@ -575,7 +612,7 @@ class _ServiceWatch:
             except (AssertionError, subprocess.SubprocessError, ValueError):
                 continue
             down = []
-            for name in PIPELINE_SERVICES:
+            for name in APP_SERVICES:
                 running = [c for c in by_service.get(name, []) if c["State"] == "running"]
                 if not running:
                     down.append(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -110,6 +111,14 @@ def test_the_workers_store_audio_on_the_audio_volume():
         mounts = dict(v.split(":", 1)[::-1] for v in service["volumes"])
         assert mounts[service["environment"]["AUDIO_STORE_DIR"]] == "audio", queue
         assert service["env_file"] == ".env"  # environment wins over env_file
+
+
+def test_make_deploy_replaces_every_service_built_from_the_image():
+    # A service missing from the loop would keep running the old release after `make deploy`.
+    loop = re.search(r"for svc in ([^;]+); do", (ROOT / "Makefile").read_text())
+    assert loop is not None
+    built = {n for n, s in SERVICES.items() if "build" in s and s.get("restart") != "no"}
+    assert set(loop.group(1).split()) == built
 
 
 def test_no_service_runs_as_root():
