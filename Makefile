@@ -14,7 +14,7 @@ export INGEST_POOL INGEST_CONCURRENCY AUDIO_POOL AUDIO_CONCURRENCY \
 
 
 .PHONY: install run test lint bench migrate schema beat flower metrics status worker-ingest worker-audio \
-        worker-transcription up down logs deploy clean
+        worker-transcription up down logs deploy test-containers clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,13 @@ deploy: .env
 	for svc in worker-ingest worker-audio worker-transcription beat flower metrics; do \
 	  $(COMPOSE) up -d --no-deps $$svc || exit 1; \
 	done
+
+# The compose deployment started for real, here, with Podman (tests/containers/test_stack.py):
+# builds the images, `make up` in demo mode, then checks health, users, the first transcript,
+# Flower's login, `make deploy` while calls flow, and `make down` + `make up`. Needs root,
+# podman, docker-compose and mmdebstrap; removes every container and volume it made.
+test-containers: install
+	BCFY_TEST_CONTAINERS=1 $(BIN)/python -m pytest -p no:cacheprovider -s tests/containers $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,6 +100,33 @@ def test_data_lives_in_volumes():
     assert {"pgdata", "redis", "audio"} <= set(COMPOSE["volumes"])
     for queue in ("audio", "transcription"):
         assert any(v.startswith("audio:") for v in SERVICES[f"worker-{queue}"]["volumes"])
+
+
+def test_the_workers_store_audio_on_the_audio_volume():
+    # .env (from .env.example) says AUDIO_STORE_DIR=var/audio, for `make run`: compose's own
+    # environment must win, or the workers write under the image's working directory, which the
+    # service user cannot write, and the volume stays empty (issue 14).
+    for queue in ("ingest", "audio", "transcription"):
+        service = SERVICES[f"worker-{queue}"]
+        mounts = dict(v.split(":", 1)[::-1] for v in service["volumes"])
+        assert mounts[service["environment"]["AUDIO_STORE_DIR"]] == "audio", queue
+        assert service["env_file"] == ".env"  # environment wins over env_file
+
+
+def test_make_deploy_replaces_every_service_built_from_the_image():
+    # A service missing from the loop would keep running the old release after `make deploy`.
+    loop = re.search(r"for svc in ([^;]+); do", (ROOT / "Makefile").read_text())
+    assert loop is not None
+    built = {n for n, s in SERVICES.items() if "build" in s and s.get("restart") != "no"}
+    assert set(loop.group(1).split()) == built
+
+
+def test_no_service_runs_as_root():
+    # The Python services run as the image's user; redis:7-alpine drops to its user only when
+    # its command is redis-server (here: sh, to write the password into a config file).
+    assert SERVICES["redis"]["user"] == "redis"
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    assert [ln for ln in dockerfile if ln.startswith("USER ")][-1] == "USER bcfy"
 
 
 # --- nothing exposed, no secret where it is not needed (issue 10, item 4) ---------------------

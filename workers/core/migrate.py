@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,14 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# A checkout (editable install) has sql/ beside the packages; an installed package (the container
+# image) has the copy that pyproject's data-files put under the environment's prefix.
+_CHECKOUT_SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = (
+    _CHECKOUT_SQL_DIR
+    if _CHECKOUT_SQL_DIR.is_dir()
+    else Path(sys.prefix) / "share" / "bcfy-pipeline" / "sql"
+)
 # Arbitrary but fixed: the key of the advisory lock that serialises migrations.
 ADVISORY_LOCK_KEY = 0x6263_6679_0001
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")

@@ -143,13 +143,16 @@ class FeedSimulator:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        public_host: str | None = None,
     ) -> None:
+        """`public_host`: the address the pipeline reaches it by, when not `host` (a server
+        listening on 0.0.0.0 for containers, which reach it by their network's gateway)."""
         self.api_keys = dict(DEMO_API_KEYS if api_keys is None else api_keys)
         self.users = dict(DEMO_USERS if users is None else users)
         self.clock = clock or time.time
         self.faults = Faults()
         self._http = BackgroundServer(self._serve, host=host, port=port, name="bcfy-sim")
-        self.audio_host = f"{host}:{self._http.port}"
+        self.audio_host = f"{public_host or host}:{self._http.port}"
         self.url = f"http://{self.audio_host}"
         clips, silence = load_clips()
         self._feed = Feed(

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Base images for tests/containers, made here from Debian bookworm's packages (no registry needed):
+#   localhost/bcfy-test/python:bookworm    Python 3.11 with gdbm (as python:3.11-slim: beat's schedule file
+#                                          is a gdbm shelf there, synced after each tick), the app's base
+#   localhost/bcfy-test/redis:bookworm     Redis 7, run like redis:7-alpine (WORKDIR /data, user redis)
+#   localhost/bcfy-test/postgres:bookworm  PostgreSQL 15, honouring postgres:15's POSTGRES_USER,
+#                                          POSTGRES_PASSWORD, POSTGRES_DB and PGDATA
+# An image already present with the same packages is kept (they are a cache, like pip's):
+# --rebuild makes them again.
+# Needs root, mmdebstrap and podman, and a Debian mirror (BCFY_TEST_DEBIAN_MIRROR).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+mirror="${BCFY_TEST_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+rebuild=false
+[ "${1:-}" = --rebuild ] && rebuild=true
+work="$(mktemp -d /tmp/bcfy-base-images.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+
+want() { # name, packages: true when the image must be made
+  $rebuild && return 0
+  podman image exists "$1" || return 0
+  [ "$(podman image inspect --format '{{index .Labels "bcfy.packages"}}' "$1")" != "$2" ]
+}
+
+make_image() { # name, packages, then `podman import --change` lines; $hooks: more mmdebstrap options
+  local name="$1" packages="$2"
+  shift 2
+  local changes=(--change "LABEL bcfy.packages=$packages")
+  for change in "$@"; do changes+=(--change "$change"); done
+  echo "base image $name: mmdebstrap bookworm ($packages)"
+  mmdebstrap --quiet --variant=minbase --include="$packages" "${hooks[@]}" \
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
+    bookworm "$work/rootfs.tar" "$mirror"
+  podman import --quiet "${changes[@]}" "$work/rootfs.tar" "$name" >/dev/null
+  rm -f "$work/rootfs.tar"
+}
+
+python_packages=python3,python3-venv,python3-gdbm,passwd,ca-certificates
+if want localhost/bcfy-test/python:bookworm "$python_packages"; then
+  hooks=()
+  make_image localhost/bcfy-test/python:bookworm "$python_packages" \
+    'ENV LANG=C.UTF-8' 'CMD ["python3"]'
+fi
+if want localhost/bcfy-test/redis:bookworm redis-server,redis-tools; then
+  hooks=(--customize-hook='mkdir -p "$1/data" && chroot "$1" chown redis:redis /data')
+  make_image localhost/bcfy-test/redis:bookworm redis-server,redis-tools \
+    'WORKDIR /data' 'CMD ["redis-server"]'
+fi
+if want localhost/bcfy-test/postgres:bookworm postgresql-15; then
+  # No cluster from the package: the entrypoint makes one in PGDATA, as postgres:15 does.
+  hooks=(
+    --setup-hook='mkdir -p "$1/etc/postgresql-common"'
+    --setup-hook='echo "create_main_cluster = false" >"$1/etc/postgresql-common/createcluster.conf"'
+    --customize-hook="upload '$here/postgres-entrypoint.sh' /usr/local/bin/postgres-entrypoint.sh"
+    --customize-hook='chmod 755 "$1/usr/local/bin/postgres-entrypoint.sh"'
+  )
+  make_image localhost/bcfy-test/postgres:bookworm postgresql-15 \
+    'ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    'ENV PGDATA=/var/lib/postgresql/data' 'ENV LANG=C.UTF-8' 'STOPSIGNAL SIGINT' \
+    'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
+fi
