@@ -640,11 +640,17 @@ class _ServiceWatch:
             self.most_down_at_once = max(self.most_down_at_once, len(down))
 
 
+def cursor_positions(stack: Stack) -> dict[str, str]:
+    """Each followed playlist's cursor, by playlist uuid."""
+    rows = stack.sql("SELECT uuid, cursor_pos FROM bcfy_playlists")
+    return {row[0]: row[1] for row in rows}
+
+
 def test_down_then_up_keeps_the_data_and_reads_nothing_twice(stack: Stack):
     stack.assert_each_call_once()
     stored = stack.value("SELECT count(*) FROM bcfy_calls_raw")
     transcribed = stack.value("SELECT count(*) FROM transcripts")
-    cursors = dict(map(tuple, stack.sql("SELECT uuid, cursor_pos FROM bcfy_playlists")))
+    cursors = cursor_positions(stack)
     assert len(cursors) == len(PLAYLISTS) and all(cursors.values()), cursors
     t0 = time.monotonic()
     stack.make("down", timeout=900)
@@ -664,6 +670,6 @@ def test_down_then_up_keeps_the_data_and_reads_nothing_twice(stack: Stack):
         "the calls published while the stack was down transcribed",
         every=3,
     )
-    later = dict(map(tuple, stack.sql("SELECT uuid, cursor_pos FROM bcfy_playlists")))
+    later = cursor_positions(stack)
     assert all(int(later[u]) >= int(cursors[u]) for u in cursors), (cursors, later)
     stack.assert_each_call_once()
