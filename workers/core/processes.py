@@ -21,6 +21,7 @@ def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) 
         "ingest": (settings.ingest_pool, settings.ingest_concurrency),
         "audio": (settings.audio_pool, settings.audio_concurrency),
         "transcription": (settings.transcription_pool, settings.transcription_concurrency),
+        "notify": (settings.notify_pool, settings.notify_concurrency),
     }[queue]
     if concurrency == 0:
         concurrency = os.cpu_count() or 1

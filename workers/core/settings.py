@@ -237,6 +237,9 @@ def _basic_auth(raw: str) -> Secret:
 
 
 POOL_TYPES = ("prefork", "solo")
+
+# A delivery is claimed for twice its send timeout plus this (workers/alerts).
+CLAIM_MARGIN_SEC = 30.0
 TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
 
@@ -488,6 +491,32 @@ class Settings:
     # for words the bundled dictionary lacks.
     transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
+    # --- alerts: keyword rules, the outbox, the notify pool (workers/alerts/, tasks/alerts/)
+    # (a delimited block: it moves into an `alerts` group when the settings are grouped)
+    # Notifications per rule per minute; the rest of a burst becomes one summary message.
+    alert_max_per_minute: int = _env("ALERT_MAX_PER_MINUTE", _integer, 10, min=1, max=10000)
+    # Beat's sweep of the outbox: claims a dead worker left, summaries of throttled bursts,
+    # deliveries due (retries, anything whose trigger message was lost).
+    alert_sweep_interval_sec: float = _env("ALERT_SWEEP_INTERVAL_SEC", _number, 5.0, min=0.1)
+    # One send's deadline (connect, answer); a delivery is claimed for twice this plus a
+    # margin, after which another worker may send it again (with the same idempotency key).
+    alert_send_timeout_sec: float = _env("ALERT_SEND_TIMEOUT_SEC", _number, 10.0, min=0.1, max=120)
+    # Retries of a failed send: backoff base x 2^(n-1) with jitter, at least Retry-After, at
+    # most the max; after this many attempts the delivery fails for good.
+    alert_retry_base_sec: float = _env("ALERT_RETRY_BASE_SEC", _number, 5.0, min=0)
+    alert_retry_max_sec: float = _env("ALERT_RETRY_MAX_SEC", _number, 600.0, min=0)
+    alert_max_attempts: int = _env("ALERT_MAX_ATTEMPTS", _integer, 8, min=1, max=100)
+    # Consecutive failures after which a target is shown as failing.
+    alert_target_failing_after: int = _env(
+        "ALERT_TARGET_FAILING_AFTER", _integer, 3, min=1, max=1000
+    )
+    # Sends in flight at once in one notify process.
+    alert_send_concurrency: int = _env("ALERT_SEND_CONCURRENCY", _integer, 16, min=1, max=256)
+    # The notify pool (`bcfy worker notify`): light, I/O bound.
+    notify_pool: str = _env("NOTIFY_POOL", _text, "prefork", choices=POOL_TYPES)
+    notify_concurrency: int = _env("NOTIFY_CONCURRENCY", _integer, 2, min=1)
+    # --- end of alerts
+
     # --- retention: what the maintenance job prunes, and after how many days (tasks/maintenance/)
     # 0 keeps that kind for ever. Calls and transcripts are kept unless set; deleting a call
     # deletes its transcript, audio rows, attempts and files with it.
@@ -606,6 +635,15 @@ def _check_consistency(s: Settings) -> list[str]:
         problems.append(
             f"AUDIO_MAX_IN_FLIGHT ({s.audio_max_in_flight}) must be at least "
             f"AUDIO_WORKER_BATCH_SIZE ({s.audio_worker_batch_size})"
+        )
+    # --- alerts
+    if s.alert_retry_base_sec > s.alert_retry_max_sec:
+        problems.append("ALERT_RETRY_BASE_SEC must not exceed ALERT_RETRY_MAX_SEC")
+    if (s.alert_send_timeout_sec * 2 + CLAIM_MARGIN_SEC) * 2 > s.job_soft_time_limit_sec:
+        problems.append(
+            f"ALERT_SEND_TIMEOUT_SEC ({s.alert_send_timeout_sec:g}) must be small beside "
+            f"JOB_SOFT_TIME_LIMIT_SEC ({s.job_soft_time_limit_sec:g}): a delivery run sends "
+            "for half of it"
         )
     # --- ingestion
     if s.bcfy_jwt_renew_margin_sec * 2 > s.bcfy_jwt_lifetime_sec:
