@@ -15,7 +15,7 @@ import math
 from celery import Task
 
 from workers.alerts.delivery import DELIVER_TASK, deliver_due, sweep_outbox
-from workers.alerts.targets import quiet_apprise
+from workers.alerts.targets import quiet_target_logs
 from workers.app import app
 from workers.core.jobs import JobContext, periodic_job, process_id
 from workers.core.runtime import Runtime
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 )
 def deliver_alerts(self: Task) -> dict[str, int]:
     """Send what is due; each delivery claimed, sent and recorded on its own."""
-    quiet_apprise()
+    quiet_target_logs()
     rt = Runtime.current()
     s = rt.settings
     counts = rt.run(deliver_due(s, rt.http, process_id(self), s.job_soft_time_limit_sec / 2))

@@ -100,6 +100,7 @@ async def send(
     limit_sec: float,
 ) -> SendResult:
     """One try of one delivery. Never raises for a failed send; never puts the URL in an error."""
+    quiet_target_logs()
     try:
         if _scheme(url) in WEBHOOK_SCHEMES:
             return await _send_webhook(http, url, payload, idempotency_key, limit_sec)
@@ -187,7 +188,9 @@ def _apprise_status(result: Any) -> int | None:
     return None
 
 
-def quiet_apprise() -> None:
-    """Apprise logs its own lines, some naming a target's parts: the worker records outcomes
-    itself (with shown_target), so Apprise's are kept to the attempt's result."""
+def quiet_target_logs() -> None:
+    """Apprise logs its own lines, some naming a target's parts, and httpx logs each request's
+    whole URL at INFO: a webhook's token. The process records outcomes itself (with
+    shown_target), so Apprise's lines stay in its results and httpx's requests go unlogged."""
     logging.getLogger("apprise").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)

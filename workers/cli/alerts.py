@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import psycopg
 
-from workers.alerts.stats import RuleStats, rule_stats
-from workers.alerts.targets import quiet_apprise, send, shown_target, target_problem
+from workers.alerts.stats import rule_stats
+from workers.alerts.targets import quiet_target_logs, send, shown_target, target_problem
 from workers.cli import Subparsers
 from workers.core.fulltext import QueryError, check_query
 from workers.core.settings import Settings
@@ -194,7 +194,7 @@ def _test(args: argparse.Namespace, settings: Settings, conn: psycopg.Connection
              JOIN alert_targets t ON t.rule_id = r.id WHERE r.id = %s GROUP BY r.query""",
         (rule_id,),
     ).fetchone() or (None, [])
-    quiet_apprise()
+    quiet_target_logs()
     now = datetime.now(UTC)
     title = f"bcfy alert {args.name}: test"
     body = f"A test of the rule {args.name!r} ({query}), sent by `bcfy alerts test`."
@@ -238,25 +238,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     except psycopg.OperationalError as exc:
         print(f"bcfy alerts: cannot reach the database: {exc}", file=sys.stderr)
         return 1
-
-
-def status_lines(stats: list[RuleStats]) -> list[str]:
-    """`bcfy status`'s alerts section."""
-    if not stats:
-        return []
-    lines = ["alerts (sent, failed, waiting, throttled; delay from transcript, 1 h):"]
-    for st in stats:
-        lines.append(
-            f"  {terminal_safe(st.rule)}{'' if st.enabled else ' (off)'}  sent {st.sent}"
-            f"  failed {st.failed}  waiting {st.waiting}  throttled {st.throttled}"
-            f"  delay p50 {_fmt_delay(st.delay_p50_sec)} p95 {_fmt_delay(st.delay_p95_sec)}"
-        )
-        for t in st.failing_targets:
-            lines.append(
-                f"! alert target failing: {terminal_safe(st.rule)} -> {t.target}"
-                f" ({t.failures} failures in a row: {terminal_safe(t.last_error)})"
-            )
-    return lines
 
 
 def add_commands(sub: Subparsers) -> None:
