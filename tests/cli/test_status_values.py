@@ -289,7 +289,7 @@ EXPECTED_RUNS = {
     AUDIO: {"ok": 2, "skipped": 1},
     DISPATCH: {"lost_lock": 1},
 }
-EXPECTED_QUEUES = {"ingest": 0, "audio": 3, "transcription": 5}
+EXPECTED_QUEUES = {"ingest": 0, "audio": 3, "transcription": 5, "notify": 0}
 
 
 def status_json(env: dict[str, str], worker: str) -> dict[str, Any]:
