@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
-from celery import Task
+from celery import Task, signals
 
 from workers.alerts.delivery import DELIVER_TASK, deliver_due, sweep_outbox
 from workers.alerts.targets import quiet_target_logs
@@ -21,6 +22,14 @@ from workers.core.jobs import JobContext, periodic_job, process_id
 from workers.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+@signals.celeryd_after_setup.connect
+def _load_apprise_in_the_notify_pool(sender: str, instance: Any, **_: object) -> None:
+    """Apprise takes about half a second to import: a notify worker imports it before it forks
+    its pool, so that no alert waits for it (other pools never load it)."""
+    if "notify" in (instance.app.amqp.queues.consume_from or {}):
+        import apprise  # noqa: F401
 
 
 @app.task(

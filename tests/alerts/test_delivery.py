@@ -84,7 +84,9 @@ def test_a_refusal_fails_for_good_and_attempts_run_out(alerts, receiver):
     assert alerts.deliver() == {}
 
 
-def test_a_target_that_times_out_holds_up_nothing_else_and_is_marked(alerts, receiver, capsys):
+def test_a_target_that_times_out_holds_up_nothing_else_and_is_marked(
+    alerts, receiver, capsys, caplog
+):
     alerts.set_env(ALERT_SEND_TIMEOUT_SEC="1", ALERT_TARGET_FAILING_AFTER="2")
     receiver.answer("/slow", "hold", "hold", "hold")
     alerts.add("slow", "fire", receiver.url("/slow"))
@@ -114,6 +116,8 @@ def test_a_target_that_times_out_holds_up_nothing_else_and_is_marked(alerts, rec
     assert "quick  sent 2  failed 0" in out
     out = alerts.cli("show", "slow")[1]
     assert "FAILING (3 in a row: no answer within 1s)" in out
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and "in a row" in r.message]
+    assert warning.message.endswith("the target has failed 2 times in a row")
 
 
 def test_two_workers_and_duplicate_sweeps_send_each_delivery_once(alerts, receiver):

@@ -11,6 +11,7 @@ from tests.support.procs import start_beat, start_worker
 from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
+TOKEN = "T0KEN-5ecret-77"
 
 
 def delivery_states(alerts) -> list[tuple[str, int]]:
@@ -19,8 +20,9 @@ def delivery_states(alerts) -> list[tuple[str, int]]:
 
 def test_a_stored_transcript_triggers_the_notify_pool(alerts, receiver, procs, tmp_path):
     env = alerts.services.worker_env(tmp_path)
-    procs.append(start_worker("notify", env, tmp_path, queues="notify"))
-    alerts.add("fire", '"structure fire"', receiver.url())
+    worker = start_worker("notify", env, tmp_path, queues="notify")
+    procs.append(worker)
+    alerts.add("fire", '"structure fire"', receiver.url(f"/hook/{TOKEN}"))
     from workers.alerts.delivery import trigger_alert_delivery
 
     call = alerts.call("respond to a structure fire")
@@ -28,6 +30,9 @@ def test_a_stored_transcript_triggers_the_notify_pool(alerts, receiver, procs, t
     wait_until(lambda: receiver.requests, 30, "the alert received")
     wait_until(lambda: delivery_states(alerts) == [("sent", 1)], 30, "the delivery recorded")
     assert receiver.requests[0].body["call_id"] == call
+    # The target's URL carries a token: the worker's log names it by scheme and host only.
+    assert f"alert fire sent to http://127.0.0.1:{receiver.port}/…" in worker.log()
+    assert TOKEN not in worker.log()
 
 
 def test_beat_sweeps_up_deliveries_whose_trigger_was_lost(alerts, receiver, procs, tmp_path):

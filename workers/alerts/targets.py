@@ -12,7 +12,8 @@ Two kinds of target URL:
     Retry-After on, so its targets back off on our schedule alone.
 
 A URL carries tokens: it is a secret. `shown_target` is what logs, errors and commands show:
-the scheme, and the host for the web-hook kinds (whose host is a server's name, not a token).
+the scheme, and the host for the web-hook kinds (whose host is a server's name, not a token)
+unless the URL has user information.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def shown_target(url: str) -> str:
     scheme = _scheme(url)
     if not scheme:
         return "(not a URL)"
-    if scheme in WEBHOOK_SCHEMES | HEADER_SCHEMES:
+    # With user information ("@" anywhere: a password may hold "/" or "?" unencoded, and then
+    # a parser takes part of it for the host), the host is not shown either.
+    if scheme in WEBHOOK_SCHEMES | HEADER_SCHEMES and "@" not in url:
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
