@@ -639,12 +639,6 @@ def _check_consistency(s: Settings) -> list[str]:
     # --- alerts
     if s.alert_retry_base_sec > s.alert_retry_max_sec:
         problems.append("ALERT_RETRY_BASE_SEC must not exceed ALERT_RETRY_MAX_SEC")
-    if (s.alert_send_timeout_sec * 2 + CLAIM_MARGIN_SEC) * 2 > s.job_soft_time_limit_sec:
-        problems.append(
-            f"ALERT_SEND_TIMEOUT_SEC ({s.alert_send_timeout_sec:g}) must be small beside "
-            f"JOB_SOFT_TIME_LIMIT_SEC ({s.job_soft_time_limit_sec:g}): a delivery run sends "
-            "for half of it"
-        )
     # --- ingestion
     if s.bcfy_jwt_renew_margin_sec * 2 > s.bcfy_jwt_lifetime_sec:
         problems.append(
