@@ -8,10 +8,6 @@
 
 -- Functions (the triggers below call them)
 
-CREATE FUNCTION public.alert_query_lexemes(q tsquery) RETURNS text[]
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-    RETURN ARRAY(SELECT DISTINCT replace(m.m[1], ''''''::text, ''''::text) AS replace FROM regexp_matches((alert_query_lexemes.q)::text, '''((?:[^'']|'''')*)'''::text, 'g'::text) m(m));
-
 CREATE FUNCTION public.call_audio_for_new_calls() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -40,7 +36,6 @@ CREATE TABLE public.alert_rules (
     name text NOT NULL,
     query text NOT NULL,
     tsquery tsquery GENERATED ALWAYS AS (websearch_to_tsquery('english'::regconfig, query)) STORED,
-    lexemes text[] GENERATED ALWAYS AS (public.alert_query_lexemes(websearch_to_tsquery('english'::regconfig, query))) STORED,
     playlist_uuid uuid,
     group_id text,
     min_confidence real,
@@ -67,8 +62,6 @@ ALTER TABLE ONLY public.alert_rules
 
 ALTER TABLE ONLY public.alert_rules
     ADD CONSTRAINT alert_rules_pkey PRIMARY KEY (id);
-
-CREATE INDEX alert_rules_lexemes ON public.alert_rules USING gin (lexemes) WHERE enabled;
 
 -- alert_targets ---------------------------------------------------------------------------------
 

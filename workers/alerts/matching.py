@@ -7,10 +7,9 @@ so however often and by however many workers a call is finished, one notificatio
 minute window (ALERT_MAX_PER_MINUTE) is counted here: a match past the limit is written as
 `throttled`, without deliveries, and beat's sweep sums those up in one message.
 
-A rule can match only a transcript holding one of its query's lexemes (queries that only exclude
-words are refused), so rules are looked up by the transcript's lexemes in a GIN index
-(alert_rules.lexemes) and only those candidates' queries are evaluated: the cost grows with the
-rules sharing a word with the transcript, not with all rules.
+Every enabled rule's stored tsquery is evaluated against the transcript (a scan of the rules:
+with 1,000 of them cheaper than looking them up by the transcript's lexemes in a GIN index,
+which was tried; bench/alerts.py).
 
 Two statements: the first finds the matching rules and locks them in id order (concurrent
 transcripts matching the same rules take turns, never deadlock); most transcripts match no rule
@@ -27,8 +26,7 @@ MATCHING_RULES_SQL = """
 SELECT r.id, t.call_id
   FROM transcripts t
   JOIN bcfy_calls_raw c ON c.id = t.call_id
-  JOIN alert_rules r
-    ON r.enabled AND r.lexemes && tsvector_to_array(t.search) AND t.search @@ r.tsquery
+  JOIN alert_rules r ON r.enabled AND t.search @@ r.tsquery
  WHERE t.id = %(transcript)s
    AND (r.playlist_uuid IS NULL OR r.playlist_uuid = c.playlist_uuid)
    AND (r.group_id IS NULL OR r.group_id = c.group_id)
