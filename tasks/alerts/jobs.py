@@ -44,7 +44,7 @@ def deliver_alerts(self: Task) -> dict[str, int]:
     quiet_target_logs()
     rt = Runtime.current()
     s = rt.settings
-    counts = rt.run(deliver_due(s, rt.http, process_id(self), s.job_soft_time_limit_sec / 2))
+    counts = rt.run(deliver_due(s, rt.http, process_id(self), s.jobs.soft_time_limit_sec / 2))
     if counts:
         log.info("alerts: %s", ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return counts
@@ -59,6 +59,6 @@ async def sweep_alert_outbox(ctx: JobContext) -> None:
     if outcome.due:
         s = ctx.settings
         # One trigger per batch of due deliveries, at most one per pool process.
-        batches = math.ceil(outcome.due / s.alert_send_concurrency)
-        for _ in range(min(batches, s.notify_concurrency)):
+        batches = math.ceil(outcome.due / s.alerts.send_concurrency)
+        for _ in range(min(batches, s.pools.notify_concurrency)):
             app.send_task(DELIVER_TASK)

@@ -69,7 +69,7 @@ async def dispatch_ready_calls(ctx: JobContext) -> None:
             "transcription dispatch: queue holds %d messages (TRANSCRIBE_QUEUE_MAX=%d): "
             "nothing sent",
             outcome.queued_before,
-            s.transcribe_queue_max,
+            s.transcription.queue_max,
         )
     elif outcome.sent:
         log.info(
@@ -108,17 +108,19 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         log.info("call %s: %s", call_id, claim)
         return TranscriptionOutcome.SKIPPED
 
-    backend = s.transcribe_backend
+    backend = s.transcription.backend
     why: str
     retry_after: float | None = None
     started = time.perf_counter()
     try:
-        audio = Path(s.audio_store_dir) / claim.prepared_path
+        audio = Path(s.audio.store_dir) / claim.prepared_path
         if not audio.is_file():
             raise FileNotFoundError(2, "no such file", str(audio))
-        result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
+        result = process_recognizer(s.transcription).transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
-        stored = rt.run(store_transcript(call_id, backend, result, elapsed, s.alert_max_per_minute))
+        stored = rt.run(
+            store_transcript(call_id, backend, result, elapsed, s.alerts.max_per_minute)
+        )
     except PERMANENT_ERRORS as exc:
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)
@@ -127,7 +129,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     except TransientRecognitionError as exc:
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
-        why = f"soft time limit ({s.transcribe_soft_time_limit_sec:g}s) reached"
+        why = f"soft time limit ({s.transcription.soft_time_limit_sec:g}s) reached"
     except Exception as exc:
         # A database outage, or a fault of ours: counted against the attempts, then failed.
         log.exception("call %s: transcription attempt %d failed", call_id, claim.attempt)
@@ -161,7 +163,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         "call %s: attempt %d/%d failed (%s); retry in %gs",
         call_id,
         claim.attempt,
-        s.transcribe_max_attempts,
+        s.transcription.max_attempts,
         why,
         countdown,
     )

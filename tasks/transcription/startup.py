@@ -31,9 +31,9 @@ def _check_recognizer_at_start(sender: Any = None, **_: Any) -> None:
         return
     settings = configured_settings()
     try:
-        recognizer = build_recognizer(settings)
+        recognizer = build_recognizer(settings.transcription)
     except RecognizerConfigError as exc:
         raise SystemExit(
-            f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcribe_backend}: {exc}"
+            f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcription.backend}: {exc}"
         ) from None
     log.info("transcription: recogniser %s (%s) ready", recognizer.backend, recognizer.model)

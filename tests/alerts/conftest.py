@@ -147,7 +147,7 @@ class Alerts:
         recognition = Recognition(text, "test", "en", confidence)
         return rt.run(
             store_transcript(
-                call_id, "pocketsphinx", recognition, 0.1, rt.settings.alert_max_per_minute
+                call_id, "pocketsphinx", recognition, 0.1, rt.settings.alerts.max_per_minute
             )
         )
 

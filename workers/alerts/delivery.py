@@ -184,7 +184,7 @@ def _delivery(row: tuple[Any, ...]) -> Delivery:
 
 
 def claim_lease_sec(settings: Settings) -> float:
-    return settings.alert_send_timeout_sec * 2 + CLAIM_MARGIN_SEC
+    return settings.alerts.send_timeout_sec * 2 + CLAIM_MARGIN_SEC
 
 
 async def claim_deliveries(settings: Settings, worker: str, limit: int) -> list[Delivery]:
@@ -219,14 +219,16 @@ async def record_outcome(
                 (delivery.target_id,),
             )
             return "sent"
-        give_up = not result.transient or delivery.attempt >= settings.alert_max_attempts
+        give_up = not result.transient or delivery.attempt >= settings.alerts.max_attempts
         reason = result.error if result.transient else f"refused: {result.error}"
         if give_up and result.transient:
-            reason = f"{result.error} (attempt {delivery.attempt} of {settings.alert_max_attempts})"
+            reason = (
+                f"{result.error} (attempt {delivery.attempt} of {settings.alerts.max_attempts})"
+            )
         wait = backoff_sec(
             delivery.attempt,
-            settings.alert_retry_base_sec,
-            settings.alert_retry_max_sec,
+            settings.alerts.retry_base_sec,
+            settings.alerts.retry_max_sec,
             result.retry_after,
         )
         await conn.execute(
@@ -253,7 +255,7 @@ async def record_outcome(
             )
         ).fetchone()
     failures = row[0] if row else 0
-    level = logging.WARNING if failures == settings.alert_target_failing_after else logging.INFO
+    level = logging.WARNING if failures == settings.alerts.target_failing_after else logging.INFO
     log.log(
         level,
         "alert %s to %s: attempt %d failed (%s)%s%s",
@@ -277,7 +279,7 @@ async def send_one(
         body=delivery.body,
         payload=delivery.payload,
         idempotency_key=delivery.idempotency_key,
-        limit_sec=settings.alert_send_timeout_sec,
+        limit_sec=settings.alerts.send_timeout_sec,
     )
     state = await record_outcome(delivery, worker, result, settings)
     if state == "sent":
@@ -295,7 +297,7 @@ async def deliver_due(
     in_flight: set[asyncio.Task[str]] = set()
     try:
         while True:
-            room = settings.alert_send_concurrency - len(in_flight)
+            room = settings.alerts.send_concurrency - len(in_flight)
             if room > 0 and time.monotonic() < deadline:
                 for delivery in await claim_deliveries(settings, worker, room):
                     in_flight.add(asyncio.create_task(send_one(http, delivery, worker, settings)))
@@ -369,7 +371,7 @@ async def sweep_outbox(settings: Settings) -> SweepOutcome:
     for (rule_id,) in rules:
         async with db_connection() as conn:
             cur = await conn.execute(
-                SUMMARIZE_SQL, {"rule": rule_id, "max_per_minute": settings.alert_max_per_minute}
+                SUMMARIZE_SQL, {"rule": rule_id, "max_per_minute": settings.alerts.max_per_minute}
             )
             summaries += 1 if cur.rowcount else 0
     async with db_connection() as conn:

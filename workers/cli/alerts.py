@@ -38,8 +38,8 @@ class Refused(Exception):
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
     return psycopg.connect(
-        settings.database_url.reveal(),
-        connect_timeout=int(settings.db_connect_timeout_sec),
+        settings.services.database_url.reveal(),
+        connect_timeout=int(settings.services.db_connect_timeout_sec),
         autocommit=True,
     )
 
@@ -107,7 +107,7 @@ def _fmt_delay(seconds: float | None) -> str:
 
 
 def _list(args: argparse.Namespace, settings: Settings, conn: psycopg.Connection[Any]) -> int:
-    stats = {s.rule: s for s in rule_stats(conn, settings.alert_target_failing_after)}
+    stats = {s.rule: s for s in rule_stats(conn, settings.alerts.target_failing_after)}
     rows = conn.execute(
         """SELECT r.name, r.query, r.playlist_uuid, r.group_id, r.min_confidence,
                   (SELECT count(*) FROM alert_targets t WHERE t.rule_id = r.id)
@@ -143,7 +143,7 @@ def _show(args: argparse.Namespace, settings: Settings, conn: psycopg.Connection
     ).fetchone()
     assert row is not None
     name, query, parsed, playlist, group, confidence, enabled, created = row
-    st = next(s for s in rule_stats(conn, settings.alert_target_failing_after) if s.rule == name)
+    st = next(s for s in rule_stats(conn, settings.alerts.target_failing_after) if s.rule == name)
     print(f"rule {terminal_safe(name)} ({'enabled' if enabled else 'disabled'})")
     print(f"  query       {terminal_safe(query)!r}  (reads as {terminal_safe(parsed)})")
     print(f"  playlist    {playlist or 'any'}")
@@ -162,7 +162,7 @@ def _show(args: argparse.Namespace, settings: Settings, conn: psycopg.Connection
         (rule_id,),
     ).fetchall():
         state = "ok"
-        if failures >= settings.alert_target_failing_after:
+        if failures >= settings.alerts.target_failing_after:
             state = f"FAILING ({failures} in a row: {terminal_safe(error)})"
         elif failures:
             state = f"{failures} failure(s) in a row: {terminal_safe(error)}"
@@ -211,7 +211,7 @@ def _test(args: argparse.Namespace, settings: Settings, conn: psycopg.Connection
                         body=body,
                         payload={**payload, "idempotency_key": key},
                         idempotency_key=key,
-                        limit_sec=settings.alert_send_timeout_sec,
+                        limit_sec=settings.alerts.send_timeout_sec,
                     )
                     for url, key in ((u, str(uuid.uuid4())) for u in targets)
                 )

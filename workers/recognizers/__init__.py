@@ -1,6 +1,6 @@
 """Speech recognisers behind one small interface, chosen by TRANSCRIBE_BACKEND.
 
-    recognizer = process_recognizer(settings)      # made once per process
+    recognizer = process_recognizer(settings.transcription)   # made once per process
     result = recognizer.transcribe(Path("call.flac"), name="call-42.flac")
 
 `transcribe` is blocking: the pocketsphinx backend is CPU work, the openai backend drives its
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 
 
 class RecognitionError(Exception):
@@ -82,27 +82,27 @@ def vocabulary_terms(raw: str) -> list[str]:
     return terms
 
 
-def build_recognizer(settings: Settings) -> Recognizer:
+def build_recognizer(transcription: TranscriptionSettings) -> Recognizer:
     """A recogniser for TRANSCRIBE_BACKEND; RecognizerConfigError if it cannot work."""
-    if settings.transcribe_backend == "pocketsphinx":
+    if transcription.backend == "pocketsphinx":
         from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 
-        return PocketsphinxRecognizer.from_settings(settings)
-    if settings.transcribe_backend == "openai":
+        return PocketsphinxRecognizer.from_settings(transcription)
+    if transcription.backend == "openai":
         from workers.recognizers.openai_backend import OpenAIRecognizer
 
-        return OpenAIRecognizer(settings)
-    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={settings.transcribe_backend!r} is unknown")
+        return OpenAIRecognizer(transcription)
+    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={transcription.backend!r} is unknown")
 
 
 _process_recognizer: tuple[int, Recognizer] | None = None
 
 
-def process_recognizer(settings: Settings) -> Recognizer:
+def process_recognizer(transcription: TranscriptionSettings) -> Recognizer:
     """This process's recogniser, made on first use (never shared across a fork)."""
     global _process_recognizer
     if _process_recognizer is None or _process_recognizer[0] != os.getpid():
-        _process_recognizer = (os.getpid(), build_recognizer(settings))
+        _process_recognizer = (os.getpid(), build_recognizer(transcription))
     return _process_recognizer[1]
 
 

@@ -24,7 +24,7 @@ import httpx
 
 from workers.clients.http import StatusClass, retry_after_of, status_class
 from workers.core.runtime import Runtime
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
@@ -38,14 +38,14 @@ from workers.recognizers import (
 class OpenAIRecognizer:
     backend = "openai"
 
-    def __init__(self, settings: Settings) -> None:
-        if not settings.transcribe_openai_model:
+    def __init__(self, transcription: TranscriptionSettings) -> None:
+        if not transcription.openai_model:
             raise RecognizerConfigError("TRANSCRIBE_OPENAI_MODEL must be set")
-        self.settings = settings
-        self.model = settings.transcribe_openai_model
-        self.url = settings.transcribe_openai_base_url.rstrip("/") + "/audio/transcriptions"
-        self.prompt = prompt_for(vocabulary_terms(settings.transcribe_vocabulary))
-        self.language = settings.transcribe_language.split("-")[0].lower() or None
+        self.transcription = transcription
+        self.model = transcription.openai_model
+        self.url = transcription.openai_base_url.rstrip("/") + "/audio/transcriptions"
+        self.prompt = prompt_for(vocabulary_terms(transcription.vocabulary))
+        self.language = transcription.language.split("-")[0].lower() or None
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
@@ -55,7 +55,7 @@ class OpenAIRecognizer:
     async def transcribe_bytes(
         self, http: httpx.AsyncClient, audio: bytes, name: str
     ) -> Recognition:
-        s = self.settings
+        s = self.transcription
         form = {
             "model": self.model,
             "response_format": "verbose_json",
@@ -67,15 +67,14 @@ class OpenAIRecognizer:
         if self.prompt:
             form["prompt"] = self.prompt
         headers = {"Accept": "application/json"}
-        key = s.transcribe_openai_api_key
+        key = s.openai_api_key
         if key:
             headers["Authorization"] = f"Bearer {key.reveal()}"
-        limit = s.transcribe_openai_timeout_sec
+        limit = s.openai_timeout_sec
+        # Reading the answer takes as long as recognition: the shared client's connect and
+        # pool timeouts (HTTP_CONNECT_TIMEOUT_SEC) stay, read and write get this limit.
         timeout = httpx.Timeout(
-            connect=s.http_connect_timeout_sec,
-            read=limit,
-            write=limit,
-            pool=s.http_connect_timeout_sec,
+            connect=http.timeout.connect, read=limit, write=limit, pool=http.timeout.pool
         )
         try:
             async with asyncio.timeout(limit):
@@ -120,7 +119,7 @@ class OpenAIRecognizer:
             body,
             model=self.model,
             language=self.language,
-            no_speech_threshold=self.settings.transcribe_no_speech_threshold,
+            no_speech_threshold=self.transcription.no_speech_threshold,
         )
 
 
