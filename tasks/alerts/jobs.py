@@ -44,7 +44,9 @@ def deliver_alerts(self: Task) -> dict[str, int]:
     quiet_target_logs()
     rt = Runtime.current()
     s = rt.settings
-    counts = rt.run(deliver_due(s, rt.http, process_id(self), s.jobs.soft_time_limit_sec / 2))
+    counts = rt.run(
+        deliver_due(s.alerts, rt.http, process_id(self), s.jobs.soft_time_limit_sec / 2)
+    )
     if counts:
         log.info("alerts: %s", ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     return counts
@@ -53,7 +55,7 @@ def deliver_alerts(self: Task) -> dict[str, int]:
 @periodic_job("tasks.alerts.sweep_outbox")
 async def sweep_alert_outbox(ctx: JobContext) -> None:
     """Take back dead workers' claims, sum up throttled bursts, trigger what is due."""
-    outcome = await sweep_outbox(ctx.settings)
+    outcome = await sweep_outbox(ctx.settings.alerts)
     if outcome.summaries:
         log.info("alerts: %d throttled bursts summed up", outcome.summaries)
     if outcome.due:

@@ -155,13 +155,13 @@ class Alerts:
         from workers.alerts.delivery import deliver_due
 
         rt = Runtime.current()
-        return rt.run(deliver_due(rt.settings, rt.http, worker, 30))
+        return rt.run(deliver_due(rt.settings.alerts, rt.http, worker, 30))
 
     def sweep(self) -> Any:
         from workers.alerts.delivery import sweep_outbox
 
         rt = Runtime.current()
-        return rt.run(sweep_outbox(rt.settings))
+        return rt.run(sweep_outbox(rt.settings.alerts))
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         with self.services.db() as conn:

@@ -134,8 +134,8 @@ def test_two_workers_and_duplicate_sweeps_send_each_delivery_once(alerts, receiv
 
     async def two_workers() -> list[dict[str, int]]:
         return await asyncio.gather(
-            deliver_due(rt.settings, rt.http, "one:nohost:1", 30),
-            deliver_due(rt.settings, rt.http, "two:nohost:2", 30),
+            deliver_due(rt.settings.alerts, rt.http, "one:nohost:1", 30),
+            deliver_due(rt.settings.alerts, rt.http, "two:nohost:2", 30),
         )
 
     counts = rt.run(two_workers())

@@ -39,7 +39,7 @@ from workers.alerts.targets import SendResult, send, shown_target
 from workers.core.backoff import backoff_sec
 from workers.core.jobs import claimant_is_gone
 from workers.core.runtime import db_connection
-from workers.core.settings import CLAIM_MARGIN_SEC, Settings
+from workers.core.settings import CLAIM_MARGIN_SEC, AlertSettings
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -183,24 +183,24 @@ def _delivery(row: tuple[Any, ...]) -> Delivery:
     return Delivery(delivery_id, key, attempt, target_id, url, shown, rule, title, body, payload)
 
 
-def claim_lease_sec(settings: Settings) -> float:
-    return settings.alerts.send_timeout_sec * 2 + CLAIM_MARGIN_SEC
+def claim_lease_sec(alerts: AlertSettings) -> float:
+    return alerts.send_timeout_sec * 2 + CLAIM_MARGIN_SEC
 
 
-async def claim_deliveries(settings: Settings, worker: str, limit: int) -> list[Delivery]:
+async def claim_deliveries(alerts: AlertSettings, worker: str, limit: int) -> list[Delivery]:
     """Up to `limit` due deliveries, claimed by `worker` (committed)."""
     async with db_connection() as conn:
         rows = await (
             await conn.execute(
                 CLAIM_SQL,
-                {"worker": worker, "lease": claim_lease_sec(settings), "limit": limit},
+                {"worker": worker, "lease": claim_lease_sec(alerts), "limit": limit},
             )
         ).fetchall()
     return [_delivery(r) for r in rows]
 
 
 async def record_outcome(
-    delivery: Delivery, worker: str, result: SendResult, settings: Settings
+    delivery: Delivery, worker: str, result: SendResult, alerts: AlertSettings
 ) -> str:
     """Record one send's outcome; returns the delivery's new state."""
     async with db_connection() as conn:
@@ -219,16 +219,14 @@ async def record_outcome(
                 (delivery.target_id,),
             )
             return "sent"
-        give_up = not result.transient or delivery.attempt >= settings.alerts.max_attempts
+        give_up = not result.transient or delivery.attempt >= alerts.max_attempts
         reason = result.error if result.transient else f"refused: {result.error}"
         if give_up and result.transient:
-            reason = (
-                f"{result.error} (attempt {delivery.attempt} of {settings.alerts.max_attempts})"
-            )
+            reason = f"{result.error} (attempt {delivery.attempt} of {alerts.max_attempts})"
         wait = backoff_sec(
             delivery.attempt,
-            settings.alerts.retry_base_sec,
-            settings.alerts.retry_max_sec,
+            alerts.retry_base_sec,
+            alerts.retry_max_sec,
             result.retry_after,
         )
         await conn.execute(
@@ -255,7 +253,7 @@ async def record_outcome(
             )
         ).fetchone()
     failures = row[0] if row else 0
-    level = logging.WARNING if failures == settings.alerts.target_failing_after else logging.INFO
+    level = logging.WARNING if failures == alerts.target_failing_after else logging.INFO
     log.log(
         level,
         "alert %s to %s: attempt %d failed (%s)%s%s",
@@ -270,7 +268,7 @@ async def record_outcome(
 
 
 async def send_one(
-    http: httpx.AsyncClient, delivery: Delivery, worker: str, settings: Settings
+    http: httpx.AsyncClient, delivery: Delivery, worker: str, alerts: AlertSettings
 ) -> str:
     result = await send(
         http,
@@ -279,16 +277,16 @@ async def send_one(
         body=delivery.body,
         payload=delivery.payload,
         idempotency_key=delivery.idempotency_key,
-        limit_sec=settings.alerts.send_timeout_sec,
+        limit_sec=alerts.send_timeout_sec,
     )
-    state = await record_outcome(delivery, worker, result, settings)
+    state = await record_outcome(delivery, worker, result, alerts)
     if state == "sent":
         log.info("alert %s sent to %s", delivery.rule, delivery.shown)
     return state
 
 
 async def deliver_due(
-    settings: Settings, http: httpx.AsyncClient, worker: str, budget_sec: float
+    alerts: AlertSettings, http: httpx.AsyncClient, worker: str, budget_sec: float
 ) -> dict[str, int]:
     """Send due deliveries until none is due or the budget is spent (what is in flight then
     finishes). Returns how many ended in each state."""
@@ -297,10 +295,10 @@ async def deliver_due(
     in_flight: set[asyncio.Task[str]] = set()
     try:
         while True:
-            room = settings.alerts.send_concurrency - len(in_flight)
+            room = alerts.send_concurrency - len(in_flight)
             if room > 0 and time.monotonic() < deadline:
-                for delivery in await claim_deliveries(settings, worker, room):
-                    in_flight.add(asyncio.create_task(send_one(http, delivery, worker, settings)))
+                for delivery in await claim_deliveries(alerts, worker, room):
+                    in_flight.add(asyncio.create_task(send_one(http, delivery, worker, alerts)))
             if not in_flight:
                 return counts
             done, in_flight = await asyncio.wait(
@@ -358,7 +356,7 @@ class SweepOutcome:
     due: int  # deliveries due now
 
 
-async def sweep_outbox(settings: Settings) -> SweepOutcome:
+async def sweep_outbox(alerts: AlertSettings) -> SweepOutcome:
     async with db_connection() as conn:
         taken_back = await _take_back_claims(conn)
     summaries = 0
@@ -371,7 +369,7 @@ async def sweep_outbox(settings: Settings) -> SweepOutcome:
     for (rule_id,) in rules:
         async with db_connection() as conn:
             cur = await conn.execute(
-                SUMMARIZE_SQL, {"rule": rule_id, "max_per_minute": settings.alerts.max_per_minute}
+                SUMMARIZE_SQL, {"rule": rule_id, "max_per_minute": alerts.max_per_minute}
             )
             summaries += 1 if cur.rowcount else 0
     async with db_connection() as conn:
