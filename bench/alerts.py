@@ -191,13 +191,13 @@ def latency_round(
             break
         time.sleep(0.1)
     with psycopg.connect(dsn) as conn:
-        stored = dict(
+        stored_at: dict[str, float] = dict(
             conn.execute(
                 """SELECT d.idempotency_key::text, extract(epoch FROM o.created_at)::float8
                      FROM alert_deliveries d JOIN alert_outbox o ON o.id = d.outbox_id"""
             ).fetchall()
         )
-    delays = [arrived - stored[key] for arrived, key in got]
+    delays = [arrived - stored_at[key] for arrived, key in got]
     if len(delays) < expected:
         print(f"  only {len(delays)} of {expected} notifications arrived", flush=True)
     return delays, bare

@@ -18,7 +18,8 @@ from celery import Task, signals
 from workers.alerts.delivery import DELIVER_TASK, deliver_due, sweep_outbox
 from workers.alerts.targets import quiet_target_logs
 from workers.app import app
-from workers.core.jobs import JobContext, periodic_job, process_id
+from workers.core.identity import worker_identity
+from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def deliver_alerts(self: Task) -> dict[str, int]:
     rt = Runtime.current()
     s = rt.settings
     counts = rt.run(
-        deliver_due(s.alerts, rt.http, process_id(self), s.jobs.soft_time_limit_sec / 2)
+        deliver_due(s.alerts, rt.http, worker_identity(), s.jobs.soft_time_limit_sec / 2)
     )
     if counts:
         log.info("alerts: %s", ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))

@@ -124,7 +124,7 @@ class Alerts:
         """A call, its transcript stored as the transcription stage stores it."""
         started = datetime.now(UTC) - ago
         with self.services.db() as conn:
-            (call_id,) = conn.execute(
+            row = conn.execute(
                 """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
                                                duration_sec, url, display, raw)
                    VALUES (%s, %s, %s, %s, 5.0, %s, 'Fire Dispatch', '{}') RETURNING id""",
@@ -136,6 +136,8 @@ class Alerts:
                     f"https://calls.example/{uuid.uuid4().hex}.m4a",
                 ),
             ).fetchone()
+        assert row is not None
+        call_id = int(row[0])
         self.store(call_id, text, confidence)
         return call_id
 

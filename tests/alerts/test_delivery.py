@@ -132,7 +132,7 @@ def test_two_workers_and_duplicate_sweeps_send_each_delivery_once(alerts, receiv
 
     rt = Runtime.current()
 
-    async def two_workers() -> list[dict[str, int]]:
+    async def two_workers() -> tuple[dict[str, int], dict[str, int]]:
         return await asyncio.gather(
             deliver_due(rt.settings.alerts, rt.http, "one:nohost:1", 30),
             deliver_due(rt.settings.alerts, rt.http, "two:nohost:2", 30),

@@ -44,11 +44,11 @@ def test_status_json_and_metrics_per_rule(alerts, receiver, capsys):
     snap_obj = snapshot(get_settings(), workers_timeout=0.1, totals=True)
 
     class Alerts:
-        def collect(self):  # type: ignore[no-untyped-def]
+        def collect(self):
             yield from alert_families(snap_obj)
 
     registry = CollectorRegistry()
-    registry.register(Alerts())  # type: ignore[arg-type]
+    registry.register(Alerts())
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(generate_latest(registry).decode())

@@ -37,7 +37,7 @@ import psycopg
 
 from workers.alerts.targets import SendResult, send, shown_target
 from workers.core.backoff import backoff_sec
-from workers.core.jobs import claimant_is_gone
+from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import CLAIM_MARGIN_SEC, AlertSettings
 from workers.core.text import error_text
@@ -390,7 +390,7 @@ async def _take_back_claims(conn: psycopg.AsyncConnection[Any]) -> int:
                 WHERE state = 'sending' FOR UPDATE SKIP LOCKED"""
         )
     ).fetchall()
-    ids = [r[0] for r in rows if r[2] or claimant_is_gone(r[1])]
+    ids = [r[0] for r in rows if r[2] or process_is_gone(r[1])]
     if ids:
         await conn.execute(
             """UPDATE alert_deliveries
