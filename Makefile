@@ -10,11 +10,11 @@ PYTEST_ARGS ?=
 
 # Overrides given on the make command line reach the processes as environment variables.
 export INGEST_POOL INGEST_CONCURRENCY AUDIO_POOL AUDIO_CONCURRENCY \
-       TRANSCRIPTION_POOL TRANSCRIPTION_CONCURRENCY LOG_LEVEL
+       TRANSCRIPTION_POOL TRANSCRIPTION_CONCURRENCY NOTIFY_POOL NOTIFY_CONCURRENCY LOG_LEVEL
 
 
 .PHONY: install run test lint bench migrate schema beat flower metrics status worker-ingest worker-audio \
-        worker-transcription up down logs deploy test-containers clean
+        worker-transcription worker-notify up down logs deploy test-containers clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,7 @@ bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/audio.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/status.py
+	$(BIN)/python bench/alerts.py
 
 migrate: install
 	$(BIN)/bcfy migrate
@@ -71,6 +72,9 @@ worker-audio: install              ## downloads and audio preparation
 worker-transcription: install      ## speech recognition (one process per CPU by default)
 	$(BIN)/bcfy worker transcription
 
+worker-notify: install             ## keyword alerts: notifications, the outbox's sweep
+	$(BIN)/bcfy worker notify
+
 # --- containers (compose.yaml) ------------------------------------------------------------
 .env:
 	cp .env.example .env
@@ -92,7 +96,7 @@ deploy: .env
 	$(COMPOSE) build
 	$(COMPOSE) up -d redis postgres
 	$(COMPOSE) run --rm migrate
-	for svc in worker-ingest worker-audio worker-transcription beat flower metrics; do \
+	for svc in worker-ingest worker-audio worker-transcription worker-notify beat flower metrics; do \
 	  $(COMPOSE) up -d --no-deps $$svc || exit 1; \
 	done
 

@@ -1,4 +1,4 @@
-"""The periodic jobs (the old scheduler's four, and retention's maintenance), for
+"""The periodic jobs (the old scheduler's four, retention's maintenance, the alerts' sweep), for
 `celery -A workers.app beat`.
 
 Every tick carries three headers: its interval, its misfire grace (JOB_MISFIRE_GRACE_SEC), and
@@ -34,7 +34,7 @@ TICK_INTERVAL_HEADER = "bcfy_tick_interval"
 TICK_GRACE_HEADER = "bcfy_tick_grace"
 TICK_SENT_HEADER = "bcfy_tick_sent_ms"  # Redis's clock when beat sent it; set per tick
 
-QUEUES = ("ingest", "audio", "transcription")
+QUEUES = ("ingest", "audio", "transcription", "notify")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,16 @@ JOBS: tuple[Job, ...] = (
         entry="maintenance",
         interval_setting="MAINTENANCE_INTERVAL_SEC",
     ),
+    # Keyword alerts: the notify pool sends what matching wrote to the outbox. The sweep
+    # triggers deliveries that are due (retries, lost triggers), takes back dead workers'
+    # claims and sums up throttled bursts; transcription triggers the delivery at once.
+    Job(
+        "tasks.alerts.sweep_outbox",
+        "notify",
+        entry="alerts-sweep",
+        interval_setting="ALERT_SWEEP_INTERVAL_SEC",
+    ),
+    Job("tasks.alerts.deliver_alerts", "notify"),
 )
 JOBS_BY_NAME: dict[str, Job] = {job.name: job for job in JOBS}
 PERIODIC_JOBS: tuple[Job, ...] = tuple(job for job in JOBS if job.entry)

@@ -65,10 +65,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from beat_schedule import QUEUES
 from bench._common import heading, report, rotated, run_bench, servers, spread
 from workers.core.settings import Settings, SettingsError, load_settings
 from workers.dev.pipeline import (
-    QUEUES,
     STAGES,
     Latency,
     Pipeline,

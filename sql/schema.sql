@@ -1,4 +1,4 @@
--- The whole schema after the migrations sql/001_foundation.sql .. sql/006_retention.sql,
+-- The whole schema after the migrations sql/001_foundation.sql .. sql/007_alerts.sql,
 -- table by table: each with its sequences, defaults, keys, indexes, foreign keys and
 -- triggers.
 -- Written by `bcfy schema` (`make schema`) from PostgreSQL 15's pg_dump. Do not
@@ -28,6 +28,73 @@ BEGIN
         WHERE call_transcription.state = 'failed';
     RETURN NULL;
 END $$;
+
+-- alert_rules -----------------------------------------------------------------------------------
+
+CREATE TABLE public.alert_rules (
+    id bigint NOT NULL,
+    name text NOT NULL,
+    query text NOT NULL,
+    tsquery tsquery GENERATED ALWAYS AS (websearch_to_tsquery('english'::regconfig, query)) STORED,
+    playlist_uuid uuid,
+    group_id text,
+    min_confidence real,
+    enabled boolean DEFAULT true NOT NULL,
+    window_start timestamp with time zone,
+    window_sent integer DEFAULT 0 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT alert_rules_min_confidence_check CHECK (((min_confidence >= (0)::double precision) AND (min_confidence <= (1)::double precision)))
+);
+
+CREATE SEQUENCE public.alert_rules_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.alert_rules_id_seq OWNED BY public.alert_rules.id;
+
+ALTER TABLE ONLY public.alert_rules ALTER COLUMN id SET DEFAULT nextval('public.alert_rules_id_seq'::regclass);
+
+ALTER TABLE ONLY public.alert_rules
+    ADD CONSTRAINT alert_rules_name_key UNIQUE (name);
+
+ALTER TABLE ONLY public.alert_rules
+    ADD CONSTRAINT alert_rules_pkey PRIMARY KEY (id);
+
+-- alert_targets ---------------------------------------------------------------------------------
+
+CREATE TABLE public.alert_targets (
+    id bigint NOT NULL,
+    rule_id bigint NOT NULL,
+    url text NOT NULL,
+    shown text NOT NULL,
+    consecutive_failures integer DEFAULT 0 NOT NULL,
+    last_error text,
+    last_failure_at timestamp with time zone,
+    last_success_at timestamp with time zone
+);
+
+CREATE SEQUENCE public.alert_targets_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.alert_targets_id_seq OWNED BY public.alert_targets.id;
+
+ALTER TABLE ONLY public.alert_targets ALTER COLUMN id SET DEFAULT nextval('public.alert_targets_id_seq'::regclass);
+
+ALTER TABLE ONLY public.alert_targets
+    ADD CONSTRAINT alert_targets_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.alert_targets
+    ADD CONSTRAINT alert_targets_rule_id_url_key UNIQUE (rule_id, url);
+
+ALTER TABLE ONLY public.alert_targets
+    ADD CONSTRAINT alert_targets_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES public.alert_rules(id) ON DELETE CASCADE;
 
 -- audio_file_trash ------------------------------------------------------------------------------
 
@@ -119,6 +186,101 @@ CREATE INDEX bcfy_calls_raw_playlist_started ON public.bcfy_calls_raw USING btre
 CREATE INDEX bcfy_calls_raw_started ON public.bcfy_calls_raw USING btree (started_at DESC);
 
 CREATE TRIGGER call_audio_for_new_calls AFTER INSERT ON public.bcfy_calls_raw REFERENCING NEW TABLE AS new_calls FOR EACH STATEMENT EXECUTE FUNCTION public.call_audio_for_new_calls();
+
+-- alert_outbox ----------------------------------------------------------------------------------
+
+CREATE TABLE public.alert_outbox (
+    id bigint NOT NULL,
+    rule_id bigint NOT NULL,
+    call_id bigint,
+    state text NOT NULL,
+    summary_id bigint,
+    summary_count integer,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT alert_outbox_check CHECK (((call_id IS NULL) = (state = 'summary'::text))),
+    CONSTRAINT alert_outbox_state_check CHECK ((state = ANY (ARRAY['notify'::text, 'throttled'::text, 'summarized'::text, 'summary'::text])))
+);
+
+CREATE SEQUENCE public.alert_outbox_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.alert_outbox_id_seq OWNED BY public.alert_outbox.id;
+
+ALTER TABLE ONLY public.alert_outbox ALTER COLUMN id SET DEFAULT nextval('public.alert_outbox_id_seq'::regclass);
+
+ALTER TABLE ONLY public.alert_outbox
+    ADD CONSTRAINT alert_outbox_pkey PRIMARY KEY (id);
+
+CREATE INDEX alert_outbox_call ON public.alert_outbox USING btree (call_id);
+
+CREATE UNIQUE INDEX alert_outbox_rule_call ON public.alert_outbox USING btree (rule_id, call_id) WHERE (call_id IS NOT NULL);
+
+CREATE INDEX alert_outbox_throttled ON public.alert_outbox USING btree (rule_id, created_at) WHERE (state = 'throttled'::text);
+
+ALTER TABLE ONLY public.alert_outbox
+    ADD CONSTRAINT alert_outbox_call_id_fkey FOREIGN KEY (call_id) REFERENCES public.bcfy_calls_raw(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.alert_outbox
+    ADD CONSTRAINT alert_outbox_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES public.alert_rules(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.alert_outbox
+    ADD CONSTRAINT alert_outbox_summary_id_fkey FOREIGN KEY (summary_id) REFERENCES public.alert_outbox(id) ON DELETE SET NULL;
+
+-- alert_deliveries ------------------------------------------------------------------------------
+
+CREATE TABLE public.alert_deliveries (
+    id bigint NOT NULL,
+    outbox_id bigint NOT NULL,
+    target_id bigint NOT NULL,
+    idempotency_key uuid DEFAULT gen_random_uuid() NOT NULL,
+    state text DEFAULT 'pending'::text NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    due_at timestamp with time zone,
+    claimed_by text,
+    claimed_until timestamp with time zone,
+    last_error text,
+    sent_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT alert_deliveries_check CHECK (((state = 'pending'::text) = (due_at IS NOT NULL))),
+    CONSTRAINT alert_deliveries_check1 CHECK (((state = 'sending'::text) = (claimed_until IS NOT NULL))),
+    CONSTRAINT alert_deliveries_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'sending'::text, 'sent'::text, 'failed'::text])))
+);
+
+CREATE SEQUENCE public.alert_deliveries_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+ALTER SEQUENCE public.alert_deliveries_id_seq OWNED BY public.alert_deliveries.id;
+
+ALTER TABLE ONLY public.alert_deliveries ALTER COLUMN id SET DEFAULT nextval('public.alert_deliveries_id_seq'::regclass);
+
+ALTER TABLE ONLY public.alert_deliveries
+    ADD CONSTRAINT alert_deliveries_idempotency_key_key UNIQUE (idempotency_key);
+
+ALTER TABLE ONLY public.alert_deliveries
+    ADD CONSTRAINT alert_deliveries_outbox_id_target_id_key UNIQUE (outbox_id, target_id);
+
+ALTER TABLE ONLY public.alert_deliveries
+    ADD CONSTRAINT alert_deliveries_pkey PRIMARY KEY (id);
+
+CREATE INDEX alert_deliveries_due ON public.alert_deliveries USING btree (due_at) WHERE (state = 'pending'::text);
+
+CREATE INDEX alert_deliveries_sending ON public.alert_deliveries USING btree (claimed_until) WHERE (state = 'sending'::text);
+
+CREATE INDEX alert_deliveries_target ON public.alert_deliveries USING btree (target_id);
+
+ALTER TABLE ONLY public.alert_deliveries
+    ADD CONSTRAINT alert_deliveries_outbox_id_fkey FOREIGN KEY (outbox_id) REFERENCES public.alert_outbox(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.alert_deliveries
+    ADD CONSTRAINT alert_deliveries_target_id_fkey FOREIGN KEY (target_id) REFERENCES public.alert_targets(id) ON DELETE CASCADE;
 
 -- bcfy_counties ---------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """The Celery app: `celery -A workers.app worker|beat|flower`.
 
-Three queues, each consumed by its own worker pool (see the Makefile's worker-* targets):
+Four queues, each consumed by its own worker pool (see the Makefile's worker-* targets):
   ingest         polling the service, transcription dispatch, geo refresh, maintenance
                  (light, I/O bound)
   audio          downloads and audio preparation (I/O, then some CPU)
   transcription  speech recognition (CPU bound, long)
+  notify         keyword alerts: sending notifications, sweeping the outbox (light, I/O)
 
 Settings that must agree:
   * late acks with prefetch 1: a busy child holds no queued message, so an idle worker takes
@@ -53,6 +54,7 @@ app = Celery(
         "tasks.transcription",
         "tasks.geo",
         "tasks.maintenance",
+        "tasks.alerts",
     ],
 )
 

@@ -29,6 +29,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from tasks.transcription.policy import gave_up, out_of_attempts
+from workers.alerts.matching import match_transcript
 from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
@@ -107,10 +108,20 @@ async def claim_call(
         return TranscriptionClaim(attempts + 1, prepared)
 
 
+@dataclass(frozen=True)
+class Stored:
+    inserted: bool  # False: the call had its transcript already (kept)
+    alerts_due: int  # alert deliveries its matches made due (workers.alerts.matching)
+
+
 async def store_transcript(
-    call_id: int, backend: str, result: Recognition, processing_sec: float
-) -> bool:
-    """The transcript and `done`, in one transaction. False: the call had one already."""
+    call_id: int,
+    backend: str,
+    result: Recognition,
+    processing_sec: float,
+    alert_max_per_minute: int,
+) -> Stored:
+    """The transcript, its alert matches (outbox rows) and `done`, in one transaction."""
     async with db_connection() as conn:
         cur = await conn.execute(
             """INSERT INTO transcripts (call_id, text, segments, language, backend, model,
@@ -130,7 +141,12 @@ async def store_transcript(
                 round(processing_sec, 3),
             ),
         )
-        inserted = await cur.fetchone() is not None
+        row = await cur.fetchone()
+        # Only the transaction that inserted the transcript matches it: a second worker
+        # finishing the same call stores nothing and notifies nobody.
+        alerts_due = (
+            await match_transcript(conn, row[0], alert_max_per_minute) if row is not None else 0
+        )
         await conn.execute(
             """UPDATE call_transcription
                   SET state = 'done', due_at = NULL, finished_at = now(), last_error = NULL,
@@ -138,7 +154,7 @@ async def store_transcript(
                 WHERE call_id = %s""",
             (call_id,),
         )
-    return inserted
+    return Stored(row is not None, alerts_due)
 
 
 async def _set_failed(conn: psycopg.AsyncConnection[TupleRow], call_id: int, reason: str) -> None:

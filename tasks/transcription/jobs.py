@@ -5,7 +5,8 @@ The task (`transcribe_call`, on the transcription pool: late acks, prefetch 1):
   1. claims the call in one transaction (tasks.transcription.claims);
   2. recognises it, directly in the pool process (CPU work; the openai backend drives its HTTP
      request on the process's event loop), holding no database connection;
-  3. stores the transcript and marks the call done in one transaction.
+  3. stores the transcript, writes its alert matches to the outbox and marks the call done, in
+     one transaction; then, if it matched, triggers the notify pool.
 A failure is retried or recorded as `failed` as tasks.transcription.policy decides.
 """
 
@@ -37,6 +38,7 @@ from tasks.transcription.policy import (
     reason,
     retry_wait,
 )
+from workers.alerts.delivery import trigger_alert_delivery
 from workers.app import app
 from workers.core.identity import worker_identity
 from workers.core.jobs import JobContext, periodic_job
@@ -117,7 +119,9 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
             raise FileNotFoundError(2, "no such file", str(audio))
         result = process_recognizer(s.transcription).transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
-        inserted = rt.run(store_transcript(call_id, backend, result, elapsed))
+        stored = rt.run(
+            store_transcript(call_id, backend, result, elapsed, s.alerts.max_per_minute)
+        )
     except PERMANENT_ERRORS as exc:
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)
@@ -134,7 +138,9 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         forget_process_recognizer()
     else:
         seconds = result.audio_duration_sec or 0.0
-        if inserted:
+        if stored.alerts_due:
+            trigger_alert_delivery(call_id)
+        if stored.inserted:
             log.info(
                 "call %s transcribed by %s in %.2fs (%.1fs of audio, RTF %.2f, %d words)",
                 call_id,

@@ -37,6 +37,7 @@ AUDIO = "tasks.audio.process_pending_audio"
 DISPATCH = "tasks.transcription.dispatch_ready_calls"
 GEO = "tasks.geo.refresh_geo_data"
 MAINTENANCE = "tasks.maintenance.prune_history"
+SWEEP = "tasks.alerts.sweep_outbox"
 ALPHA = uuid.UUID("0a0a0a0a-0000-4000-8000-00000000000a")
 BRAVO = uuid.UUID("0b0b0b0b-0000-4000-8000-00000000000b")
 HOLDER = "audio@ops-test-host:4242:0123456789ab"
@@ -315,7 +316,7 @@ EXPECTED_RUNS = {
     AUDIO: {"ok": 2, "skipped": 1},
     DISPATCH: {"lost_lock": 1},
 }
-EXPECTED_QUEUES = {"ingest": 0, "audio": 3, "transcription": 5}
+EXPECTED_QUEUES = {"ingest": 0, "audio": 3, "transcription": 5, "notify": 0}
 
 
 def status_json(env: dict[str, str], worker: str) -> dict[str, Any]:
@@ -369,7 +370,7 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
         },
     ]
     jobs = snap["jobs"]
-    assert set(jobs) == {POLL, AUDIO, DISPATCH, GEO, MAINTENANCE}
+    assert set(jobs) == {POLL, AUDIO, DISPATCH, GEO, MAINTENANCE, SWEEP}
     expected_last = {
         POLL: ("error", 2.0, "HTTP 500 boom"),
         AUDIO: ("ok", 0.5, None),
@@ -378,7 +379,7 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
     for job, (outcome, duration, error) in expected_last.items():
         assert (jobs[job]["last_outcome"], jobs[job]["last_error"]) == (outcome, error), job
         assert jobs[job]["last_duration_sec"] == pytest.approx(duration), job
-    for never_ran in (GEO, MAINTENANCE):
+    for never_ran in (GEO, MAINTENANCE, SWEEP):
         assert "last_outcome" not in jobs[never_ran], "a job that never ran has no last outcome"
     assert {job: j["lock_holder"] for job, j in jobs.items()} == {
         POLL: None,
@@ -386,6 +387,7 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
         DISPATCH: None,
         GEO: None,
         MAINTENANCE: None,
+        SWEEP: None,
     }
     assert {job: j["lock_skips"] for job, j in jobs.items()} == {
         POLL: 0,
@@ -393,6 +395,7 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
         DISPATCH: 0,
         GEO: 0,
         MAINTENANCE: 0,
+        SWEEP: 0,
     }
     assert {job: j["late_ticks"] for job, j in jobs.items()} == {
         POLL: 3,
@@ -400,9 +403,15 @@ def test_status_json_shows_every_figure_of_a_known_state(known: Known, clean: Se
         DISPATCH: 0,
         GEO: 0,
         MAINTENANCE: 0,
+        SWEEP: 0,
     }
     assert snap["queues"] == EXPECTED_QUEUES
-    assert snap["workers"] == {"ingest": [known.worker], "audio": [], "transcription": []}
+    assert snap["workers"] == {
+        "ingest": [known.worker],
+        "audio": [],
+        "transcription": [],
+        "notify": [],
+    }
     assert snap["clocks"]["beat@ops-host"]["offset_sec"] == 1.5
     assert snap["clocks"]["beat@ops-host"]["kind"] == "beat"
 
@@ -487,19 +496,21 @@ def test_status_text_prints_every_figure_of_a_known_state(known: Known, clean: S
             "polled",
         ],
     ]
-    jobs = {row[0]: row[1:] for row in _lines_after(lines, "jobs:", 5)}
+    jobs = {row[0]: row[1:] for row in _lines_after(lines, "jobs:", 6)}
     assert jobs == {
         AUDIO: ["last", "ok", "lock", "held", "by", HOLDER, "skips", "2"],
         GEO: ["last", "-", "lock", "free", "skips", "0"],
         MAINTENANCE: ["last", "-", "lock", "free", "skips", "0"],
         POLL: ["last", "error", "lock", "free", "skips", "0"],
         DISPATCH: ["last", "lost_lock", "lock", "free", "skips", "0"],
+        SWEEP: ["last", "-", "lock", "free", "skips", "0"],
     }
-    assert "queues: ingest 0, audio 3, transcription 5" in lines
-    assert _lines_after(lines, "workers online:", 3) == [
+    assert "queues: ingest 0, audio 3, transcription 5, notify 0" in lines
+    assert _lines_after(lines, "workers online:", 4) == [
         ["ingest", "1", known.worker],
         ["audio", "0"],
         ["transcription", "0"],
+        ["notify", "0"],
     ]
     clocks = {
         row[1]: row

@@ -67,6 +67,8 @@ def test_the_queues_are_the_documented_ones():
         "tasks.transcription.transcribe_call": "transcription",
         "tasks.geo.refresh_geo_data": "ingest",
         "tasks.maintenance.prune_history": "ingest",
+        "tasks.alerts.sweep_outbox": "notify",
+        "tasks.alerts.deliver_alerts": "notify",
     }
 
 
@@ -79,12 +81,13 @@ def test_every_periodic_job_has_a_beat_entry_from_its_settings():
         "TRANSCRIPTION_DISPATCH_INTERVAL_SEC": "40",
         "GEO_REFRESH_INTERVAL_SEC": "7200",
         "MAINTENANCE_INTERVAL_SEC": "600",
+        "ALERT_SWEEP_INTERVAL_SEC": "2",
         "JOB_MISFIRE_GRACE_SEC": "12",
     }
     beat = probe(env)["beat"]
     periodic = [job for job in JOBS if job.entry]
     assert {job.entry for job in periodic} == set(beat)
-    assert len(periodic) == 5
+    assert len(periodic) == 6
     for job in periodic:
         assert job.interval_setting is not None
         task, every, headers = beat[job.entry]
@@ -99,6 +102,7 @@ def test_every_periodic_job_has_a_beat_entry_from_its_settings():
         "transcription-dispatch": "tasks.transcription.dispatch_ready_calls",
         "geo-refresh": "tasks.geo.refresh_geo_data",
         "maintenance": "tasks.maintenance.prune_history",
+        "alerts-sweep": "tasks.alerts.sweep_outbox",
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from beat_schedule import QUEUES
 from workers.core.processes import worker_argv
 from workers.core.settings import load_settings
 from workers.dev.procs import ROOT
@@ -24,6 +25,7 @@ LONG_RUNNING = [
     "worker-ingest",
     "worker-audio",
     "worker-transcription",
+    "worker-notify",
     "flower",
 ]
 
@@ -73,6 +75,8 @@ def test_the_pipeline_waits_for_a_successful_migration_and_healthy_servers():
         "worker-ingest",
         "worker-audio",
         "worker-transcription",
+        "worker-notify",
+        "worker-notify",
         "flower",
         "metrics",
     ]:
@@ -85,7 +89,7 @@ def test_the_pipeline_waits_for_a_successful_migration_and_healthy_servers():
 def test_exactly_one_beat_and_one_pool_per_queue():
     assert [n for n, s in SERVICES.items() if "beat" in s.get("command", [])] == ["beat"]
     assert "deploy" not in SERVICES["beat"] and "scale" not in SERVICES["beat"]
-    for queue in ("ingest", "audio", "transcription"):
+    for queue in QUEUES:
         service = SERVICES[f"worker-{queue}"]
         assert service["command"] == ["bcfy", "worker", queue]
         # Workers get time to finish running work when stopped (warm shutdown).

@@ -3,14 +3,14 @@
     bcfy migrate                 apply pending schema migrations (creates the database if missing)
     bcfy settings                print the effective settings, secrets redacted
     bcfy run                     the whole pipeline on this machine (see workers.cli.run)
-    bcfy worker QUEUE [ARGS]     a worker pool for one queue: ingest, audio or transcription
+    bcfy worker QUEUE [ARGS]     a worker pool for one queue: ingest, audio, transcription, notify
     bcfy beat [ARGS]             the scheduler (run exactly one)
     bcfy flower [ARGS]           the Flower dashboard
     bcfy healthcheck WHAT        exit 0 when beat / a worker / Flower is healthy (compose)
     bcfy status [--json]         backlog, throughput, failures, playlists, locks, queues, workers
     bcfy metrics [--port N]      the pipeline's Prometheus metrics (Flower has Celery's)
     bcfy schema [--check]        write sql/schema.sql: the whole schema after all migrations
-    bcfy sim | playlists | search | audio    see `bcfy COMMAND --help`
+    bcfy sim | playlists | search | alerts | audio    see `bcfy COMMAND --help`
 
 Other areas add their own subcommands: each module in COMMAND_MODULES has
 `add_commands(sub)`, which adds subparsers with `set_defaults(handler=fn)`, where
@@ -35,6 +35,7 @@ COMMAND_MODULES: list[str] = [
     "workers.dev.simulator.cli",
     "workers.cli.playlists",
     "workers.cli.search",
+    "workers.cli.alerts",
     "workers.cli.audio",
     "workers.cli.status",
     "workers.cli.metrics",
@@ -114,7 +115,7 @@ def _add_core_commands(sub: Subparsers) -> None:
     run.add_argument("--flower-port", type=int, default=5555)
     run.set_defaults(handler=_run)
     worker = sub.add_parser("worker", help="start the worker pool of one queue")
-    worker.add_argument("queue", choices=["ingest", "audio", "transcription"])
+    worker.add_argument("queue", choices=["ingest", "audio", "transcription", "notify"])
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
     worker.set_defaults(handler=_worker)
     beat = sub.add_parser("beat", help="start the scheduler (exactly one per deployment)")

@@ -2,7 +2,8 @@
 
 Flower serves Celery's task metrics on its own /metrics; this adds what only the pipeline
 knows: each stage's backlog and totals, poll errors, quarantined records, lock skips, job run
-outcomes, queue depths, workers online and call-to-transcript latency, from a `workers.cli.status`
+outcomes, queue depths, workers online, call-to-transcript latency and per alert rule what
+was sent, failed and throttled and how long after the transcript, from a `workers.cli.status`
 snapshot (the same numbers as `bcfy status`).
 
 It has no login, so it listens on loopback unless METRICS_ADDRESS says otherwise. A crowd of
@@ -169,6 +170,44 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             if lat["calls"] and seconds is not None:  # none without a call in the window
                 latency.add_metric([window, quantile, recognition], seconds)
     yield latency
+    yield from alert_families(snap)
+
+
+def alert_families(snap: Snapshot) -> Iterator[Any]:
+    """Per alert rule: deliveries sent and failed, calls throttled, the delay from transcript to
+    delivery, and targets failing."""
+    sent = CounterMetricFamily("bcfy_alerts_sent", "Alert deliveries sent", labels=["rule"])
+    failed = CounterMetricFamily(
+        "bcfy_alerts_failed", "Alert deliveries failed for good", labels=["rule"]
+    )
+    throttled = CounterMetricFamily(
+        "bcfy_alerts_throttled",
+        "Matched calls over ALERT_MAX_PER_MINUTE, sent as part of a summary",
+        labels=["rule"],
+    )
+    waiting = GaugeMetricFamily(
+        "bcfy_alerts_waiting", "Alert deliveries pending or being sent", labels=["rule"]
+    )
+    delay = GaugeMetricFamily(
+        "bcfy_alert_delay_seconds",
+        "From the transcript stored to the alert sent, last hour",
+        labels=["rule", "quantile"],
+    )
+    failing = GaugeMetricFamily(
+        "bcfy_alert_targets_failing",
+        "Targets failing ALERT_TARGET_FAILING_AFTER times in a row",
+        labels=["rule"],
+    )
+    for st in snap.alerts:
+        sent.add_metric([st.rule], st.sent)
+        failed.add_metric([st.rule], st.failed)
+        throttled.add_metric([st.rule], st.throttled)
+        waiting.add_metric([st.rule], st.waiting)
+        failing.add_metric([st.rule], len(st.failing_targets))
+        for quantile, seconds in (("0.5", st.delay_p50_sec), ("0.95", st.delay_p95_sec)):
+            if seconds is not None:
+                delay.add_metric([st.rule, quantile], seconds)
+    yield from (sent, failed, throttled, waiting, delay, failing)
 
 
 _Request = socket.socket | tuple[bytes, socket.socket]  # (socketserver's; a socket here)

@@ -173,6 +173,7 @@ class Supervisor:
         self.start("worker-ingest", worker_argv("ingest", s))
         self.start("worker-audio", worker_argv("audio", s))
         self.start("worker-transcription", worker_argv("transcription", s))
+        self.start("worker-notify", worker_argv("notify", s))
         self.start("beat", beat_argv(s, ["--schedule", str(self.state / "celerybeat-schedule")]))
         if not (self.demo or s.operations.flower_basic_auth):
             print("Flower not started: set FLOWER_BASIC_AUTH=user:password to run it")

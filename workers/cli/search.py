@@ -3,8 +3,9 @@
     bcfy search "structure fire" [--playlist NAME|UUID] [--group GROUP_ID] [--since 6h|DATE]
                 [--limit 20] [--json]
 
-The query is web-search syntax (websearch_to_tsquery): words are ANDed and stemmed ("fires"
-finds "fire"), "quoted phrases" match in order, `or` and `-word` work. Newest call first; each
+The query is web-search syntax (workers.core.fulltext, shared with alert rules): words are
+ANDed and stemmed ("fires" finds "fire"), "quoted phrases" match in order, `or` and `-word`
+work; a query that reads as nothing to look for is refused. Newest call first; each
 hit shows the call's time, playlist, talkgroup, a snippet with the matches highlighted
 (ts_headline, computed for the shown rows only) and the path of its audio.
 """
@@ -23,6 +24,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from workers.cli import Subparsers
+from workers.core.fulltext import TSQUERY_SQL, QueryError, check_query
 from workers.core.records import whole_number_or_none
 from workers.core.settings import Settings
 from workers.core.text import terminal_safe
@@ -33,7 +35,7 @@ _START, _STOP = "\x02", "\x03"
 _MARKS = re.compile(f"([{_START}{_STOP}])")
 
 SEARCH_SQL = f"""
-WITH q AS (SELECT websearch_to_tsquery('english', %(query)s) AS query),
+WITH q AS (SELECT {TSQUERY_SQL} AS query),
 hits AS (
     SELECT t.call_id, t.text, t.confidence, c.started_at, c.playlist_uuid, c.group_id,
            coalesce(c.display, c.descr, c.grouping) AS talkgroup,
@@ -142,6 +144,11 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
             connect_timeout=int(settings.services.db_connect_timeout_sec),
             autocommit=True,
         ) as conn:
+            try:
+                check_query(conn, args.query)
+            except QueryError as exc:
+                print(f"bcfy search: {exc}", file=sys.stderr)
+                return 2
             hits = search_transcripts(
                 conn,
                 args.query,

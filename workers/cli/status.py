@@ -20,6 +20,7 @@ import redis
 from psycopg.rows import TupleRow
 
 from beat_schedule import PERIODIC_JOBS, QUEUES
+from workers.alerts.stats import RuleStats, rule_stats
 from workers.cli import Subparsers
 from workers.core import clock, rows
 from workers.core.counters import COUNTERS
@@ -66,6 +67,8 @@ class Snapshot:
     # Each worker's (and beat's) clock offset from Redis's, by node; and warnings about them.
     clocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     clock_warnings: list[str] = field(default_factory=list)
+    # Per alert rule: sent, failed, throttled, the delay from transcript; failing targets.
+    alerts: list[RuleStats] = field(default_factory=list)
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
@@ -344,6 +347,7 @@ def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect 
         connect = lambda: psycopg.connect(url, connect_timeout=5)  # noqa: E731
     with connect() as conn:
         _from_database(snap, conn, details=not totals)
+        snap.alerts = rule_stats(conn, settings.alerts.target_failing_after)
         if totals:
             _totals(snap, conn)
 
@@ -405,6 +409,29 @@ def render_clocks(snap: Snapshot) -> list[str]:
 # --- rendering --------------------------------------------------------------------------------
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def render_alerts(stats: list[RuleStats]) -> list[str]:
+    if not stats:
+        return []
+    out = ["\nalerts (sent, failed, waiting, throttled; delay from transcript to sent, 1 h):"]
+    for st in stats:
+        out.append(
+            f"  {terminal_safe(st.rule)}{'' if st.enabled else ' (off)'}  sent {st.sent}"
+            f"  failed {st.failed}  waiting {st.waiting}  throttled {st.throttled}"
+            f"  delay p50 {_seconds(st.delay_p50_sec)} p95 {_seconds(st.delay_p95_sec)}"
+        )
+    for st in stats:
+        for t in st.failing_targets:
+            out.append(
+                f"! alert target failing: {terminal_safe(st.rule)} -> {t.target}"
+                f" ({t.failures} failures in a row: {terminal_safe(t.last_error)})"
+            )
+    return out
+
+
 def render(snap: Snapshot) -> str:
     out = [f"bcfy status at {snap.generated_at}", ""]
     out.append(
@@ -430,6 +457,7 @@ def render(snap: Snapshot) -> str:
                 f"  p95 {lat['p95']:.1f}s  p95 without recognition "
                 f"{lat['p95_excluding_recognition']:.1f}s"
             )
+    out += render_alerts(snap.alerts)
     out.append("\nplaylists:")
     if not snap.playlists:
         out.append("  none followed (bcfy playlists add <uuid>)")

@@ -24,6 +24,7 @@ def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) 
             settings.pools.transcription_pool,
             settings.pools.transcription_concurrency,
         ),
+        "notify": (settings.pools.notify_pool, settings.pools.notify_concurrency),
     }[queue]
     if concurrency == 0:
         concurrency = os.cpu_count() or 1

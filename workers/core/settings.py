@@ -10,13 +10,13 @@ Grouped per stage, each group a frozen dataclass and an attribute of `Settings`:
 `services` (PostgreSQL, Redis, state directory, pools, HTTP timeouts), `jobs` (beat's intervals,
 misfire grace, the singleton lock, time limits, the broker's visibility timeout),
 `broadcastify` (the API client), `ingest` (live poll, back-fill), `geo`, `audio`,
-`transcription` (dispatch, the per-call task, recognisers), `retention`, `operations` (demo
-mode, Flower, metrics, log level) and `pools` (each queue's worker pool). Inside a group the
-stage's prefix is dropped: AUDIO_LEASE_SEC is `settings.audio.lease_sec`, BCFY_API_KEY is
-`settings.broadcastify.api_key`. Every variable keeps its name; `describe()` lists them all by
-name, `value("AUDIO_LEASE_SEC")` reads one by name, and `with_values(AUDIO_LEASE_SEC=0.3)`
-(tests, benches) copies the settings with some replaced. Code that needs one group is passed
-that group, not the whole settings.
+`transcription` (dispatch, the per-call task, recognisers), `retention`, `alerts` (keyword
+alerts), `operations` (demo mode, Flower, metrics, log level) and `pools` (each queue's worker
+pool). Inside a group the stage's prefix is dropped: AUDIO_LEASE_SEC is
+`settings.audio.lease_sec`, BCFY_API_KEY is `settings.broadcastify.api_key`. Every variable
+keeps its name; `describe()` lists them all by name, `value("AUDIO_LEASE_SEC")` reads one by
+name, and `with_values(AUDIO_LEASE_SEC=0.3)` (tests, benches) copies the settings with some
+replaced. Code that needs one group is passed that group, not the whole settings.
 
 Why not pydantic-settings (tried on the side with a few of these fields, pydantic-settings
 2.14): it would replace the five scalar parsers, the min/max/choices check and the reading
@@ -249,6 +249,9 @@ def _basic_auth(raw: str) -> Secret:
 
 
 POOL_TYPES = ("prefork", "solo")
+
+# A delivery is claimed for twice its send timeout plus this (workers/alerts).
+CLAIM_MARGIN_SEC = 30.0
 TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
 
 
@@ -529,6 +532,30 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """Keyword alerts: throttling, the outbox's sweep, sends and their retries (workers/alerts/,
+    tasks/alerts/)."""
+
+    # Notifications per rule per minute; the rest of a burst becomes one summary message.
+    max_per_minute: int = _env("ALERT_MAX_PER_MINUTE", _integer, 10, min=1, max=10000)
+    # Beat's sweep of the outbox: claims a dead worker left, summaries of throttled bursts,
+    # deliveries due (retries, anything whose trigger message was lost).
+    sweep_interval_sec: float = _env("ALERT_SWEEP_INTERVAL_SEC", _number, 5.0, min=0.1)
+    # One send's deadline (connect, answer); a delivery is claimed for twice this plus a
+    # margin, after which another worker may send it again (with the same idempotency key).
+    send_timeout_sec: float = _env("ALERT_SEND_TIMEOUT_SEC", _number, 10.0, min=0.1, max=120)
+    # Retries of a failed send: backoff base x 2^(n-1) with jitter, at least Retry-After, at
+    # most the max; after this many attempts the delivery fails for good.
+    retry_base_sec: float = _env("ALERT_RETRY_BASE_SEC", _number, 5.0, min=0)
+    retry_max_sec: float = _env("ALERT_RETRY_MAX_SEC", _number, 600.0, min=0)
+    max_attempts: int = _env("ALERT_MAX_ATTEMPTS", _integer, 8, min=1, max=100)
+    # Consecutive failures after which a target is shown as failing.
+    target_failing_after: int = _env("ALERT_TARGET_FAILING_AFTER", _integer, 3, min=1, max=1000)
+    # Sends in flight at once in one notify process.
+    send_concurrency: int = _env("ALERT_SEND_CONCURRENCY", _integer, 16, min=1, max=256)
+
+
+@dataclass(frozen=True)
 class OperationsSettings:
     """Demo mode, Flower, the metrics endpoint, the log level."""
 
@@ -565,6 +592,9 @@ class PoolSettings:
     transcription_pool: str = _env("TRANSCRIPTION_POOL", _text, "prefork", choices=POOL_TYPES)
     # 0: one process per CPU (recognition is CPU bound).
     transcription_concurrency: int = _env("TRANSCRIPTION_CONCURRENCY", _integer, 0, min=0)
+    # Keyword alerts' notifications: light, I/O bound.
+    notify_pool: str = _env("NOTIFY_POOL", _text, "prefork", choices=POOL_TYPES)
+    notify_concurrency: int = _env("NOTIFY_CONCURRENCY", _integer, 2, min=1)
 
 
 # The groups, each an attribute of Settings: settings.audio.lease_sec.
@@ -577,6 +607,7 @@ GROUPS: dict[str, type] = {
     "audio": AudioSettings,
     "transcription": TranscriptionSettings,
     "retention": RetentionSettings,
+    "alerts": AlertSettings,
     "operations": OperationsSettings,
     "pools": PoolSettings,
 }
@@ -601,6 +632,7 @@ class Settings:
     audio: AudioSettings = field(default_factory=AudioSettings)
     transcription: TranscriptionSettings = field(default_factory=TranscriptionSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     operations: OperationsSettings = field(default_factory=OperationsSettings)
     pools: PoolSettings = field(default_factory=PoolSettings)
 
@@ -696,6 +728,8 @@ def _check_consistency(s: Settings) -> list[str]:
             f"AUDIO_MAX_IN_FLIGHT ({audio.max_in_flight}) must be at least "
             f"AUDIO_WORKER_BATCH_SIZE ({audio.worker_batch_size})"
         )
+    if s.alerts.retry_base_sec > s.alerts.retry_max_sec:
+        problems.append("ALERT_RETRY_BASE_SEC must not exceed ALERT_RETRY_MAX_SEC")
     problems += _check_ingest(s)
     retention = s.retention
     if retention.calls_days and not (0 < retention.transcripts_days <= retention.calls_days):

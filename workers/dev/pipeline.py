@@ -39,6 +39,7 @@ import redis
 from celery import Celery
 from psycopg.rows import TupleRow
 
+from beat_schedule import QUEUES
 from workers.core.processes import beat_argv, worker_argv
 from workers.core.rows import one_row
 from workers.core.settings import load_settings
@@ -46,7 +47,6 @@ from workers.dev.procs import CLK_TCK, Proc, run_cli, wait_until
 from workers.dev.services import Servers
 from workers.dev.simulator import FeedSimulator
 
-QUEUES = ("ingest", "audio", "transcription")
 STAGES = ("poll", "audio", "dispatch", "transcription")
 POLL_JOB = "tasks.ingest.poll_followed_playlists"
 
