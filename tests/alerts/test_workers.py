@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from tests.support.procs import start_beat, start_worker
+from workers.core.identity import process_is_gone
 from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,10 @@ def test_a_worker_killed_mid_send_sends_again_with_the_same_key(alerts, receiver
     first.popen.wait(10)
     receiver.release()  # its answer goes nowhere
     assert delivery_states(alerts) == [("sending", 1)]
+    # The group's SIGKILL reaches the pool process that holds the claim a moment after the
+    # parent's exit is seen: the sweep asks only once that process is really gone.
+    [(claimant,)] = alerts.rows("SELECT claimed_by FROM alert_deliveries")
+    wait_until(lambda: process_is_gone(claimant), 30, "the claimant's process gone")
 
     second = start_worker("notify2", env, tmp_path, queues="notify")
     procs.append(second)
