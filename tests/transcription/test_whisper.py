@@ -221,6 +221,16 @@ def test_threads_per_process_share_the_cpus_among_the_pool():
     assert threads_per_process(load_settings({"TRANSCRIBE_WHISPER_THREADS": "3"})) == 3
 
 
+def test_a_model_directory_is_used_as_it_is(prepared_clips):
+    model_dir = packaged_model_dir()
+    made = build_recognizer(load_settings({"TRANSCRIBE_WHISPER_MODEL": str(model_dir)}))
+    assert isinstance(made, WhisperRecognizer)
+    assert (made.model, made.local_files_only) == (str(model_dir), True)
+    result = made.transcribe(flac(prepared_clips, "call03.m4a"), name="call03")
+    assert result.model == str(model_dir)
+    assert words_found(CLIP_TEXT["call03.m4a"], result.text)[0] >= 4, result.text
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [

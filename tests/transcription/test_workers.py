@@ -21,7 +21,7 @@ from tasks.transcription.dispatch import queued_messages
 from tests.support.procs import start_worker
 from tests.support.speech import words_found
 from tests.transcription.conftest import CLIP_TEXT, worker_env
-from tests.transcription.fake_openai import Reply
+from tests.transcription.fake_openai import Reply, verbose_json
 from workers.dev.procs import ROOT, Proc, wait_until
 
 pytestmark = pytest.mark.slow
@@ -103,6 +103,24 @@ def test_a_call_with_no_speech_gets_an_empty_transcript_marked_as_such(
     (t,) = calls.transcripts(call_id)
     assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "no_speech")
     assert t["backend"] == "whisper" and t["dropped_segments"] == []
+
+
+def test_invented_words_are_stored_aside_and_the_transcript_marked_empty(
+    calls, procs, tmp_path, client, service
+):
+    hiss = [{"start": 0.0, "end": 3.0, "text": " Thank you.", "no_speech_prob": 0.91}]
+    service.default = Reply(body=verbose_json(hiss))
+    env = worker_env(calls.services, calls.store, tmp_path, **openai_env(service))
+    procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
+    call_id = calls.add("call05.m4a")
+    mark_dispatched(calls, call_id)
+    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
+    (t,) = calls.transcripts(call_id)
+    assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "dropped")
+    assert t["dropped_segments"] == [
+        {"start": 0.0, "end": 3.0, "text": "Thank you.", "reason": "no_speech_prob 0.91 > 0.6"}
+    ]
 
 
 def test_a_duplicate_delivery_makes_no_second_transcript(calls, procs, tmp_path, client):
