@@ -50,8 +50,8 @@ def test_the_spoken_calls_are_recognised(recognizer, prepared_clips, record_prop
     share = found / total
     print(f"\npocketsphinx recognised {found} of {total} words of the spoken calls ({share:.0%})")
     record_property("pocketsphinx_words_found", f"{found}/{total}")
-    # Measured 90/162 (56%) with pocketsphinx 5.1.1, words compared as written; a broken pipeline (wrong rate, wrong
-    # byte order, a lost channel) recognises next to nothing.
+    # Measured 90/162 (56%) with pocketsphinx 5.1.1, words compared as written; a broken
+    # pipeline (wrong rate, wrong byte order, a lost channel) recognises next to nothing.
     assert share >= 0.45
 
 
