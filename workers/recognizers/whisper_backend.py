@@ -215,16 +215,27 @@ class WhisperRecognizer:
         compute = s.transcribe_whisper_compute_type
         if compute == "auto":
             compute = "default" if device == "cuda" else "int8"
-        try:
-            model = WhisperModel(
+
+        def make(local_files_only: bool) -> WhisperModel:
+            return WhisperModel(
                 self.source,
                 device=device,
                 compute_type=compute,
                 cpu_threads=self.threads,
                 num_workers=1,
                 download_root=s.transcribe_whisper_cache_dir or None,
-                local_files_only=self.local_files_only,
+                local_files_only=local_files_only,
             )
+
+        try:
+            try:
+                # A named model is in the cache by now (the worker fetched it at start): no
+                # pool process needs to ask the hub again.
+                model = make(local_files_only=True)
+            except Exception:
+                if self.local_files_only:
+                    raise
+                model = make(local_files_only=False)
         except Exception as exc:
             raise RecognizerConfigError(
                 f"TRANSCRIBE_WHISPER_MODEL={s.transcribe_whisper_model or self.model!r} cannot "
