@@ -61,8 +61,8 @@ from workers.dev.procs import Proc, group_cpu_sec, wait_until
 from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
-DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
-MAX_DURATION = load_settings({}).audio_max_duration_sec
+DEFAULT_CONCURRENCY = load_settings({}).audio.download_concurrency
+MAX_DURATION = load_settings({}).audio.max_duration_sec
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -100,7 +100,7 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict[s
     sim.faults.min_poll_interval = 0
     uuid = sim.add_playlist(name="bench", calls_per_minute=0)
     http = httpx.AsyncClient(timeout=30)
-    api = BroadcastifyClient(settings, http, clock=clock)
+    api = BroadcastifyClient.from_settings(settings, http, clock=clock)
     conn = await psycopg.AsyncConnection.connect(services.database_url)
     autocommit = await psycopg.AsyncConnection.connect(services.database_url, autocommit=True)
     await conn.execute("INSERT INTO bcfy_playlists (uuid, name) VALUES (%s, 'bench')", (uuid,))

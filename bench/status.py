@@ -21,7 +21,6 @@ nature (each changes the data); within a phase, status and metrics alternate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -243,7 +242,7 @@ def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, i
 
     reset_settings_cache()
     Runtime.shutdown_current()
-    s = dataclasses.replace(get_settings(), audio_store_dir="/nonexistent-bench-store", **overrides)
+    s = get_settings().with_values(AUDIO_STORE_DIR="/nonexistent-bench-store", **overrides)
     t0 = time.monotonic()
     result = Runtime.current().run(run_maintenance(s))
     took = time.monotonic() - t0
@@ -262,7 +261,7 @@ def main() -> None:
     parser.add_argument("--playlists", type=int, default=4)
     parser.add_argument("--batch", type=int, default=20_000, help="RETENTION_BATCH_SIZE")
     args = parser.parse_args()
-    from workers.core.settings import Settings
+    from workers.core.settings import env_fields
 
     out = [
         heading(
@@ -285,19 +284,19 @@ def main() -> None:
         out += measure(srv.database_url, f"{args.days} days, before any maintenance run")
 
         keep = {
-            f.name: 0.0
-            for f in dataclasses.fields(Settings)
-            if f.name.startswith("retention_") and f.name.endswith("_days")
+            f.metadata["env"]: 0.0
+            for group, f in env_fields()
+            if group == "retention" and f.name.endswith("_days")
         }
         took, done, _ = maintain(
-            srv.database_url, retention_batch_size=args.batch, retention_batch_pause_sec=0.0, **keep
+            srv.database_url, RETENTION_BATCH_SIZE=args.batch, RETENTION_BATCH_PAUSE_SEC=0.0, **keep
         )
         fold_line = f"  maintenance, everything kept (counters folded): {took:.1f} s"
         print(fold_line, flush=True)
         out += measure(srv.database_url, f"{args.days} days, counters folded, nothing pruned")
 
         took, done, out_of_time = maintain(
-            srv.database_url, retention_batch_size=args.batch, retention_batch_pause_sec=0.0
+            srv.database_url, RETENTION_BATCH_SIZE=args.batch, RETENTION_BATCH_PAUSE_SEC=0.0
         )
         pruned = {k: n for k, n in done.items() if not k.startswith("folded")}
         prune_line = (

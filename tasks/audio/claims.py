@@ -97,10 +97,10 @@ async def claim_pending_calls(
     cur = await conn.execute(
         CLAIM,
         {
-            "batch": settings.audio_worker_batch_size,
-            "max_in_flight": settings.audio_max_in_flight,
+            "batch": settings.audio.worker_batch_size,
+            "max_in_flight": settings.audio.max_in_flight,
             "owner": owner,
-            "lease": settings.audio_lease_sec,
+            "lease": settings.audio.lease_sec,
         },
     )
     row = await cur.fetchone()
@@ -112,7 +112,7 @@ async def claim_pending_calls(
 async def fail_exhausted_leases(
     conn: psycopg.AsyncConnection[Any], settings: Settings
 ) -> list[int]:
-    cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio_max_attempts})
+    cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio.max_attempts})
     return [r[0] for r in await cur.fetchall()]
 
 
@@ -133,7 +133,7 @@ def split_evenly(ids: list[int], most: int) -> list[list[int]]:
 def calls_per_task(settings: Settings) -> int:
     """Twice the downloads a process runs at once: while the first calls are being converted
     (CPU), the next ones are already downloading (network), in the same process."""
-    return 2 * settings.audio_download_concurrency
+    return 2 * settings.audio.download_concurrency
 
 
 # --- the claim as its task holds it ---------------------------------------------------------
@@ -257,7 +257,7 @@ class HeldClaim:
             lost = await self.count_deaths(conn, calls, dead)
             if calls:
                 await conn.execute(
-                    RENEW, params | {"ids": list(calls), "lease": self.s.audio_lease_sec}
+                    RENEW, params | {"ids": list(calls), "lease": self.s.audio.lease_sec}
                 )
         return TakeOver(list(calls.values()), lost, after_death=bool(dead))
 
@@ -286,13 +286,13 @@ class HeldClaim:
             else:
                 why = (
                     f"the worker process {worker} died during attempt {call.attempt} of"
-                    f" {self.s.audio_max_attempts} (killed, or crashed on this call)"
+                    f" {self.s.audio.max_attempts} (killed, or crashed on this call)"
                 )
             await conn.execute(CLOSE_LOST_ATTEMPTS, {"ids": [attempt_id], "error": why})
             log.warning("audio: call %s: %s", call_id, why)
             if n > 1:
                 continue
-            if call.attempt >= self.s.audio_max_attempts:
+            if call.attempt >= self.s.audio.max_attempts:
                 await conn.execute(
                     MARK_FAILED,
                     {
@@ -315,7 +315,7 @@ class HeldClaim:
     async def renew_leases(self, in_progress: set[int]) -> None:
         """Keep the leases of unfinished calls (`in_progress`, which the task empties as it
         goes) alive while this task works on them."""
-        every = self.s.audio_lease_sec / 3
+        every = self.s.audio.lease_sec / 3
         while True:
             await asyncio.sleep(every)
             ids = sorted(in_progress)
@@ -324,7 +324,7 @@ class HeldClaim:
             try:
                 async with db_connection() as conn:
                     await conn.execute(
-                        RENEW, {"ids": ids, "owner": self.owner, "lease": self.s.audio_lease_sec}
+                        RENEW, {"ids": ids, "owner": self.owner, "lease": self.s.audio.lease_sec}
                     )
             except Exception as exc:
                 log.warning("audio: could not renew leases of %s: %s", ids, exc)

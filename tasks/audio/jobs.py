@@ -51,7 +51,7 @@ async def process_pending_audio(ctx: JobContext) -> None:
         claim = await claim_pending_calls(conn, s, owner)
         ctx.ensure_lock()  # raising here rolls the claim back
     if claim.room == 0:
-        ctx.runtime.redis.set(CLAIM_WANTED_KEY, owner, ex=max(1, int(s.audio_lease_sec)))
+        ctx.runtime.redis.set(CLAIM_WANTED_KEY, owner, ex=max(1, int(s.audio.lease_sec)))
     if lost:
         log.warning(
             "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
@@ -99,7 +99,7 @@ def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = Fals
     rt = Runtime.current()
     worker = process_id(self)
     preparer = CallPreparer(rt.settings, rt.http, owner, worker)
-    outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
+    outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.jobs.soft_time_limit_sec))
     if outcome.ready:
         app.send_task(TRANSCRIPTION_DISPATCH)
     if rt.redis.delete(CLAIM_WANTED_KEY):

@@ -92,7 +92,7 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
     """Read one window of a gap and store it, advancing the gap in the same transaction.
     Returns the calls new, or None when the window is not complete on the service's clock
     yet; raises on failure (after logging the failed request)."""
-    end = min(gap.next_ts + int(ctx.settings.ingest_backfill_window_sec) - 1, gap.until_ts)
+    end = min(gap.next_ts + int(ctx.settings.ingest.backfill_window_sec) - 1, gap.until_ts)
     if end > math.floor(api.server_now()) - SETTLE_SEC:
         # Calls with ts up to `end` may still be published: reading now could miss some.
         return None
@@ -109,7 +109,7 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
         records = split_page(
             calls,
             api.server_now() + FUTURE_SLACK_SEC,
-            max_record_bytes=ctx.settings.bcfy_max_record_bytes,
+            max_record_bytes=ctx.settings.broadcastify.max_record_bytes,
         )
         async with ctx.connection() as conn:
             ctx.ensure_lock()
@@ -164,8 +164,8 @@ async def read_due_gaps(ctx: JobContext, api: BroadcastifyClient) -> tuple[int, 
     again in this run. Returns the calls new and a line per failed read."""
     s = ctx.settings
     # The budget, and a last round of requests with their retries, end inside the soft limit.
-    one_round = retry_budget(s) + s.http_total_timeout_sec
-    budget = min(s.ingest_backfill_budget_sec, s.job_soft_time_limit_sec - one_round)
+    one_round = retry_budget(s) + s.services.http_total_timeout_sec
+    budget = min(s.ingest.backfill_budget_sec, s.jobs.soft_time_limit_sec - one_round)
     deadline = time.monotonic() + max(0.0, budget)
     skipped: list[int] = []  # failed or not complete yet: not again in this run
     errors: list[str] = []
@@ -176,7 +176,7 @@ async def read_due_gaps(ctx: JobContext, api: BroadcastifyClient) -> tuple[int, 
             cur = await conn.execute(
                 "SELECT b.id, b.playlist_uuid::text, b.group_id, b.next_ts, b.until_ts"
                 f" {DUE_GAPS} AND b.id <> ALL(%s) ORDER BY b.next_ts, b.id LIMIT %s",
-                (skipped, s.ingest_backfill_concurrency),
+                (skipped, s.ingest.backfill_concurrency),
             )
             gaps = [Gap(*row) for row in await cur.fetchall()]
         if not gaps:

@@ -88,32 +88,32 @@ DELETE FROM bcfy_calls_raw c USING doomed d WHERE c.id = d.id
 @dataclass(frozen=True)
 class Prune:
     kind: str
-    setting: str  # the Settings attribute with its retention in days
+    setting: str  # the variable of its retention in days (Settings.value)
     sql: str
     lists_files: bool = False  # puts files in audio_file_trash
 
 
 PRUNES = (
-    Prune("original_audio", "retention_original_audio_days", _PRUNE_ORIGINALS, True),
-    Prune("prepared_audio", "retention_prepared_audio_days", _PRUNE_PREPARED, True),
-    Prune("calls", "retention_calls_days", _PRUNE_CALLS, True),
-    Prune("transcripts", "retention_transcripts_days", _delete_older("transcripts", "created_at")),
+    Prune("original_audio", "RETENTION_ORIGINAL_AUDIO_DAYS", _PRUNE_ORIGINALS, True),
+    Prune("prepared_audio", "RETENTION_PREPARED_AUDIO_DAYS", _PRUNE_PREPARED, True),
+    Prune("calls", "RETENTION_CALLS_DAYS", _PRUNE_CALLS, True),
+    Prune("transcripts", "RETENTION_TRANSCRIPTS_DAYS", _delete_older("transcripts", "created_at")),
     Prune(
         "audio_attempts",
-        "retention_audio_attempts_days",
+        "RETENTION_AUDIO_ATTEMPTS_DAYS",
         _delete_older("call_audio_attempts", "started_at"),
     ),
     Prune(
         "quarantine",
-        "retention_quarantine_days",
+        "RETENTION_QUARANTINE_DAYS",
         _delete_older("bcfy_calls_quarantine", "created_at"),
     ),
     Prune(
         "poll_log",
-        "retention_poll_log_days",
+        "RETENTION_POLL_LOG_DAYS",
         _delete_older("bcfy_playlist_poll_log", "poll_started_at"),
     ),
-    Prune("job_runs", "retention_job_runs_days", _delete_older("job_runs", "started_at")),
+    Prune("job_runs", "RETENTION_JOB_RUNS_DAYS", _delete_older("job_runs", "started_at")),
 )
 
 
@@ -131,7 +131,7 @@ async def prune(run: Run) -> None:
         log.warning("maintenance: counters not folded yet; nothing pruned this run")
         return
     for p in PRUNES:
-        days = float(getattr(run.s, p.setting))
+        days = float(run.s.value(p.setting))
         if days <= 0:
             continue  # kept for ever
         cutoff = min(now - timedelta(seconds=days * DAY), oldest)

@@ -42,14 +42,14 @@ class Run:
         self.ensure_lock = ensure_lock
         self.report = Report()
         self.store = store_for(settings)
-        self.batch = settings.retention_batch_size
+        self.batch = settings.retention.batch_size
 
     async def next_batch(self, pause: bool = True) -> None:
         """Between two batches: give way to other work, and stop when the budget is spent."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise OutOfTime
         self.ensure_lock()
-        await asyncio.sleep(self.s.retention_batch_pause_sec if pause else 0)
+        await asyncio.sleep(self.s.retention.batch_pause_sec if pause else 0)
 
 
 async def db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:

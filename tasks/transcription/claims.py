@@ -102,7 +102,7 @@ async def claim_call(
                       claimed_at = now(), due_at = now() + make_interval(secs => %s),
                       updated_at = now()
                 WHERE call_id = %s""",
-            (worker, settings.transcribe_time_limit_sec + CLAIM_MARGIN_SEC, call_id),
+            (worker, settings.transcription.time_limit_sec + CLAIM_MARGIN_SEC, call_id),
         )
         return TranscriptionClaim(attempts + 1, prepared)
 
@@ -172,7 +172,7 @@ async def release_for_retry(
                 WHERE call_id = %s AND state = 'running' AND claimed_by = %s""",
             (
                 error_text(reason),
-                countdown + settings.transcribe_dispatch_lease_sec,
+                countdown + settings.transcription.dispatch_lease_sec,
                 call_id,
                 worker,
             ),

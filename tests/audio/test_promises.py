@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import math
 import shutil
@@ -191,11 +190,10 @@ def server() -> Iterator[AudioServer]:
 
 
 def settings_for(server: AudioServer, tmp_path: Path, **overrides: Any) -> Settings:
-    return dataclasses.replace(
-        get_settings(),
-        audio_store_dir=str(tmp_path / "store"),
-        audio_allowed_hosts=(server.host,),
-        audio_allowed_internal_networks=("127.0.0.1/32",),
+    return get_settings().with_values(
+        AUDIO_STORE_DIR=str(tmp_path / "store"),
+        AUDIO_ALLOWED_HOSTS=(server.host,),
+        AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
         **overrides,
     )
 
@@ -223,11 +221,11 @@ def test_a_server_trickling_forever_is_cut_at_the_download_deadline(db, clean, s
     s = settings_for(
         server,
         tmp_path,
-        http_total_timeout_sec=1.5,
-        audio_max_attempts=2,
-        audio_retry_base_sec=0,
+        HTTP_TOTAL_TIMEOUT_SEC=1.5,
+        AUDIO_MAX_ATTEMPTS=2,
+        AUDIO_RETRY_BASE_SEC=0,
     )
-    assert s.http_read_timeout_sec > s.http_total_timeout_sec * 10
+    assert s.services.http_read_timeout_sec > s.services.http_total_timeout_sec * 10
     call = insert_call(db, f"http://{server.host}/trickle", 3.0)
 
     first = prepare_due_calls(clean, s)
@@ -243,7 +241,7 @@ def test_a_server_trickling_forever_is_cut_at_the_download_deadline(db, clean, s
     row = audio_rows(db)[call]
     assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "timeout", 2)
     assert attempt_rows(db, call) == [(1, "retry", "timeout"), (2, "failed", "timeout")]
-    assert FilesystemAudioStore(s.audio_store_dir).temp_files() == []
+    assert FilesystemAudioStore(s.audio.store_dir).temp_files() == []
 
 
 # --- Host header and TLS server name ---------------------------------------------------------
@@ -407,7 +405,7 @@ def test_the_settings_decide_at_their_limits_and_the_prepared_file_is_s16_16k_mo
     """Through the audio stage, with AUDIO_DURATION_TOLERANCE=0.2 and AUDIO_SILENCE_DBFS=-40
     (both far from their defaults): each clip on either side of each limit, one of them a
     44.1 kHz stereo float WAV, so the conversion has work to do."""
-    s = settings_for(server, tmp_path, audio_duration_tolerance=0.2, audio_silence_dbfs=-40.0)
+    s = settings_for(server, tmp_path, AUDIO_DURATION_TOLERANCE=0.2, AUDIO_SILENCE_DBFS=-40.0)
     stereo = np.repeat(tone(2.0, -20, rate=44100).astype(np.float32), 2)  # L, R interleaved
     clips = {
         # path: (file, API duration, expected outcome)
@@ -432,7 +430,7 @@ def test_the_settings_decide_at_their_limits_and_the_prepared_file_is_s16_16k_mo
     }
     assert outcomes == {path: expected for path, (_, _, expected) in clips.items()}
 
-    store = FilesystemAudioStore(s.audio_store_dir)
+    store = FilesystemAudioStore(s.audio.store_dir)
     for call, (path, expected) in calls.items():
         if expected != "ready":
             continue

@@ -24,7 +24,6 @@ from workers.clients.broadcastify import (
     Pace,
     TokenRejected,
     TransientError,
-    retry_budget,
 )
 from workers.clients.retry_after import retry_after_sec
 from workers.core.settings import load_settings
@@ -56,13 +55,13 @@ def client_for(base: str, clock: Any = time.time, **env: Any) -> tuple[Broadcast
     )
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(
-            connect=settings.http_connect_timeout_sec,
-            read=settings.http_read_timeout_sec,
-            write=settings.http_read_timeout_sec,
-            pool=settings.http_connect_timeout_sec,
+            connect=settings.services.http_connect_timeout_sec,
+            read=settings.services.http_read_timeout_sec,
+            write=settings.services.http_read_timeout_sec,
+            pool=settings.services.http_connect_timeout_sec,
         )
     )
-    return BroadcastifyClient(settings, http, clock=clock), http
+    return BroadcastifyClient.from_settings(settings, http, clock=clock), http
 
 
 def run(base: str, call: Any, clock: Any = time.time, **env: Any) -> tuple[Any, BroadcastifyClient]:
@@ -259,7 +258,7 @@ def test_a_retry_never_waits_less_than_the_gap_or_retry_after(
         "BCFY_RETRY_BACKOFF_SEC": "0.05",
         "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
     }
-    api = BroadcastifyClient(load_settings(env), _UNUSED_HTTP)  # _wait sends nothing
+    api = BroadcastifyClient.from_settings(load_settings(env), _UNUSED_HTTP)  # _wait sends nothing
     pace = Pace("playlist_uuid=x")
     if since_last is not None:
         api._last_request_end[pace.key] = time.monotonic() - since_last
@@ -273,7 +272,7 @@ def test_a_retry_never_waits_less_than_the_gap_or_retry_after(
     if since_last is not None:
         assert wait >= gap - since_last - 0.5  # what was left of the gap (the clock moved on)
     if retry_after is not None:
-        assert wait >= min(retry_after, retry_budget(api.settings))
+        assert wait >= min(retry_after, api.retry_budget_sec)
 
 
 def test_a_slow_answer_times_out_and_is_retried(sim):

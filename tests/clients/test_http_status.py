@@ -104,7 +104,7 @@ def _broadcastify(server: StatusServer, status: int) -> object:
 
     async def go() -> object:
         async with httpx.AsyncClient(timeout=5) as http:
-            api = BroadcastifyClient(_settings(server.url), http)
+            api = BroadcastifyClient.from_settings(_settings(server.url), http)
             try:
                 return await api.countries()
             except BroadcastifyError as exc:
@@ -115,7 +115,7 @@ def _broadcastify(server: StatusServer, status: int) -> object:
 
 def _openai(server: StatusServer, status: int) -> Exception | None:
     server.statuses, server.requests, server.retry_after = [status], 0, "7"
-    recognizer = OpenAIRecognizer(_settings(server.url))
+    recognizer = OpenAIRecognizer(_settings(server.url).transcription)
 
     async def go() -> Exception | None:
         async with httpx.AsyncClient(timeout=5) as http:

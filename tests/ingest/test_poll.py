@@ -266,7 +266,9 @@ def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
             await asyncio.sleep(0.05)
 
     async def both() -> None:
-        await asyncio.gather(*(host(BroadcastifyClient(rt.settings, rt.http)) for _ in range(2)))
+        await asyncio.gather(
+            *(host(BroadcastifyClient.from_settings(rt.settings, rt.http)) for _ in range(2))
+        )
 
     rt.run(both())
 

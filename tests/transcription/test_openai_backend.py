@@ -31,7 +31,7 @@ def openai(service, use_env):
         TRANSCRIBE_VOCABULARY="Medic 3, Oak Avenue,  Engine 12 ",
         TRANSCRIBE_OPENAI_TIMEOUT_SEC="2",
     )
-    return build_recognizer(settings), settings
+    return build_recognizer(settings.transcription), settings
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_the_silence_threshold_is_a_setting(service, use_env, audio):
         {"start": 1.0, "end": 2.0, "text": "maybe speech", "no_speech_prob": 0.4},
     ]
     service.replies.append(Reply(body=verbose_json(segments)))
-    result = build_recognizer(settings).transcribe(audio, name="x.flac")
+    result = build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
     assert result.text == "copy"
     assert "Authorization" not in service.requests[0].headers, "no key configured, none sent"
     assert "prompt" not in service.requests[0].fields
@@ -131,7 +131,7 @@ def test_words_and_the_segment_rule(service, use_env, audio):
         {"word": None, "start": "x"},  # a malformed one is skipped
     ]
     service.replies.append(Reply(body=body))
-    result = build_recognizer(settings).transcribe(audio, name="x.flac")
+    result = build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
     assert service.requests[0].repeated["timestamp_granularities[]"] == ["segment", "word"]
     (kept,) = result.segments
     assert kept.text == "Engine 12, copy."
@@ -212,7 +212,7 @@ def test_a_service_that_is_down_is_transient(use_env, audio):
         TRANSCRIBE_BACKEND="openai", TRANSCRIBE_OPENAI_BASE_URL="http://127.0.0.1:9/v1"
     )
     with pytest.raises(TransientRecognitionError, match="ConnectError"):
-        build_recognizer(settings).transcribe(audio, name="x.flac")
+        build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
 
 
 @pytest.mark.parametrize(

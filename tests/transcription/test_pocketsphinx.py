@@ -112,11 +112,12 @@ def test_a_long_call_is_decoded_in_pieces_with_times_across_the_whole_call(
 )
 def test_a_misconfigured_pocketsphinx_names_the_setting(env, named):
     with pytest.raises(RecognizerConfigError, match=named):
-        build_recognizer(load_settings(env))
+        build_recognizer(load_settings(env).transcription)
 
 
 def test_a_malformed_pronunciation_file_names_the_line(tmp_path):
     bad = tmp_path / "bad.dict"
     bad.write_text("okword OW K\nlonely\n")
     with pytest.raises(RecognizerConfigError, match="line 2"):
-        build_recognizer(load_settings({**POCKETSPHINX, "TRANSCRIBE_POCKETSPHINX_DICT": str(bad)}))
+        settings = load_settings({**POCKETSPHINX, "TRANSCRIBE_POCKETSPHINX_DICT": str(bad)})
+        build_recognizer(settings.transcription)

@@ -115,10 +115,10 @@ def test_a_retry_never_waits_longer_than_the_cap(attempt, base, cap_over_base, r
         }
     )
     wait = retry_wait(attempt, s, retry_after)
-    assert 0 <= wait <= s.transcribe_retry_backoff_max_sec
+    assert 0 <= wait <= s.transcription.retry_backoff_max_sec
     if retry_after is not None:
         # What the service asked for, unless that is past the cap.
-        assert wait >= min(retry_after, s.transcribe_retry_backoff_max_sec) - 0.05
+        assert wait >= min(retry_after, s.transcription.retry_backoff_max_sec) - 0.05
 
 
 def test_retries_through_a_worker_wait_no_longer_than_the_cap(

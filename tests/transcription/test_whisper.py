@@ -24,7 +24,12 @@ from tests.transcription.conftest import CLIP_TEXT, CLIPS
 from workers.audio.codec import RECOGNIZER_RATE, decode_mono, write_flac
 from workers.core.settings import SettingsError, load_settings
 from workers.dev.procs import ROOT
-from workers.recognizers import EmptyReason, RecognizerConfigError, build_recognizer
+from workers.recognizers import (
+    EmptyReason,
+    RecognizerConfigError,
+    build_recognizer,
+    pool_processes,
+)
 from workers.recognizers.whisper_backend import (
     PACKAGED_MODEL_SHA256,
     PIECE_SEC,
@@ -42,7 +47,7 @@ def flac(prepared_clips: Path, clip: str) -> Path:
 
 @pytest.fixture(scope="module")
 def recognizer() -> WhisperRecognizer:
-    made = build_recognizer(load_settings({}))
+    made = build_recognizer(load_settings({}).transcription)
     assert isinstance(made, WhisperRecognizer), "whisper is the default when it is installed"
     return made
 
@@ -154,7 +159,7 @@ def test_the_silent_test_call_is_an_empty_transcript_marked_no_speech(recognizer
 def test_without_vad_what_whisper_invents_is_dropped_and_kept_aside(tmp_path):
     # tiny.en answers "You" on 6 s of silence or pink noise when voice activity detection is
     # off; the segment's own no_speech_prob gives it away.
-    deaf = build_recognizer(load_settings({"TRANSCRIBE_WHISPER_VAD": "false"}))
+    deaf = build_recognizer(load_settings({"TRANSCRIBE_WHISPER_VAD": "false"}).transcription)
     signals = no_speech_signals()
     for name in ("silence", "pink hiss"):
         result = deaf.transcribe(as_flac(signals[name], tmp_path / "x.flac"), name=name)
@@ -166,7 +171,9 @@ def test_without_vad_what_whisper_invents_is_dropped_and_kept_aside(tmp_path):
 
 def test_custom_vocabulary_is_spelt_as_given(recognizer, prepared_clips):
     phrases = {"call02.m4a": "Medic 3", "call06.m4a": "Ladder 7"}
-    tuned = build_recognizer(load_settings({"TRANSCRIBE_VOCABULARY": ", ".join(phrases.values())}))
+    tuned = build_recognizer(
+        load_settings({"TRANSCRIBE_VOCABULARY": ", ".join(phrases.values())}).transcription
+    )
     assert isinstance(tuned, WhisperRecognizer) and tuned.initial_prompt == "Medic 3, Ladder 7."
     for clip, phrase in phrases.items():
         plain = recognizer.transcribe(flac(prepared_clips, clip), name=clip).text
@@ -195,7 +202,7 @@ def test_each_threshold_drops_what_it_should():
 
 def test_the_blocklist_setting_ignores_case_and_punctuation():
     rule = SegmentFilter.from_settings(
-        load_settings({"TRANSCRIBE_BLOCKLIST": "Thanks for watching!, you"})
+        load_settings({"TRANSCRIBE_BLOCKLIST": "Thanks for watching!, you"}).transcription
     )
     assert rule.blocklist == {"thanks for watching", "you"}
     assert rule.why_dropped(Candidate(0, 1, " You.", -0.2, 0.1, 1.0)) == "blocklisted phrase"
@@ -234,16 +241,25 @@ def test_every_segment_is_kept_or_dropped_with_a_reason(candidates):
 
 def test_threads_per_process_share_the_cpus_among_the_pool():
     cpus = os.cpu_count() or 1
-    assert threads_per_process(load_settings({"TRANSCRIPTION_CONCURRENCY": "1"})) == cpus
-    many = str(cpus * 2)
-    assert threads_per_process(load_settings({"TRANSCRIPTION_CONCURRENCY": many})) == 1
-    assert threads_per_process(load_settings({"TRANSCRIPTION_POOL": "solo"})) == cpus
-    assert threads_per_process(load_settings({"TRANSCRIBE_WHISPER_THREADS": "3"})) == 3
+
+    def threads(**env: str) -> int:
+        settings = load_settings(env)
+        return threads_per_process(settings.transcription, pool_processes(settings.pools))
+
+    assert threads(TRANSCRIPTION_CONCURRENCY="1") == cpus
+    assert threads(TRANSCRIPTION_CONCURRENCY=str(cpus * 2)) == 1
+    assert threads() == 1, "one process per CPU by default, one thread each"
+    assert threads(TRANSCRIPTION_POOL="solo") == cpus
+    assert threads(TRANSCRIBE_WHISPER_THREADS="3") == 3
+    # Built without a pool size (a bench, a script): one thread, as in a full pool.
+    assert threads_per_process(load_settings({}).transcription, None) == 1
 
 
 def test_a_model_directory_is_used_as_it_is(prepared_clips):
     model_dir = packaged_model_dir()
-    made = build_recognizer(load_settings({"TRANSCRIBE_WHISPER_MODEL": str(model_dir)}))
+    made = build_recognizer(
+        load_settings({"TRANSCRIBE_WHISPER_MODEL": str(model_dir)}).transcription
+    )
     assert isinstance(made, WhisperRecognizer)
     assert (made.model, made.local_files_only) == (str(model_dir), True)
     result = made.transcribe(flac(prepared_clips, "call03.m4a"), name="call03")
@@ -263,7 +279,7 @@ def test_a_model_directory_is_used_as_it_is(prepared_clips):
 )
 def test_a_configured_model_that_is_not_there_is_refused_by_name(env, named):
     with pytest.raises(RecognizerConfigError, match=named):
-        build_recognizer(load_settings(env))
+        build_recognizer(load_settings(env).transcription)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +327,7 @@ BUILD = """
     from workers.core.settings import load_settings
     from workers.recognizers import build_recognizer, RecognizerConfigError
     try:
-        print("backend:", build_recognizer(load_settings()).backend)
+        print("backend:", build_recognizer(load_settings().transcription).backend)
     except RecognizerConfigError as exc:
         print("refused:", exc)
 """
@@ -346,7 +362,7 @@ def test_a_model_name_not_in_the_cache_is_refused_offline_by_name(tmp_path):
     code = """
         from workers.core.settings import load_settings
         from workers.recognizers import build_recognizer, RecognizerConfigError
-        recognizer = build_recognizer(load_settings())
+        recognizer = build_recognizer(load_settings().transcription)
         try:
             recognizer.fetch_named_model()
         except RecognizerConfigError as exc:
@@ -381,7 +397,7 @@ def test_recognition_with_the_packaged_model_tries_no_network(prepared_clips, tm
         from pathlib import Path
         from workers.core.settings import load_settings
         from workers.recognizers import build_recognizer
-        recognizer = build_recognizer(load_settings())
+        recognizer = build_recognizer(load_settings().transcription)
         call = Path({str(flac(prepared_clips, "call03.m4a"))!r})
         text = recognizer.transcribe(call, name="x").text
         print(json.dumps({{"attempts": attempts, "text": text}}))

@@ -41,13 +41,13 @@ class CachedSnapshot:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = ConnectionPool(
-            settings.database_url.reveal(),
+            settings.services.database_url.reveal(),
             min_size=1,
             max_size=1,
-            timeout=settings.db_connect_timeout_sec,
+            timeout=settings.services.db_connect_timeout_sec,
             kwargs={
                 "autocommit": True,
-                "connect_timeout": int(settings.db_connect_timeout_sec),
+                "connect_timeout": int(settings.services.db_connect_timeout_sec),
                 "application_name": APPLICATION_NAME,
             },
             name=APPLICATION_NAME,
@@ -63,7 +63,10 @@ class CachedSnapshot:
         """(snapshot, seconds it took to read, its age in seconds)."""
         with self._lock:
             now = time.monotonic()
-            if self._snap is None or now - self._taken_at >= self.settings.metrics_cache_sec:
+            if (
+                self._snap is None
+                or now - self._taken_at >= self.settings.operations.metrics_cache_sec
+            ):
                 self._snap = snapshot(self.settings, totals=True, connect=self.pool.connection)
                 self._taken_at = time.monotonic()
                 self._took = self._taken_at - now
@@ -196,7 +199,7 @@ def serve(settings: Settings, address: str, port: int) -> tuple[BoundedWSGIServe
         address_family = family
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, threads=settings.metrics_max_concurrency, **kwargs)
+            super().__init__(*args, threads=settings.operations.metrics_max_concurrency, **kwargs)
 
     server = make_server(address, port, make_wsgi_app(REGISTRY), Server, _SilentHandler)
     return server, source
@@ -210,8 +213,8 @@ def add_commands(sub: Subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    address = args.address or settings.metrics_address
-    port = args.port or settings.metrics_port
+    address = args.address or settings.operations.metrics_address
+    port = args.port or settings.operations.metrics_port
     server, source = serve(settings, address, port)
     shown = f"[{address}]" if ":" in address else address
     print(f"metrics on http://{shown}:{port}/metrics", flush=True)

@@ -292,7 +292,7 @@ def schema(args: argparse.Namespace, settings: Settings) -> int:
     from workers.dev.services import ServiceError, postgres_server
 
     try:
-        with postgres_server(_server_url(settings.database_url.reveal())) as admin_url:
+        with postgres_server(_server_url(settings.services.database_url.reveal())) as admin_url:
             text = generate(admin_url)
     except (SchemaError, ServiceError, psycopg.Error) as exc:
         print(f"bcfy schema: {exc}", file=sys.stderr)

@@ -165,14 +165,14 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         with psycopg.connect(
-            settings.database_url.reveal(),
-            connect_timeout=int(settings.db_connect_timeout_sec),
+            settings.services.database_url.reveal(),
+            connect_timeout=int(settings.services.db_connect_timeout_sec),
             autocommit=True,
         ) as conn:
             hits = search_transcripts(
                 conn,
                 args.query,
-                audio_store_dir=settings.audio_store_dir,
+                audio_store_dir=settings.audio.store_dir,
                 playlist=args.playlist,
                 group=args.group,
                 since=args.since,

@@ -342,7 +342,8 @@ def snapshot(
 
 def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect | None) -> None:
     if connect is None:
-        connect = lambda: psycopg.connect(settings.database_url.reveal(), connect_timeout=5)  # noqa: E731
+        url = settings.services.database_url.reveal()
+        connect = lambda: psycopg.connect(url, connect_timeout=5)  # noqa: E731
     with connect() as conn:
         _from_database(snap, conn, details=not totals)
         if totals:
@@ -350,10 +351,10 @@ def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect 
 
 
 def _with_redis(settings: Settings, snap: Snapshot) -> None:
-    client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5)
+    client = redis.Redis.from_url(settings.services.redis_url.reveal(), socket_timeout=5)
     try:
         _from_redis(snap, client)
-        _clock_offsets(snap, client, settings.job_misfire_grace_sec)
+        _clock_offsets(snap, client, settings.jobs.misfire_grace_sec)
     finally:
         client.close()
 

@@ -214,11 +214,15 @@ def run_singleton(
 ) -> JobOutcome:
     rt = Runtime.current()
     s = rt.settings
-    soft = s.job_soft_time_limit_sec
+    soft = s.jobs.soft_time_limit_sec
     job = lock_name(task.name, kwargs)
     worker = worker_name(task)
     lock = SingletonLock(
-        rt.redis, job, ttl=s.lock_ttl_sec, renew_every=s.lock_renew_sec, token=new_token(worker)
+        rt.redis,
+        job,
+        ttl=s.jobs.lock_ttl_sec,
+        renew_every=s.jobs.lock_renew_sec,
+        token=new_token(worker),
     )
     tick = tick_of(task.request)
     started = _now()
@@ -386,12 +390,12 @@ def _record_hard_time_limit(
         return
     _RECORDED_KILLS.append(str(task_id))
     s = configured_settings()
-    hard = float(getattr(sender, "time_limit", None) or s.job_time_limit_sec)
+    hard = float(getattr(sender, "time_limit", None) or s.jobs.time_limit_sec)
     job = lock_name(name, kwargs or {})
     ended = _now()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        client = redis.Redis.from_url(s.redis_url.reveal(), socket_timeout=5)
+        client = redis.Redis.from_url(s.services.redis_url.reveal(), socket_timeout=5)
         try:
             token = holder_of(client, job)
         finally:
@@ -406,7 +410,9 @@ def _record_hard_time_limit(
     log.error("job %s: %s", job, error)
     try:
         with psycopg.connect(
-            s.database_url.reveal(), autocommit=True, connect_timeout=int(s.db_connect_timeout_sec)
+            s.services.database_url.reveal(),
+            autocommit=True,
+            connect_timeout=int(s.services.db_connect_timeout_sec),
         ) as conn:
             conn.execute(
                 "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
@@ -446,6 +452,6 @@ def _record_run(
             )
 
     try:
-        rt.run(asyncio.wait_for(insert(), timeout=rt.settings.db_connect_timeout_sec))
+        rt.run(asyncio.wait_for(insert(), timeout=rt.settings.services.db_connect_timeout_sec))
     except Exception as exc:
         log.error("job %s: could not record run (%s): %s", job, outcome, _error_text(exc))

@@ -27,7 +27,7 @@ from workers.audio.codec import (
     pieces_at_pauses,
     probe,
 )
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
@@ -87,9 +87,9 @@ class PocketsphinxRecognizer:
         self.vocabulary = vocabulary or []
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PocketsphinxRecognizer:
-        extra = settings.transcribe_pocketsphinx_dict
-        return cls(vocabulary_terms(settings.transcribe_vocabulary), Path(extra) if extra else None)
+    def from_settings(cls, transcription: TranscriptionSettings) -> PocketsphinxRecognizer:
+        extra = transcription.pocketsphinx_dict
+        return cls(vocabulary_terms(transcription.vocabulary), Path(extra) if extra else None)
 
     def _new_entries(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Words the dictionary has already get the new pronunciation as an alternate."""

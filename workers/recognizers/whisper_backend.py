@@ -44,7 +44,7 @@ from workers.audio.codec import (
     pieces_at_pauses,
     probe,
 )
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
@@ -112,12 +112,12 @@ def verify_packaged_model(model_dir: Path) -> None:
         )
 
 
-def whisper_unavailable(settings: Settings) -> str | None:
+def whisper_unavailable(transcription: TranscriptionSettings) -> str | None:
     """Why TRANSCRIBE_BACKEND=auto cannot use whisper, or None when it can. Only what is not
     installed counts: a model that is configured but missing is an error, not a fallback."""
     if importlib.util.find_spec("faster_whisper") is None:
         return "the faster-whisper package is not installed"
-    if not settings.transcribe_whisper_model and packaged_model_dir() is None:
+    if not transcription.whisper_model and packaged_model_dir() is None:
         return (
             f"TRANSCRIBE_WHISPER_MODEL is empty and the packaged model "
             f"({PACKAGED_MODEL_DISTRIBUTION}) is not installed"
@@ -125,53 +125,49 @@ def whisper_unavailable(settings: Settings) -> str | None:
     return None
 
 
-def pool_processes(settings: Settings) -> int:
-    """How many transcription processes share this machine's CPUs."""
-    if settings.transcription_pool == "solo":
-        return 1
-    return settings.transcription_concurrency or os.cpu_count() or 1
-
-
-def threads_per_process(settings: Settings) -> int:
-    """TRANSCRIBE_WHISPER_THREADS, or the CPUs shared among the pool's processes: more threads
-    than cores only makes the processes take turns."""
-    if settings.transcribe_whisper_threads:
-        return settings.transcribe_whisper_threads
-    return max(1, (os.cpu_count() or 1) // pool_processes(settings))
+def threads_per_process(transcription: TranscriptionSettings, pool_processes: int | None) -> int:
+    """TRANSCRIBE_WHISPER_THREADS, or the CPUs shared among the pool's processes (None: one
+    per CPU): more threads than cores only makes the processes take turns."""
+    if transcription.whisper_threads:
+        return transcription.whisper_threads
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // (pool_processes or cpus))
 
 
 class WhisperRecognizer:
     backend = "whisper"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, transcription: TranscriptionSettings, *, pool_processes: int | None = None
+    ) -> None:
         if importlib.util.find_spec("faster_whisper") is None:
             raise RecognizerConfigError(
                 "TRANSCRIBE_BACKEND=whisper: the faster-whisper package is not installed "
                 "(pip install 'bcfy-pipeline[whisper]')"
             )
-        self.settings = settings
-        self.source, self.model, self.local_files_only = self._resolve_model(settings)
-        language = settings.transcribe_language.split("-")[0].lower()
+        self.settings = transcription
+        self.source, self.model, self.local_files_only = self._resolve_model(transcription)
+        language = transcription.language.split("-")[0].lower()
         self.language = language if language not in ("", "auto") else None
         if self.model.endswith(".en") and self.language not in (None, "en"):
             raise RecognizerConfigError(
-                f"TRANSCRIBE_LANGUAGE={settings.transcribe_language!r}: the whisper model "
+                f"TRANSCRIBE_LANGUAGE={transcription.language!r}: the whisper model "
                 f"{self.model} knows only English (set TRANSCRIBE_WHISPER_MODEL to a "
                 "multilingual one, e.g. small)"
             )
-        terms = vocabulary_terms(settings.transcribe_vocabulary)
-        way = settings.transcribe_whisper_vocabulary_as
+        terms = vocabulary_terms(transcription.vocabulary)
+        way = transcription.whisper_vocabulary_as
         self.initial_prompt = ", ".join(terms) + "." if terms and way != "hotwords" else None
         self.hotwords = " ".join(terms) if terms and way != "prompt" else None
-        self.rule = SegmentFilter.from_settings(settings)
-        self.threads = threads_per_process(settings)
+        self.rule = SegmentFilter.from_settings(transcription)
+        self.threads = threads_per_process(transcription, pool_processes)
         self._model: WhisperModel | None = None
         self._loaded_in: int | None = None
 
     @staticmethod
-    def _resolve_model(settings: Settings) -> tuple[str, str, bool]:
+    def _resolve_model(transcription: TranscriptionSettings) -> tuple[str, str, bool]:
         """(what WhisperModel is given, the model's name for transcripts, offline only)."""
-        configured = settings.transcribe_whisper_model
+        configured = transcription.whisper_model
         if not configured:
             model_dir = packaged_model_dir()
             if model_dir is None:
@@ -204,15 +200,15 @@ class WhisperRecognizer:
         if self.local_files_only:
             # A local model needs no hub; make sure nothing in the process tries one.
             os.environ["HF_HUB_OFFLINE"] = "1"
-        if s.transcribe_whisper_model == "":
+        if s.whisper_model == "":
             verify_packaged_model(Path(self.source))  # the file may have changed since start
         started = time.perf_counter()
         from faster_whisper import WhisperModel
 
         # Its INFO lines (duration, what VAD removed) would double the worker's log per call.
         logging.getLogger("faster_whisper").setLevel(logging.WARNING)
-        device = _resolved_device(s.transcribe_whisper_device)
-        compute = s.transcribe_whisper_compute_type
+        device = _resolved_device(s.whisper_device)
+        compute = s.whisper_compute_type
         if compute == "auto":
             compute = "default" if device == "cuda" else "int8"
 
@@ -223,7 +219,7 @@ class WhisperRecognizer:
                 compute_type=compute,
                 cpu_threads=self.threads,
                 num_workers=1,
-                download_root=s.transcribe_whisper_cache_dir or None,
+                download_root=s.whisper_cache_dir or None,
                 local_files_only=local_files_only,
             )
 
@@ -238,8 +234,8 @@ class WhisperRecognizer:
                 model = make(local_files_only=False)
         except Exception as exc:
             raise RecognizerConfigError(
-                f"TRANSCRIBE_WHISPER_MODEL={s.transcribe_whisper_model or self.model!r} cannot "
-                f"be loaded (TRANSCRIBE_WHISPER_CACHE_DIR={s.transcribe_whisper_cache_dir!r}, "
+                f"TRANSCRIBE_WHISPER_MODEL={s.whisper_model or self.model!r} cannot "
+                f"be loaded (TRANSCRIBE_WHISPER_CACHE_DIR={s.whisper_cache_dir!r}, "
                 f"TRANSCRIBE_WHISPER_DEVICE={device}, TRANSCRIBE_WHISPER_COMPUTE_TYPE={compute}):"
                 f" {type(exc).__name__}: {exc}"
             ) from None
@@ -265,11 +261,11 @@ class WhisperRecognizer:
 
         s = self.settings
         try:
-            download_model(self.source, cache_dir=s.transcribe_whisper_cache_dir or None)
+            download_model(self.source, cache_dir=s.whisper_cache_dir or None)
         except Exception as exc:
             raise RecognizerConfigError(
                 f"TRANSCRIBE_WHISPER_MODEL={self.source!r}: not in the cache "
-                f"(TRANSCRIBE_WHISPER_CACHE_DIR={s.transcribe_whisper_cache_dir!r}) and it "
+                f"(TRANSCRIBE_WHISPER_CACHE_DIR={s.whisper_cache_dir!r}) and it "
                 f"cannot be downloaded: {type(exc).__name__}: {exc}"
             ) from None
 
@@ -315,19 +311,19 @@ class WhisperRecognizer:
         segments, info = model.transcribe(
             samples.astype(np.float32) / 32768.0,
             language=self.language,
-            beam_size=s.transcribe_whisper_beam_size,
+            beam_size=s.whisper_beam_size,
             initial_prompt=self.initial_prompt,
             hotwords=self.hotwords,
             # Each call is its own: earlier text would only carry a mistake (or a loop) on.
             condition_on_previous_text=False,
             word_timestamps=True,
-            vad_filter=s.transcribe_whisper_vad,
-            vad_parameters={"threshold": s.transcribe_whisper_vad_threshold},
+            vad_filter=s.whisper_vad,
+            vad_parameters={"threshold": s.whisper_vad_threshold},
             # Whisper's own figures decide when it retries at a higher temperature; ours then
             # judge what it kept (whisper_segments).
-            no_speech_threshold=s.transcribe_no_speech_threshold,
-            log_prob_threshold=s.transcribe_logprob_threshold,
-            compression_ratio_threshold=s.transcribe_compression_ratio_threshold,
+            no_speech_threshold=s.no_speech_threshold,
+            log_prob_threshold=s.logprob_threshold,
+            compression_ratio_threshold=s.compression_ratio_threshold,
         )
         # A generator: the decoding happens as it is read, window by window (Celery's soft
         # time limit can interrupt between them).
