@@ -6,13 +6,11 @@ AAC; here they go through the pipeline's one conversion to 16 kHz FLAC first.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tests.support.speech import words_found
-from tests.transcription.conftest import CLIP_TEXT, CLIPS
+from tests.transcription.conftest import CLIP_TEXT, flac, recognise_spoken_calls
 from workers.audio.codec import decode_mono
 from workers.core.settings import load_settings
 from workers.recognizers import RecognizerConfigError, build_recognizer
@@ -21,35 +19,14 @@ from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 POCKETSPHINX = {"TRANSCRIBE_BACKEND": "pocketsphinx"}
 
 
-def flac(prepared_clips: Path, clip: str) -> Path:
-    return prepared_clips / "prepared" / f"{Path(clip).stem}.flac"
-
-
 @pytest.fixture(scope="module")
 def recognizer() -> PocketsphinxRecognizer:
     return PocketsphinxRecognizer()
 
 
 def test_the_spoken_calls_are_recognised(recognizer, prepared_clips, record_property):
-    found = total = 0
-    for clip, text in CLIP_TEXT.items():
-        result = recognizer.transcribe(flac(prepared_clips, clip), name=clip)
-        hit, said = words_found(text, result.text)
-        found, total = found + hit, total + said
-        duration = next(c["duration"] for c in CLIPS["clips"] if c["file"] == clip)
-        assert result.audio_duration_sec == pytest.approx(duration, abs=0.1)
-        assert result.language == "en" and result.model.startswith("pocketsphinx-")
-        assert result.confidence is not None and 0 <= result.confidence <= 1
-        assert result.segments, f"{clip}: no segments"
-        assert " ".join(s.text for s in result.segments) == result.text
-        for seg in result.segments:
-            assert 0 <= seg.start < seg.end <= duration + 0.05
-            # Word times: each word of the segment, in order, inside it.
-            assert " ".join(w.text for w in seg.words) == seg.text
-            assert all(seg.start <= w.start < w.end <= seg.end for w in seg.words)
-    share = found / total
-    print(f"\npocketsphinx recognised {found} of {total} words of the spoken calls ({share:.0%})")
-    record_property("pocketsphinx_words_found", f"{found}/{total}")
+    share = recognise_spoken_calls(recognizer, prepared_clips, "pocketsphinx-")
+    record_property("pocketsphinx_words_found", f"{share:.0%}")
     # Measured 90/162 (56%) with pocketsphinx 5.1.1, words compared as written; a broken
     # pipeline (wrong rate, wrong byte order, a lost channel) recognises next to nothing.
     assert share >= 0.45

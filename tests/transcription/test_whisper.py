@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.speech import normalised_words, words_found
-from tests.transcription.conftest import CLIP_TEXT, CLIPS
+from tests.transcription.conftest import CLIP_TEXT, flac, recognise_spoken_calls
 from workers.audio.codec import RECOGNIZER_RATE, decode_mono, write_flac
 from workers.core.settings import SettingsError, load_settings
 from workers.dev.procs import ROOT
@@ -41,10 +41,6 @@ from workers.recognizers.whisper_backend import (
 from workers.recognizers.whisper_segments import Candidate, SegmentFilter, judge
 
 
-def flac(prepared_clips: Path, clip: str) -> Path:
-    return prepared_clips / "prepared" / f"{Path(clip).stem}.flac"
-
-
 @pytest.fixture(scope="module")
 def recognizer() -> WhisperRecognizer:
     made = build_recognizer(load_settings({}).transcription)
@@ -59,32 +55,7 @@ def test_the_packaged_model_is_the_pinned_one():
 
 
 def test_the_spoken_calls_are_recognised_with_word_times(recognizer, prepared_clips):
-    found = total = 0
-    for clip, text in CLIP_TEXT.items():
-        result = recognizer.transcribe(flac(prepared_clips, clip), name=clip)
-        hit, said = words_found(text, result.text)
-        found, total = found + hit, total + said
-        duration = next(c["duration"] for c in CLIPS["clips"] if c["file"] == clip)
-        assert result.audio_duration_sec == pytest.approx(duration, abs=0.1)
-        assert result.language == "en" and result.model.startswith("tiny.en")
-        assert result.confidence is not None and 0 < result.confidence <= 1
-        assert result.segments and result.empty_reason is None, f"{clip}: {result}"
-        assert " ".join(s.text for s in result.segments) == result.text
-        for seg in result.segments:
-            assert 0 <= seg.start < seg.end <= duration + 0.05
-            assert seg.words, f"{clip}: a segment without word times"
-            assert normalised_words(" ".join(w.text for w in seg.words)) == normalised_words(
-                seg.text
-            )
-            for word in seg.words:
-                assert seg.start - 0.05 <= word.start <= word.end <= seg.end + 0.05
-                assert word.confidence is not None and 0 <= word.confidence <= 1
-            starts = [w.start for w in seg.words]
-            assert starts == sorted(starts)
-    share = found / total
-    print(
-        f"\nwhisper tiny.en recognised {found} of {total} words of the spoken calls ({share:.0%})"
-    )
+    share = recognise_spoken_calls(recognizer, prepared_clips, "tiny.en")
     # Measured 124/161 (77 %) with faster-whisper 1.2.1, int8, beam 5 (pocketsphinx: 56 %).
     assert share >= 0.65
 

@@ -52,6 +52,16 @@ def mark_dispatched(calls, call_id):
         )
 
 
+def transcript_of(calls, client, clip):
+    """The transcript of a ready call of this clip, sent as the dispatcher sends it."""
+    call_id = calls.add(clip)
+    mark_dispatched(calls, call_id)
+    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 90, "the call transcribed")
+    (t,) = calls.transcripts(call_id)
+    return t
+
+
 def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tmp_path, client):
     env = worker_env(calls.services, calls.store, tmp_path)
     procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
@@ -96,11 +106,7 @@ def test_a_call_with_no_speech_gets_an_empty_transcript_marked_as_such(
 ):
     env = worker_env(calls.services, calls.store, tmp_path)
     procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
-    call_id = calls.add("silence.m4a")
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
-    wait_until(lambda: calls.state(call_id)["state"] == "done", 90, "the call transcribed")
-    (t,) = calls.transcripts(call_id)
+    t = transcript_of(calls, client, "silence.m4a")
     assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "no_speech")
     assert t["backend"] == "whisper" and t["dropped_segments"] == []
 
@@ -112,11 +118,7 @@ def test_invented_words_are_stored_aside_and_the_transcript_marked_empty(
     service.default = Reply(body=verbose_json(hiss))
     env = worker_env(calls.services, calls.store, tmp_path, **openai_env(service))
     procs.append(start_worker("asr", env, tmp_path, queues="transcription"))
-    call_id = calls.add("call05.m4a")
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
-    wait_until(lambda: calls.state(call_id)["state"] == "done", 60, "the call transcribed")
-    (t,) = calls.transcripts(call_id)
+    t = transcript_of(calls, client, "call05.m4a")
     assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "dropped")
     assert t["dropped_segments"] == [
         {"start": 0.0, "end": 3.0, "text": "Thank you.", "reason": "no_speech_prob 0.91 > 0.6"}

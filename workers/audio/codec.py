@@ -151,6 +151,15 @@ def decode_mono(path: Path | str, rate: int = RECOGNIZER_RATE) -> np.ndarray:
     return decode(path, rate).samples
 
 
+def decode_prepared(path: Path | str) -> np.ndarray:
+    """A prepared call's samples for a recogniser (16 kHz, mono, int16); AudioDecodeError for
+    a file that is not audio at all (such a file can open as an empty stream)."""
+    samples = decode_mono(path, RECOGNIZER_RATE)
+    if samples.size == 0 and probe(path).sample_rate == 0:
+        raise AudioDecodeError("no audio stream with a sample rate")
+    return samples
+
+
 class LoudestWindow:
     """RMS level of the loudest `window_sec` stretch, in dB full scale (-inf for no sound),
     fed piece by piece.

@@ -37,13 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.audio.codec import (
-    RECOGNIZER_RATE,
-    AudioDecodeError,
-    decode_mono,
-    pieces_at_pauses,
-    probe,
-)
+from workers.audio.codec import RECOGNIZER_RATE, decode_prepared, pieces_at_pauses
 from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     Recognition,
@@ -270,11 +264,7 @@ class WhisperRecognizer:
             ) from None
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
-        samples = decode_mono(audio_path, RECOGNIZER_RATE)
-        if samples.size == 0 and probe(audio_path).sample_rate == 0:
-            # Something that is not audio at all can open as an empty stream.
-            raise AudioDecodeError("no audio stream with a sample rate")
-        return self.recognize_samples(samples)
+        return self.recognize_samples(decode_prepared(audio_path))
 
     def recognize_samples(self, samples: np.ndarray) -> Recognition:
         """Recognise 16 kHz mono int16 samples, in pieces of at most PIECE_SEC cut at pauses:
