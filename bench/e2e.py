@@ -58,9 +58,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -155,10 +156,10 @@ def analyse(
     t_end = t_start + duration
     a = t_start + WARMUP_SEC
 
-    def fit(value: Any) -> tuple[float, float]:
+    def fit(value: Callable[[Sample], float]) -> tuple[float, float]:
         return slope_fit(period_means(samples, a, t_end, interval, value))
 
-    growth = {stage: fit(lambda s, st=stage: s.backlog(st)) for stage in STAGES}
+    growth = {stage: fit(partial(Sample.backlog, stage=stage)) for stage in STAGES}
     window = [s for s in samples if a <= s.t <= t_end]
     mean = {stage: statistics.fmean(s.backlog(stage) for s in window) for stage in STAGES}
     at_end = min(samples, key=lambda s: abs(s.t - t_end))

@@ -24,14 +24,13 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, rotated, run_bench, servers, spread
+from bench._common import heading, interleaved_ms, report, run_bench, servers, spread
 
 REPEAT = 15
 JOB_RUNS_PER_DAY = 30_000
@@ -179,19 +178,6 @@ def vacuum(conn: psycopg.Connection) -> None:
     print(f"  vacuum analyze {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def timed(cases: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    """Milliseconds per case, REPEAT each, the cases interleaved in rotating order."""
-    for fn in cases.values():
-        fn()  # warm the cache, as a running system has it
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for round_no in range(REPEAT):
-        for name, fn in rotated(list(cases.items()), round_no):
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1000)
-    return samples
-
-
 def measure(database_url: str, phase: str) -> list[str]:
     from workers.cli.status import Snapshot, _from_database, _totals
 
@@ -206,7 +192,7 @@ def measure(database_url: str, phase: str) -> list[str]:
             _from_database(snap, conn, details=False)
             _totals(snap, conn)
 
-        for name, ms in timed({"status": status, "metrics": metrics}).items():
+        for name, ms in interleaved_ms({"status": status, "metrics": metrics}, REPEAT).items():
             verdict = "ok" if statistics.median(ms) < GOAL_MS else f"OVER {GOAL_MS} ms"
             lines.append(f"  {phase:44} {name:8} {spread(ms):>30} ms  {verdict}")
             print(lines[-1], flush=True)

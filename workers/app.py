@@ -28,6 +28,7 @@ from celery import Celery, Task, bootsteps, signals
 from kombu import Exchange, Queue
 
 from beat_schedule import DEFAULT_JOB, JOBS_BY_NAME, QUEUES, build_beat_schedule, task_routes
+from workers.core.identity import set_worker_name
 from workers.core.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -160,6 +161,13 @@ def _pool_child_started(**_: object) -> None:
 
     mark_pool_child()
     Runtime.current()
+
+
+@signals.celeryd_after_setup.connect
+def _name_the_worker(sender: str, **_: object) -> None:
+    """Locks, claims and run logs name this worker's processes after its node (before the pool
+    forks, so pool processes inherit the name)."""
+    set_worker_name(sender)
 
 
 @signals.celeryd_after_setup.connect

@@ -13,11 +13,12 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from uuid import UUID
 
 import psycopg
+from psycopg.rows import TupleRow
 
-from workers.core.jobs import claimant_is_gone
+from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 
@@ -91,7 +92,7 @@ class AudioClaim:
 
 
 async def claim_pending_calls(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings, owner: str
 ) -> AudioClaim:
     """Lease up to AUDIO_WORKER_BATCH_SIZE due calls to `owner` (commit to make it count)."""
     cur = await conn.execute(
@@ -110,7 +111,7 @@ async def claim_pending_calls(
 
 
 async def fail_exhausted_leases(
-    conn: psycopg.AsyncConnection[Any], settings: Settings
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings
 ) -> list[int]:
     cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio.max_attempts})
     return [r[0] for r in await cur.fetchall()]
@@ -194,7 +195,7 @@ class ClaimedCall:
     attempt: int
     url: str
     duration_sec: float | None
-    playlist_uuid: Any
+    playlist_uuid: UUID | None
     started_at: datetime
     expected_bytes: int | None  # the record's `size`, when the service gave one
     attempt_id: int | None = None  # its call_audio_attempts row, once started
@@ -244,7 +245,7 @@ class HeldClaim:
         async with db_connection() as conn:
             rows = await (await conn.execute(HELD, params)).fetchall()
             left_open = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
-            busy = sorted({w for _, _, w in left_open if not claimant_is_gone(w)})
+            busy = sorted({w for _, _, w in left_open if not process_is_gone(w)})
             if busy:
                 log.warning(
                     "audio: claim %s is being worked on by %s: duplicate delivery dropped",
@@ -263,7 +264,7 @@ class HeldClaim:
 
     async def count_deaths(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[TupleRow],
         calls: dict[int, ClaimedCall],
         dead: list[tuple[int, int, str]],
     ) -> list[int]:

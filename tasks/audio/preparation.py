@@ -21,9 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
+import httpx
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
@@ -154,7 +155,9 @@ def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailur
 class CallPreparer:
     """Prepares one task's claimed calls on this process's loop, HTTP client and pool."""
 
-    def __init__(self, settings: Settings, http: Any, owner: str, worker: str) -> None:
+    def __init__(
+        self, settings: Settings, http: httpx.AsyncClient, owner: str, worker: str
+    ) -> None:
         self.s = settings
         self.http = http
         self.owner = owner
@@ -370,7 +373,7 @@ class CallPreparer:
 
     async def end_attempt(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[TupleRow],
         call: ClaimedCall,
         outcome: AudioOutcome,
         code: str | None,

@@ -23,14 +23,16 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, split_page
 from workers.clients.broadcastify import BroadcastifyClient, retry_budget
 from workers.core.jobs import JobContext, LockLost
+from workers.core.records import JSON
+from workers.core.rows import one_row
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 SETTLE_SEC = 2
 
 
-def group_ids(groups: Any) -> list[str]:
+def group_ids(groups: JSON) -> list[str]:
     """Group ids from a playlist's stored `groups` (objects with groupId, or plain strings)."""
     found: list[str] = []
     for item in groups if isinstance(groups, list) else []:
@@ -50,7 +52,7 @@ def group_ids(groups: Any) -> list[str]:
 
 
 async def plan_backfill(
-    conn: psycopg.AsyncConnection[Any], playlist_uuid: str, groups: Any, first: int, last: int
+    conn: psycopg.AsyncConnection[TupleRow], playlist_uuid: str, groups: JSON, first: int, last: int
 ) -> None:
     gids = group_ids(groups)
     if not gids:
@@ -154,7 +156,7 @@ async def gaps_due(ctx: JobContext) -> bool:
     """Whether some gap is due to be read now (a poll run then triggers back-fill)."""
     async with ctx.connection() as conn:
         cur = await conn.execute(f"SELECT EXISTS (SELECT 1 {DUE_GAPS})")
-        (due,) = await cur.fetchone()  # type: ignore[misc]
+        (due,) = one_row(await cur.fetchone())
     return bool(due)
 
 

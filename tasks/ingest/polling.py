@@ -35,15 +35,16 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.backfill import group_ids, plan_backfill
 from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, Page, split_page
 from workers.clients.broadcastify import BroadcastifyClient, BroadcastifyError
 from workers.core.jobs import JobContext, LockLost
+from workers.core.records import JSON
 from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ async def poll_playlist(
 
 
 async def _poll_claimed(
-    ctx: JobContext, api: BroadcastifyClient, claim: _Claim, cursor: int | None, groups: Any
+    ctx: JobContext, api: BroadcastifyClient, claim: _Claim, cursor: int | None, groups: JSON
 ) -> PollOutcome:
     playlist_uuid = claim.playlist_uuid
     poll = PollRecord(
@@ -273,8 +274,8 @@ def _next_cursor(
 
 
 async def _add_groups(
-    conn: psycopg.AsyncConnection[Any], playlist_uuid: str, new_groups: list[str]
-) -> Any:
+    conn: psycopg.AsyncConnection[TupleRow], playlist_uuid: str, new_groups: list[str]
+) -> JSON:
     log.info("playlist %s: calls from new groups %s", playlist_uuid, ", ".join(new_groups))
     cur = await conn.execute(
         "UPDATE bcfy_playlists SET groups = groups || %s::jsonb, updated_at = now()"
@@ -299,7 +300,7 @@ def _retention_margin(ctx: JobContext) -> float:
 
 
 async def _leap_past_retention(
-    ctx: JobContext, api: BroadcastifyClient, playlist_uuid: str, cursor: int, groups: Any
+    ctx: JobContext, api: BroadcastifyClient, playlist_uuid: str, cursor: int, groups: JSON
 ) -> int:
     """When the cursor is older than the live endpoint answers for, record the gap for
     back-fill and move the cursor to the seam, in one transaction. Returns the cursor to send."""

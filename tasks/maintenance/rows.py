@@ -38,34 +38,31 @@ def _delete_older(table: str, time_col: str, key: str = "id") -> str:
     )
 
 
-_PRUNE_ORIGINALS = """
+def _forget_files(kind: str, *, after_transcription: bool = False) -> str:
+    """Forget one kind of file (`original`, `prepared`) of calls ready before the cutoff: listed
+    in audio_file_trash and its path cleared, in one statement. after_transcription: only once
+    the call's transcription finished (done, or failed for good); ready_at < cutoff holds for
+    those and keeps the read on the index of files still kept."""
+    join, finished = "", ""
+    if after_transcription:
+        join = " JOIN call_transcription t ON t.call_id = a.call_id"
+        finished = " AND t.state IN ('done', 'failed') AND t.finished_at < %(cutoff)s"
+    return f"""
 WITH doomed AS (
-    SELECT call_id, original_path FROM call_audio
-     WHERE state = 'ready' AND original_path IS NOT NULL AND ready_at < %(cutoff)s
-     ORDER BY ready_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
-), listed AS (
-    INSERT INTO audio_file_trash (key, call_id) SELECT original_path, call_id FROM doomed
-    ON CONFLICT (key) DO NOTHING
-)
-UPDATE call_audio a SET original_path = NULL, original_pruned_at = now()
-  FROM doomed d WHERE a.call_id = d.call_id
-"""
-# After its transcription finished (done, or failed for good); ready_at < cutoff holds for
-# those and keeps the read on the index of files still kept.
-_PRUNE_PREPARED = """
-WITH doomed AS (
-    SELECT a.call_id, a.prepared_path FROM call_audio a
-      JOIN call_transcription t ON t.call_id = a.call_id
-     WHERE a.state = 'ready' AND a.prepared_path IS NOT NULL AND a.ready_at < %(cutoff)s
-       AND t.state IN ('done', 'failed') AND t.finished_at < %(cutoff)s
+    SELECT a.call_id, a.{kind}_path AS path FROM call_audio a{join}
+     WHERE a.state = 'ready' AND a.{kind}_path IS NOT NULL AND a.ready_at < %(cutoff)s{finished}
      ORDER BY a.ready_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED
 ), listed AS (
-    INSERT INTO audio_file_trash (key, call_id) SELECT prepared_path, call_id FROM doomed
+    INSERT INTO audio_file_trash (key, call_id) SELECT path, call_id FROM doomed
     ON CONFLICT (key) DO NOTHING
 )
-UPDATE call_audio a SET prepared_path = NULL, prepared_pruned_at = now()
+UPDATE call_audio a SET {kind}_path = NULL, {kind}_pruned_at = now()
   FROM doomed d WHERE a.call_id = d.call_id
 """
+
+
+_PRUNE_ORIGINALS = _forget_files("original")
+_PRUNE_PREPARED = _forget_files("prepared", after_transcription=True)
 # A call goes with its audio row, attempts, transcription row and transcript (ON DELETE
 # CASCADE); its files are listed in the same transaction.
 _PRUNE_CALLS = """

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.audio.preparation import store_for
 from workers.core.settings import Settings
@@ -52,7 +52,7 @@ class Run:
         await asyncio.sleep(self.s.retention.batch_pause_sec if pause else 0)
 
 
-async def db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
+async def db_now(conn: psycopg.AsyncConnection[TupleRow]) -> datetime:
     row = await (await conn.execute("SELECT now()")).fetchone()
     assert row is not None
     value: datetime = row[0]

@@ -38,7 +38,8 @@ from tasks.transcription.policy import (
     retry_wait,
 )
 from workers.app import app
-from workers.core.jobs import JobContext, periodic_job, process_id
+from workers.core.identity import worker_identity
+from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
 from workers.recognizers import (
     TransientRecognitionError,
@@ -91,7 +92,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
     rt = Runtime.current()
     s = rt.settings
-    worker = process_id(self)
+    worker = worker_identity()
     try:
         claim = rt.run(claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:

@@ -122,9 +122,9 @@ def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, cle
     with subprocess.Popen(["sleep", "60"]) as live:
         with subprocess.Popen(["true"]) as gone:
             gone.wait()
-        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:{live.pid}")
+        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{live.pid}")
         start(rt, on_it, first)
-        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:1")
+        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:1")
         assert rt.run(taker.take_over([first, second])).calls == [], "a duplicate: dropped"
         live.kill()
     assert [r["attempts"] for r in audio_rows(db).values()] == [1, 1]
@@ -132,7 +132,7 @@ def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, cle
     def dies(call_id: int) -> None:  # what a process that dies on it leaves behind
         db.execute(
             "UPDATE call_audio_attempts SET worker = %s WHERE call_id = %s AND ended_at IS NULL",
-            (f"a1@{host}:{host}:{gone.pid}", call_id),
+            (f"a1@{host}:{gone.pid}", call_id),
         )
 
     dies(first)

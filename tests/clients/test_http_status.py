@@ -185,4 +185,5 @@ def test_transient_statuses_agree_across_clients(server, tmp_path, status):
     client failed 408 and 425 at once and the download ignored Retry-After on 500, 502, 504."""
     assert _broadcastify(server, status) == [] and server.requests == 2
     assert isinstance(_openai(server, status), TransientRecognitionError)
-    assert _download(server, status, tmp_path / "a.m4a").retry_after == 7
+    failure = _download(server, status, tmp_path / "a.m4a")
+    assert failure is not None and failure.retry_after == 7

@@ -100,7 +100,9 @@ def test_a_clock_stepped_back_does_not_stretch_the_hold(back):
             "BCFY_APP_ID": APP_ID,
         }
     )
-    api = BroadcastifyClient.from_settings(settings, None, clock=lambda: now[0])  # type: ignore[arg-type]
+    api = BroadcastifyClient.from_settings(
+        settings, httpx.AsyncClient(), clock=lambda: now[0]
+    )  # never sends
     api._config_error = (now[0], "the service does not know BCFY_API_KEY_ID")
     assert api._config_error_held()
     now[0] -= back

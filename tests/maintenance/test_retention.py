@@ -24,6 +24,7 @@ from tests.support.procs import start_beat, start_worker
 from workers.app import app
 from workers.cli.status import totals
 from workers.core.locks import SingletonLock
+from workers.core.rows import one_row
 from workers.core.runtime import Runtime
 from workers.core.settings import (
     Settings,
@@ -150,7 +151,8 @@ def call(
 
 
 def count(conn: psycopg.Connection, table: str) -> int:
-    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    (n,) = one_row(conn.execute(f"SELECT count(*) FROM {table}").fetchone())
+    return int(n)
 
 
 def files_of(conn: psycopg.Connection) -> dict[int, tuple[str | None, str | None]]:

@@ -64,7 +64,7 @@ async def stubborn(ctx: JobContext) -> None:
         block = await client.lpop("test:block")
     finally:
         await client.aclose()
-    if block is not None:
+    if isinstance(block, bytes | str):  # (lpop without a count: one item or None)
         until = time.monotonic() + float(block)
         while time.monotonic() < until:
             try:

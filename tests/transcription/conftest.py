@@ -25,6 +25,7 @@ from tests.conftest import Services
 from tests.support.speech import normalised_words, words_found
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio.codec import convert_for_recognizers
+from workers.core.rows import one_row
 from workers.core.runtime import Runtime
 from workers.core.settings import load_settings, reset_settings_cache
 from workers.dev.simulator.make_clips import CLIPS_DIR
@@ -110,22 +111,24 @@ class Calls:
         """A stored call, with its audio ready (unless ready=False). Returns its id."""
         started = datetime.now(UTC) - ago
         with self.db() as conn:
-            (call_id,) = conn.execute(
-                """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
-                                               duration_sec, url, display, raw)
-                   VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
-                (
-                    playlist,
-                    group_id,
-                    int(started.timestamp()),
-                    started,
-                    f"https://calls.example/{uuid.uuid4().hex}.m4a",
-                    display,
-                ),
-            ).fetchone()
+            (call_id,) = one_row(
+                conn.execute(
+                    """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
+                                                   duration_sec, url, display, raw)
+                       VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
+                    (
+                        playlist,
+                        group_id,
+                        int(started.timestamp()),
+                        started,
+                        f"https://calls.example/{uuid.uuid4().hex}.m4a",
+                        display,
+                    ),
+                ).fetchone()
+            )
             if ready:
                 self.make_ready(conn, call_id, f"prepared/{Path(clip).stem}.flac")
-        return call_id
+        return int(call_id)
 
     def make_ready(self, conn: psycopg.Connection[TupleRow], call_id: int, prepared: str) -> None:
         conn.execute(
@@ -134,6 +137,25 @@ class Calls:
                 WHERE call_id = %s""",
             (prepared, f"originals/{call_id}.m4a", call_id),
         )
+
+    def update(self, call_id: int, assignments: str, *params: object) -> None:
+        """`UPDATE call_transcription SET <assignments>` for one call, as a stage would."""
+        with self.db() as conn:
+            conn.execute(
+                f"UPDATE call_transcription SET {assignments} WHERE call_id = %s",
+                (*params, call_id),
+            )
+
+    def worker_env(self, tmp_path: Path, **extra: str) -> dict[str, str]:
+        """A transcription worker's environment: these calls' store, short locks, and `extra`."""
+        env = self.services.worker_env(
+            tmp_path, AUDIO_STORE_DIR=str(self.store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
+        )
+        env.update(extra)
+        # Keep the worker's environment from this process's monkeypatched settings.
+        for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
+            env[key] = ""
+        return env
 
     def state(self, call_id: int) -> dict[str, Any]:
         with self.db() as conn:
@@ -181,14 +203,3 @@ def use_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 def service() -> Iterator[FakeTranscriptionService]:
     with fake_service() as s:
         yield s
-
-
-def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = services.worker_env(
-        tmp_path, AUDIO_STORE_DIR=str(store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
-    )
-    env.update(extra)
-    # Keep the worker's environment from this process's monkeypatched settings.
-    for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
-        env[key] = ""
-    return env

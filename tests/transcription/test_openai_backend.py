@@ -35,7 +35,7 @@ def openai(service, use_env):
 
 
 @pytest.fixture
-def audio(prepared_clips) -> Path:
+def audio(prepared_clips: Path) -> Path:
     return prepared_clips / "prepared" / "call01.flac"
 
 

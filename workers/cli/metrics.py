@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import _SilentHandler
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
@@ -80,7 +81,7 @@ class PipelineCollector(Collector):
     def __init__(self, source: CachedSnapshot) -> None:
         self.source = source
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         snap, took_sec, age_sec = self.source.get()
         yield from families(snap)
         up = GaugeMetricFamily("bcfy_scrape_ok", "1 when every source answered this reading")
@@ -96,7 +97,7 @@ class PipelineCollector(Collector):
         yield age
 
 
-def families(snap: Snapshot) -> Iterator[Any]:
+def families(snap: Snapshot) -> Iterator[Metric]:
     backlog = GaugeMetricFamily("bcfy_stage_backlog", "Calls waiting for a stage", labels=["stage"])
     working = GaugeMetricFamily(
         "bcfy_stage_in_flight", "Calls a stage is working on", labels=["stage"]
@@ -170,6 +171,9 @@ def families(snap: Snapshot) -> Iterator[Any]:
     yield latency
 
 
+_Request = socket.socket | tuple[bytes, socket.socket]  # (socketserver's; a socket here)
+
+
 class BoundedWSGIServer(WSGIServer):
     """Serves requests on a fixed number of threads; further connections wait their turn."""
 
@@ -177,10 +181,10 @@ class BoundedWSGIServer(WSGIServer):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metrics")
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, request: _Request, client_address: Any) -> None:
         self.executor.submit(self._handle, request, client_address)
 
-    def _handle(self, request: Any, client_address: Any) -> None:
+    def _handle(self, request: _Request, client_address: Any) -> None:
         try:
             self.finish_request(request, client_address)
         except Exception:

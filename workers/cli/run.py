@@ -24,7 +24,7 @@ import time
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -42,6 +42,9 @@ from workers.dev.services import (
     postgres_reachable,
     redis_reachable,
 )
+
+if TYPE_CHECKING:
+    from workers.dev.simulator import FeedSimulator
 
 STOP_GRACE_SEC = 30
 PROGRESS_EVERY_SEC = 5.0
@@ -69,7 +72,7 @@ class Supervisor:
     flower_port: int = 5555
     children: list[Child] = field(default_factory=list)
     servers: list[ThrowawayRedis | ThrowawayPostgres] = field(default_factory=list)
-    simulator: Any = None
+    simulator: FeedSimulator | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     last_transcript_id: int = 0
 

@@ -21,7 +21,7 @@ from psycopg.rows import TupleRow
 
 from beat_schedule import PERIODIC_JOBS, QUEUES
 from workers.cli import Subparsers
-from workers.core import clock
+from workers.core import clock, rows
 from workers.core.counters import COUNTERS
 from workers.core.locks import holder_of, late_count, skip_count
 from workers.core.settings import Settings
@@ -233,10 +233,8 @@ def _from_database(snap: Snapshot, conn: psycopg.Connection[TupleRow], *, detail
         return conn.execute(query).fetchall() if details else []
 
     def one_row(query: str, params: tuple[str] | None = None) -> TupleRow:
-        row = conn.execute(query, params).fetchone()
-        if row is None:  # aggregates without GROUP BY: always exactly one row
-            raise RuntimeError("a status query returned no row")
-        return row
+        # aggregates without GROUP BY: always exactly one row
+        return rows.one_row(conn.execute(query, params).fetchone(), "a status query")
 
     calls5, calls1, polls_failed5, polls_failed1, quarantined = one_row(_INGEST)
     snap.stages["ingest"] = Stage(

@@ -196,7 +196,7 @@ def _error_message(response: httpx.Response) -> str:
     return " ".join(str(message).split())[:300]
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
