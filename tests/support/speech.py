@@ -16,7 +16,8 @@ def _normaliser() -> EnglishTextNormalizer:
 
 
 def normalised_words(text: str) -> list[str]:
-    return _normaliser()(text).split()
+    normalised: str = _normaliser()(text)
+    return normalised.split()
 
 
 def words_found(reference: str, hypothesis: str) -> tuple[int, int]:

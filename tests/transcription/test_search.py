@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from psycopg.types.json import Jsonb
@@ -140,7 +141,7 @@ def test_json_gives_segments_and_the_moment_each_match_was_said(calls, use_env, 
         {"start": 1.4, "end": 2.0, "text": "structure", "confidence": 0.8},
         {"start": 2.0, "end": 2.4, "text": "fires.", "confidence": 0.7},
     ]
-    segments = [
+    segments: list[dict[str, Any]] = [
         {"start": 0.0, "end": 2.4, "text": "Engine 12, O'Brien's structure fires.", "words": words},
         {"start": 61.0, "end": 62.5, "text": "Fire out.", "confidence": 0.6, "words": []},
     ]
@@ -149,7 +150,7 @@ def test_json_gives_segments_and_the_moment_each_match_was_said(calls, use_env, 
         conn.execute(
             "INSERT INTO transcripts (call_id, text, segments, backend, model)"
             " VALUES (%s, %s, %s, 'whisper', 'test')",
-            (call_id, " ".join(s["text"] for s in segments), Jsonb(segments)),
+            (call_id, " ".join(str(s["text"]) for s in segments), Jsonb(segments)),
         )
     (hit,) = search_json(capsys, "fire -truck o'brien")
     assert hit["segments"] == segments, "every segment and word, with its times"

@@ -89,7 +89,8 @@ def pink_noise(rng: np.random.Generator, n: int) -> np.ndarray:
     k = np.arange(len(spectrum))
     k[0] = 1
     pink = np.fft.irfft(spectrum / np.sqrt(k), n)
-    return pink / np.abs(pink).max()
+    peak: float = np.abs(pink).max()
+    return np.asarray(pink / peak)
 
 
 def no_speech_signals() -> dict[str, np.ndarray]:
