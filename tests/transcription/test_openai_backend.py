@@ -105,6 +105,47 @@ def test_only_silence_gives_an_empty_transcript(openai, service, audio):
     service.replies.append(Reply(body=verbose_json(hiss)))
     result = recognizer.transcribe(audio, name="x.flac")
     assert (result.text, result.segments, result.confidence) == ("", [], None)
+    assert result.empty_reason == "dropped" and result.dropped[0].text == "you"
+
+
+def test_words_and_the_segment_rule(service, use_env, audio):
+    settings = use_env(
+        TRANSCRIBE_BACKEND="openai",
+        TRANSCRIBE_OPENAI_BASE_URL=service.base_url,
+        TRANSCRIBE_BLOCKLIST="thanks for watching",
+    )
+    body = verbose_json(
+        [
+            {"start": 0.0, "end": 1.2, "text": " Engine 12, copy."},
+            {"start": 1.2, "end": 2.0, "text": " mains trees", "avg_logprob": -1.6},
+            {"start": 2.0, "end": 6.0, "text": " fire" * 40, "compression_ratio": 9.1},
+            {"start": 6.0, "end": 7.0, "text": " Thanks for watching!"},
+        ]
+    )
+    # OpenAI sends words as a list of their own, beside the segments.
+    body["words"] = [
+        {"word": "Engine", "start": 0.0, "end": 0.5},
+        {"word": "12", "start": 0.5, "end": 0.8},
+        {"word": "copy", "start": 0.9, "end": 1.2},
+        {"word": "mains", "start": 1.2, "end": 1.6},
+        {"word": None, "start": "x"},  # a malformed one is skipped
+    ]
+    service.replies.append(Reply(body=body))
+    result = build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
+    assert service.requests[0].repeated["timestamp_granularities[]"] == ["segment", "word"]
+    (kept,) = result.segments
+    assert kept.text == "Engine 12, copy."
+    assert [(w.text, w.start, w.end) for w in kept.words] == [
+        ("Engine", 0.0, 0.5),
+        ("12", 0.5, 0.8),
+        ("copy", 0.9, 1.2),
+    ]
+    assert [d.reason for d in result.dropped] == [
+        "avg_logprob -1.60 < -1",
+        "compression_ratio 9.10 > 2.4",
+        "blocklisted phrase",
+    ]
+    assert result.empty_reason is None
 
 
 def test_a_server_without_verbose_json_still_gives_the_text(openai, service, audio):

