@@ -595,22 +595,29 @@ def main() -> None:
                     f" {load[2]:.1f}",
                 ),
             ]
+
+            def section(part: list[str]) -> None:
+                """Print a finished part, and keep the report so far: a long run that is
+                stopped keeps what it measured."""
+                load = os.getloadavg()
+                part = [*part, f"load now {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"]
+                print("\n".join(part), flush=True)
+                lines.extend(part)
+                report("transcribe", lines, keep=args.sample == 1, echo=False)
+
             recognised, worked = bench_recognizers(
                 store, args.recognizer_rounds or args.rounds, backends, sampled
             )
-            lines += recognised
-            load = os.getloadavg()
-            lines.append(f"load after the recognisers {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-            lines += bench_dispatch(services, args.dispatch_calls, args.rounds)
+            section(recognised)
+            section(bench_dispatch(services, args.dispatch_calls, args.rounds))
             if not args.skip_pool:
-                lines += bench_pool(
-                    services, store, args.pool_calls, args.pool_rounds or args.rounds, worked
+                section(
+                    bench_pool(
+                        services, store, args.pool_calls, args.pool_rounds or args.rounds, worked
+                    )
                 )
-            load = os.getloadavg()
-            lines.append(f"load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    report("transcribe", lines, keep=args.sample == 1)
 
 
 if __name__ == "__main__":
