@@ -7,7 +7,7 @@ COPY pyproject.toml README.md beat_schedule.py ./
 COPY workers ./workers
 COPY tasks ./tasks
 COPY sql ./sql
-RUN pip install -e . \
+RUN pip install -e ".[whisper]" \
  && useradd --system --home /var/lib/bcfy --create-home bcfy
 
 USER bcfy

@@ -41,8 +41,8 @@ QUEUES = ("ingest", "audio", "transcription")
 class Job:
     """One Celery task, declared once. The app's routes, beat's schedule, the tasks' time limits
     and `bcfy status`'s job list are all derived from JOBS (a test checks that every registered
-    task is declared here). Settings are named by their Settings attribute, read when a process
-    starts (workers.app.configure)."""
+    task is declared here). Settings are named by their variable (Settings.value), read when a
+    process starts (workers.app.configure)."""
 
     name: str  # the Celery task name: fixed, deployed schedules and queued messages use it
     queue: str
@@ -50,16 +50,16 @@ class Job:
     # its interval and its misfire grace. None for a task sent by other tasks.
     entry: str | None = None
     interval_setting: str | None = None
-    grace_setting: str = "job_misfire_grace_sec"
+    grace_setting: str = "JOB_MISFIRE_GRACE_SEC"
     # Celery's time limits. With `backstop`, the body has its own asyncio deadline at the soft
     # setting, and Celery's soft limit (between soft and hard) is only the backstop.
-    soft_limit_setting: str = "job_soft_time_limit_sec"
-    hard_limit_setting: str = "job_time_limit_sec"
+    soft_limit_setting: str = "JOB_SOFT_TIME_LIMIT_SEC"
+    hard_limit_setting: str = "JOB_TIME_LIMIT_SEC"
     backstop: bool = True
 
     def time_limits(self, settings: Settings) -> dict[str, float]:
-        soft = float(getattr(settings, self.soft_limit_setting))
-        hard = float(getattr(settings, self.hard_limit_setting))
+        soft = float(settings.value(self.soft_limit_setting))
+        hard = float(settings.value(self.hard_limit_setting))
         if self.backstop:
             return {"soft_time_limit": (soft + hard) / 2, "time_limit": hard}
         return {"soft_time_limit": soft, "time_limit": hard}
@@ -70,14 +70,14 @@ JOBS: tuple[Job, ...] = (
         "tasks.ingest.poll_followed_playlists",
         "ingest",
         entry="ingest-poll-playlists",
-        interval_setting="ingest_interval_sec",
+        interval_setting="INGEST_INTERVAL_SEC",
     ),
     Job("tasks.ingest.backfill_gaps", "ingest"),  # triggered by the poll
     Job(
         "tasks.audio.process_pending_audio",
         "audio",
         entry="audio-process-pending",
-        interval_setting="audio_worker_interval_sec",
+        interval_setting="AUDIO_WORKER_INTERVAL_SEC",
     ),
     Job("tasks.audio.prepare_calls", "audio"),  # sent by the claim pass
     # The dispatcher is light: it runs with ingest's jobs, not on the recognisers' queue.
@@ -85,27 +85,27 @@ JOBS: tuple[Job, ...] = (
         "tasks.transcription.dispatch_ready_calls",
         "ingest",
         entry="transcription-dispatch",
-        interval_setting="transcription_dispatch_interval_sec",
+        interval_setting="TRANSCRIPTION_DISPATCH_INTERVAL_SEC",
     ),
     # Sent by the dispatcher, one per call; Celery's limits are its only ones.
     Job(
         "tasks.transcription.transcribe_call",
         "transcription",
-        soft_limit_setting="transcribe_soft_time_limit_sec",
-        hard_limit_setting="transcribe_time_limit_sec",
+        soft_limit_setting="TRANSCRIBE_SOFT_TIME_LIMIT_SEC",
+        hard_limit_setting="TRANSCRIBE_TIME_LIMIT_SEC",
         backstop=False,
     ),
     Job(
         "tasks.geo.refresh_geo_data",
         "ingest",
         entry="geo-refresh",
-        interval_setting="geo_refresh_interval_sec",
+        interval_setting="GEO_REFRESH_INTERVAL_SEC",
     ),
     Job(
         "tasks.maintenance.prune_history",
         "ingest",
         entry="maintenance",
-        interval_setting="maintenance_interval_sec",
+        interval_setting="MAINTENANCE_INTERVAL_SEC",
     ),
 )
 JOBS_BY_NAME: dict[str, Job] = {job.name: job for job in JOBS}
@@ -157,8 +157,8 @@ def build_beat_schedule(settings: Settings) -> dict[str, BeatEntry]:
         assert job.entry is not None and job.interval_setting is not None
         schedule[job.entry] = beat_entry(
             job.name,
-            float(getattr(settings, job.interval_setting)),
-            float(getattr(settings, job.grace_setting)),
+            float(settings.value(job.interval_setting)),
+            float(settings.value(job.grace_setting)),
         )
     return schedule
 
@@ -199,7 +199,9 @@ class FirstRunScheduler(PersistentScheduler):
             from workers.app import configured_settings
 
             self._clock = redis.Redis.from_url(
-                configured_settings().redis_url.reveal(), socket_timeout=5, socket_connect_timeout=5
+                configured_settings().services.redis_url.reveal(),
+                socket_timeout=5,
+                socket_connect_timeout=5,
             )
         return self._clock
 
@@ -208,7 +210,7 @@ class FirstRunScheduler(PersistentScheduler):
             node = f"beat@{socket.gethostname()}"
             from workers.app import configured_settings
 
-            grace = configured_settings().job_misfire_grace_sec
+            grace = configured_settings().jobs.misfire_grace_sec
             self._clock_reporter = Reporter(self._redis(), "beat", node, grace)
         return self._clock_reporter
 

@@ -69,6 +69,22 @@ def rotated(items: list, round_no: int) -> list:
     return items[k:] + items[:k]
 
 
+def interleaved_ms(
+    cases: Mapping[str, Callable[[], object]], rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds per case, one per round, each case warmed once first; every round times
+    every case, in rotating order."""
+    for fn in cases.values():
+        fn()  # warm, as a running system is
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_no in range(rounds):
+        for name, fn in rotated(list(cases.items()), round_no):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def heading(script: str, details: str) -> str:
     """A report's first line: the bench, when it ran, and with what."""
     return f"# bench/{script}.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  {details}"

@@ -55,14 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, rotated, run_bench, servers, spread, start_worker
 from workers.audio.prepare import validate_and_convert
+from workers.core.rows import one_row
 from workers.core.settings import load_settings
 from workers.dev.calls import CLIPS, make_flac, publish, slow_audio
 from workers.dev.procs import Proc, group_cpu_sec, wait_until
 from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
-DEFAULT_CONCURRENCY = load_settings({}).audio_download_concurrency
-MAX_DURATION = load_settings({}).audio_max_duration_sec
+DEFAULT_CONCURRENCY = load_settings({}).audio.download_concurrency
+MAX_DURATION = load_settings({}).audio.max_duration_sec
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,19 +86,19 @@ def one_round(
     cpu0 = sum(group_cpu_sec(p.pid) for p in procs)
     t0 = time.perf_counter()
     trigger(client)
+    ready = "SELECT count(*) FROM call_audio WHERE state = 'ready'"
     wait_until(
-        lambda: (
-            db.execute("SELECT count(*) FROM call_audio WHERE state = 'ready'").fetchone()[0]
-            == calls
-        ),
+        lambda: one_row(db.execute(ready).fetchone())[0] == calls,
         600,
         "every call ready",
         every=0.02,
     )
     elapsed = time.perf_counter() - t0
     cpu = sum(group_cpu_sec(p.pid) for p in procs) - cpu0
-    bad = db.execute("SELECT count(*) FROM call_audio_attempts WHERE outcome <> 'ready'").fetchone()
-    assert bad[0] == 0, "a call failed during the bench"
+    (bad,) = one_row(
+        db.execute("SELECT count(*) FROM call_audio_attempts WHERE outcome <> 'ready'").fetchone()
+    )
+    assert bad == 0, "a call failed during the bench"
     return elapsed, cpu
 
 
@@ -173,7 +174,8 @@ def prepare_memory(
         env = {**os.environ, "PYTHONPATH": str(code)}
         done = subprocess.run(argv, cwd=code, env=env, capture_output=True, text=True, check=True)
         out.unlink(missing_ok=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        printed: list = json.loads(done.stdout.strip().splitlines()[-1])
+        return printed
 
     rss_kib, added_kib, _, outcome = run("0")
     peak = run("1")[2]

@@ -58,9 +58,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -150,20 +151,20 @@ def analyse(
     cpu: dict[str, float],
     busy: tuple[float, float],
 ) -> RateResult:
-    interval = settings().ingest_interval_sec
+    interval = settings().jobs.ingest_interval_sec
     samples: list[Sample] = p.sampler.samples if p.sampler else []
     t_end = t_start + duration
     a = t_start + WARMUP_SEC
 
-    def fit(value: Any) -> tuple[float, float]:
+    def fit(value: Callable[[Sample], float]) -> tuple[float, float]:
         return slope_fit(period_means(samples, a, t_end, interval, value))
 
-    growth = {stage: fit(lambda s, st=stage: s.backlog(st)) for stage in STAGES}
+    growth = {stage: fit(partial(Sample.backlog, stage=stage)) for stage in STAGES}
     window = [s for s in samples if a <= s.t <= t_end]
     mean = {stage: statistics.fmean(s.backlog(stage) for s in window) for stage in STAGES}
     at_end = min(samples, key=lambda s: abs(s.t - t_end))
     saturated = saturated_stage(growth, rate, t_end - a, interval)
-    queue_max = settings().transcribe_queue_max
+    queue_max = settings().transcription.queue_max
     if saturated == "dispatch" and max(s.in_pool for s in window) >= queue_max:
         # The dispatcher holds calls back while the queue is full: the pool is what is slow.
         saturated = "transcription (held back in PostgreSQL at TRANSCRIBE_QUEUE_MAX)"
@@ -252,7 +253,7 @@ def cpu_seconds(pools: dict[str, int]) -> dict[str, float]:
 
 def report_lines(results: list[RateResult], args: argparse.Namespace) -> list[str]:
     s = settings()
-    interval = s.ingest_interval_sec
+    interval = s.jobs.ingest_interval_sec
     goal = interval + 2
     model50, model95 = poll_wait_model(interval)
     results = sorted(results, key=lambda r: (r.rate, r.round))
@@ -273,9 +274,9 @@ def report_lines(results: list[RateResult], args: argparse.Namespace) -> list[st
             f" load at end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
         ),
         f"# settings: {' '.join(f'{k}={v}' for k, v in SETTINGS.items()) or 'the defaults'}:"
-        f" INGEST_INTERVAL_SEC {interval:g}, {s.transcribe_backend}, pools: transcription"
-        f" {s.transcription_concurrency or os.cpu_count()} processes, audio"
-        f" {s.audio_concurrency}, ingest {s.ingest_concurrency}",
+        f" INGEST_INTERVAL_SEC {interval:g}, {s.transcription.backend}, pools: transcription"
+        f" {s.pools.transcription_concurrency or os.cpu_count()} processes, audio"
+        f" {s.pools.audio_concurrency}, ingest {s.pools.ingest_concurrency}",
         "# latency: publication -> transcript stored. excl: less the call's own recognition;"
         " pipeline: less waiting for a free recogniser too",
         "",
@@ -402,7 +403,7 @@ def main() -> None:
         name, _, value = item.partition("=")
         SETTINGS[name.strip()] = value.strip()
     try:
-        interval = settings().ingest_interval_sec
+        interval = settings().jobs.ingest_interval_sec
     except SettingsError as exc:
         sys.exit(f"bench/e2e.py: {exc}")
     if args.duration < WARMUP_SEC + 3 * interval:

@@ -44,6 +44,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import heading, report, rotated, run_bench, servers, spread
+from workers.core.rows import one_row
 from workers.dev.services import Servers
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
 
@@ -100,12 +101,12 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict[s
     sim.faults.min_poll_interval = 0
     uuid = sim.add_playlist(name="bench", calls_per_minute=0)
     http = httpx.AsyncClient(timeout=30)
-    api = BroadcastifyClient(settings, http, clock=clock)
+    api = BroadcastifyClient.from_settings(settings, http, clock=clock)
     conn = await psycopg.AsyncConnection.connect(services.database_url)
     autocommit = await psycopg.AsyncConnection.connect(services.database_url, autocommit=True)
     await conn.execute("INSERT INTO bcfy_playlists (uuid, name) VALUES (%s, 'bench')", (uuid,))
     await conn.commit()
-    cursor = int(clock()) - 1
+    cursor: int | None = int(clock()) - 1
 
     async def fetch() -> tuple[Any, float]:
         nonlocal cursor
@@ -175,8 +176,9 @@ async def storage_rate(services: Servers, rounds: int, page_size: int) -> dict[s
                 rates[name].append(page_size / took)
                 if method is ingest_path:
                     end_to_end.append(page_size / (took + fetch_took))
-        (stored,) = await (await conn.execute("SELECT count(*) FROM bcfy_calls_raw")).fetchone()
-        (audio,) = await (await conn.execute("SELECT count(*) FROM call_audio")).fetchone()
+        stored_rows = await conn.execute("SELECT count(*) FROM bcfy_calls_raw")
+        (stored,) = one_row(await stored_rows.fetchone())
+        (audio,) = one_row(await (await conn.execute("SELECT count(*) FROM call_audio")).fetchone())
         assert stored == audio == page_size * (rounds + 1) * len(methods)
         await conn.execute(
             "TRUNCATE bcfy_calls_raw, bcfy_playlists, bcfy_playlist_poll_log, job_runs CASCADE"
@@ -224,7 +226,8 @@ def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
     db = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True)
 
     def gaps() -> int:
-        return db.execute("SELECT count(*) FROM bcfy_backfill").fetchone()[0]
+        (n,) = one_row(db.execute("SELECT count(*) FROM bcfy_backfill").fetchone())
+        return int(n)
 
     end = clock() + hours * 3600
     ticks = outages = restarts_long = faults = backfill_runs = 0
@@ -266,15 +269,17 @@ def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
     wall = time.monotonic() - wall
 
     stored = {u for (u,) in db.execute("SELECT url FROM bcfy_calls_raw").fetchall()}
-    (rows,) = db.execute("SELECT count(*) FROM bcfy_calls_raw").fetchone()
-    first_pos = dict(
+    (rows,) = one_row(db.execute("SELECT count(*) FROM bcfy_calls_raw").fetchone())
+    first_pos: dict[str, int] = dict(
         db.execute(
             "SELECT DISTINCT ON (playlist_uuid) playlist_uuid::text, last_pos"
             " FROM bcfy_playlist_poll_log WHERE mode = 'init' AND success"
             " ORDER BY playlist_uuid, id"
         ).fetchall()
     )
-    cursors = dict(db.execute("SELECT uuid::text, cursor_pos FROM bcfy_playlists").fetchall())
+    cursors: dict[str, int] = dict(
+        db.execute("SELECT uuid::text, cursor_pos FROM bcfy_playlists").fetchall()
+    )
     expected = {
         c["url"]
         for uuid in playlists
@@ -285,7 +290,9 @@ def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
     polls = db.execute(
         "SELECT mode, count(*), sum(calls_received) FROM bcfy_playlist_poll_log GROUP BY mode"
     ).fetchall()
-    errors = db.execute("SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success").fetchone()
+    (errors,) = one_row(
+        db.execute("SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success").fetchone()
+    )
     db.close()
     billed = sim.billed_records
     sim.stop()
@@ -296,7 +303,7 @@ def read_efficiency(hours: float, seed: int) -> dict[str, Any]:
         "outages": outages,
         "long outages": restarts_long,
         "injected faults": faults,
-        "failed requests": errors[0],
+        "failed requests": errors,
         "back-fill runs": backfill_runs,
         "requests by mode": {m: int(n) for m, n, _ in polls},
         "records by mode": {m: int(r or 0) for m, _, r in polls},

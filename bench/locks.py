@@ -34,9 +34,9 @@ class CountingConnection(redis.Connection):
 
     sent = 0
 
-    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+    def send_packed_command(self, command: bytes | list[bytes], check_health: bool = True) -> None:
         CountingConnection.sent += 1
-        return super().send_packed_command(command, check_health)
+        super().send_packed_command(command, check_health)
 
 
 def timed(fn, runs: int, chunk: int = 100) -> tuple[float, float]:

@@ -24,8 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,21 +32,8 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, rotated, run_bench, spread
+from bench._common import heading, interleaved_ms, report, run_bench, spread
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
-
-
-def interleaved_ms(cases: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Milliseconds per case, one per round; every round times every case."""
-    for fn in cases.values():
-        fn()  # warm
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_no in range(rounds):
-        for name, fn in rotated(list(cases.items()), round_no):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1000)
-    return times
 
 
 def main() -> None:

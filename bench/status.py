@@ -21,18 +21,16 @@ nature (each changes the data); within a phase, status and metrics alternate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, rotated, run_bench, servers, spread
+from bench._common import heading, interleaved_ms, report, run_bench, servers, spread
 
 REPEAT = 15
 JOB_RUNS_PER_DAY = 30_000
@@ -180,19 +178,6 @@ def vacuum(conn: psycopg.Connection) -> None:
     print(f"  vacuum analyze {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def timed(cases: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    """Milliseconds per case, REPEAT each, the cases interleaved in rotating order."""
-    for fn in cases.values():
-        fn()  # warm the cache, as a running system has it
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for round_no in range(REPEAT):
-        for name, fn in rotated(list(cases.items()), round_no):
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1000)
-    return samples
-
-
 def measure(database_url: str, phase: str) -> list[str]:
     from workers.cli.status import Snapshot, _from_database, _totals
 
@@ -207,7 +192,7 @@ def measure(database_url: str, phase: str) -> list[str]:
             _from_database(snap, conn, details=False)
             _totals(snap, conn)
 
-        for name, ms in timed({"status": status, "metrics": metrics}).items():
+        for name, ms in interleaved_ms({"status": status, "metrics": metrics}, REPEAT).items():
             verdict = "ok" if statistics.median(ms) < GOAL_MS else f"OVER {GOAL_MS} ms"
             lines.append(f"  {phase:44} {name:8} {spread(ms):>30} ms  {verdict}")
             print(lines[-1], flush=True)
@@ -243,7 +228,7 @@ def maintain(database_url: str, **overrides: object) -> tuple[float, dict[str, i
 
     reset_settings_cache()
     Runtime.shutdown_current()
-    s = dataclasses.replace(get_settings(), audio_store_dir="/nonexistent-bench-store", **overrides)
+    s = get_settings().with_values(AUDIO_STORE_DIR="/nonexistent-bench-store", **overrides)
     t0 = time.monotonic()
     result = Runtime.current().run(run_maintenance(s))
     took = time.monotonic() - t0
@@ -262,7 +247,7 @@ def main() -> None:
     parser.add_argument("--playlists", type=int, default=4)
     parser.add_argument("--batch", type=int, default=20_000, help="RETENTION_BATCH_SIZE")
     args = parser.parse_args()
-    from workers.core.settings import Settings
+    from workers.core.settings import env_fields
 
     out = [
         heading(
@@ -285,19 +270,19 @@ def main() -> None:
         out += measure(srv.database_url, f"{args.days} days, before any maintenance run")
 
         keep = {
-            f.name: 0.0
-            for f in dataclasses.fields(Settings)
-            if f.name.startswith("retention_") and f.name.endswith("_days")
+            f.metadata["env"]: 0.0
+            for group, f in env_fields()
+            if group == "retention" and f.name.endswith("_days")
         }
         took, done, _ = maintain(
-            srv.database_url, retention_batch_size=args.batch, retention_batch_pause_sec=0.0, **keep
+            srv.database_url, RETENTION_BATCH_SIZE=args.batch, RETENTION_BATCH_PAUSE_SEC=0.0, **keep
         )
         fold_line = f"  maintenance, everything kept (counters folded): {took:.1f} s"
         print(fold_line, flush=True)
         out += measure(srv.database_url, f"{args.days} days, counters folded, nothing pruned")
 
         took, done, out_of_time = maintain(
-            srv.database_url, retention_batch_size=args.batch, retention_batch_pause_sec=0.0
+            srv.database_url, RETENTION_BATCH_SIZE=args.batch, RETENTION_BATCH_PAUSE_SEC=0.0
         )
         pruned = {k: n for k, n in done.items() if not k.startswith("folded")}
         prune_line = (

@@ -60,6 +60,7 @@ from bench._common import (
     start_worker,
 )
 from workers.audio.codec import convert_for_recognizers, decode_mono
+from workers.core.rows import one_row
 from workers.dev.procs import Proc, wait_until
 from workers.dev.services import Servers
 from workers.dev.simulator.make_speech import SPEECH_DIR
@@ -395,10 +396,12 @@ def bench_dispatch(services: Servers, n: int, rounds: int) -> list[str]:
                     " WHERE state = 'dispatched'"
                 )
                 conn.execute("BEGIN")
-                plan = conn.execute(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + pick_sql("oldest"),
-                    {"max_age": 72 * 3600, "limit": 100, "lease": 900},
-                ).fetchone()[0]
+                (plan,) = one_row(
+                    conn.execute(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) " + pick_sql("oldest"),
+                        {"max_age": 72 * 3600, "limit": 100, "lease": 900},
+                    ).fetchone()
+                )
                 conn.execute("ROLLBACK")
             server.append(plan[0]["Execution Time"] / 1000)
         return walls, server
@@ -458,7 +461,9 @@ def pool_run(services: Servers, k: int, calls: int, env: dict[str, str], logdir:
         publish_transcriptions(settings, ids)
         with services.db() as conn:
             wait_until(
-                lambda: conn.execute("SELECT count(*) FROM transcripts").fetchone()[0] >= calls,
+                lambda: (
+                    one_row(conn.execute("SELECT count(*) FROM transcripts").fetchone())[0] >= calls
+                ),
                 600,
                 "the pool to transcribe every call",
                 every=0.05,

@@ -28,6 +28,7 @@ from celery import Celery, Task, bootsteps, signals
 from kombu import Exchange, Queue
 
 from beat_schedule import DEFAULT_JOB, JOBS_BY_NAME, QUEUES, build_beat_schedule, task_routes
+from workers.core.identity import set_worker_name
 from workers.core.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class TimeLimits:
 
 def _beat_schedule_file(settings: Settings) -> str:
     """Beat keeps its last-run times here; the directory must exist before beat opens it."""
-    state = Path(settings.state_dir)
+    state = Path(settings.services.state_dir)
     with contextlib.suppress(OSError):
         state.mkdir(parents=True, exist_ok=True)
     return str(state / "celerybeat-schedule")
@@ -114,7 +115,7 @@ def _beat_schedule_file(settings: Settings) -> str:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The app's Celery configuration for `settings`."""
     return {
-        "broker_url": settings.redis_url.reveal(),
+        "broker_url": settings.services.redis_url.reveal(),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -131,9 +132,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_time_limit": settings.job_time_limit_sec,
+        "task_time_limit": settings.jobs.time_limit_sec,
         "broker_transport_options": {
-            "visibility_timeout": settings.broker_visibility_timeout_sec,
+            "visibility_timeout": settings.jobs.broker_visibility_timeout_sec,
         },
         "broker_connection_retry_on_startup": True,
         # With late acks, a task still running when the broker connection drops would be
@@ -160,6 +161,13 @@ def _pool_child_started(**_: object) -> None:
 
     mark_pool_child()
     Runtime.current()
+
+
+@signals.celeryd_after_setup.connect
+def _name_the_worker(sender: str, **_: object) -> None:
+    """Locks, claims and run logs name this worker's processes after its node (before the pool
+    forks, so pool processes inherit the name)."""
+    set_worker_name(sender)
 
 
 @signals.celeryd_after_setup.connect
@@ -202,9 +210,9 @@ class ClockReport(bootsteps.StartStopStep):
 
         settings = configured_settings()
         self.client = redis.Redis.from_url(
-            settings.redis_url.reveal(), socket_timeout=2, socket_connect_timeout=2
+            settings.services.redis_url.reveal(), socket_timeout=2, socket_connect_timeout=2
         )
-        reporter = Reporter(self.client, "worker", c.hostname, settings.job_misfire_grace_sec)
+        reporter = Reporter(self.client, "worker", c.hostname, settings.jobs.misfire_grace_sec)
         reporter.run()
         self.tref = c.timer.call_repeatedly(REPORT_EVERY_SEC, reporter.run, priority=10)
 

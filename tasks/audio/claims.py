@@ -13,11 +13,12 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from uuid import UUID
 
 import psycopg
+from psycopg.rows import TupleRow
 
-from workers.core.jobs import claimant_is_gone
+from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 
@@ -91,16 +92,16 @@ class AudioClaim:
 
 
 async def claim_pending_calls(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, owner: str
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings, owner: str
 ) -> AudioClaim:
     """Lease up to AUDIO_WORKER_BATCH_SIZE due calls to `owner` (commit to make it count)."""
     cur = await conn.execute(
         CLAIM,
         {
-            "batch": settings.audio_worker_batch_size,
-            "max_in_flight": settings.audio_max_in_flight,
+            "batch": settings.audio.worker_batch_size,
+            "max_in_flight": settings.audio.max_in_flight,
             "owner": owner,
-            "lease": settings.audio_lease_sec,
+            "lease": settings.audio.lease_sec,
         },
     )
     row = await cur.fetchone()
@@ -110,9 +111,9 @@ async def claim_pending_calls(
 
 
 async def fail_exhausted_leases(
-    conn: psycopg.AsyncConnection[Any], settings: Settings
+    conn: psycopg.AsyncConnection[TupleRow], settings: Settings
 ) -> list[int]:
-    cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio_max_attempts})
+    cur = await conn.execute(FAIL_EXHAUSTED_LEASES, {"max_attempts": settings.audio.max_attempts})
     return [r[0] for r in await cur.fetchall()]
 
 
@@ -133,7 +134,7 @@ def split_evenly(ids: list[int], most: int) -> list[list[int]]:
 def calls_per_task(settings: Settings) -> int:
     """Twice the downloads a process runs at once: while the first calls are being converted
     (CPU), the next ones are already downloading (network), in the same process."""
-    return 2 * settings.audio_download_concurrency
+    return 2 * settings.audio.download_concurrency
 
 
 # --- the claim as its task holds it ---------------------------------------------------------
@@ -194,7 +195,7 @@ class ClaimedCall:
     attempt: int
     url: str
     duration_sec: float | None
-    playlist_uuid: Any
+    playlist_uuid: UUID | None
     started_at: datetime
     expected_bytes: int | None  # the record's `size`, when the service gave one
     attempt_id: int | None = None  # its call_audio_attempts row, once started
@@ -244,7 +245,7 @@ class HeldClaim:
         async with db_connection() as conn:
             rows = await (await conn.execute(HELD, params)).fetchall()
             left_open = await (await conn.execute(OPEN_ATTEMPTS, params)).fetchall()
-            busy = sorted({w for _, _, w in left_open if not claimant_is_gone(w)})
+            busy = sorted({w for _, _, w in left_open if not process_is_gone(w)})
             if busy:
                 log.warning(
                     "audio: claim %s is being worked on by %s: duplicate delivery dropped",
@@ -257,13 +258,13 @@ class HeldClaim:
             lost = await self.count_deaths(conn, calls, dead)
             if calls:
                 await conn.execute(
-                    RENEW, params | {"ids": list(calls), "lease": self.s.audio_lease_sec}
+                    RENEW, params | {"ids": list(calls), "lease": self.s.audio.lease_sec}
                 )
         return TakeOver(list(calls.values()), lost, after_death=bool(dead))
 
     async def count_deaths(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[TupleRow],
         calls: dict[int, ClaimedCall],
         dead: list[tuple[int, int, str]],
     ) -> list[int]:
@@ -286,13 +287,13 @@ class HeldClaim:
             else:
                 why = (
                     f"the worker process {worker} died during attempt {call.attempt} of"
-                    f" {self.s.audio_max_attempts} (killed, or crashed on this call)"
+                    f" {self.s.audio.max_attempts} (killed, or crashed on this call)"
                 )
             await conn.execute(CLOSE_LOST_ATTEMPTS, {"ids": [attempt_id], "error": why})
             log.warning("audio: call %s: %s", call_id, why)
             if n > 1:
                 continue
-            if call.attempt >= self.s.audio_max_attempts:
+            if call.attempt >= self.s.audio.max_attempts:
                 await conn.execute(
                     MARK_FAILED,
                     {
@@ -315,7 +316,7 @@ class HeldClaim:
     async def renew_leases(self, in_progress: set[int]) -> None:
         """Keep the leases of unfinished calls (`in_progress`, which the task empties as it
         goes) alive while this task works on them."""
-        every = self.s.audio_lease_sec / 3
+        every = self.s.audio.lease_sec / 3
         while True:
             await asyncio.sleep(every)
             ids = sorted(in_progress)
@@ -324,7 +325,7 @@ class HeldClaim:
             try:
                 async with db_connection() as conn:
                     await conn.execute(
-                        RENEW, {"ids": ids, "owner": self.owner, "lease": self.s.audio_lease_sec}
+                        RENEW, {"ids": ids, "owner": self.owner, "lease": self.s.audio.lease_sec}
                     )
             except Exception as exc:
                 log.warning("audio: could not renew leases of %s: %s", ids, exc)

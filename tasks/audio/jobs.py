@@ -22,8 +22,8 @@ from tasks.audio.claims import (
 )
 from tasks.audio.preparation import CallPreparer, stale_temp_age, store_for
 from workers.app import app
-from workers.core.jobs import JobContext, periodic_job, process_id
-from workers.core.locks import new_token
+from workers.core.identity import unique_token, worker_identity
+from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,13 @@ async def process_pending_audio(ctx: JobContext) -> None:
     swept = await loop.run_in_executor(None, store_for(s).sweep_temps, stale_temp_age(s))
     if swept:
         log.warning("audio: removed %d abandoned temporary files", swept)
-    owner = new_token()  # a claim's name: readable (host, process) and unique
+    owner = unique_token()  # a claim's name: who made it, unique to this pass
     async with ctx.connection() as conn:
         lost = await fail_exhausted_leases(conn, s)
         claim = await claim_pending_calls(conn, s, owner)
         ctx.ensure_lock()  # raising here rolls the claim back
     if claim.room == 0:
-        ctx.runtime.redis.set(CLAIM_WANTED_KEY, owner, ex=max(1, int(s.audio_lease_sec)))
+        ctx.runtime.redis.set(CLAIM_WANTED_KEY, owner, ex=max(1, int(s.audio.lease_sec)))
     if lost:
         log.warning(
             "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
@@ -97,9 +97,9 @@ def prepare_calls(self: Task, call_ids: list[int], owner: str, more: bool = Fals
     if more:
         app.send_task(CLAIM_JOB)
     rt = Runtime.current()
-    worker = process_id(self)
+    worker = worker_identity()
     preparer = CallPreparer(rt.settings, rt.http, owner, worker)
-    outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.job_soft_time_limit_sec))
+    outcome = rt.run(asyncio.wait_for(preparer.run(call_ids), rt.settings.jobs.soft_time_limit_sec))
     if outcome.ready:
         app.send_task(TRANSCRIPTION_DISPATCH)
     if rt.redis.delete(CLAIM_WANTED_KEY):

@@ -21,9 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
+import httpx
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
@@ -38,13 +39,13 @@ log = logging.getLogger(__name__)
 
 
 def store_for(settings: Settings) -> FilesystemAudioStore:
-    return FilesystemAudioStore(settings.audio_store_dir)
+    return FilesystemAudioStore(settings.audio.store_dir)
 
 
 def stale_temp_age(settings: Settings) -> float:
     """A temporary file untouched this long has no live writer: downloads have a deadline and
     their writers renew leases far more often."""
-    return 2 * max(settings.audio_lease_sec, settings.http_total_timeout_sec)
+    return 2 * max(settings.audio.lease_sec, settings.services.http_total_timeout_sec)
 
 
 # Logged and committed as the call's download starts, naming the process: should that process
@@ -154,7 +155,9 @@ def diagnose_short_body(call: ClaimedCall, failure: AudioFailure) -> AudioFailur
 class CallPreparer:
     """Prepares one task's claimed calls on this process's loop, HTTP client and pool."""
 
-    def __init__(self, settings: Settings, http: Any, owner: str, worker: str) -> None:
+    def __init__(
+        self, settings: Settings, http: httpx.AsyncClient, owner: str, worker: str
+    ) -> None:
         self.s = settings
         self.http = http
         self.owner = owner
@@ -162,9 +165,9 @@ class CallPreparer:
         self.worker = worker
         self.store = store_for(settings)
         self.policy = UrlPolicy(
-            tuple(settings.audio_allowed_hosts), tuple(settings.audio_allowed_internal_networks)
+            tuple(settings.audio.allowed_hosts), tuple(settings.audio.allowed_internal_networks)
         )
-        self.slots = asyncio.Semaphore(settings.audio_download_concurrency)
+        self.slots = asyncio.Semaphore(settings.audio.download_concurrency)
         self.in_progress: set[int] = set()
 
     async def run(self, call_ids: list[int]) -> ChunkOutcome:
@@ -228,9 +231,9 @@ class CallPreparer:
                     original,
                     flac,
                     expected_duration=call.duration_sec,
-                    tolerance=self.s.audio_duration_tolerance,
-                    silence_dbfs=self.s.audio_silence_dbfs,
-                    max_duration_sec=self.s.audio_max_duration_sec,
+                    tolerance=self.s.audio.duration_tolerance,
+                    silence_dbfs=self.s.audio.silence_dbfs,
+                    max_duration_sec=self.s.audio.max_duration_sec,
                 ),
             )
             call.prepare_ms = int((time.monotonic() - started) * 1000)
@@ -272,9 +275,9 @@ class CallPreparer:
             call.url,
             dest,
             self.policy,
-            max_bytes=self.s.audio_max_bytes,
-            max_redirects=self.s.audio_max_redirects,
-            timeout_sec=self.s.http_total_timeout_sec,
+            max_bytes=self.s.audio.max_bytes,
+            max_redirects=self.s.audio.max_redirects,
+            timeout_sec=self.s.services.http_total_timeout_sec,
         )
         call.download_ms = int(got.elapsed_sec * 1000)
         call.bytes = got.size
@@ -334,12 +337,12 @@ class CallPreparer:
                 )
                 return AudioOutcome.LEASE_LOST
             attempts = row[0]
-            final = not failure.retry or attempts >= self.s.audio_max_attempts
+            final = not failure.retry or attempts >= self.s.audio.max_attempts
             delay = 0.0
             if not final:
                 s = self.s
                 delay = backoff_sec(
-                    attempts, s.audio_retry_base_sec, s.audio_retry_max_sec, failure.retry_after
+                    attempts, s.audio.retry_base_sec, s.audio.retry_max_sec, failure.retry_after
                 )
             await conn.execute(
                 MARK_FAILED,
@@ -370,7 +373,7 @@ class CallPreparer:
 
     async def end_attempt(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[TupleRow],
         call: ClaimedCall,
         outcome: AudioOutcome,
         code: str | None,

@@ -35,7 +35,7 @@ async def refresh(ctx: JobContext) -> None:
     api = ctx.runtime.bcfy_api
     countries = await api.countries()
     await upsert(ctx, COUNTRIES, countries)
-    wanted_countries = _codes(s.geo_countries)
+    wanted_countries = _codes(s.geo.countries)
     in_scope = [
         c
         for c in countries
@@ -45,12 +45,12 @@ async def refresh(ctx: JobContext) -> None:
         "GEO_COUNTRIES", wanted_countries, in_scope, ("iso_alpha2", "country_code", "coid")
     )
 
-    bound = asyncio.Semaphore(s.geo_concurrency)
+    bound = asyncio.Semaphore(s.geo.concurrency)
     failures: list[str] = []
     states = await _fetch_each(
         ctx, bound, failures, "states of country", in_scope, api.states, STATES
     )
-    wanted_states = _codes(s.geo_states)
+    wanted_states = _codes(s.geo.states)
     states_in_scope = [
         st
         for st in states

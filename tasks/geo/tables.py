@@ -97,7 +97,7 @@ async def upsert(ctx: JobContext, table: GeoTable, records: Sequence[dict[str, A
     return len(unique)
 
 
-def id_of(value: Any) -> int | None:
+def id_of(value: object) -> int | None:
     """A record's id (a whole number for an integer column), or None when it has none."""
     try:
         return whole_number(value, "id", 0, 2**31 - 1)

@@ -23,14 +23,16 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, split_page
 from workers.clients.broadcastify import BroadcastifyClient, retry_budget
 from workers.core.jobs import JobContext, LockLost
+from workers.core.records import JSON
+from workers.core.rows import one_row
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 SETTLE_SEC = 2
 
 
-def group_ids(groups: Any) -> list[str]:
+def group_ids(groups: JSON) -> list[str]:
     """Group ids from a playlist's stored `groups` (objects with groupId, or plain strings)."""
     found: list[str] = []
     for item in groups if isinstance(groups, list) else []:
@@ -50,7 +52,7 @@ def group_ids(groups: Any) -> list[str]:
 
 
 async def plan_backfill(
-    conn: psycopg.AsyncConnection[Any], playlist_uuid: str, groups: Any, first: int, last: int
+    conn: psycopg.AsyncConnection[TupleRow], playlist_uuid: str, groups: JSON, first: int, last: int
 ) -> None:
     gids = group_ids(groups)
     if not gids:
@@ -92,7 +94,7 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
     """Read one window of a gap and store it, advancing the gap in the same transaction.
     Returns the calls new, or None when the window is not complete on the service's clock
     yet; raises on failure (after logging the failed request)."""
-    end = min(gap.next_ts + int(ctx.settings.ingest_backfill_window_sec) - 1, gap.until_ts)
+    end = min(gap.next_ts + int(ctx.settings.ingest.backfill_window_sec) - 1, gap.until_ts)
     if end > math.floor(api.server_now()) - SETTLE_SEC:
         # Calls with ts up to `end` may still be published: reading now could miss some.
         return None
@@ -109,7 +111,7 @@ async def read_archive_window(ctx: JobContext, api: BroadcastifyClient, gap: Gap
         records = split_page(
             calls,
             api.server_now() + FUTURE_SLACK_SEC,
-            max_record_bytes=ctx.settings.bcfy_max_record_bytes,
+            max_record_bytes=ctx.settings.broadcastify.max_record_bytes,
         )
         async with ctx.connection() as conn:
             ctx.ensure_lock()
@@ -154,7 +156,7 @@ async def gaps_due(ctx: JobContext) -> bool:
     """Whether some gap is due to be read now (a poll run then triggers back-fill)."""
     async with ctx.connection() as conn:
         cur = await conn.execute(f"SELECT EXISTS (SELECT 1 {DUE_GAPS})")
-        (due,) = await cur.fetchone()  # type: ignore[misc]
+        (due,) = one_row(await cur.fetchone())
     return bool(due)
 
 
@@ -164,8 +166,8 @@ async def read_due_gaps(ctx: JobContext, api: BroadcastifyClient) -> tuple[int, 
     again in this run. Returns the calls new and a line per failed read."""
     s = ctx.settings
     # The budget, and a last round of requests with their retries, end inside the soft limit.
-    one_round = retry_budget(s) + s.http_total_timeout_sec
-    budget = min(s.ingest_backfill_budget_sec, s.job_soft_time_limit_sec - one_round)
+    one_round = retry_budget(s) + s.services.http_total_timeout_sec
+    budget = min(s.ingest.backfill_budget_sec, s.jobs.soft_time_limit_sec - one_round)
     deadline = time.monotonic() + max(0.0, budget)
     skipped: list[int] = []  # failed or not complete yet: not again in this run
     errors: list[str] = []
@@ -176,7 +178,7 @@ async def read_due_gaps(ctx: JobContext, api: BroadcastifyClient) -> tuple[int, 
             cur = await conn.execute(
                 "SELECT b.id, b.playlist_uuid::text, b.group_id, b.next_ts, b.until_ts"
                 f" {DUE_GAPS} AND b.id <> ALL(%s) ORDER BY b.next_ts, b.id LIMIT %s",
-                (skipped, s.ingest_backfill_concurrency),
+                (skipped, s.ingest.backfill_concurrency),
             )
             gaps = [Gap(*row) for row in await cur.fetchall()]
         if not gaps:

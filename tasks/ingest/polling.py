@@ -35,15 +35,16 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.backfill import group_ids, plan_backfill
 from tasks.ingest.storage import PollRecord, log_failed_poll, store_page
 from tasks.ingest.validation import FUTURE_SLACK_SEC, Page, split_page
 from workers.clients.broadcastify import BroadcastifyClient, BroadcastifyError
 from workers.core.jobs import JobContext, LockLost
+from workers.core.records import JSON
 from workers.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ async def poll_followed(ctx: JobContext, api: BroadcastifyClient) -> list[PollOu
             "SELECT uuid::text FROM bcfy_playlists WHERE sync ORDER BY last_polled_at NULLS FIRST"
         )
         playlists = [uuid for (uuid,) in await cur.fetchall()]
-    bound = asyncio.Semaphore(ctx.settings.ingest_poll_concurrency)
+    bound = asyncio.Semaphore(ctx.settings.ingest.poll_concurrency)
 
     async def poll_one(uuid: str) -> PollOutcome:
         async with bound:
@@ -105,7 +106,7 @@ UPDATE bcfy_playlists SET last_polled_at = now()
 def _claim_hold(s: Settings) -> float:
     """Seconds a claim holds a playlist for a request: the request (HTTP_TOTAL_TIMEOUT_SEC at
     most) and the steps before it is sent (a wait of up to the gap, a login)."""
-    return s.http_total_timeout_sec + s.ingest_min_poll_gap_sec
+    return s.services.http_total_timeout_sec + s.ingest.min_poll_gap_sec
 
 
 class ClaimLost(Exception):
@@ -159,7 +160,7 @@ async def poll_playlist(
                 _CLAIM,
                 {
                     "uuid": playlist_uuid,
-                    "gap": s.ingest_min_poll_gap_sec,
+                    "gap": s.ingest.min_poll_gap_sec,
                     "hold": _claim_hold(s),
                 },
             )
@@ -168,7 +169,7 @@ async def poll_playlist(
         log.info(
             "playlist %s: polled under %gs ago (or being polled); not again yet",
             playlist_uuid,
-            s.ingest_min_poll_gap_sec,
+            s.ingest.min_poll_gap_sec,
         )
         return PollOutcome(playlist_uuid)
     cursor, groups, stamp = claimed
@@ -180,7 +181,7 @@ async def poll_playlist(
 
 
 async def _poll_claimed(
-    ctx: JobContext, api: BroadcastifyClient, claim: _Claim, cursor: int | None, groups: Any
+    ctx: JobContext, api: BroadcastifyClient, claim: _Claim, cursor: int | None, groups: JSON
 ) -> PollOutcome:
     playlist_uuid = claim.playlist_uuid
     poll = PollRecord(
@@ -198,7 +199,7 @@ async def _poll_claimed(
         )
         latest = (page.server_time or api.server_now()) + FUTURE_SLACK_SEC
         records = split_page(
-            page.calls, latest, max_record_bytes=ctx.settings.bcfy_max_record_bytes
+            page.calls, latest, max_record_bytes=ctx.settings.broadcastify.max_record_bytes
         )
         new_cursor = _next_cursor(playlist_uuid, cursor, page.last_pos, page.server_time, records)
         gap = _missed_by_retention(ctx, cursor, page.server_time)
@@ -273,8 +274,8 @@ def _next_cursor(
 
 
 async def _add_groups(
-    conn: psycopg.AsyncConnection[Any], playlist_uuid: str, new_groups: list[str]
-) -> Any:
+    conn: psycopg.AsyncConnection[TupleRow], playlist_uuid: str, new_groups: list[str]
+) -> JSON:
     log.info("playlist %s: calls from new groups %s", playlist_uuid, ", ".join(new_groups))
     cur = await conn.execute(
         "UPDATE bcfy_playlists SET groups = groups || %s::jsonb, updated_at = now()"
@@ -293,19 +294,19 @@ def _retention_margin(ctx: JobContext) -> float:
     the request and its retries, so the service still answers for it when the answer is made."""
     s = ctx.settings
     return min(
-        s.ingest_live_max_pos_age_sec / 2,
-        s.bcfy_retry_budget_sec + s.http_total_timeout_sec + 5,
+        s.ingest.live_max_pos_age_sec / 2,
+        s.broadcastify.retry_budget_sec + s.services.http_total_timeout_sec + 5,
     )
 
 
 async def _leap_past_retention(
-    ctx: JobContext, api: BroadcastifyClient, playlist_uuid: str, cursor: int, groups: Any
+    ctx: JobContext, api: BroadcastifyClient, playlist_uuid: str, cursor: int, groups: JSON
 ) -> int:
     """When the cursor is older than the live endpoint answers for, record the gap for
     back-fill and move the cursor to the seam, in one transaction. Returns the cursor to send."""
     s = ctx.settings
     now = api.server_now()
-    if cursor >= now - s.ingest_live_max_pos_age_sec + _retention_margin(ctx):
+    if cursor >= now - s.ingest.live_max_pos_age_sec + _retention_margin(ctx):
         return cursor
     seam = math.floor(now) - SEAM_LAG_SEC
     if seam <= cursor:
@@ -340,7 +341,7 @@ def _missed_by_retention(
     floor(serverTime - max age) are not in it."""
     if pos_sent is None or server_time is None:
         return None
-    limit = math.floor(server_time - ctx.settings.ingest_live_max_pos_age_sec)
+    limit = math.floor(server_time - ctx.settings.ingest.live_max_pos_age_sec)
     if pos_sent >= limit:
         return None
     return pos_sent + 1, limit

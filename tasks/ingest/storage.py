@@ -16,10 +16,12 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.ingest.validation import Page
 from workers.core.jobs import JobContext
-from workers.core.records import jsonb_problem, storable
+from workers.core.records import JSON, jsonb_problem, storable
+from workers.core.rows import one_row
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ VALUES (COALESCE(%(id)s, nextval(pg_get_serial_sequence('bcfy_playlist_poll_log'
 
 
 async def store_page(
-    conn: psycopg.AsyncConnection[Any], poll: PollRecord, page: Page, *, new_cursor: int | None
+    conn: psycopg.AsyncConnection[TupleRow], poll: PollRecord, page: Page, *, new_cursor: int | None
 ) -> Stored:
     """Store a page's calls (one statement), its rejects, the cursor and the poll log row.
 
@@ -141,11 +143,11 @@ async def store_page(
 
 
 async def _insert_calls(
-    conn: psycopg.AsyncConnection[Any],
+    conn: psycopg.AsyncConnection[TupleRow],
     playlist_uuid: str,
     rows: list[dict[str, Any]],
     text: str,
-    rejected: list[tuple[str, Any]],
+    rejected: list[tuple[str, JSON]],
 ) -> tuple[int, int]:
     """(poll id, calls new) for one INSERT of the whole page.
 
@@ -158,7 +160,7 @@ async def _insert_calls(
             cur = await conn.execute(
                 _INSERT_CALLS, {"playlist": playlist_uuid, "rows": text, "poll_id": None}
             )
-            poll_id, new = await cur.fetchone()  # type: ignore[misc]
+            poll_id, new = one_row(await cur.fetchone(), "the page's INSERT")
             return int(poll_id), int(new)
     except psycopg.DataError as exc:
         log.warning(
@@ -167,7 +169,7 @@ async def _insert_calls(
     cur = await conn.execute(
         "SELECT nextval(pg_get_serial_sequence('bcfy_playlist_poll_log', 'id'))"
     )
-    (poll_id,) = await cur.fetchone()  # type: ignore[misc]
+    (poll_id,) = one_row(await cur.fetchone(), "nextval")
     new = 0
     for row in rows:
         one, _ = _rows_json([row])
@@ -176,7 +178,7 @@ async def _insert_calls(
                 cur = await conn.execute(
                     _INSERT_CALLS, {"playlist": playlist_uuid, "rows": one, "poll_id": poll_id}
                 )
-                _, count = await cur.fetchone()  # type: ignore[misc]
+                _, count = one_row(await cur.fetchone(), "a row's INSERT")
                 new += int(count)
         except psycopg.DataError as exc:
             rejected.append((f"refused by the database: {exc}", row["raw"]))
@@ -203,7 +205,7 @@ def _rows_json(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, str]]]:
 
 
 async def _log_poll(
-    conn: psycopg.AsyncConnection[Any],
+    conn: psycopg.AsyncConnection[TupleRow],
     poll: PollRecord,
     *,
     stored: Stored | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 
 from workers.core.records import (
     DEFAULT_MAX_RECORD_BYTES,
+    JSON,
     BadValue,
     bounded_copy,
     json_bytes,
@@ -51,7 +52,7 @@ class Rejected(ValueError):
 
 
 def validate_call(
-    record: Any, latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    record: object, latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 ) -> dict[str, Any]:
     """The row to store for one call record, or Rejected with the reason; never any other
     exception, whatever the record holds.
@@ -164,7 +165,7 @@ class Page:
     """What one request returned, split into rows to store and rejected records."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[tuple[str, Any]] = field(default_factory=list)  # (reason, record)
+    rejected: list[tuple[str, JSON]] = field(default_factory=list)  # (reason, record)
 
     @property
     def received(self) -> int:
@@ -172,7 +173,7 @@ class Page:
 
 
 def split_page(
-    records: Sequence[Any], latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    records: Sequence[JSON], latest_ts: float, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 ) -> Page:
     """Validate each record of an answer: one bad record never fails the page. A rejected
     record is kept for the quarantine as it came, or cut to about max_record_bytes of JSON

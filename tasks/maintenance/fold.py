@@ -18,7 +18,9 @@ FOLD_MIN_MARGIN_SEC = 3600.0
 
 def fold_margin(settings: Settings) -> float:
     return max(
-        FOLD_MIN_MARGIN_SEC, 2 * settings.job_time_limit_sec, 2 * settings.transcribe_time_limit_sec
+        FOLD_MIN_MARGIN_SEC,
+        2 * settings.jobs.time_limit_sec,
+        2 * settings.transcription.time_limit_sec,
     )
 
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @periodic_job("tasks.maintenance.prune_history")
 async def prune_history(ctx: JobContext) -> None:
     """Prune history after its retention settings (see the package's docstring)."""
-    budget = 0.8 * ctx.settings.job_soft_time_limit_sec
+    budget = 0.8 * ctx.settings.jobs.soft_time_limit_sec
     report = await run_maintenance(
         ctx.settings, deadline=time.monotonic() + budget, ensure_lock=ctx.ensure_lock
     )

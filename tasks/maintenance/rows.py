@@ -38,34 +38,31 @@ def _delete_older(table: str, time_col: str, key: str = "id") -> str:
     )
 
 
-_PRUNE_ORIGINALS = """
+def _forget_files(kind: str, *, after_transcription: bool = False) -> str:
+    """Forget one kind of file (`original`, `prepared`) of calls ready before the cutoff: listed
+    in audio_file_trash and its path cleared, in one statement. after_transcription: only once
+    the call's transcription finished (done, or failed for good); ready_at < cutoff holds for
+    those and keeps the read on the index of files still kept."""
+    join, finished = "", ""
+    if after_transcription:
+        join = " JOIN call_transcription t ON t.call_id = a.call_id"
+        finished = " AND t.state IN ('done', 'failed') AND t.finished_at < %(cutoff)s"
+    return f"""
 WITH doomed AS (
-    SELECT call_id, original_path FROM call_audio
-     WHERE state = 'ready' AND original_path IS NOT NULL AND ready_at < %(cutoff)s
-     ORDER BY ready_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
-), listed AS (
-    INSERT INTO audio_file_trash (key, call_id) SELECT original_path, call_id FROM doomed
-    ON CONFLICT (key) DO NOTHING
-)
-UPDATE call_audio a SET original_path = NULL, original_pruned_at = now()
-  FROM doomed d WHERE a.call_id = d.call_id
-"""
-# After its transcription finished (done, or failed for good); ready_at < cutoff holds for
-# those and keeps the read on the index of files still kept.
-_PRUNE_PREPARED = """
-WITH doomed AS (
-    SELECT a.call_id, a.prepared_path FROM call_audio a
-      JOIN call_transcription t ON t.call_id = a.call_id
-     WHERE a.state = 'ready' AND a.prepared_path IS NOT NULL AND a.ready_at < %(cutoff)s
-       AND t.state IN ('done', 'failed') AND t.finished_at < %(cutoff)s
+    SELECT a.call_id, a.{kind}_path AS path FROM call_audio a{join}
+     WHERE a.state = 'ready' AND a.{kind}_path IS NOT NULL AND a.ready_at < %(cutoff)s{finished}
      ORDER BY a.ready_at LIMIT %(n)s FOR UPDATE OF a SKIP LOCKED
 ), listed AS (
-    INSERT INTO audio_file_trash (key, call_id) SELECT prepared_path, call_id FROM doomed
+    INSERT INTO audio_file_trash (key, call_id) SELECT path, call_id FROM doomed
     ON CONFLICT (key) DO NOTHING
 )
-UPDATE call_audio a SET prepared_path = NULL, prepared_pruned_at = now()
+UPDATE call_audio a SET {kind}_path = NULL, {kind}_pruned_at = now()
   FROM doomed d WHERE a.call_id = d.call_id
 """
+
+
+_PRUNE_ORIGINALS = _forget_files("original")
+_PRUNE_PREPARED = _forget_files("prepared", after_transcription=True)
 # A call goes with its audio row, attempts, transcription row and transcript (ON DELETE
 # CASCADE); its files are listed in the same transaction.
 _PRUNE_CALLS = """
@@ -88,32 +85,32 @@ DELETE FROM bcfy_calls_raw c USING doomed d WHERE c.id = d.id
 @dataclass(frozen=True)
 class Prune:
     kind: str
-    setting: str  # the Settings attribute with its retention in days
+    setting: str  # the variable of its retention in days (Settings.value)
     sql: str
     lists_files: bool = False  # puts files in audio_file_trash
 
 
 PRUNES = (
-    Prune("original_audio", "retention_original_audio_days", _PRUNE_ORIGINALS, True),
-    Prune("prepared_audio", "retention_prepared_audio_days", _PRUNE_PREPARED, True),
-    Prune("calls", "retention_calls_days", _PRUNE_CALLS, True),
-    Prune("transcripts", "retention_transcripts_days", _delete_older("transcripts", "created_at")),
+    Prune("original_audio", "RETENTION_ORIGINAL_AUDIO_DAYS", _PRUNE_ORIGINALS, True),
+    Prune("prepared_audio", "RETENTION_PREPARED_AUDIO_DAYS", _PRUNE_PREPARED, True),
+    Prune("calls", "RETENTION_CALLS_DAYS", _PRUNE_CALLS, True),
+    Prune("transcripts", "RETENTION_TRANSCRIPTS_DAYS", _delete_older("transcripts", "created_at")),
     Prune(
         "audio_attempts",
-        "retention_audio_attempts_days",
+        "RETENTION_AUDIO_ATTEMPTS_DAYS",
         _delete_older("call_audio_attempts", "started_at"),
     ),
     Prune(
         "quarantine",
-        "retention_quarantine_days",
+        "RETENTION_QUARANTINE_DAYS",
         _delete_older("bcfy_calls_quarantine", "created_at"),
     ),
     Prune(
         "poll_log",
-        "retention_poll_log_days",
+        "RETENTION_POLL_LOG_DAYS",
         _delete_older("bcfy_playlist_poll_log", "poll_started_at"),
     ),
-    Prune("job_runs", "retention_job_runs_days", _delete_older("job_runs", "started_at")),
+    Prune("job_runs", "RETENTION_JOB_RUNS_DAYS", _delete_older("job_runs", "started_at")),
 )
 
 
@@ -131,7 +128,7 @@ async def prune(run: Run) -> None:
         log.warning("maintenance: counters not folded yet; nothing pruned this run")
         return
     for p in PRUNES:
-        days = float(getattr(run.s, p.setting))
+        days = float(run.s.value(p.setting))
         if days <= 0:
             continue  # kept for ever
         cutoff = min(now - timedelta(seconds=days * DAY), oldest)

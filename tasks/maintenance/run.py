@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from tasks.audio.preparation import store_for
 from workers.core.settings import Settings
@@ -42,17 +42,17 @@ class Run:
         self.ensure_lock = ensure_lock
         self.report = Report()
         self.store = store_for(settings)
-        self.batch = settings.retention_batch_size
+        self.batch = settings.retention.batch_size
 
     async def next_batch(self, pause: bool = True) -> None:
         """Between two batches: give way to other work, and stop when the budget is spent."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise OutOfTime
         self.ensure_lock()
-        await asyncio.sleep(self.s.retention_batch_pause_sec if pause else 0)
+        await asyncio.sleep(self.s.retention.batch_pause_sec if pause else 0)
 
 
-async def db_now(conn: psycopg.AsyncConnection[Any]) -> datetime:
+async def db_now(conn: psycopg.AsyncConnection[TupleRow]) -> datetime:
     row = await (await conn.execute("SELECT now()")).fetchone()
     assert row is not None
     value: datetime = row[0]

@@ -14,7 +14,7 @@ modules, one concept each:
   startup   the worker start-up check of the recogniser (a Celery signal)
 
 Whether a claimant process is still alive is decided once for every stage, by
-`workers.core.jobs.claimant_is_gone`. Imported here so that the app's `include` registers the
+`workers.core.identity.process_is_gone`. Imported here so that the app's `include` registers the
 tasks and connects the signal.
 """
 

@@ -11,8 +11,8 @@ A claim ends in one of three ways, each one transaction: the transcript stored a
 What happens to a message when a worker dies mid-task: with late acks the message is still
 unacknowledged. If only the pool process died (the OOM killer, a crash in native code), the
 worker rejects it back to the queue (task_reject_on_worker_lost) and it is delivered again at
-once; the claim names the machine and process that made it (workers.core.jobs.process_id), so
-the redelivery sees that process is gone (workers.core.jobs.claimant_is_gone) and takes the call
+once; the claim names the machine and process that made it (workers.core.identity), so the
+redelivery sees that process is gone (workers.core.identity.process_is_gone) and takes the call
 over. If the whole worker died, Redis hands the message out again after
 BROKER_VISIBILITY_TIMEOUT_SEC; a redelivery that cannot tell the claimant is dead (another
 machine, a process that is still there) is dropped, and the dispatcher sends the call again when
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from tasks.transcription.policy import gave_up, out_of_attempts
-from workers.core.jobs import claimant_is_gone
+from workers.core.identity import process_is_gone
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 from workers.core.text import error_text
@@ -77,7 +77,7 @@ async def claim_call(
         if state == "failed":
             return Skip(f"failed for good before: {last_error}")
         if state == "running" and not due and claimed_by != reclaim:
-            if not claimant_is_gone(claimed_by):
+            if not process_is_gone(claimed_by):
                 return Skip(
                     f"claimed by {claimed_by} until {due_at:%H:%M:%S}: duplicate delivery"
                     " dropped (sent again by the dispatcher if that claim runs out)"
@@ -102,7 +102,7 @@ async def claim_call(
                       claimed_at = now(), due_at = now() + make_interval(secs => %s),
                       updated_at = now()
                 WHERE call_id = %s""",
-            (worker, settings.transcribe_time_limit_sec + CLAIM_MARGIN_SEC, call_id),
+            (worker, settings.transcription.time_limit_sec + CLAIM_MARGIN_SEC, call_id),
         )
         return TranscriptionClaim(attempts + 1, prepared)
 
@@ -144,7 +144,7 @@ async def store_transcript(
     return inserted
 
 
-async def _set_failed(conn: psycopg.AsyncConnection[Any], call_id: int, reason: str) -> None:
+async def _set_failed(conn: psycopg.AsyncConnection[TupleRow], call_id: int, reason: str) -> None:
     await conn.execute(
         """UPDATE call_transcription
               SET state = 'failed', due_at = NULL, finished_at = now(), last_error = %s,
@@ -172,7 +172,7 @@ async def release_for_retry(
                 WHERE call_id = %s AND state = 'running' AND claimed_by = %s""",
             (
                 error_text(reason),
-                countdown + settings.transcribe_dispatch_lease_sec,
+                countdown + settings.transcription.dispatch_lease_sec,
                 call_id,
                 worker,
             ),

@@ -80,25 +80,25 @@ async def mark_dispatched(settings: Settings, limit: int) -> list[int]:
     """Mark up to `limit` due calls as dispatched (committed on return), in dispatch order."""
     async with db_connection() as conn:
         cur = await conn.execute(
-            pick_sql(settings.transcribe_dispatch_order),
+            pick_sql(settings.transcription.dispatch_order),
             {
-                "max_age": settings.transcribe_max_age_hours * 3600,
+                "max_age": settings.transcription.max_age_hours * 3600,
                 "limit": limit,
-                "lease": settings.transcribe_dispatch_lease_sec,
+                "lease": settings.transcription.dispatch_lease_sec,
             },
             # Planned afresh each time: a cached generic plan, made while the tables were
             # small, would hash-join every ready call once they are not.
             prepare=False,
         )
         rows = await cur.fetchall()
-    rows.sort(key=lambda r: (r[1], r[0]), reverse=settings.transcribe_dispatch_order == "newest")
+    rows.sort(key=lambda r: (r[1], r[0]), reverse=settings.transcription.dispatch_order == "newest")
     return [r[0] for r in rows]
 
 
 def publish_transcriptions(settings: Settings, call_ids: Sequence[int]) -> None:
     """One message per call, by task name (routed to the transcription queue), on one
     connection to the broker named by the settings."""
-    with app.connection_for_write(settings.redis_url.reveal()) as connection:
+    with app.connection_for_write(settings.services.redis_url.reveal()) as connection:
         for call_id in call_ids:
             app.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, connection=connection)
 
@@ -110,11 +110,11 @@ async def dispatch_once(
     ensure_lock: Callable[[], None] = lambda: None,
 ) -> DispatchOutcome:
     queued = queued_messages(redis_client)
-    room = settings.transcribe_queue_max - queued
+    room = settings.transcription.queue_max - queued
     if room <= 0:
         return DispatchOutcome(0, queued, True)
     ensure_lock()
-    call_ids = await mark_dispatched(settings, min(room, settings.transcribe_dispatch_batch))
+    call_ids = await mark_dispatched(settings, min(room, settings.transcription.dispatch_batch))
     if call_ids:
         # Marked and committed first, sent second: a crash in between is covered by the lease.
         ensure_lock()

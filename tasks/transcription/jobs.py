@@ -38,11 +38,13 @@ from tasks.transcription.policy import (
     retry_wait,
 )
 from workers.app import app
-from workers.core.jobs import JobContext, periodic_job, process_id
+from workers.core.identity import worker_identity
+from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
 from workers.recognizers import (
     TransientRecognitionError,
     forget_process_recognizer,
+    pool_processes,
     process_recognizer,
 )
 
@@ -67,7 +69,7 @@ async def dispatch_ready_calls(ctx: JobContext) -> None:
             "transcription dispatch: queue holds %d messages (TRANSCRIBE_QUEUE_MAX=%d): "
             "nothing sent",
             outcome.queued_before,
-            s.transcribe_queue_max,
+            s.transcription.queue_max,
         )
     elif outcome.sent:
         log.info(
@@ -90,7 +92,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     """Transcribe one call whose audio is ready; at most one transcript, whatever is delivered."""
     rt = Runtime.current()
     s = rt.settings
-    worker = process_id(self)
+    worker = worker_identity()
     try:
         claim = rt.run(claim_call(call_id, worker, s, reclaim))
     except (psycopg.Error, OSError) as exc:
@@ -110,10 +112,10 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     retry_after: float | None = None
     started = time.perf_counter()
     try:
-        audio = Path(s.audio_store_dir) / claim.prepared_path
+        audio = Path(s.audio.store_dir) / claim.prepared_path
         if not audio.is_file():
             raise FileNotFoundError(2, "no such file", str(audio))
-        recognizer = process_recognizer(s)
+        recognizer = process_recognizer(s.transcription, pool_processes=pool_processes(s.pools))
         result = recognizer.transcribe(audio, name=f"call-{call_id}.flac")
         elapsed = time.perf_counter() - started
         inserted = rt.run(store_transcript(call_id, recognizer.backend, result, elapsed))
@@ -125,7 +127,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     except TransientRecognitionError as exc:
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
-        why = f"soft time limit ({s.transcribe_soft_time_limit_sec:g}s) reached"
+        why = f"soft time limit ({s.transcription.soft_time_limit_sec:g}s) reached"
     except Exception as exc:
         # A database outage, or a fault of ours: counted against the attempts, then failed.
         log.exception("call %s: transcription attempt %d failed", call_id, claim.attempt)
@@ -157,7 +159,7 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         "call %s: attempt %d/%d failed (%s); retry in %gs",
         call_id,
         claim.attempt,
-        s.transcribe_max_attempts,
+        s.transcription.max_attempts,
         why,
         countdown,
     )

@@ -36,7 +36,7 @@ class GiveUp:
 
 
 def out_of_attempts(attempts: int, settings: Settings) -> bool:
-    return attempts >= settings.transcribe_max_attempts
+    return attempts >= settings.transcription.max_attempts
 
 
 def gave_up(attempts: int, last_error: str | None) -> str:
@@ -57,8 +57,8 @@ def retry_wait(attempt: int, settings: Settings, retry_after: float | None = Non
     TRANSCRIBE_RETRY_BACKOFF_SEC doubling up to TRANSCRIBE_RETRY_BACKOFF_MAX_SEC."""
     return backoff_sec(
         attempt,
-        settings.transcribe_retry_backoff_sec,
-        settings.transcribe_retry_backoff_max_sec,
+        settings.transcription.retry_backoff_sec,
+        settings.transcription.retry_backoff_max_sec,
         retry_after,
     )
 

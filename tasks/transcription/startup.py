@@ -14,7 +14,7 @@ from celery import signals
 
 from tasks.transcription.dispatch import QUEUE
 from workers.app import configured_settings
-from workers.recognizers import RecognizerConfigError, build_recognizer
+from workers.recognizers import RecognizerConfigError, build_recognizer, pool_processes
 from workers.recognizers.whisper_backend import WhisperRecognizer
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,15 @@ def _check_recognizer_at_start(sender: Any = None, **_: Any) -> None:
         return
     settings = configured_settings()
     try:
-        recognizer = build_recognizer(settings)
+        recognizer = build_recognizer(
+            settings.transcription, pool_processes=pool_processes(settings.pools)
+        )
         if isinstance(recognizer, WhisperRecognizer):
             # A model given by name is fetched here, once, not loaded: each pool process loads
             # its own after the fork.
             recognizer.fetch_named_model()
     except RecognizerConfigError as exc:
         raise SystemExit(
-            f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcribe_backend}: {exc}"
+            f"bcfy: cannot start: TRANSCRIBE_BACKEND={settings.transcription.backend}: {exc}"
         ) from None
     log.info("transcription: recogniser %s (%s) ready", recognizer.backend, recognizer.model)

@@ -4,7 +4,6 @@ cap, disjoint concurrent claims, leases that run out, and that only the lease ho
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ from workers.dev.calls import insert_call
 
 
 def settings(**overrides) -> Settings:
-    return dataclasses.replace(get_settings(), **overrides)
+    return get_settings().with_values(**overrides)
 
 
 def add_calls(db, n: int) -> list[int]:
@@ -31,7 +30,7 @@ def add_calls(db, n: int) -> list[int]:
 
 def test_a_claim_takes_at_most_the_batch_and_stays_under_the_in_flight_cap(db, clean):
     ids = add_calls(db, 50)
-    s = settings(audio_worker_batch_size=20, audio_max_in_flight=30)
+    s = settings(AUDIO_WORKER_BATCH_SIZE=20, AUDIO_MAX_IN_FLIGHT=30)
     first = asyncio.run(claim(clean, s, "a"))
     assert first.call_ids == ids[:20] and first.full, "oldest first, the batch and no more"
     second = asyncio.run(claim(clean, s, "b"))
@@ -45,13 +44,13 @@ def test_a_claim_takes_at_most_the_batch_and_stays_under_the_in_flight_cap(db, c
 
 def test_a_pass_with_nothing_due_still_has_room(db, clean):
     # Told apart from "cap reached", which makes the next finished task ask for a pass.
-    idle = asyncio.run(claim(clean, settings(audio_worker_batch_size=20), "a"))
+    idle = asyncio.run(claim(clean, settings(AUDIO_WORKER_BATCH_SIZE=20), "a"))
     assert (idle.call_ids, idle.room, idle.full) == ([], 20, False)
 
 
 def test_concurrent_claims_never_share_a_call(db, clean):
     add_calls(db, 30)
-    s = settings(audio_worker_batch_size=20)
+    s = settings(AUDIO_WORKER_BATCH_SIZE=20)
 
     async def both():
         return await asyncio.gather(claim(clean, s, "a", hold=0.5), claim(clean, s, "b", hold=0.5))
@@ -71,7 +70,7 @@ def start(rt: Runtime, preparer: CallPreparer, call_id: int) -> ClaimedCall:
 
 def test_a_lease_that_runs_out_is_claimed_again_and_a_dead_end_fails(db, clean):
     (call,) = add_calls(db, 1)
-    s = settings(audio_lease_sec=0.3, audio_max_attempts=2)
+    s = settings(AUDIO_LEASE_SEC=0.3, AUDIO_MAX_ATTEMPTS=2)
     assert asyncio.run(claim(clean, s, "dead-1")).call_ids == [call]
     assert asyncio.run(claim(clean, s, "other")).call_ids == [], "the lease is live"
     time.sleep(0.4)
@@ -91,7 +90,7 @@ def test_a_lease_that_runs_out_is_claimed_again_and_a_dead_end_fails(db, clean):
 
 def test_only_the_lease_holder_writes_an_outcome(db, clean):
     (call,) = add_calls(db, 1)
-    s = settings(audio_lease_sec=0.3)
+    s = settings(AUDIO_LEASE_SEC=0.3)
     asyncio.run(claim(clean, s, "old"))
     rt = Runtime.current()
     old = CallPreparer(s, rt.http, "old", "test:1")
@@ -116,16 +115,16 @@ def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, cle
     worker put the task back): a live process still on it makes the delivery a duplicate,
     dropped, nothing counted; a dead one counts against the one call it had under way."""
     first, second = add_calls(db, 2)
-    s = settings(audio_max_attempts=2)
+    s = settings(AUDIO_MAX_ATTEMPTS=2)
     rt = Runtime.current()
     asyncio.run(claim(clean, s, "o"))
     host = socket.gethostname()
     with subprocess.Popen(["sleep", "60"]) as live:
         with subprocess.Popen(["true"]) as gone:
             gone.wait()
-        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:{live.pid}")
+        on_it = CallPreparer(s, rt.http, "o", f"a1@{host}:{live.pid}")
         start(rt, on_it, first)
-        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:{host}:1")
+        taker = CallPreparer(s, rt.http, "o", f"a1@{host}:1")
         assert rt.run(taker.take_over([first, second])).calls == [], "a duplicate: dropped"
         live.kill()
     assert [r["attempts"] for r in audio_rows(db).values()] == [1, 1]
@@ -133,7 +132,7 @@ def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, cle
     def dies(call_id: int) -> None:  # what a process that dies on it leaves behind
         db.execute(
             "UPDATE call_audio_attempts SET worker = %s WHERE call_id = %s AND ended_at IS NULL",
-            (f"a1@{host}:{host}:{gone.pid}", call_id),
+            (f"a1@{host}:{gone.pid}", call_id),
         )
 
     dies(first)
@@ -159,7 +158,7 @@ def test_a_redelivered_task_counts_a_death_only_when_the_process_is_gone(db, cle
 
 def test_failures_back_off_exponentially_and_stop_after_the_last_attempt(db, clean):
     (call,) = add_calls(db, 1)
-    s = settings(audio_lease_sec=30, audio_retry_base_sec=10, audio_max_attempts=3)
+    s = settings(AUDIO_LEASE_SEC=30, AUDIO_RETRY_BASE_SEC=10, AUDIO_MAX_ATTEMPTS=3)
     rt = Runtime.current()
     delays = []
     for attempt in (1, 2, 3):
@@ -183,7 +182,7 @@ def test_failures_back_off_exponentially_and_stop_after_the_last_attempt(db, cle
 
 def test_a_policy_refusal_fails_at_once(db, clean):
     (call,) = add_calls(db, 1)
-    s = settings(audio_max_attempts=3)
+    s = settings(AUDIO_MAX_ATTEMPTS=3)
     rt = Runtime.current()
     asyncio.run(claim(clean, s, "o"))
     prep = CallPreparer(s, rt.http, "o", "test:1")

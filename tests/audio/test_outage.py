@@ -14,8 +14,14 @@ import psycopg
 import pytest
 
 from tests.conftest import Services
-from tests.support.audio import add_calls, assert_stored_files_match, attempts, make_env, states
-from tests.support.procs import start_beat, start_worker
+from tests.support.audio import (
+    add_calls,
+    assert_stored_files_match,
+    attempts,
+    lease_env,
+    start_audio,
+    states,
+)
 from workers.dev.calls import slow_audio
 from workers.dev.procs import wait_until
 from workers.dev.services import ServiceError, ThrowawayPostgres, scratch_database
@@ -59,19 +65,9 @@ def test_postgres_down_mid_batch_loses_nothing_and_prepares_each_call_once(
     slow_audio(sim, 1.5)
     with services.db() as db:
         calls = add_calls(db, sim, 12)
-    env = make_env(
-        services,
-        tmp_path,
-        sim,
-        AUDIO_WORKER_BATCH_SIZE="12",
-        AUDIO_DOWNLOAD_CONCURRENCY="3",
-        AUDIO_LEASE_SEC="4",
-        AUDIO_WORKER_INTERVAL_SEC="1",
-        DB_CONNECT_TIMEOUT_SEC="2",
-    )
-    worker = start_worker("a1", env, tmp_path, queues="audio", concurrency=2)
-    procs.append(worker)
-    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
+    env = lease_env(services, tmp_path, sim, batch=12, downloads=3, lease=4)
+    env["DB_CONNECT_TIMEOUT_SEC"] = "2"
+    worker = start_audio(procs, env, tmp_path, beat=True)
     with services.db() as db:
         wait_until(lambda: len(attempts(db)) >= 3, 30, "downloads under way")
         assert states(db).get("ready", 0) < len(calls)

@@ -30,11 +30,10 @@ from workers.dev.simulator.server import _Answer
 
 
 def settings_for(sim: FeedSimulator, tmp_path, **overrides) -> Settings:
-    return dataclasses.replace(
-        get_settings(),
-        audio_store_dir=str(tmp_path / "store"),
-        audio_allowed_hosts=(sim.audio_host,),
-        audio_allowed_internal_networks=("127.0.0.1/32",),
+    return get_settings().with_values(
+        AUDIO_STORE_DIR=str(tmp_path / "store"),
+        AUDIO_ALLOWED_HOSTS=(sim.audio_host,),
+        AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
         **overrides,
     )
 
@@ -48,7 +47,7 @@ def run_batch(services: Services, s: Settings, owner: str = "test-claim"):
 def test_a_mixed_batch_ends_with_each_call_ready_or_failed_with_its_reason(
     db, clean, sim, tmp_path
 ):
-    s = settings_for(sim, tmp_path, audio_max_attempts=1, audio_worker_batch_size=20)
+    s = settings_for(sim, tmp_path, AUDIO_MAX_ATTEMPTS=1, AUDIO_WORKER_BATCH_SIZE=20)
     playlist = sim.add_playlist()
     good = dict(publish(sim, db, playlist) for _ in range(4))
     good |= dict([publish(sim, db, playlist, AudioFault.REDIRECT_OK)])
@@ -82,7 +81,7 @@ def test_a_mixed_batch_ends_with_each_call_ready_or_failed_with_its_reason(
     assert (outcome.ready, outcome.failed) == (len(good), len(bad))
 
     rows = audio_rows(db)
-    store = FilesystemAudioStore(s.audio_store_dir)
+    store = FilesystemAudioStore(s.audio.store_dir)
     for call_id, record in good.items():
         row = rows[call_id]
         assert row["state"] == "ready" and row["attempts"] == 1 and row["last_error"] is None
@@ -109,7 +108,7 @@ def test_a_mixed_batch_ends_with_each_call_ready_or_failed_with_its_reason(
 
 
 def test_a_retryable_failure_goes_back_to_pending_with_backoff(db, clean, sim, tmp_path):
-    s = settings_for(sim, tmp_path, audio_retry_base_sec=60)
+    s = settings_for(sim, tmp_path, AUDIO_RETRY_BASE_SEC=60)
     call, _ = publish(sim, db, sim.add_playlist(), AudioFault.MISSING)
     assert run_batch(clean, s).retry == 1
     row = audio_rows(db)[call]
@@ -297,7 +296,7 @@ def test_damaged_clips_are_prepared_or_refused_with_a_reason(tmp_path, damaged):
 
 def test_a_call_too_long_fails_at_its_first_attempt_and_leaves_no_file(db, clean, sim, tmp_path):
     """End to end: the reason is recorded, the call is not retried, nothing is stored."""
-    s = settings_for(sim, tmp_path, audio_max_attempts=3, audio_max_duration_sec=LIMIT)
+    s = settings_for(sim, tmp_path, AUDIO_MAX_ATTEMPTS=3, AUDIO_MAX_DURATION_SEC=LIMIT)
     long_audio = make_flac(tmp_path / "long.flac", 4 * LIMIT, amplitude=8000).read_bytes()
     sim.handle_audio = lambda path: _Answer(long_audio, content_type="audio/flac")
     call, _ = publish(sim, db, sim.add_playlist())

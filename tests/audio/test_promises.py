@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import math
 import shutil
@@ -35,9 +34,9 @@ from hypothesis import strategies as st
 
 from tasks.audio.preparation import CallPreparer
 from tests.conftest import Services
-from tests.support.audio import audio_rows, claim
+from tests.support.audio import attempt_rows, audio_rows, claim
 from workers.audio.download import AudioFailure, UrlPolicy, download
-from workers.audio.prepare import validate_and_convert
+from workers.audio.prepare import PreparedAudio, validate_and_convert
 from workers.audio.store import FilesystemAudioStore
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings, get_settings
@@ -76,10 +75,14 @@ def dbfs_of(samples: np.ndarray) -> float:
 
 def wav(samples: np.ndarray, rate: int = RATE, layout: str = "mono") -> bytes:
     """A WAV file: int16 samples as pcm_s16le, float ones (interleaved) as pcm_f32le."""
-    fmt, codec = ("s16", "pcm_s16le") if samples.dtype == np.int16 else ("flt", "pcm_f32le")
+    int16 = samples.dtype == np.int16
+    fmt = "s16" if int16 else "flt"
     out = io.BytesIO()
     with av.open(out, "w", format="wav") as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
+        # (the codec named in the call: av's types tell an audio stream by the literal)
+        stream = container.add_stream(
+            "pcm_s16le" if int16 else "pcm_f32le", rate=rate, layout=layout
+        )
         frame = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(samples).reshape(1, -1), format=fmt, layout=layout
         )
@@ -191,11 +194,10 @@ def server() -> Iterator[AudioServer]:
 
 
 def settings_for(server: AudioServer, tmp_path: Path, **overrides: Any) -> Settings:
-    return dataclasses.replace(
-        get_settings(),
-        audio_store_dir=str(tmp_path / "store"),
-        audio_allowed_hosts=(server.host,),
-        audio_allowed_internal_networks=("127.0.0.1/32",),
+    return get_settings().with_values(
+        AUDIO_STORE_DIR=str(tmp_path / "store"),
+        AUDIO_ALLOWED_HOSTS=(server.host,),
+        AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
         **overrides,
     )
 
@@ -204,14 +206,6 @@ def prepare_due_calls(services: Services, s: Settings, owner: str = "test-claim"
     claimed = asyncio.run(claim(services, s, owner))
     rt = Runtime.current()
     return rt.run(CallPreparer(s, rt.http, owner, "test:1").run(claimed.call_ids))
-
-
-def attempt_rows(db: Any, call_id: int) -> list[tuple[Any, ...]]:
-    return db.execute(
-        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
-        " ORDER BY id",
-        (call_id,),
-    ).fetchall()
 
 
 # --- the download deadline -------------------------------------------------------------------
@@ -223,11 +217,11 @@ def test_a_server_trickling_forever_is_cut_at_the_download_deadline(db, clean, s
     s = settings_for(
         server,
         tmp_path,
-        http_total_timeout_sec=1.5,
-        audio_max_attempts=2,
-        audio_retry_base_sec=0,
+        HTTP_TOTAL_TIMEOUT_SEC=1.5,
+        AUDIO_MAX_ATTEMPTS=2,
+        AUDIO_RETRY_BASE_SEC=0,
     )
-    assert s.http_read_timeout_sec > s.http_total_timeout_sec * 10
+    assert s.services.http_read_timeout_sec > s.services.http_total_timeout_sec * 10
     call = insert_call(db, f"http://{server.host}/trickle", 3.0)
 
     first = prepare_due_calls(clean, s)
@@ -243,7 +237,7 @@ def test_a_server_trickling_forever_is_cut_at_the_download_deadline(db, clean, s
     row = audio_rows(db)[call]
     assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "timeout", 2)
     assert attempt_rows(db, call) == [(1, "retry", "timeout"), (2, "failed", "timeout")]
-    assert FilesystemAudioStore(s.audio_store_dir).temp_files() == []
+    assert FilesystemAudioStore(s.audio.store_dir).temp_files() == []
 
 
 # --- Host header and TLS server name ---------------------------------------------------------
@@ -333,6 +327,23 @@ def test_https_with_a_certificate_for_another_name_is_refused(certificate, tmp_p
 # --- the duration tolerance and the silence threshold at their limits ------------------------
 
 MARGIN = 0.003  # relative duration either side of the tolerance; 48 samples at 1 s
+PREPARED = "a.flac"
+
+
+def prepare_samples(
+    samples: np.ndarray, workdir: Path, api_duration: float, tolerance: float, silence_dbfs: float
+) -> PreparedAudio:
+    """validate_and_convert of `samples`, written as a WAV in workdir, into workdir/PREPARED."""
+    original = workdir / "a.wav"
+    original.write_bytes(wav(samples))
+    return validate_and_convert(
+        original,
+        workdir / PREPARED,
+        expected_duration=api_duration,
+        tolerance=tolerance,
+        silence_dbfs=silence_dbfs,
+        max_duration_sec=3600,
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -351,21 +362,13 @@ def test_a_clip_just_inside_the_duration_tolerance_passes_and_just_outside_fails
     off = abs(len(samples) / RATE - api_duration) / api_duration
     assume(abs(off - tolerance) > MARGIN / 2)  # sample rounding kept it on its side
     with tempfile.TemporaryDirectory() as tmp:
-        original, flac = Path(tmp) / "a.wav", Path(tmp) / "a.flac"
-        original.write_bytes(wav(samples))
         try:
-            prepared = validate_and_convert(
-                original,
-                flac,
-                expected_duration=api_duration,
-                tolerance=tolerance,
-                silence_dbfs=-50,
-                max_duration_sec=3600,
-            )
+            prepared = prepare_samples(samples, Path(tmp), api_duration, tolerance, -50)
         except AudioFailure as failure:
             assert over, f"{off:.4f} off is within {tolerance:.4f}, yet refused: {failure}"
             assert failure.code == "duration_mismatch"
             assert f"the API says {api_duration:.2f}s" in failure.detail
+            flac = Path(tmp) / PREPARED
             assert not flac.exists() or flac.stat().st_size == 0
         else:
             assert not over, f"{off:.4f} off is past {tolerance:.4f}, yet accepted"
@@ -382,17 +385,8 @@ def test_a_clip_just_above_the_silence_threshold_passes_and_just_below_fails(
     assume(abs(level - threshold) > 0.1)
     assert (level > threshold) == louder
     with tempfile.TemporaryDirectory() as tmp:
-        original, flac = Path(tmp) / "a.wav", Path(tmp) / "a.flac"
-        original.write_bytes(wav(samples))
         try:
-            prepared = validate_and_convert(
-                original,
-                flac,
-                expected_duration=1.0,
-                tolerance=0.15,
-                silence_dbfs=threshold,
-                max_duration_sec=3600,
-            )
+            prepared = prepare_samples(samples, Path(tmp), 1.0, 0.15, threshold)
         except AudioFailure as failure:
             assert not louder, f"{level:.2f} dBFS is above {threshold:.2f}, yet refused"
             assert failure.code == "silence" and "silent from end to end" in failure.detail
@@ -407,7 +401,7 @@ def test_the_settings_decide_at_their_limits_and_the_prepared_file_is_s16_16k_mo
     """Through the audio stage, with AUDIO_DURATION_TOLERANCE=0.2 and AUDIO_SILENCE_DBFS=-40
     (both far from their defaults): each clip on either side of each limit, one of them a
     44.1 kHz stereo float WAV, so the conversion has work to do."""
-    s = settings_for(server, tmp_path, audio_duration_tolerance=0.2, audio_silence_dbfs=-40.0)
+    s = settings_for(server, tmp_path, AUDIO_DURATION_TOLERANCE=0.2, AUDIO_SILENCE_DBFS=-40.0)
     stereo = np.repeat(tone(2.0, -20, rate=44100).astype(np.float32), 2)  # L, R interleaved
     clips = {
         # path: (file, API duration, expected outcome)
@@ -432,7 +426,7 @@ def test_the_settings_decide_at_their_limits_and_the_prepared_file_is_s16_16k_mo
     }
     assert outcomes == {path: expected for path, (_, _, expected) in clips.items()}
 
-    store = FilesystemAudioStore(s.audio_store_dir)
+    store = FilesystemAudioStore(s.audio.store_dir)
     for call, (path, expected) in calls.items():
         if expected != "ready":
             continue

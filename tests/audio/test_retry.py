@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.audio import add_calls, make_env, states
-from tests.support.procs import start_worker
+from tests.support.audio import add_calls, make_env, start_audio, states
 from workers.cli.audio import RETRY_EFFECT
 from workers.dev.procs import ROOT, run_cli, wait_until
 
@@ -97,7 +96,7 @@ def test_a_retried_call_is_transcribed_afresh_once_its_audio_is_ready(
     assert transcription(db, fresh) is None
 
     env = make_env(clean, tmp_path, sim)
-    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=1))
+    start_audio(procs, env, tmp_path, concurrency=1)
     client.send_task(CLAIM_JOB, queue="audio")
     wait_until(lambda: states(db) == {"ready": 3}, 120, "the retried calls ready")
 

@@ -69,16 +69,16 @@ def test_a_bad_audio_setting_names_its_variable(env, named):
 
 def test_audio_settings_default_to_the_service_hosts_and_no_internal_networks():
     s = load_settings({})
-    assert tuple(s.audio_allowed_hosts) == ("calls.broadcastify.com", "calls-ai-1.broadcastify.com")
-    assert tuple(s.audio_allowed_internal_networks) == ()
+    assert tuple(s.audio.allowed_hosts) == ("calls.broadcastify.com", "calls-ai-1.broadcastify.com")
+    assert tuple(s.audio.allowed_internal_networks) == ()
     s = load_settings(
         {
             "AUDIO_ALLOWED_HOSTS": "127.0.0.1:8089, *.example.org",
             "AUDIO_ALLOWED_INTERNAL_NETWORKS": "127.0.0.1",
         }
     )
-    assert str(s.audio_allowed_hosts) == "127.0.0.1:8089,*.example.org"
-    assert str(s.audio_allowed_internal_networks) == "127.0.0.1/32"
+    assert str(s.audio.allowed_hosts) == "127.0.0.1:8089,*.example.org"
+    assert str(s.audio.allowed_internal_networks) == "127.0.0.1/32"
 
 
 def test_bcfy_audio_status_and_retry(clean):

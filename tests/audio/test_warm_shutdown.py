@@ -8,8 +8,14 @@ import signal
 
 import pytest
 
-from tests.support.audio import add_calls, assert_stored_files_match, attempts, make_env, states
-from tests.support.procs import start_worker
+from tests.support.audio import (
+    add_calls,
+    assert_stored_files_match,
+    attempts,
+    make_env,
+    start_audio,
+    states,
+)
 from workers.dev.calls import HeldAudio
 from workers.dev.procs import wait_until
 
@@ -35,8 +41,7 @@ def test_sigterm_mid_task_finishes_the_calls_in_hand_and_hands_back_the_rest(
         AUDIO_DOWNLOAD_CONCURRENCY="1",
         AUDIO_LEASE_SEC="600",  # a call handed back is taken up at once, not after its lease
     )
-    first = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(first)
+    first = start_audio(procs, env, tmp_path, concurrency=1)
     client.send_task(CLAIM_JOB, queue="audio")
     wait_until(lambda: held.arrived, 60, "a download in flight")
 
@@ -50,11 +55,10 @@ def test_sigterm_mid_task_finishes_the_calls_in_hand_and_hands_back_the_rest(
     assert first_call in done_by_first, "the call it was downloading was finished"
     assert len(done_by_first) < CALLS, "it took no new work after SIGTERM"
 
-    second = start_worker("a2", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(second)
+    start_audio(procs, env, tmp_path, "a2", concurrency=1)
     wait_until(lambda: states(db) == {"ready": CALLS}, 120, "every call ready")
 
-    per_call = {}
+    per_call: dict[int, list[str]] = {}
     for call_id, _, _worker, outcome in attempts(db):
         per_call.setdefault(call_id, []).append(outcome)
     assert per_call == {call_id: ["ready"] for call_id in calls}, "each call prepared once"

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.audio import assert_stored_files_match, audio_rows, make_env, states
-from tests.support.procs import start_worker
+from tests.support.audio import (
+    assert_stored_files_match,
+    attempt_rows,
+    audio_rows,
+    make_env,
+    start_audio,
+    states,
+)
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import HeldAudio, publish
 from workers.dev.procs import Proc, run_cli, wait_until
@@ -50,14 +56,6 @@ def kill_the_pool_process_on_it(
     killed.append(pid)
     for held in holds:
         held.release_all()  # the server's threads answer into closed connections
-
-
-def attempt_rows(db, call_id: int) -> list[tuple]:
-    return db.execute(
-        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
-        " ORDER BY id",
-        (call_id,),
-    ).fetchall()
 
 
 def kill_it_each_time_it_downloads(
@@ -104,8 +102,7 @@ def start_audio_worker(clean, procs, client, sim, tmp_path) -> tuple[Proc, dict]
         AUDIO_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
         AUDIO_DOWNLOAD_CONCURRENCY="4",
     )
-    worker = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(worker)
+    worker = start_audio(procs, env, tmp_path, concurrency=1)
     client.send_task(CLAIM_JOB, queue="audio")
     return worker, env
 

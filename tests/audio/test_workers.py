@@ -16,11 +16,13 @@ from tests.support.audio import (
     assert_stored_files_match,
     attempts,
     audio_rows,
+    lease_env,
     make_env,
+    start_audio,
     states,
 )
 from tests.support.ingest import api_env, follow_with_cli
-from tests.support.procs import start_beat, start_worker
+from tests.support.procs import start_worker
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import insert_call, publish, slow_audio
 from workers.dev.procs import wait_until
@@ -38,7 +40,7 @@ def test_one_trigger_drains_a_backlog_in_batches_no_larger_than_the_batch(
     slow_audio(sim, 0.05)
     calls = add_calls(db, sim, 45)
     env = make_env(clean, tmp_path, sim, AUDIO_WORKER_BATCH_SIZE="10", AUDIO_MAX_IN_FLIGHT="20")
-    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
+    start_audio(procs, env, tmp_path)
     # What ingest does after storing new calls; no beat runs in this test.
     client.send_task(CLAIM_JOB, queue="audio")
     wait_until(lambda: states(db).get("ready") == len(calls), 60, "every call ready")
@@ -87,8 +89,7 @@ def test_each_bad_call_fails_with_its_reason_and_the_rest_become_ready(
         AUDIO_MAX_ATTEMPTS="2",
         AUDIO_RETRY_BASE_SEC="0.5",
     )
-    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
-    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
+    start_audio(procs, env, tmp_path, beat=True)
     wait_until(lambda: states(db) == {"ready": len(good), "failed": len(bad)}, 60, "all settled")
     rows = audio_rows(db)
     for call_id, (code, text, tries) in bad.items():
@@ -111,9 +112,8 @@ def test_two_workers_share_the_work_and_never_take_the_same_call(
         AUDIO_MAX_IN_FLIGHT="32",
         AUDIO_DOWNLOAD_CONCURRENCY="4",
     )
-    procs += [
-        start_worker(name, env, tmp_path, queues="audio", concurrency=2) for name in ("a1", "a2")
-    ]
+    for name in ("a1", "a2"):
+        start_audio(procs, env, tmp_path, name)
     client.send_task(CLAIM_JOB, queue="audio")
     wait_until(lambda: states(db).get("ready") == len(calls), 90, "every call ready")
 
@@ -132,18 +132,8 @@ def test_two_workers_share_the_work_and_never_take_the_same_call(
 def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, procs, sim, tmp_path):
     slow_audio(sim, 2.0)
     calls = add_calls(db, sim, 20)
-    env = make_env(
-        clean,
-        tmp_path,
-        sim,
-        AUDIO_WORKER_BATCH_SIZE="20",
-        AUDIO_DOWNLOAD_CONCURRENCY="7",
-        AUDIO_LEASE_SEC="3",
-        AUDIO_WORKER_INTERVAL_SEC="1",
-    )
-    doomed = start_worker("a1", env, tmp_path, queues="audio", concurrency=1)
-    procs.append(doomed)
-    procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
+    env = lease_env(clean, tmp_path, sim, batch=20, downloads=7, lease=3)
+    doomed = start_audio(procs, env, tmp_path, concurrency=1, beat=True)
     # The first chunk's downloads are under way, one per download slot (their attempts are
     # logged as they start; the next starts only when one of these 2-second downloads ends).
     wait_until(lambda: len(attempts(db)) >= 7, 30, "downloads under way")
@@ -153,7 +143,7 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     assert states(db).get("ready", 0) == 0
     assert FilesystemAudioStore(tmp_path / "store").temp_files(), "the dead left temp files"
     time.sleep(1)
-    procs.append(start_worker("a2", env, tmp_path, queues="audio", concurrency=2))
+    start_audio(procs, env, tmp_path, "a2")
     wait_until(lambda: states(db).get("ready") == len(calls), 60, "every call ready")
 
     rows = audio_rows(db)
@@ -186,7 +176,7 @@ def test_calls_stored_by_ingest_are_prepared_at_once_without_waiting_for_a_tick(
     )
     follow_with_cli(env, playlist)
     procs.append(start_worker("ing", env, tmp_path, queues="ingest", concurrency=1))
-    procs.append(start_worker("a1", env, tmp_path, queues="audio", concurrency=2))
+    start_audio(procs, env, tmp_path)
     client.send_task("tasks.ingest.poll_followed_playlists", queue="ingest")
     wait_until(lambda: states(db) == {"ready": 6, "failed": 1}, 60, "the calls prepared")
 

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.support.procs import listening_addresses, start_metrics
+from workers.core.rows import one_row
 from workers.dev.procs import wait_until
 from workers.dev.services import free_port
 
@@ -62,10 +63,12 @@ def test_forty_concurrent_scrapes_share_one_small_pool(
     def watch_connections() -> None:
         with psycopg.connect(clean.admin_dsn, autocommit=True) as conn:
             while not done.is_set():
-                (n,) = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
-                    (urlsplit(limited_role).username,),
-                ).fetchone()
+                (n,) = one_row(
+                    conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                        (urlsplit(limited_role).username,),
+                    ).fetchone()
+                )
                 peak[0] = max(peak[0], n)
 
     pages: list[str] = [""] * SCRAPERS

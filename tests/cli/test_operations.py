@@ -23,6 +23,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.support.procs import listening_addresses, operator_env, start_bcfy, transcribed_so_far
+from workers.core.rows import one_row
 from workers.dev.procs import ROOT, run_cli, wait_until
 from workers.dev.services import free_port
 
@@ -123,6 +124,7 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
         metrics.terminate()
         metrics.wait(10)
         run.send_signal(signal.SIGINT)  # Ctrl-C
+        code: int | None
         try:
             code = run.wait(60)
         except subprocess.TimeoutExpired:
@@ -140,15 +142,21 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
     # Stopping lost or broke nothing: no call failed, none has two transcripts, and a call cut
     # short is still in the work queue (pending or leased), to be done on the next start.
     with psycopg.connect(run_env["DATABASE_URL"]) as conn:
-        audio = dict(conn.execute("SELECT state, count(*) FROM call_audio GROUP BY 1").fetchall())
-        doubled = conn.execute(
-            "SELECT count(*) FROM (SELECT call_id FROM transcripts GROUP BY 1"
-            " HAVING count(*) > 1) d"
-        ).fetchone()[0]
-        untracked = conn.execute(
-            "SELECT count(*) FROM bcfy_calls_raw c"
-            " WHERE NOT EXISTS (SELECT 1 FROM call_audio a WHERE a.call_id = c.id)"
-        ).fetchone()[0]
+        audio: dict[str, int] = dict(
+            conn.execute("SELECT state, count(*) FROM call_audio GROUP BY 1").fetchall()
+        )
+        (doubled,) = one_row(
+            conn.execute(
+                "SELECT count(*) FROM (SELECT call_id FROM transcripts GROUP BY 1"
+                " HAVING count(*) > 1) d"
+            ).fetchone()
+        )
+        (untracked,) = one_row(
+            conn.execute(
+                "SELECT count(*) FROM bcfy_calls_raw c"
+                " WHERE NOT EXISTS (SELECT 1 FROM call_audio a WHERE a.call_id = c.id)"
+            ).fetchone()
+        )
     assert "failed" not in audio and audio.get("ready", 0) >= 1, audio
     assert doubled == 0 and untracked == 0
 

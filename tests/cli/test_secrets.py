@@ -21,6 +21,7 @@ from psycopg import sql
 
 from tests.conftest import Services
 from tests.support.procs import operator_env, start_bcfy, transcribed_so_far
+from workers.core.rows import one_row
 from workers.dev.procs import run_cli, wait_until
 from workers.dev.services import free_port
 from workers.dev.simulator import FeedSimulator
@@ -132,10 +133,9 @@ def test_a_full_run_shows_no_secret_anywhere(secret_env, clean: Services, tmp_pa
         sim.faults.error_in_200 = 1
         sim.faults.fail_next_500 = 1
         with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+            failed_polls = "SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success"
             wait_until(
-                lambda: conn.execute(
-                    "SELECT count(*) FROM bcfy_playlist_poll_log WHERE NOT success"
-                ).fetchone()[0],
+                lambda: one_row(conn.execute(failed_polls).fetchone())[0],
                 120,
                 "a failed poll recorded",
                 every=1,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import pytest
@@ -26,6 +26,7 @@ from tests.conftest import Services
 from tests.support.procs import start_metrics, start_worker
 from workers.core import clock
 from workers.core.locks import SingletonLock, job_keys
+from workers.core.rows import one_row
 from workers.dev.procs import Proc, run_cli, wait_until
 from workers.dev.services import free_port
 
@@ -38,7 +39,7 @@ GEO = "tasks.geo.refresh_geo_data"
 MAINTENANCE = "tasks.maintenance.prune_history"
 ALPHA = uuid.UUID("0a0a0a0a-0000-4000-8000-00000000000a")
 BRAVO = uuid.UUID("0b0b0b0b-0000-4000-8000-00000000000b")
-HOLDER = "ops-test-host:4242:held"
+HOLDER = "audio@ops-test-host:4242:0123456789ab"
 MIN, HOUR = 60, 3600
 
 
@@ -62,20 +63,23 @@ def build_state(services: Services) -> datetime:
             "TRUNCATE bcfy_calls_raw, bcfy_playlists, bcfy_playlist_poll_log,"
             " bcfy_calls_quarantine, job_runs, history_totals, history_checkpoints CASCADE"
         )
-        (t0,) = conn.execute("SELECT now()").fetchone()
+        (t0,) = one_row(conn.execute("SELECT now()").fetchone())
 
         def call(created_ago: float) -> int:
-            (call_id,) = conn.execute(
-                "INSERT INTO bcfy_calls_raw (group_id, call_ts, started_at, url, raw, created_at)"
-                " VALUES ('1-100', %s, %s, %s, '{}', %s) RETURNING id",
-                (
-                    int(_at(t0, created_ago).timestamp()),
-                    _at(t0, created_ago),
-                    f"https://calls.example/{uuid.uuid4().hex}.m4a",
-                    _at(t0, created_ago),
-                ),
-            ).fetchone()
-            return call_id
+            (call_id,) = one_row(
+                conn.execute(
+                    "INSERT INTO bcfy_calls_raw"
+                    " (group_id, call_ts, started_at, url, raw, created_at)"
+                    " VALUES ('1-100', %s, %s, %s, '{}', %s) RETURNING id",
+                    (
+                        int(_at(t0, created_ago).timestamp()),
+                        _at(t0, created_ago),
+                        f"https://calls.example/{uuid.uuid4().hex}.m4a",
+                        _at(t0, created_ago),
+                    ),
+                ).fetchone()
+            )
+            return int(call_id)
 
         def audio(call_id: int, **cols: Any) -> None:
             sets = ", ".join(f"{k} = %({k})s" for k in cols)
@@ -144,6 +148,7 @@ def build_state(services: Services) -> datetime:
         )
         # Transcribed: in the last 5 minutes after 10, 20 and 40 s (1, 2, 4 s recognising);
         # earlier in the hour after 100 s (recognition time unknown) and 200 s (50 s).
+        processing: float | None  # (None below: recognition time unknown)
         for latency, processing in ((10, 1.0), (20, 2.0), (40, 4.0)):
             c = call(120 + latency)
             ready(c, 125)
@@ -153,6 +158,7 @@ def build_state(services: Services) -> datetime:
             ready(c, 30 * MIN + 50)
             transcript(c, 30 * MIN, processing)
         # Transcription failed: 5 minutes, the hour, within 24 hours, older.
+        error: str | None  # (None below: polls and job runs that succeeded)
         for created, ready_ago, failed_ago, error in (
             (200, 130, 100, "HTTP 401: bad key\nTraceback ..."),
             (2500, 40 * MIN, 30 * MIN, "audio missing: prepared/x.flac"),
@@ -245,32 +251,52 @@ def known(clean: Services, procs: list[Proc], tmp_path: Path) -> Iterator[Known]
     client.close()
 
 
-EXPECTED_STAGES = {
-    # backlog, in flight, done 5m / 1h, failed 5m / 1h, failed total, top failures (24 h)
-    "ingest": {
-        "backlog": 0,
-        "in_flight": 0,
-        "done": {"5m": 15, "1h": 19},
-        "failed": {"5m": 2, "1h": 3},  # failed polls
-        "failed_total": 2,  # quarantined records
-        "top_failures": [["HTTP 500: upstream down", 3], ["timeout reading the answer", 1]],
-    },
-    "audio": {
-        "backlog": 4,
-        "in_flight": 2,
-        "done": {"5m": 7, "1h": 10},
-        "failed": {"5m": 2, "1h": 3},
-        "failed_total": 5,
-        "top_failures": [["http_404", 3], ["not audio: text/html", 1]],
-    },
-    "transcription": {
-        "backlog": 2,
-        "in_flight": 1,
-        "done": {"5m": 3, "1h": 5},
-        "failed": {"5m": 1, "1h": 2},
-        "failed_total": 4,
-        "top_failures": [["HTTP 401: bad key", 2], ["audio missing: prepared/x.flac", 1]],
-    },
+class StageJson(TypedDict):
+    """A stage as `bcfy status --json` prints it (workers/cli/status.py's Stage)."""
+
+    backlog: int
+    in_flight: int
+    done: dict[str, int]
+    failed: dict[str, int]
+    failed_total: int
+    top_failures: list[list[Any]]  # [reason, calls]: JSON has no tuples
+
+
+def stage(
+    backlog: int,
+    in_flight: int,
+    done: tuple[int, int],
+    failed: tuple[int, int],
+    failed_total: int,
+    top_failures: list[list[Any]],
+) -> StageJson:
+    """A stage's counts as `bcfy status --json` shows them: done and failed in the last 5
+    minutes and in the last hour."""
+    return {
+        "backlog": backlog,
+        "in_flight": in_flight,
+        "done": {"5m": done[0], "1h": done[1]},
+        "failed": {"5m": failed[0], "1h": failed[1]},
+        "failed_total": failed_total,
+        "top_failures": top_failures,
+    }
+
+
+EXPECTED_STAGES: dict[str, StageJson] = {
+    # backlog, in flight, done (5m, 1h), failed (5m, 1h), failed total; top failures (24 h).
+    # ingest: failed polls in the windows, quarantined records in the total.
+    "ingest": stage(
+        0,
+        0,
+        (15, 19),
+        (2, 3),
+        2,
+        [["HTTP 500: upstream down", 3], ["timeout reading the answer", 1]],
+    ),
+    "audio": stage(4, 2, (7, 10), (2, 3), 5, [["http_404", 3], ["not audio: text/html", 1]]),
+    "transcription": stage(
+        2, 1, (3, 5), (1, 2), 4, [["HTTP 401: bad key", 2], ["audio missing: prepared/x.flac", 1]]
+    ),
 }
 # percentile_cont over 10, 20, 40 s (minus 1, 2, 4 s of recognition), and with 100 and 200 s
 # (minus 0 and 50 s) for the hour.
@@ -485,7 +511,10 @@ def test_status_text_prints_every_figure_of_a_known_state(known: Known, clean: S
     assert not any(line.startswith("! ") for line in lines), "no part unreachable"
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
     """The page's samples: (name, labels) -> value."""
     text = httpx.get(url, timeout=60).text
     return {
@@ -500,7 +529,7 @@ def test_metrics_values_of_a_known_state(known: Known, clean: Services, tmp_path
     env = clean.worker_env(tmp_path, METRICS_CACHE_SEC="0")
     url = start_metrics(env, tmp_path, procs, port)
 
-    def with_worker() -> dict | None:
+    def with_worker() -> Samples | None:
         page = scrape(url)
         return page if page.get(("bcfy_workers_online", frozenset({("queue", "ingest")}))) else None
 

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Services
+from workers.core.rows import one_row
 from workers.core.text import terminal_safe
 from workers.dev.procs import run_cli
 
@@ -109,21 +110,23 @@ def hostile(clean: Services) -> Services:
         ids = []
         for n in range(3):
             started = now - timedelta(minutes=5 + n)
-            (call_id,) = conn.execute(
-                """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
-                                               url, descr, display, grouping, raw)
-                   VALUES (%s, %s, %s, %s, 'https://calls.example/a.m4a', %s, %s, %s, '{}')
-                   RETURNING id""",
-                (
-                    PLAYLIST,
-                    "7001-" + HOSTILE,
-                    int(started.timestamp()),
-                    started,
-                    HOSTILE,
-                    "Dispatch " + HOSTILE,
-                    HOSTILE,
-                ),
-            ).fetchone()
+            (call_id,) = one_row(
+                conn.execute(
+                    """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
+                                                   url, descr, display, grouping, raw)
+                       VALUES (%s, %s, %s, %s, 'https://calls.example/a.m4a', %s, %s, %s, '{}')
+                       RETURNING id""",
+                    (
+                        PLAYLIST,
+                        "7001-" + HOSTILE,
+                        int(started.timestamp()),
+                        started,
+                        HOSTILE,
+                        "Dispatch " + HOSTILE,
+                        HOSTILE,
+                    ),
+                ).fetchone()
+            )
             ids.append(call_id)
         conn.execute(
             "INSERT INTO transcripts (call_id, text, backend, model)"

@@ -7,7 +7,7 @@ import asyncio
 import email.utils
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -24,7 +24,6 @@ from workers.clients.broadcastify import (
     Pace,
     TokenRejected,
     TransientError,
-    retry_budget,
 )
 from workers.clients.retry_after import retry_after_sec
 from workers.core.settings import load_settings
@@ -42,7 +41,9 @@ def sim() -> Iterator[FeedSimulator]:
         yield simulator
 
 
-def client_for(base: str, clock: Any = time.time, **env: Any) -> tuple[BroadcastifyClient, Any]:
+def client_for(
+    base: str, clock: Callable[[], float] = time.time, **env: object
+) -> tuple[BroadcastifyClient, httpx.AsyncClient]:
     settings = load_settings(
         {
             "BCFY_API_BASE": base,
@@ -56,19 +57,24 @@ def client_for(base: str, clock: Any = time.time, **env: Any) -> tuple[Broadcast
     )
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(
-            connect=settings.http_connect_timeout_sec,
-            read=settings.http_read_timeout_sec,
-            write=settings.http_read_timeout_sec,
-            pool=settings.http_connect_timeout_sec,
+            connect=settings.services.http_connect_timeout_sec,
+            read=settings.services.http_read_timeout_sec,
+            write=settings.services.http_read_timeout_sec,
+            pool=settings.services.http_connect_timeout_sec,
         )
     )
-    return BroadcastifyClient(settings, http, clock=clock), http
+    return BroadcastifyClient.from_settings(settings, http, clock=clock), http
 
 
-def run(base: str, call: Any, clock: Any = time.time, **env: Any) -> tuple[Any, BroadcastifyClient]:
+def run(
+    base: str,
+    call: Callable[[BroadcastifyClient], Awaitable[Any]],
+    clock: Callable[[], float] = time.time,
+    **env: object,
+) -> tuple[Any, BroadcastifyClient]:
     """Make a client, await call(client), close it: (result or exception, client)."""
 
-    async def go() -> Any:
+    async def go() -> tuple[Any, BroadcastifyClient]:
         api, http = client_for(base, clock, **env)
         try:
             try:
@@ -92,7 +98,7 @@ def sim_on_clock(clock: ManualClock) -> Iterator[FeedSimulator]:
         yield simulator
 
 
-def test_the_token_is_the_services_hs256_jwt(sim_on_clock, clock):
+def test_the_token_is_the_services_hs256_jwt(sim_on_clock, clock, monkeypatch):
     sim = sim_on_clock
     seen = []
     real_send = BroadcastifyClient._send
@@ -101,11 +107,8 @@ def test_the_token_is_the_services_hs256_jwt(sim_on_clock, clock):
         seen.append(token)
         return await real_send(self, method, path, params, data, token)
 
-    BroadcastifyClient._send = spy
-    try:
-        result, _ = run(sim.url, lambda api: api.countries(), clock, BCFY_JWT_LIFETIME_SEC=1800)
-    finally:
-        BroadcastifyClient._send = real_send
+    monkeypatch.setattr(BroadcastifyClient, "_send", spy)
+    result, _ = run(sim.url, lambda api: api.countries(), clock, BCFY_JWT_LIFETIME_SEC=1800)
     assert isinstance(result, list) and result
     (token,) = seen
     header = jwt.get_unverified_header(token)
@@ -138,7 +141,7 @@ def test_user_auth_adds_sub_and_utk(sim):
         BCFY_USERNAME="demo",
         BCFY_PASSWORD="demo",
     )
-    assert result["uuid"] == uuid
+    assert result["uuid"] == uuid and api._token is not None
     # (sub is an integer, as the service wants, not the string PyJWT checks for by default)
     claims = jwt.decode(api._token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
     assert claims["sub"] == 1001 and isinstance(claims["utk"], str) and claims["utk"]
@@ -259,7 +262,7 @@ def test_a_retry_never_waits_less_than_the_gap_or_retry_after(
         "BCFY_RETRY_BACKOFF_SEC": "0.05",
         "BCFY_RETRY_BACKOFF_MAX_SEC": "0.2",
     }
-    api = BroadcastifyClient(load_settings(env), _UNUSED_HTTP)  # _wait sends nothing
+    api = BroadcastifyClient.from_settings(load_settings(env), _UNUSED_HTTP)  # _wait sends nothing
     pace = Pace("playlist_uuid=x")
     if since_last is not None:
         api._last_request_end[pace.key] = time.monotonic() - since_last
@@ -273,7 +276,7 @@ def test_a_retry_never_waits_less_than_the_gap_or_retry_after(
     if since_last is not None:
         assert wait >= gap - since_last - 0.5  # what was left of the gap (the clock moved on)
     if retry_after is not None:
-        assert wait >= min(retry_after, retry_budget(api.settings))
+        assert wait >= min(retry_after, api.retry_budget_sec)
 
 
 def test_a_slow_answer_times_out_and_is_retried(sim):

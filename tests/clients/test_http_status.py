@@ -104,7 +104,7 @@ def _broadcastify(server: StatusServer, status: int) -> object:
 
     async def go() -> object:
         async with httpx.AsyncClient(timeout=5) as http:
-            api = BroadcastifyClient(_settings(server.url), http)
+            api = BroadcastifyClient.from_settings(_settings(server.url), http)
             try:
                 return await api.countries()
             except BroadcastifyError as exc:
@@ -115,7 +115,7 @@ def _broadcastify(server: StatusServer, status: int) -> object:
 
 def _openai(server: StatusServer, status: int) -> Exception | None:
     server.statuses, server.requests, server.retry_after = [status], 0, "7"
-    recognizer = OpenAIRecognizer(_settings(server.url))
+    recognizer = OpenAIRecognizer(_settings(server.url).transcription)
 
     async def go() -> Exception | None:
         async with httpx.AsyncClient(timeout=5) as http:
@@ -185,4 +185,5 @@ def test_transient_statuses_agree_across_clients(server, tmp_path, status):
     client failed 408 and 425 at once and the download ignored Retry-After on 500, 502, 504."""
     assert _broadcastify(server, status) == [] and server.requests == 2
     assert isinstance(_openai(server, status), TransientRecognitionError)
-    assert _download(server, status, tmp_path / "a.m4a").retry_after == 7
+    failure = _download(server, status, tmp_path / "a.m4a")
+    assert failure is not None and failure.retry_after == 7

@@ -72,7 +72,7 @@ def test_cli_creates_the_database_and_applies_everything_then_is_a_noop(empty_db
 
 def test_two_concurrent_migrations_do_not_conflict(empty_db):
     runs = [bcfy_migrate(empty_db) for _ in range(3)]
-    results = [(p.wait(60), p.stdout.read(), p.stderr.read()) for p in runs]
+    results = [(p.wait(60), *p.communicate()) for p in runs]
     assert all(code == 0 for code, _, _ in results), results
     applied = [
         line for _, out, _ in results for line in out.splitlines() if line.startswith("applied")

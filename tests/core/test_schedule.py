@@ -39,7 +39,8 @@ def probe(env: dict[str, str]) -> dict:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    printed: dict = json.loads(out.stdout)
+    return printed
 
 
 def test_every_task_is_declared_once_and_routed_to_its_declared_queue():

@@ -14,7 +14,8 @@ import redis
 
 from beat_schedule import tick_headers
 from tests.conftest import Services
-from tests.support.audio import add_calls, attempts, audio_rows, make_env, states
+from tests.support.audio import add_calls, attempts, audio_rows, make_env, start_audio, states
+from tests.support.env import ONE_DB_CONNECTION, http_timeouts
 from tests.support.procs import start_worker
 from workers.core.clock import redis_time_ms
 from workers.core.locks import holder_of
@@ -35,7 +36,7 @@ def env(env: dict[str, str]) -> dict[str, str]:
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:
-    return [v.decode() for v in r.lrange(key, 0, -1)]
+    return [v.decode() if isinstance(v, bytes) else v for v in r.lrange(key, 0, -1)]
 
 
 def send_tick(client, r: redis.Redis, task: str) -> None:
@@ -134,7 +135,10 @@ def test_each_pool_process_has_its_own_database_connections_made_after_the_fork(
     wait_until(lambda: len(runs_of(clean, WHOAMI)) == 2, 30, "both runs")
     assert runs_of(clean, WHOAMI) == ["ok", "ok"]
 
-    seen = dict(tuple(map(int, note.split())) for note in notes(r, "test:whoami"))
+    seen = {
+        int(pid): int(backend)
+        for pid, backend in (note.split() for note in notes(r, "test:whoami"))
+    }
     children = pool_children(worker)
     assert sorted(seen) == children, "each pool process ran one"
     assert len(set(seen.values())) == 2, f"one PostgreSQL backend per process: {seen}"
@@ -169,14 +173,11 @@ def test_no_connection_is_held_across_an_audio_download(db, clean, procs, client
         clean,
         tmp_path,
         sim,
-        DB_POOL_MIN_SIZE="1",
-        DB_POOL_MAX_SIZE="1",
-        DB_CONNECT_TIMEOUT_SEC="3",
+        **ONE_DB_CONNECTION,
+        **http_timeouts(600),
         AUDIO_DOWNLOAD_CONCURRENCY="2",
-        HTTP_READ_TIMEOUT_SEC="600",
-        HTTP_TOTAL_TIMEOUT_SEC="600",
     )
-    procs.append(start_worker("a1", env, tmp_path, queues="audio"))
+    start_audio(procs, env, tmp_path, concurrency=1)
     try:
         client.send_task(CLAIM_JOB, queue="audio")
         wait_until(lambda: held.arrived, 30, "the first call's download to start")

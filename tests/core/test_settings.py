@@ -17,10 +17,13 @@ from workers.dev.procs import ROOT
 
 def test_defaults_are_the_old_schedulers():
     s = load_settings({})
-    assert (s.ingest_interval_sec, s.audio_worker_interval_sec) == (10, 5)
-    assert (s.transcription_dispatch_interval_sec, s.geo_refresh_interval_sec) == (30, 86400)
-    assert s.job_misfire_grace_sec == 30 and s.lock_ttl_sec == 30
-    assert s.audio_worker_batch_size == 20
+    assert (s.jobs.ingest_interval_sec, s.jobs.audio_worker_interval_sec) == (10, 5)
+    assert (s.jobs.transcription_dispatch_interval_sec, s.jobs.geo_refresh_interval_sec) == (
+        30,
+        86400,
+    )
+    assert s.jobs.misfire_grace_sec == 30 and s.jobs.lock_ttl_sec == 30
+    assert s.audio.worker_batch_size == 20
 
 
 @pytest.mark.parametrize(
@@ -51,7 +54,7 @@ def test_secrets_are_never_shown():
     shown = repr(s) + str(s.describe())
     assert "hunter2" not in shown and "s3cret" not in shown
     assert s.describe()["DATABASE_URL"] == "postgresql://app:***@db:5432/bcfy"
-    assert s.database_url.reveal().endswith("hunter2@db:5432/bcfy")
+    assert s.services.database_url.reveal().endswith("hunter2@db:5432/bcfy")
 
 
 def test_a_malformed_secret_is_not_echoed():
@@ -102,9 +105,7 @@ def test_cli_prints_settings_redacted():
 
 
 def test_env_example_documents_every_setting_with_its_default():
-    import dataclasses
-
-    from workers.core.settings import Settings
+    from workers.core.settings import env_fields
 
     documented = {}
     for line in (ROOT / ".env.example").read_text().splitlines():
@@ -112,7 +113,7 @@ def test_env_example_documents_every_setting_with_its_default():
             name, value = line.split("=", 1)
             documented[name] = value
     defaults = load_settings({}).describe()
-    for f in dataclasses.fields(Settings):
+    for _, f in env_fields():
         name = f.metadata["env"]
         assert name in documented, f"{name} is missing from .env.example"
         assert documented[name] == defaults[name], f"{name}: .env.example disagrees with default"
@@ -156,14 +157,14 @@ def test_any_database_url_is_either_readable_by_libpq_or_refused_without_its_sec
         assert "DATABASE_URL" in str(exc)
         assert secret not in str(exc) and quote(secret) not in str(exc)
         return
-    conninfo_to_dict(s.database_url.reveal())  # raises if libpq cannot read it
+    conninfo_to_dict(s.services.database_url.reveal())  # raises if libpq cannot read it
     assert secret not in str(s.describe())
 
 
 def test_a_percent_encoded_password_is_accepted():
     url = f"postgresql://app:{quote('p%w@d /x', safe='')}@db/bcfy"
     s = load_settings({"DATABASE_URL": url})
-    assert conninfo_to_dict(s.database_url.reveal())["password"] == "p%w@d /x"
+    assert conninfo_to_dict(s.services.database_url.reveal())["password"] == "p%w@d /x"
 
 
 @pytest.mark.parametrize("name", ["BCFY_API_BASE", "TRANSCRIBE_OPENAI_BASE_URL"])
@@ -183,12 +184,42 @@ def test_the_api_over_plain_http_is_refused_unless_loopback_or_allowed():
     message = _refusal({"BCFY_API_BASE": "http://api.bcfy.io"})
     assert "BCFY_API_BASE" in message and "BCFY_ALLOW_INSECURE_HTTP" in message
     for base in ("http://127.0.0.1:8089", "http://localhost:8089", "http://[::1]:8089"):
-        assert load_settings({"BCFY_API_BASE": base}).bcfy_api_base == base
+        assert load_settings({"BCFY_API_BASE": base}).broadcastify.api_base == base
     allowed = {"BCFY_API_BASE": "http://api.internal", "BCFY_ALLOW_INSECURE_HTTP": "true"}
-    assert load_settings(allowed).bcfy_api_base == "http://api.internal"
+    assert load_settings(allowed).broadcastify.api_base == "http://api.internal"
 
 
 def test_network_endpoints_listen_on_loopback_by_default():
     s = load_settings({})
-    assert s.metrics_address == "127.0.0.1" and s.flower_address == "127.0.0.1"
+    assert (
+        s.operations.metrics_address == "127.0.0.1" and s.operations.flower_address == "127.0.0.1"
+    )
     assert _refusal({"METRICS_ADDRESS": "not an address!"}).count("METRICS_ADDRESS") == 1
+
+
+def test_every_variable_belongs_to_one_stage_group():
+    from workers.core.settings import GROUPS, env_fields
+
+    names = [f.metadata["env"] for _, f in env_fields()]
+    assert len(names) == len(set(names)) == len(load_settings({}).describe())
+    assert {group for group, _ in env_fields()} == set(GROUPS)
+    s = load_settings(
+        {
+            "AUDIO_LEASE_SEC": "90",
+            "BCFY_API_KEY": "k",
+            "TRANSCRIBE_BACKEND": "openai",
+            "TRANSCRIBE_OPENAI_API_KEY": "o",
+        }
+    )
+    assert (s.audio.lease_sec, s.broadcastify.api_key.reveal()) == (90, "k")
+    assert s.transcription.backend == "openai" and s.value("AUDIO_LEASE_SEC") == 90
+
+
+def test_with_values_replaces_settings_by_variable_name():
+    s = load_settings({})
+    changed = s.with_values(AUDIO_LEASE_SEC=0.3, JOB_MISFIRE_GRACE_SEC=5.0)
+    assert (changed.audio.lease_sec, changed.jobs.misfire_grace_sec) == (0.3, 5.0)
+    assert changed.audio.max_attempts == s.audio.max_attempts and changed.ingest == s.ingest
+    assert s.audio.lease_sec == 120  # the original is unchanged (frozen)
+    with pytest.raises(KeyError, match="AUDIO_LEASE is not a setting"):
+        s.with_values(AUDIO_LEASE=1)

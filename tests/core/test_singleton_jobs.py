@@ -24,7 +24,7 @@ SLEEPER = "tests.jobs.sleeper"
 
 
 def notes(r: redis.Redis, key: str) -> list[str]:
-    return [v.decode() for v in r.lrange(key, 0, -1)]
+    return [v.decode() if isinstance(v, bytes) else v for v in r.lrange(key, 0, -1)]
 
 
 def ticks_sent(beat_log: str, task: str = SLEEPER) -> int:

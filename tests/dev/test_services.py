@@ -54,6 +54,7 @@ def test_an_index_claimed_by_a_killed_run_is_taken_over(services):
 
     import redis
 
+    from workers.core.identity import worker_identity
     from workers.dev.services import empty_redis_db
 
     claim_key = f"bcfy:test-claim-{uuid.uuid4().hex}"  # only this test uses it
@@ -65,7 +66,7 @@ def test_an_index_claimed_by_a_killed_run_is_taken_over(services):
             urlunsplit(urlsplit(services.redis_url)._replace(path=f"/{index}"))
         )
 
-    live_owner = f"{socket.gethostname()}:{os.getpid()}"
+    live_owner = worker_identity()
     empty = []
     for index in range(15, 0, -1):
         with client(index) as c:
@@ -77,6 +78,7 @@ def test_an_index_claimed_by_a_killed_run_is_taken_over(services):
     placed = []
     try:
         for index in range(15, 0, -1):  # every index is claimed: by us, alive, or by the dead
+            # The dead run's claim in the form before worker identities were one (host:pid).
             owner = f"{socket.gethostname()}:{dead.pid}" if index == stale else live_owner
             with client(index) as c:
                 if c.set(claim_key, owner, nx=True):

@@ -62,14 +62,16 @@ class Api:
     def json(self, path: str, **params) -> dict:
         response = self.get(path, **params)
         assert response.status_code == 200, response.text
-        return response.json()
+        body: dict = response.json()
+        return body
 
     def live(self, uuid: str, **params) -> dict:
         return self.json("/calls/v1/live/", playlist_uuid=uuid, **params)
 
 
 def error_code(response: httpx.Response) -> int:
-    return response.json()["errors"][0]["code"]
+    code: int = response.json()["errors"][0]["code"]
+    return code
 
 
 @pytest.fixture
@@ -92,6 +94,15 @@ def api(fsim):
 
 def urls(calls: list[dict]) -> list[str]:
     return [c["url"] for c in calls]
+
+
+def publish_every(fsim, clock, uuid: str, n: int, seconds: float) -> list[dict]:
+    """Publish `n` calls on the playlist, one every `seconds` of the fake clock."""
+    published = []
+    for _ in range(n):
+        published.append(fsim.publish_call(uuid))
+        clock.advance(seconds)
+    return published
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -201,10 +212,7 @@ def test_a_user_login_opens_non_public_playlists(fsim, clock, api):
 
 def test_init_gives_the_last_25_calls_oldest_first(fsim, clock, api):
     uuid = fsim.add_playlist()
-    published = []
-    for _ in range(40):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(1.5)
+    published = publish_every(fsim, clock, uuid, 40, 1.5)
     answer = api.live(uuid, init=1)
     assert urls(answer["calls"]) == urls(published[-25:])
     assert answer["lastPos"] == math.floor(clock()) - 1
@@ -261,9 +269,10 @@ def test_polling_with_the_last_lastpos_serves_every_call_exactly_once(fsim, cloc
 
 def test_the_generator_is_driven_by_the_clock_and_the_seed(clock):
     def run() -> list[tuple]:
-        with FeedSimulator(clock=ManualClock(START), seed=11) as sim:
+        manual = ManualClock(START)
+        with FeedSimulator(clock=manual, seed=11) as sim:
             uuid = sim.add_playlist(calls_per_minute=12)
-            sim.clock.advance(600)
+            manual.advance(600)
             return [(c["groupId"], c["ts"], c["duration"]) for c in sim.calls(uuid)]
 
     first, second = run(), run()
@@ -371,10 +380,7 @@ def test_polling_one_selector_faster_than_every_5_s_is_refused(fsim, clock, api)
 
 def test_a_cursorless_poll_rereads_the_last_5_minutes_and_is_billed_again(fsim, clock, api):
     uuid = fsim.add_playlist()
-    published = []
-    for _ in range(20):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(30)
+    published = publish_every(fsim, clock, uuid, 20, 30)
 
     def last_5_minutes() -> list[dict]:
         window_start = math.floor(clock()) - 1 - 300
@@ -393,10 +399,7 @@ def test_a_cursorless_poll_rereads_the_last_5_minutes_and_is_billed_again(fsim, 
 def test_max_pos_age_answers_an_old_pos_only_with_recent_calls(fsim, clock, api):
     uuid = fsim.add_playlist(groups=["2431-1001"])
     cursor = math.floor(clock()) - 1
-    published = []
-    for _ in range(10):
-        published.append(fsim.publish_call(uuid))
-        clock.advance(60)
+    published = publish_every(fsim, clock, uuid, 10, 60)
     fsim.faults.max_pos_age = 150
     horizon = math.floor(clock() - 150)
     kept = [c for c in published if c["ts"] > horizon]
@@ -608,7 +611,7 @@ def test_latency_delays_every_api_answer(fsim, api):
 # --- audio ---------------------------------------------------------------------------------
 
 
-def publish_with_audio(sim, clock, fault: AudioFault) -> dict:
+def publish_with_audio(sim: FeedSimulator, clock, fault: AudioFault) -> dict:
     uuid = sim.add_playlist()
     return sim.publish_call(uuid, audio=fault)
 
@@ -834,6 +837,7 @@ def start_bcfy_sim(port: int, extra_env: dict | None = None) -> tuple[subprocess
          "--calls-per-minute", "600"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     printed: dict[str, str] = {}
     while "BCFY_SIM_PLAYLISTS" not in printed:
         line = proc.stdout.readline()
@@ -859,7 +863,9 @@ def test_bcfy_sim_prints_its_environment_serves_and_stops(stop_with):
         )
 
         def published() -> int:
-            return httpx.get(f"{env['BCFY_API_BASE']}/_sim/stats").json()["playlists"][uuids[0]]
+            stats = httpx.get(f"{env['BCFY_API_BASE']}/_sim/stats").json()
+            count: int = stats["playlists"][uuids[0]]
+            return count
 
         wait_until(published, timeout=30, what="the generator's first call")
         time.sleep(1.1)  # until its second is complete

@@ -74,7 +74,7 @@ class GeoRequests:
                     self.in_flight -= 1
                     self._cond.notify_all()
 
-        sim.handle_api = observed  # type: ignore[method-assign]
+        sim.handle_api = observed  # type: ignore[method-assign]  # this instance's route, wrapped
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3])

@@ -64,6 +64,15 @@ def followed_and_polled(ing: Ingest, calls_per_minute: int, polls: int) -> tuple
     return uuid, ing.polls(uuid)[0]["last_pos"]
 
 
+def back_after(ing: Ingest, away: float) -> tuple[str, int]:
+    """followed_and_polled (four calls a minute, two polls), then `away` seconds without a poll
+    and one poll on return: the gap waits for back-fill."""
+    uuid, first = followed_and_polled(ing, 4, 2)
+    ing.advance(away)
+    ing.poll_every_10s(1)
+    return uuid, first
+
+
 def test_downtime_past_retention_is_back_filled_exactly_once(ingest_manual):
     ing = ingest_manual
     uuid, first = followed_and_polled(ing, 6, 6)
@@ -121,9 +130,7 @@ def test_a_short_outage_is_caught_up_live_without_back_fill(ingest_manual):
 def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_manual):
     ing = ingest_manual
     ing.configure(BCFY_RETRY_ATTEMPTS=1, INGEST_BACKFILL_CONCURRENCY=2)
-    uuid, first = followed_and_polled(ing, 4, 2)
-    ing.advance(30 * HOUR)
-    ing.poll_every_10s(1)
+    uuid, first = back_after(ing, 30 * HOUR)
 
     ing.sim.faults.fail_next_500 = 2  # the first two archive reads fail
     assert ing.backfill() == "error"
@@ -145,9 +152,7 @@ def test_an_interrupted_back_fill_resumes_without_reading_a_window_twice(ingest_
 def test_a_back_fill_cut_short_by_its_budget_goes_on_next_run(ingest_manual):
     ing = ingest_manual
     ing.configure(INGEST_BACKFILL_BUDGET_SEC=1, INGEST_BACKFILL_CONCURRENCY=1)
-    uuid, first = followed_and_polled(ing, 4, 2)
-    ing.advance(40 * HOUR)
-    ing.poll_every_10s(1)
+    uuid, first = back_after(ing, 40 * HOUR)
     windows = sum(
         math.ceil((until - start + 1) / 28_800)
         for start, until in ing.sql("SELECT next_ts, until_ts FROM bcfy_backfill")

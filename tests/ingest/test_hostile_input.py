@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import threading
 import uuid as uuid_mod
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -28,13 +27,14 @@ from tasks.geo.tables import COUNTIES, COUNTRIES, STATES, upsert
 from tasks.ingest.storage import PollRecord, store_page
 from tasks.ingest.validation import Rejected, split_page, validate_call
 from tests.conftest import Services
-from tests.support.ingest import NOW
+from tests.support.ingest import NOW, direct_context
 from tests.support.ingest import call_record as good_record
-from workers.clients.broadcastify import BroadcastifyError, LivePage
+from workers.clients.broadcastify import BroadcastifyClient, BroadcastifyError, LivePage
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import reset_settings_cache
 
 LATEST = NOW + 86_400
+T = TypeVar("T")
 EXAMPLES = settings(
     max_examples=60,
     deadline=None,
@@ -143,11 +143,11 @@ class Canned:
     def answer(self, body: bytes | str) -> None:
         self.server.body = body.encode() if isinstance(body, str) else body
 
-    def run(self, coro: Any) -> Any:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return Runtime.current().run(coro)
 
     @property
-    def api(self) -> Any:
+    def api(self) -> BroadcastifyClient:
         return Runtime.current().bcfy_api
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -511,7 +511,7 @@ def test_any_geo_answer_is_stored_or_skipped_never_raised(canned, kind, data):
         "states": lambda: canned.api.states(1),
         "counties": lambda: canned.api.counties(1),
     }[kind]
-    ctx = SimpleNamespace(connection=db_connection, ensure_lock=lambda: None)
+    ctx = direct_context("tests.geo_upsert")
 
     async def go() -> int:
         return await upsert(ctx, table, await fetch())
@@ -620,9 +620,7 @@ def test_an_answer_over_the_response_cap_fails_that_poll_and_keeps_the_cursor(in
 def test_a_record_over_the_raw_cap_is_quarantined_with_a_bounded_copy(ingest_manual):
     ing = ingest_manual
     ing.configure(BCFY_MAX_RECORD_BYTES=2048)
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     good = [ing.sim.publish_call(uuid, notes="n" * 500) for _ in range(2)]
     ing.sim.publish_call(uuid, notes="x" * 100_000)
     ing.advance(3)

@@ -68,7 +68,7 @@ def test_the_client_holds_exactly_the_five_minutes():
         async def scenario() -> list[str]:
             outcomes = []
             async with httpx.AsyncClient(timeout=10) as http:
-                api = BroadcastifyClient(settings, http, clock=clock)
+                api = BroadcastifyClient.from_settings(settings, http, clock=clock)
                 sim.faults.error_in_200, sim.faults.error_in_200_code = 1, 108
                 for step in (0.0, CONFIG_ERROR_HOLD_SEC - 0.5, 0.5):
                     clock.advance(step)
@@ -100,7 +100,9 @@ def test_a_clock_stepped_back_does_not_stretch_the_hold(back):
             "BCFY_APP_ID": APP_ID,
         }
     )
-    api = BroadcastifyClient(settings, None, clock=lambda: now[0])  # type: ignore[arg-type]
+    api = BroadcastifyClient.from_settings(
+        settings, httpx.AsyncClient(), clock=lambda: now[0]
+    )  # never sends
     api._config_error = (now[0], "the service does not know BCFY_API_KEY_ID")
     assert api._config_error_held()
     now[0] -= back

@@ -13,9 +13,8 @@ import uuid as uuid_mod
 
 import pytest
 
-from tests.support.ingest import SECRET, Ingest
+from tests.support.ingest import SECRET, Ingest, direct_context
 from workers.clients.broadcastify import BroadcastifyClient
-from workers.core.jobs import JobContext
 from workers.core.runtime import Runtime
 from workers.dev.simulator import OMIT
 
@@ -112,9 +111,7 @@ def test_the_cursor_holds_when_lastpos_comes_back_0(ingest_manual):
 
 def test_an_empty_playlist_is_asked_with_init_until_it_has_a_cursor(ingest_manual):
     ing = ingest_manual
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(2)
+    uuid = ing.follow_a_quiet_playlist(2)
     assert ing.cursor(uuid) is None
     assert [p["mode"] for p in ing.polls(uuid)] == ["init", "init"]
     ing.sim.publish_call(uuid)
@@ -126,9 +123,7 @@ def test_an_empty_playlist_is_asked_with_init_until_it_has_a_cursor(ingest_manua
 
 def test_two_calls_sharing_group_and_second_are_both_kept(ingest_manual):
     ing = ingest_manual
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     ing.sim.faults.duplicate_group_ts = 2
     ing.sim.publish_call(uuid)
     ing.sim.publish_call(uuid)
@@ -157,9 +152,7 @@ def test_calls_served_again_are_recognised_and_stored_once(ingest_manual):
 
 def test_bad_records_are_quarantined_and_the_rest_of_the_page_stored(ingest_manual):
     ing = ingest_manual
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     good = [ing.sim.publish_call(uuid) for _ in range(3)]
     bad = {
         "missing groupId": ing.sim.publish_call(uuid, groupId=OMIT),
@@ -245,12 +238,6 @@ def test_a_retried_poll_waits_out_the_gap_since_the_last_request(ingest, fault):
     assert [p["success"] for p in ing.polls(uuid)] == [True, True]
 
 
-class _HeldLock:
-    """A run's lock that is never lost: the runs below overlap as if on two hosts."""
-
-    lost = False
-
-
 def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
     """Two runs polling one playlist at once for `seconds`, each as often as its claim lets
     it, each with its own API client: as on two hosts, each remembering only its requests."""
@@ -259,14 +246,16 @@ def poll_from_two_hosts(ing: Ingest, uuid: str, seconds: float) -> None:
     rt = Runtime.current()
 
     async def host(api: BroadcastifyClient) -> None:
-        ctx = JobContext(POLL, rt.settings, rt, _HeldLock(), triggered=True)  # type: ignore[arg-type]
+        ctx = direct_context(POLL)  # the two runs overlap as if on two hosts
         until = time.monotonic() + seconds
         while time.monotonic() < until:
             await poll_playlist(ctx, api, uuid)
             await asyncio.sleep(0.05)
 
     async def both() -> None:
-        await asyncio.gather(*(host(BroadcastifyClient(rt.settings, rt.http)) for _ in range(2)))
+        await asyncio.gather(
+            *(host(BroadcastifyClient.from_settings(rt.settings, rt.http)) for _ in range(2))
+        )
 
     rt.run(both())
 
@@ -318,9 +307,7 @@ def test_a_retry_is_not_sent_once_another_host_has_claimed_the_playlist(ingest):
 def test_a_request_failing_past_its_retries_fails_the_poll_and_loses_nothing(ingest_manual):
     ing = ingest_manual
     ing.configure(BCFY_RETRY_ATTEMPTS=3)
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     cursor = ing.cursor(uuid)
     ing.sim.publish_call(uuid)
     ing.advance(2)
@@ -535,9 +522,7 @@ def audio_triggers(ing: Ingest) -> int:
 
 def test_new_calls_trigger_the_audio_job_once_stored(ingest_manual):
     ing = ingest_manual
-    uuid = ing.sim.add_playlist(calls_per_minute=0)
-    ing.follow(uuid)
-    ing.poll_every_10s(1)
+    uuid = ing.follow_a_quiet_playlist()
     assert audio_triggers(ing) == 0  # nothing stored, nothing to do
     ing.sim.publish_call(uuid)
     ing.advance(2)

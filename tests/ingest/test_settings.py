@@ -9,12 +9,12 @@ from workers.core.settings import SettingsError, load_settings
 
 def test_defaults():
     s = load_settings({})
-    assert s.bcfy_api_base == "https://api.bcfy.io"
-    assert (s.bcfy_jwt_lifetime_sec, s.bcfy_jwt_renew_margin_sec) == (3600, 60)
-    assert (s.ingest_min_poll_gap_sec, s.ingest_poll_concurrency) == (5, 4)
-    assert s.ingest_backfill_window_sec == 28_800
-    assert (s.geo_countries, s.geo_states) == ("US", "")
-    assert not s.bcfy_api_key and not s.bcfy_password
+    assert s.broadcastify.api_base == "https://api.bcfy.io"
+    assert (s.broadcastify.jwt_lifetime_sec, s.broadcastify.jwt_renew_margin_sec) == (3600, 60)
+    assert (s.ingest.min_poll_gap_sec, s.ingest.poll_concurrency) == (5, 4)
+    assert s.ingest.backfill_window_sec == 28_800
+    assert (s.geo.countries, s.geo.states) == ("US", "")
+    assert not s.broadcastify.api_key and not s.broadcastify.password
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_a_bad_value_names_its_variable(env, named):
 
 def test_code_lists_are_normalised():
     s = load_settings({"GEO_COUNTRIES": " us, can ,", "GEO_STATES": "il,36"})
-    assert (s.geo_countries, s.geo_states) == ("US,CAN", "IL,36")
+    assert (s.geo.countries, s.geo.states) == ("US,CAN", "IL,36")
 
 
 def test_the_api_secret_and_password_are_never_shown():

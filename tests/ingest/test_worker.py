@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Services
+from tests.support.env import http_timeouts
 from tests.support.ingest import TABLES, api_env, follow_with_cli
 from tests.support.procs import start_worker
+from workers.core.rows import one_row
 from workers.dev.procs import wait_until
 from workers.dev.simulator import FeedSimulator
 
@@ -33,15 +35,15 @@ def setup(clean: Services, tmp_path: Path) -> Iterator[tuple[FeedSimulator, dict
             LOCK_RENEW_SEC="2",
             INGEST_LIVE_MAX_POS_AGE_SEC="120",
             BCFY_RETRY_BUDGET_SEC="10",
-            HTTP_TOTAL_TIMEOUT_SEC="10",
-            HTTP_READ_TIMEOUT_SEC="10",
+            **http_timeouts(10),
         )
         yield sim, env
 
 
 def count(services: Services, query: str) -> int:
     with services.db() as conn:
-        return conn.execute(query).fetchone()[0]
+        (n,) = one_row(conn.execute(query).fetchone())
+    return int(n)
 
 
 def test_a_worker_polls_on_trigger_stores_every_call_and_backfills(

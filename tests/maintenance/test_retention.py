@@ -5,7 +5,6 @@ metrics counters whole, and runs as a singleton from beat. Real PostgreSQL, real
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -25,8 +24,15 @@ from tests.support.procs import start_beat, start_worker
 from workers.app import app
 from workers.cli.status import totals
 from workers.core.locks import SingletonLock
+from workers.core.rows import one_row
 from workers.core.runtime import Runtime
-from workers.core.settings import Settings, SettingsError, get_settings, load_settings
+from workers.core.settings import (
+    Settings,
+    SettingsError,
+    env_fields,
+    get_settings,
+    load_settings,
+)
 from workers.dev.calls import insert_call
 from workers.dev.procs import wait_until
 
@@ -62,7 +68,7 @@ def ago(days: float) -> datetime:
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
-    return dataclasses.replace(get_settings(), audio_store_dir=str(tmp_path / "store"), **overrides)
+    return get_settings().with_values(AUDIO_STORE_DIR=str(tmp_path / "store"), **overrides)
 
 
 def maintain(s: Settings, **kwargs: Any):
@@ -145,7 +151,8 @@ def call(
 
 
 def count(conn: psycopg.Connection, table: str) -> int:
-    return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    (n,) = one_row(conn.execute(f"SELECT count(*) FROM {table}").fetchone())
+    return int(n)
 
 
 def files_of(conn: psycopg.Connection) -> dict[int, tuple[str | None, str | None]]:
@@ -222,8 +229,8 @@ def test_prepared_audio_is_kept_until_its_transcription_finishes(hist, tmp_path)
 
 
 def test_zero_keeps_every_kind_for_ever(hist, tmp_path):
-    keep = {f.name: 0.0 for f in dataclasses.fields(Settings) if f.name.startswith("retention_")}
-    keep |= {"retention_batch_size": 100, "retention_batch_pause_sec": 0.0}
+    keep = {f.metadata["env"]: 0.0 for group, f in env_fields() if group == "retention"}
+    keep |= {"RETENTION_BATCH_SIZE": 100, "RETENTION_BATCH_PAUSE_SEC": 0.0}
     s = settings_for(tmp_path, **keep)
     store = tmp_path / "store"
     job_run(hist, 900)
@@ -240,10 +247,10 @@ def test_zero_keeps_every_kind_for_ever(hist, tmp_path):
 
 
 def test_calls_when_set_go_with_their_files_audio_rows_and_transcripts(hist, tmp_path):
-    s = settings_for(tmp_path, retention_calls_days=180.0, retention_transcripts_days=180.0)
+    s = settings_for(tmp_path, RETENTION_CALLS_DAYS=180.0, RETENTION_TRANSCRIPTS_DAYS=180.0)
     store = tmp_path / "store"
     # Files kept for ever, so that the call's deletion is what has to remove them.
-    s = dataclasses.replace(s, retention_original_audio_days=0.0, retention_prepared_audio_days=0.0)
+    s = s.with_values(RETENTION_ORIGINAL_AUDIO_DAYS=0.0, RETENTION_PREPARED_AUDIO_DAYS=0.0)
     old = call(hist, store, 200, ready_days=200, transcribed_days=200)
     kept = call(hist, store, 100, ready_days=100, transcribed_days=100)
     report = maintain(s)
@@ -257,7 +264,7 @@ def test_calls_when_set_go_with_their_files_audio_rows_and_transcripts(hist, tmp
 
 
 def test_transcripts_when_set_go_and_the_calls_stay(hist, tmp_path):
-    s = settings_for(tmp_path, retention_transcripts_days=60.0)
+    s = settings_for(tmp_path, RETENTION_TRANSCRIPTS_DAYS=60.0)
     store = tmp_path / "store"
     old = call(hist, store, 100, ready_days=100, transcribed_days=100)
     new = call(hist, store, 10, ready_days=10, transcribed_days=10)
@@ -333,7 +340,7 @@ def test_a_large_table_is_pruned_completely_in_small_batches(hist, tmp_path, mon
         return n
 
     monkeypatch.setattr(rows, "_prune_batch", spy)
-    s = settings_for(tmp_path, retention_batch_size=64, retention_batch_pause_sec=0.0)
+    s = settings_for(tmp_path, RETENTION_BATCH_SIZE=64, RETENTION_BATCH_PAUSE_SEC=0.0)
     maintain(s)
     assert count(hist, "job_runs") == 1
     assert batches[:-1] == [64] * 15 and batches[-1] == 1000 - 15 * 64
@@ -345,7 +352,7 @@ def test_a_run_stops_at_its_budget_and_the_next_one_finishes(hist, tmp_path):
         " SELECT 'tasks.x', 'w', now() - interval '20 days', now() - interval '20 days', 'ok'"
         "   FROM generate_series(1, 300)"
     )
-    s = settings_for(tmp_path, retention_batch_size=10, retention_batch_pause_sec=0.0)
+    s = settings_for(tmp_path, RETENTION_BATCH_SIZE=10, RETENTION_BATCH_PAUSE_SEC=0.0)
     spent = maintain(s, deadline=time.monotonic())
     assert spent.out_of_time and count(hist, "job_runs") == 300
     assert not maintain(s).out_of_time
@@ -390,8 +397,7 @@ def test_retention_settings_are_non_negative_numbers_or_refused_by_name(var, raw
     except SettingsError as exc:
         assert var in str(exc)
         return
-    field = next(f for f in dataclasses.fields(Settings) if f.metadata["env"] == var)
-    value = getattr(s, field.name)
+    value = s.value(var)
     assert value >= 0 and value == value and value != float("inf")
 
 
@@ -407,20 +413,20 @@ def test_deleting_calls_while_keeping_their_transcripts_is_refused():
     with pytest.raises(SettingsError, match="RETENTION_TRANSCRIPTS_DAYS"):
         load_settings({"RETENTION_CALLS_DAYS": "30", "RETENTION_TRANSCRIPTS_DAYS": "60"})
     s = load_settings({"RETENTION_CALLS_DAYS": "30", "RETENTION_TRANSCRIPTS_DAYS": "30"})
-    assert (s.retention_calls_days, s.retention_transcripts_days) == (30, 30)
-    assert load_settings({"RETENTION_CALLS_DAYS": ""}).retention_calls_days == 0
+    assert (s.retention.calls_days, s.retention.transcripts_days) == (30, 30)
+    assert load_settings({"RETENTION_CALLS_DAYS": ""}).retention.calls_days == 0
 
 
 def test_maintenance_is_a_beat_job_on_the_ingest_queue():
     job = JOBS_BY_NAME[JOB]
     assert (job.entry, job.interval_setting, job.queue) == (
         "maintenance",
-        "maintenance_interval_sec",
+        "MAINTENANCE_INTERVAL_SEC",
         "ingest",
     )
     assert app.conf.beat_schedule["maintenance"]["task"] == JOB
     assert app.amqp.router.route({}, JOB)["queue"].name == "ingest"
-    assert get_settings().maintenance_interval_sec == 3600
+    assert get_settings().jobs.maintenance_interval_sec == 3600
 
 
 @pytest.mark.slow

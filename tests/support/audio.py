@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from tests.support.procs import start_beat, start_worker
 from workers.audio.store import FilesystemAudioStore
 from workers.dev.calls import publish
 from workers.dev.simulator import FeedSimulator
@@ -18,6 +19,7 @@ from workers.dev.simulator import FeedSimulator
 if TYPE_CHECKING:
     from tests.conftest import Services
     from workers.core.settings import Settings
+    from workers.dev.procs import Proc
 
 
 def audio_rows(conn: psycopg.Connection) -> dict[int, dict]:
@@ -47,6 +49,47 @@ def make_env(services: Services, tmp_path: Path, sim: FeedSimulator, **extra: st
     return env | extra
 
 
+def lease_env(
+    services: Services,
+    tmp_path: Path,
+    sim: FeedSimulator,
+    *,
+    batch: int,
+    downloads: int,
+    lease: float,
+    **extra: str,
+) -> dict:
+    """make_env for a test in which leases run out: one claim of `batch` calls, `downloads` of
+    them at once, leases of `lease` seconds, and the claim pass every second (with beat)."""
+    return make_env(
+        services,
+        tmp_path,
+        sim,
+        AUDIO_WORKER_BATCH_SIZE=str(batch),
+        AUDIO_DOWNLOAD_CONCURRENCY=str(downloads),
+        AUDIO_LEASE_SEC=str(lease),
+        AUDIO_WORKER_INTERVAL_SEC="1",
+        **extra,
+    )
+
+
+def start_audio(
+    procs: list[Proc],
+    env: dict,
+    tmp_path: Path,
+    name: str = "a1",
+    *,
+    concurrency: int = 2,
+    beat: bool = False,
+) -> Proc:
+    """An audio worker, and beat on production's schedule when `beat`; stopped with `procs`."""
+    worker = start_worker(name, env, tmp_path, queues="audio", concurrency=concurrency)
+    procs.append(worker)
+    if beat:
+        procs.append(start_beat("beat", env, tmp_path, app="workers.app"))
+    return worker
+
+
 def add_calls(db: psycopg.Connection, sim: FeedSimulator, n: int) -> dict[int, dict]:
     """Publish `n` calls on a new playlist and store them: {call id: record}."""
     playlist = sim.add_playlist()
@@ -62,6 +105,15 @@ def attempts(db: psycopg.Connection) -> list[tuple]:
     """Rows of (call_id, lease_owner, worker, outcome) of call_audio_attempts, in order."""
     return db.execute(
         "SELECT call_id, lease_owner, worker, outcome FROM call_audio_attempts ORDER BY id"
+    ).fetchall()
+
+
+def attempt_rows(db: psycopg.Connection, call_id: int) -> list[tuple]:
+    """Rows of (attempt, outcome, error_code) of one call's attempts, in order."""
+    return db.execute(
+        "SELECT attempt, outcome, error_code FROM call_audio_attempts WHERE call_id = %s"
+        " ORDER BY id",
+        (call_id,),
     ).fetchall()
 
 

@@ -13,15 +13,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from psycopg.rows import dict_row
 
 from tests.conftest import Services
 from workers.core.runtime import Runtime
 from workers.core.settings import reset_settings_cache
 from workers.dev.procs import run_cli
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator, ManualClock
+
+if TYPE_CHECKING:
+    from workers.clients.broadcastify import BroadcastifyClient
+    from workers.core.jobs import JobContext, JobOutcome
 
 KEY_ID = next(iter(DEMO_API_KEYS))
 SECRET, APP_ID = DEMO_API_KEYS[KEY_ID]
@@ -98,25 +103,28 @@ class Ingest:
             Runtime.current().bcfy_api.clock = self.clock
 
     @property
-    def api(self) -> Any:
+    def api(self) -> BroadcastifyClient:
         return Runtime.current().bcfy_api
 
     # --- running the jobs in this process ----------------------------------------------------
 
-    def poll(self) -> str:
+    def poll(self) -> JobOutcome:
         from tasks.ingest.jobs import poll_followed_playlists
 
-        return poll_followed_playlists.apply().get()
+        outcome: JobOutcome = poll_followed_playlists.apply().get()
+        return outcome
 
-    def backfill(self) -> str:
+    def backfill(self) -> JobOutcome:
         from tasks.ingest.jobs import backfill_gaps
 
-        return backfill_gaps.apply().get()
+        outcome: JobOutcome = backfill_gaps.apply().get()
+        return outcome
 
-    def refresh_geo(self) -> str:
+    def refresh_geo(self) -> JobOutcome:
         from tasks.geo.jobs import refresh_geo_data
 
-        return refresh_geo_data.apply().get()
+        outcome: JobOutcome = refresh_geo_data.apply().get()
+        return outcome
 
     def advance(self, seconds: float) -> None:
         assert self.clock is not None, "a ManualClock test"
@@ -149,6 +157,14 @@ class Ingest:
                 uuid,
             )
 
+    def follow_a_quiet_playlist(self, polls: int = 1) -> str:
+        """A new playlist with no calls of its own, followed and polled `polls` times (so that
+        its cursor is set): calls published from here on are new. Returns its uuid."""
+        uuid = self.sim.add_playlist(calls_per_minute=0)
+        self.follow(uuid)
+        self.poll_every_10s(polls)
+        return uuid
+
     def stored_urls(self, uuid: str | None = None) -> list[str]:
         if uuid is None:
             return [u for (u,) in self.sql("SELECT url FROM bcfy_calls_raw ORDER BY id")]
@@ -164,11 +180,13 @@ class Ingest:
         return [c for c in self.sim.calls(uuid) if self.sim.served_count(c) > 0]
 
     def cursor(self, uuid: str) -> int | None:
-        return self.sql("SELECT cursor_pos FROM bcfy_playlists WHERE uuid = %s", uuid)[0][0]
+        rows = self.sql("SELECT cursor_pos FROM bcfy_playlists WHERE uuid = %s", uuid)
+        pos: int | None = rows[0][0]
+        return pos
 
     def polls(self, uuid: str | None = None) -> list[dict[str, Any]]:
         with self.services.db() as conn:
-            cur = conn.cursor(row_factory=_dict_row)
+            cur = conn.cursor(row_factory=dict_row)
             cur.execute(
                 "SELECT * FROM bcfy_playlist_poll_log"
                 + (" WHERE playlist_uuid = %s" if uuid else "")
@@ -181,10 +199,14 @@ class Ingest:
         return [(r.outcome, r.error) for r in self.services.job_runs(job)]
 
 
-def _dict_row(cursor: Any) -> Any:
-    from psycopg.rows import dict_row
+def direct_context(job: str) -> JobContext:
+    """The context of a job body called directly rather than through its task: this process's
+    runtime, and a lock that is never taken, so never lost (as if on a host of its own)."""
+    from workers.core.jobs import JobContext
+    from workers.core.locks import SingletonLock
 
-    return dict_row(cursor)
+    rt = Runtime.current()
+    return JobContext(job, rt.settings, rt, SingletonLock(rt.redis, job), triggered=True)
 
 
 def _make(

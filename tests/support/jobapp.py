@@ -24,7 +24,7 @@ __all__ = ["app"]
 
 
 async def _note(key: str, ctx: JobContext) -> None:
-    client = aioredis.Redis.from_url(ctx.settings.redis_url.reveal())
+    client = aioredis.Redis.from_url(ctx.settings.services.redis_url.reveal())
     try:
         await client.rpush(key, f"{ctx.lock.token} {time.time():.3f}")
     finally:
@@ -59,19 +59,19 @@ async def stubborn(ctx: JobContext) -> None:
     loop that long (time.sleep: the asyncio deadline cannot fire) and shrugs off Celery's soft
     time limit (noting `test:soft`), as a body stuck in C would; notes its end."""
     await _note("test:starts", ctx)
-    client = aioredis.Redis.from_url(ctx.settings.redis_url.reveal())
+    client = aioredis.Redis.from_url(ctx.settings.services.redis_url.reveal())
     try:
         block = await client.lpop("test:block")
     finally:
         await client.aclose()
-    if block is not None:
+    if isinstance(block, bytes | str):  # (lpop without a count: one item or None)
         until = time.monotonic() + float(block)
         while time.monotonic() < until:
             try:
                 time.sleep(0.05)  # noqa: ASYNC251 (blocking the loop is the point)
             except SoftTimeLimitExceeded:
                 # Noted without awaiting: an await would let the loop fire its deadline.
-                noted = redis.Redis.from_url(ctx.settings.redis_url.reveal())
+                noted = redis.Redis.from_url(ctx.settings.services.redis_url.reveal())
                 noted.rpush("test:soft", ctx.lock.token)
                 noted.close()
     await _note("test:ends", ctx)
@@ -83,7 +83,7 @@ async def whoami(ctx: JobContext, **_: object) -> None:
     (up to 30 s) until two runs have noted theirs, so that two runs occupy two pool processes."""
     async with ctx.connection() as conn:
         (backend,) = await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,)
-    client = aioredis.Redis.from_url(ctx.settings.redis_url.reveal())
+    client = aioredis.Redis.from_url(ctx.settings.services.redis_url.reveal())
     try:
         await client.rpush("test:whoami", f"{os.getpid()} {backend}")
         until = time.monotonic() + 30
@@ -95,7 +95,7 @@ async def whoami(ctx: JobContext, **_: object) -> None:
 
 @app.on_after_configure.connect
 def _test_beat_schedule(sender: Any, **_: Any) -> None:
-    grace = configured_settings().job_misfire_grace_sec
+    grace = configured_settings().jobs.misfire_grace_sec
     sender.conf.beat_schedule = {
         name: beat_entry(f"tests.jobs.{name}", float(interval), grace)
         for name, interval in (

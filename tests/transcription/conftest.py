@@ -22,11 +22,14 @@ import pytest
 from psycopg.rows import TupleRow
 
 from tests.conftest import Services
+from tests.support.speech import normalised_words, words_found
 from tests.transcription.fake_openai import FakeTranscriptionService, fake_service
 from workers.audio.codec import convert_for_recognizers
+from workers.core.rows import one_row
 from workers.core.runtime import Runtime
 from workers.core.settings import load_settings, reset_settings_cache
 from workers.dev.simulator.make_clips import CLIPS_DIR
+from workers.recognizers import Recognizer
 
 CLIPS: dict[str, Any] = json.loads((CLIPS_DIR / "clips.json").read_text())
 CLIP_TEXT = {c["file"]: c["text"] for c in CLIPS["clips"]}
@@ -40,6 +43,43 @@ def prepared_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in [*CLIP_TEXT, CLIPS["silence"]["file"]]:
         convert_for_recognizers(CLIPS_DIR / name, root / "prepared" / f"{Path(name).stem}.flac")
     return root
+
+
+def flac(prepared_clips: Path, clip: str) -> Path:
+    """A clip as the audio stage prepares it (16 kHz mono FLAC)."""
+    return prepared_clips / "prepared" / f"{Path(clip).stem}.flac"
+
+
+def recognise_spoken_calls(recognizer: Recognizer, prepared_clips: Path, model: str) -> float:
+    """Every spoken test call through the recogniser, each result checked as a transcript must
+    be (duration, language, model name starting with `model`, confidence, segments that make
+    the text, inside the call, each with its words in order inside it); returns the share of
+    the words said that were recognised (normalised: "12" is "twelve")."""
+    found = total = 0
+    for clip, text in CLIP_TEXT.items():
+        result = recognizer.transcribe(flac(prepared_clips, clip), name=clip)
+        hit, said = words_found(text, result.text)
+        found, total = found + hit, total + said
+        duration = next(c["duration"] for c in CLIPS["clips"] if c["file"] == clip)
+        assert result.audio_duration_sec == pytest.approx(duration, abs=0.1)
+        assert result.language == "en" and result.model.startswith(model), result.model
+        assert result.confidence is not None and 0 <= result.confidence <= 1
+        assert result.segments and result.empty_reason is None, f"{clip}: {result}"
+        assert " ".join(s.text for s in result.segments) == result.text
+        for seg in result.segments:
+            assert 0 <= seg.start < seg.end <= duration + 0.05
+            assert seg.words, f"{clip}: a segment without word times"
+            joined = " ".join(w.text for w in seg.words)
+            assert normalised_words(joined) == normalised_words(seg.text)
+            for word in seg.words:
+                assert seg.start - 0.05 <= word.start <= word.end <= seg.end + 0.05
+                assert word.confidence is not None and 0 <= word.confidence <= 1
+            starts = [w.start for w in seg.words]
+            assert starts == sorted(starts)
+    print(
+        f"\n{model} recognised {found} of {total} words of the spoken calls ({found / total:.0%})"
+    )
+    return found / total
 
 
 @pytest.fixture
@@ -71,22 +111,24 @@ class Calls:
         """A stored call, with its audio ready (unless ready=False). Returns its id."""
         started = datetime.now(UTC) - ago
         with self.db() as conn:
-            (call_id,) = conn.execute(
-                """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
-                                               duration_sec, url, display, raw)
-                   VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
-                (
-                    playlist,
-                    group_id,
-                    int(started.timestamp()),
-                    started,
-                    f"https://calls.example/{uuid.uuid4().hex}.m4a",
-                    display,
-                ),
-            ).fetchone()
+            (call_id,) = one_row(
+                conn.execute(
+                    """INSERT INTO bcfy_calls_raw (playlist_uuid, group_id, call_ts, started_at,
+                                                   duration_sec, url, display, raw)
+                       VALUES (%s, %s, %s, %s, 5.0, %s, %s, '{}') RETURNING id""",
+                    (
+                        playlist,
+                        group_id,
+                        int(started.timestamp()),
+                        started,
+                        f"https://calls.example/{uuid.uuid4().hex}.m4a",
+                        display,
+                    ),
+                ).fetchone()
+            )
             if ready:
                 self.make_ready(conn, call_id, f"prepared/{Path(clip).stem}.flac")
-        return call_id
+        return int(call_id)
 
     def make_ready(self, conn: psycopg.Connection[TupleRow], call_id: int, prepared: str) -> None:
         conn.execute(
@@ -95,6 +137,25 @@ class Calls:
                 WHERE call_id = %s""",
             (prepared, f"originals/{call_id}.m4a", call_id),
         )
+
+    def update(self, call_id: int, assignments: str, *params: object) -> None:
+        """`UPDATE call_transcription SET <assignments>` for one call, as a stage would."""
+        with self.db() as conn:
+            conn.execute(
+                f"UPDATE call_transcription SET {assignments} WHERE call_id = %s",
+                (*params, call_id),
+            )
+
+    def worker_env(self, tmp_path: Path, **extra: str) -> dict[str, str]:
+        """A transcription worker's environment: these calls' store, short locks, and `extra`."""
+        env = self.services.worker_env(
+            tmp_path, AUDIO_STORE_DIR=str(self.store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
+        )
+        env.update(extra)
+        # Keep the worker's environment from this process's monkeypatched settings.
+        for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
+            env[key] = ""
+        return env
 
     def state(self, call_id: int) -> dict[str, Any]:
         with self.db() as conn:
@@ -142,14 +203,3 @@ def use_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 def service() -> Iterator[FakeTranscriptionService]:
     with fake_service() as s:
         yield s
-
-
-def worker_env(services: Services, store: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = services.worker_env(
-        tmp_path, AUDIO_STORE_DIR=str(store), LOCK_TTL_SEC="3", LOCK_RENEW_SEC="1"
-    )
-    env.update(extra)
-    # Keep the worker's environment from this process's monkeypatched settings.
-    for key in [k for k in os.environ if k.startswith("TRANSCRIBE_") and k not in env]:
-        env[key] = ""
-    return env

@@ -37,10 +37,11 @@ class Reply:
 class Request:
     path: str
     headers: Mapping[str, str]  # names in any case
-    fields: dict[str, str]
+    fields: dict[str, str]  # a field sent more than once: its last value
     file_name: str | None
     file_type: str | None
     file_bytes: bytes
+    repeated: dict[str, list[str]] = field(default_factory=dict)  # every value of each field
 
 
 def verbose_json(segments: list[dict[str, Any]], language: str = "english") -> dict[str, Any]:
@@ -119,6 +120,7 @@ class FakeTranscriptionService:
 
 async def _parse(http: web.BaseRequest) -> Request:
     fields: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
     file_name = file_type = None
     file_bytes = b""
     form = await http.post()  # multipart (or urlencoded) fields, parsed by aiohttp
@@ -127,9 +129,10 @@ async def _parse(http: web.BaseRequest) -> Request:
             file_name, file_type, file_bytes = value.filename, value.content_type, value.file.read()
         else:
             fields[name] = str(value)
+            repeated.setdefault(name, []).append(str(value))
     await http.read()
     headers = CIMultiDict(http.headers)
-    return Request(http.raw_path, headers, fields, file_name, file_type, file_bytes)
+    return Request(http.raw_path, headers, fields, file_name, file_type, file_bytes, repeated)
 
 
 @contextmanager

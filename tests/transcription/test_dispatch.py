@@ -24,6 +24,7 @@ from tasks.transcription.dispatch import (
     mark_dispatched,
     queued_messages,
 )
+from workers.core.identity import worker_identity
 from workers.core.runtime import Runtime
 
 
@@ -67,11 +68,7 @@ def test_ready_calls_are_sent_oldest_first_in_batches(calls, use_env, r):
     calls.add(ready=False, ago=timedelta(minutes=60))  # audio not ready yet
     too_old = calls.add(ago=timedelta(hours=73))
     done = calls.add(ago=timedelta(minutes=55))
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET state = 'done', due_at = NULL WHERE call_id = %s",
-            (done,),
-        )
+    calls.update(done, "state = 'done', due_at = NULL")
     oldest_first = [ids[0], ids[2], ids[4], ids[3], ids[1]]
 
     first = dispatch(settings, r)
@@ -133,58 +130,70 @@ def test_a_crash_between_marking_and_sending_loses_nothing(calls, use_env, r):
     assert {calls.state(i)["dispatch_count"] for i in ids} == {2}
 
 
+def hold_claim(calls, call_id, claimant):
+    """The call claimed by `claimant` for the next hour, on its first attempt."""
+    calls.update(
+        call_id,
+        "state = 'running', claimed_by = %s, attempts = 1, due_at = now() + interval '1 hour'",
+        claimant,
+    )
+
+
 def test_a_call_whose_worker_died_is_sent_again_when_the_claim_runs_out(calls, use_env, r):
     settings = use_env()
     call_id = calls.add()
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET state = 'running', claimed_by = 'gone:1',"
-            " attempts = 1, due_at = now() + interval '1 hour' WHERE call_id = %s",
-            (call_id,),
-        )
+    hold_claim(calls, call_id, "gone:1")
     assert dispatch(settings, r).sent == 0, "claimed by a worker that may be alive"
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET due_at = now() - interval '1 second' WHERE call_id = %s",
-            (call_id,),
-        )
+    calls.update(call_id, "due_at = now() - interval '1 second'")
     assert dispatch(settings, r).sent == 1
     assert calls.state(call_id)["state"] == "dispatched"
 
 
-def hold_claim(calls, call_id, claimant):
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET state = 'running', claimed_by = %s, attempts = 1,"
-            " due_at = now() + interval '1 hour' WHERE call_id = %s",
-            (claimant, call_id),
-        )
-
-
-def test_a_redelivery_takes_over_a_claim_whose_process_on_this_machine_is_gone(calls, use_env):
-    settings = use_env()
+def a_process_that_has_ended() -> int:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    return gone.pid
+
+
+# A claimant as this release names it, and as the release before named it (`<node>:<machine>:
+# <pid>`): claims stored by either are read alike.
+CLAIMANT_FORMS = {
+    "today's form": "asr@{machine}:{pid}",
+    "the older form": "asr@x:{machine}:{pid}",
+}
+
+
+@pytest.mark.parametrize("form", CLAIMANT_FORMS)
+def test_a_redelivery_takes_over_a_claim_whose_process_on_this_machine_is_gone(
+    calls, use_env, form
+):
+    settings = use_env()
     call_id = calls.add()
-    hold_claim(calls, call_id, f"asr@x:{socket.gethostname()}:{gone.pid}")
-    me = f"asr@x:{socket.gethostname()}:{os.getpid()}"
+    claimant = CLAIMANT_FORMS[form].format(
+        machine=socket.gethostname(), pid=a_process_that_has_ended()
+    )
+    hold_claim(calls, call_id, claimant)
+    me = worker_identity()
     claim = Runtime.current().run(claim_call(call_id, me, settings))
     assert isinstance(claim, TranscriptionClaim) and claim.attempt == 2
     assert calls.state(call_id)["claimed_by"] == me
 
 
+def claimant_where(where: str, form: str) -> str:
+    here = socket.gethostname()
+    if where == "a live process here":
+        return CLAIMANT_FORMS[form].format(machine=here, pid=os.getppid())
+    return CLAIMANT_FORMS[form].format(machine=f"not-{here}", pid=999999)
+
+
+@pytest.mark.parametrize("form", CLAIMANT_FORMS)
 @pytest.mark.parametrize("where", ["a live process here", "another machine", "an unknown form"])
-def test_a_redelivery_leaves_a_claim_it_cannot_tell_is_dead(calls, use_env, where):
+def test_a_redelivery_leaves_a_claim_it_cannot_tell_is_dead(calls, use_env, where, form):
     settings = use_env()
-    claimant = {
-        "a live process here": f"asr@x:{socket.gethostname()}:{os.getppid()}",
-        "another machine": f"asr@x:not-{socket.gethostname()}:999999",
-        "an unknown form": "gone:1",
-    }[where]
+    claimant = "gone:1" if where == "an unknown form" else claimant_where(where, form)
     call_id = calls.add()
     hold_claim(calls, call_id, claimant)
-    me = f"asr@x:{socket.gethostname()}:{os.getpid()}"
-    outcome = Runtime.current().run(claim_call(call_id, me, settings))
+    outcome = Runtime.current().run(claim_call(call_id, worker_identity(), settings))
     assert isinstance(outcome, Skip) and "duplicate delivery dropped" in outcome
     state = calls.state(call_id)
     assert (state["claimed_by"], state["attempts"]) == (claimant, 1)
@@ -193,12 +202,9 @@ def test_a_redelivery_leaves_a_claim_it_cannot_tell_is_dead(calls, use_env, wher
 def test_failed_calls_stay_failed_until_their_audio_is_ready_again(calls, use_env, r):
     settings = use_env()
     call_id = calls.add()
-    with calls.db() as conn:
-        conn.execute(
-            "UPDATE call_transcription SET state = 'failed', due_at = NULL, attempts = 5,"
-            " last_error = 'undecodable' WHERE call_id = %s",
-            (call_id,),
-        )
+    calls.update(
+        call_id, "state = 'failed', due_at = NULL, attempts = 5, last_error = 'undecodable'"
+    )
     assert dispatch(settings, r).sent == 0
     with calls.db() as conn:  # the audio stage prepares the call again
         conn.execute("UPDATE call_audio SET state = 'pending' WHERE call_id = %s", (call_id,))

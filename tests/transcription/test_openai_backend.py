@@ -31,11 +31,11 @@ def openai(service, use_env):
         TRANSCRIBE_VOCABULARY="Medic 3, Oak Avenue,  Engine 12 ",
         TRANSCRIBE_OPENAI_TIMEOUT_SEC="2",
     )
-    return build_recognizer(settings), settings
+    return build_recognizer(settings.transcription), settings
 
 
 @pytest.fixture
-def audio(prepared_clips) -> Path:
+def audio(prepared_clips: Path) -> Path:
     return prepared_clips / "prepared" / "call01.flac"
 
 
@@ -93,7 +93,7 @@ def test_the_silence_threshold_is_a_setting(service, use_env, audio):
         {"start": 1.0, "end": 2.0, "text": "maybe speech", "no_speech_prob": 0.4},
     ]
     service.replies.append(Reply(body=verbose_json(segments)))
-    result = build_recognizer(settings).transcribe(audio, name="x.flac")
+    result = build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
     assert result.text == "copy"
     assert "Authorization" not in service.requests[0].headers, "no key configured, none sent"
     assert "prompt" not in service.requests[0].fields
@@ -105,6 +105,47 @@ def test_only_silence_gives_an_empty_transcript(openai, service, audio):
     service.replies.append(Reply(body=verbose_json(hiss)))
     result = recognizer.transcribe(audio, name="x.flac")
     assert (result.text, result.segments, result.confidence) == ("", [], None)
+    assert result.empty_reason == "dropped" and result.dropped[0].text == "you"
+
+
+def test_words_and_the_segment_rule(service, use_env, audio):
+    settings = use_env(
+        TRANSCRIBE_BACKEND="openai",
+        TRANSCRIBE_OPENAI_BASE_URL=service.base_url,
+        TRANSCRIBE_BLOCKLIST="thanks for watching",
+    )
+    body = verbose_json(
+        [
+            {"start": 0.0, "end": 1.2, "text": " Engine 12, copy."},
+            {"start": 1.2, "end": 2.0, "text": " mains trees", "avg_logprob": -1.6},
+            {"start": 2.0, "end": 6.0, "text": " fire" * 40, "compression_ratio": 9.1},
+            {"start": 6.0, "end": 7.0, "text": " Thanks for watching!"},
+        ]
+    )
+    # OpenAI sends words as a list of their own, beside the segments.
+    body["words"] = [
+        {"word": "Engine", "start": 0.0, "end": 0.5},
+        {"word": "12", "start": 0.5, "end": 0.8},
+        {"word": "copy", "start": 0.9, "end": 1.2},
+        {"word": "mains", "start": 1.2, "end": 1.6},
+        {"word": None, "start": "x"},  # a malformed one is skipped
+    ]
+    service.replies.append(Reply(body=body))
+    result = build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
+    assert service.requests[0].repeated["timestamp_granularities[]"] == ["segment", "word"]
+    (kept,) = result.segments
+    assert kept.text == "Engine 12, copy."
+    assert [(w.text, w.start, w.end) for w in kept.words] == [
+        ("Engine", 0.0, 0.5),
+        ("12", 0.5, 0.8),
+        ("copy", 0.9, 1.2),
+    ]
+    assert [d.reason for d in result.dropped] == [
+        "avg_logprob -1.60 < -1",
+        "compression_ratio 9.10 > 2.4",
+        "blocklisted phrase",
+    ]
+    assert result.empty_reason is None
 
 
 def test_a_server_without_verbose_json_still_gives_the_text(openai, service, audio):
@@ -171,7 +212,7 @@ def test_a_service_that_is_down_is_transient(use_env, audio):
         TRANSCRIBE_BACKEND="openai", TRANSCRIBE_OPENAI_BASE_URL="http://127.0.0.1:9/v1"
     )
     with pytest.raises(TransientRecognitionError, match="ConnectError"):
-        build_recognizer(settings).transcribe(audio, name="x.flac")
+        build_recognizer(settings.transcription).transcribe(audio, name="x.flac")
 
 
 @pytest.mark.parametrize(

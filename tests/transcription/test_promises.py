@@ -20,10 +20,15 @@ from tasks.transcription.dispatch import TRANSCRIBE_TASK
 from tasks.transcription.jobs import transcribe_call
 from tasks.transcription.policy import retry_wait
 from tests.conftest import Services
-from tests.support.procs import start_worker
-from tests.transcription.conftest import Calls, worker_env
+from tests.support.env import ONE_DB_CONNECTION
+from tests.support.transcription import (
+    mark_dispatched,
+    openai_env,
+    send_to_transcribe,
+    start_transcription,
+)
+from tests.transcription.conftest import Calls
 from tests.transcription.fake_openai import Reply
-from tests.transcription.test_workers import mark_dispatched, openai_env
 from workers.core.runtime import Runtime, db_connection
 from workers.core.settings import load_settings
 from workers.dev.procs import wait_until
@@ -63,9 +68,7 @@ def test_a_database_outage_mid_call_is_retried_and_the_call_ends_transcribed_onc
     pg, calls = own_calls
     held = threading.Event()
     service.replies.append(Reply(hold=held))
-    env = worker_env(
-        calls.services,
-        calls.store,
+    env = calls.worker_env(
         tmp_path,
         **openai_env(
             service,
@@ -76,11 +79,8 @@ def test_a_database_outage_mid_call_is_retried_and_the_call_ends_transcribed_onc
             DB_CONNECT_TIMEOUT_SEC="2",
         ),
     )
-    worker = start_worker("asr", env, tmp_path, queues="transcription")
-    procs.append(worker)
-    call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    worker = start_transcription(procs, env, tmp_path)
+    call_id = send_to_transcribe(calls, client)
     service.wait_for_requests(1)  # claimed; the recogniser holds its request
 
     pg.stop_server()  # as a crash would: every connection is cut
@@ -115,10 +115,10 @@ def test_a_retry_never_waits_longer_than_the_cap(attempt, base, cap_over_base, r
         }
     )
     wait = retry_wait(attempt, s, retry_after)
-    assert 0 <= wait <= s.transcribe_retry_backoff_max_sec
+    assert 0 <= wait <= s.transcription.retry_backoff_max_sec
     if retry_after is not None:
         # What the service asked for, unless that is past the cap.
-        assert wait >= min(retry_after, s.transcribe_retry_backoff_max_sec) - 0.05
+        assert wait >= min(retry_after, s.transcription.retry_backoff_max_sec) - 0.05
 
 
 def test_retries_through_a_worker_wait_no_longer_than_the_cap(
@@ -132,9 +132,7 @@ def test_retries_through_a_worker_wait_no_longer_than_the_cap(
         Reply(503, {"error": {"message": "busy"}}),
         Reply(503, {"error": {"message": "busy"}}),
     ]
-    env = worker_env(
-        calls.services,
-        calls.store,
+    env = calls.worker_env(
         tmp_path,
         **openai_env(
             service,
@@ -143,11 +141,8 @@ def test_retries_through_a_worker_wait_no_longer_than_the_cap(
             TRANSCRIBE_MAX_ATTEMPTS="6",
         ),
     )
-    worker = start_worker("asr", env, tmp_path, queues="transcription")
-    procs.append(worker)
-    call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    worker = start_transcription(procs, env, tmp_path)
+    call_id = send_to_transcribe(calls, client)
     wait_until(lambda: calls.state(call_id)["state"] == "done", 120, "the call transcribed")
 
     waits = [float(w) for w in re.findall(r"retry in ([0-9.]+)s", worker.log())]
@@ -171,16 +166,12 @@ def test_two_workers_finishing_the_same_call_store_one_transcript(
 ):
     first_held, second_held = threading.Event(), threading.Event()
     service.replies += [Reply(hold=first_held), Reply(hold=second_held)]
-    env = worker_env(calls.services, calls.store, tmp_path, **openai_env(service))
-    one = start_worker("asr1", env, tmp_path, queues="transcription")
-    procs.append(one)
-    call_id = calls.add()
-    mark_dispatched(calls, call_id)
-    client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
+    env = calls.worker_env(tmp_path, **openai_env(service))
+    one = start_transcription(procs, env, tmp_path, "asr1")
+    call_id = send_to_transcribe(calls, client)
     service.wait_for_requests(1)  # asr1 holds the call
 
-    two = start_worker("asr2", env, tmp_path, queues="transcription")
-    procs.append(two)
+    two = start_transcription(procs, env, tmp_path, "asr2")
     expire_claim(calls, call_id)
     client.send_task(TRANSCRIBE_TASK, kwargs={"call_id": call_id}, queue="transcription")
     service.wait_for_requests(2)  # asr2 took it over: both are recognising the same call
@@ -206,9 +197,7 @@ def test_no_connection_is_held_while_the_recogniser_request_is_in_flight(
     service.replies.append(Reply(hold=held))
     use_env(
         AUDIO_STORE_DIR=str(calls.store),
-        DB_POOL_MIN_SIZE="1",
-        DB_POOL_MAX_SIZE="1",
-        DB_CONNECT_TIMEOUT_SEC="3",
+        **ONE_DB_CONNECTION,
         TRANSCRIBE_OPENAI_API_KEY="",
         **openai_env(service),
     )
@@ -227,7 +216,7 @@ def test_no_connection_is_held_while_the_recogniser_request_is_in_flight(
         async def borrow() -> int:
             async with db_connection() as conn:
                 (pid,) = await (await conn.execute("SELECT pg_backend_pid()")).fetchone() or (0,)
-                return pid
+                return int(pid)
 
         backend = asyncio.run_coroutine_threadsafe(borrow(), rt.loop).result(timeout=60)
         assert backend > 0

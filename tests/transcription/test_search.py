@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from workers.cli.main import main
 from workers.cli.search import parse_since
@@ -128,3 +130,35 @@ def test_search_uses_the_full_text_index(corpus, calls):
             ).fetchall()
         )
     assert "transcripts_search" in plan
+
+
+def test_json_gives_segments_and_the_moment_each_match_was_said(calls, use_env, capsys):
+    use_env(AUDIO_STORE_DIR=str(calls.store))
+    words = [
+        {"start": 0.0, "end": 0.5, "text": "Engine", "confidence": 0.9},
+        {"start": 0.5, "end": 0.9, "text": "12,", "confidence": 0.9},
+        {"start": 1.0, "end": 1.4, "text": "O'Brien's", "confidence": 0.8},
+        {"start": 1.4, "end": 2.0, "text": "structure", "confidence": 0.8},
+        {"start": 2.0, "end": 2.4, "text": "fires.", "confidence": 0.7},
+    ]
+    segments: list[dict[str, Any]] = [
+        {"start": 0.0, "end": 2.4, "text": "Engine 12, O'Brien's structure fires.", "words": words},
+        {"start": 61.0, "end": 62.5, "text": "Fire out.", "confidence": 0.6, "words": []},
+    ]
+    call_id = calls.add()
+    with calls.db() as conn:
+        conn.execute(
+            "INSERT INTO transcripts (call_id, text, segments, backend, model)"
+            " VALUES (%s, %s, %s, 'whisper', 'test')",
+            (call_id, " ".join(str(s["text"]) for s in segments), Jsonb(segments)),
+        )
+    (hit,) = search_json(capsys, "fire -truck o'brien")
+    assert hit["segments"] == segments, "every segment and word, with its times"
+    # "fires." matches "fire" (stemmed, punctuation ignored); the second segment has no word
+    # times, so its "Fire" cannot be placed.
+    assert [(m["text"], m["start"], m["end"]) for m in hit["matches"]] == [
+        ("O'Brien's", 1.0, 1.4),
+        ("fires.", 2.0, 2.4),
+    ]
+    code, out, _ = search(capsys, "structure")
+    assert code == 0 and out.splitlines()[2].strip() == "said at 0:01.4"

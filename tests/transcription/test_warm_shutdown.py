@@ -9,10 +9,8 @@ import threading
 
 import pytest
 
-from tests.support.procs import start_worker
-from tests.transcription.conftest import worker_env
+from tests.support.transcription import openai_env, send_to_transcribe, start_transcription
 from tests.transcription.fake_openai import Reply
-from tests.transcription.test_workers import TRANSCRIBE, mark_dispatched, openai_env
 from workers.dev.procs import wait_until
 
 pytestmark = pytest.mark.slow
@@ -23,13 +21,11 @@ def test_sigterm_mid_call_finishes_it_and_leaves_the_next_to_a_later_worker(
 ):
     release = threading.Event()
     service.replies.append(Reply(hold=release))  # the first request waits for the test
-    env = worker_env(calls.services, calls.store, tmp_path, **openai_env(service))
-    first = start_worker("asr1", env, tmp_path, queues="transcription", concurrency=1)
-    procs.append(first)
+    env = calls.worker_env(tmp_path, **openai_env(service))
+    first = start_transcription(procs, env, tmp_path, "asr1")
     ids = [calls.add("call01.m4a"), calls.add("call04.m4a")]
     for call_id in ids:
-        mark_dispatched(calls, call_id)
-        client.send_task(TRANSCRIBE, kwargs={"call_id": call_id}, queue="transcription")
+        send_to_transcribe(calls, client, call_id)
     service.wait_for_requests(1)
     in_hand = next(i for i in ids if calls.state(i)["state"] == "running")
     waiting = next(i for i in ids if i != in_hand)
@@ -42,8 +38,7 @@ def test_sigterm_mid_call_finishes_it_and_leaves_the_next_to_a_later_worker(
     assert calls.state(waiting)["state"] == "dispatched", "the next one was not started"
     assert len(service.requests) == 1
 
-    second = start_worker("asr2", env, tmp_path, queues="transcription", concurrency=1)
-    procs.append(second)
+    second = start_transcription(procs, env, tmp_path, "asr2")
     wait_until(lambda: calls.state(waiting)["state"] == "done", 90, "the waiting call done")
 
     for call_id in ids:

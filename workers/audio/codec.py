@@ -151,6 +151,15 @@ def decode_mono(path: Path | str, rate: int = RECOGNIZER_RATE) -> np.ndarray:
     return decode(path, rate).samples
 
 
+def decode_prepared(path: Path | str) -> np.ndarray:
+    """A prepared call's samples for a recogniser (16 kHz, mono, int16); AudioDecodeError for
+    a file that is not audio at all (such a file can open as an empty stream)."""
+    samples = decode_mono(path, RECOGNIZER_RATE)
+    if samples.size == 0 and probe(path).sample_rate == 0:
+        raise AudioDecodeError("no audio stream with a sample rate")
+    return samples
+
+
 class LoudestWindow:
     """RMS level of the loudest `window_sec` stretch, in dB full scale (-inf for no sound),
     fed piece by piece.
@@ -257,3 +266,24 @@ def convert_for_recognizers(src: Path | str, dst: Path | str) -> np.ndarray:
     samples = decode_mono(src, RECOGNIZER_RATE)
     write_flac(samples, dst, RECOGNIZER_RATE)
     return samples
+
+
+def pieces_at_pauses(
+    samples: np.ndarray, max_sec: float, rate: int = RECOGNIZER_RATE, search_sec: float = 5.0
+) -> list[tuple[int, int]]:
+    """Sample ranges of at most `max_sec` covering the audio, each cut at the quietest 10 ms in
+    the last `search_sec` of its window (a pause, in speech). Recognisers decode long calls
+    piece by piece, so that their memory does not grow with the call."""
+    n, limit = len(samples), int(max_sec * rate)
+    frame = rate // 100
+    bounds, start = [], 0
+    while n - start > limit:
+        lo, hi = start + limit - int(search_sec * rate), start + limit
+        window = samples[lo:hi].astype(np.float32)
+        energy = (window[: len(window) // frame * frame].reshape(-1, frame) ** 2).mean(axis=1)
+        cut = lo + int(np.argmin(energy)) * frame + frame // 2
+        bounds.append((start, cut))
+        start = cut
+    if n > start or not bounds:
+        bounds.append((start, n))
+    return bounds

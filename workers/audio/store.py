@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Protocol
+from uuid import UUID
 
 TEMP_DIR = ".tmp"
 PREPARED_SUFFIX = ".16k.flac"
@@ -59,7 +60,7 @@ class AudioStore(Protocol):
 
 
 def call_keys(
-    call_id: int, playlist_uuid: object, started_at: datetime, extension: str
+    call_id: int, playlist_uuid: UUID | None, started_at: datetime, extension: str
 ) -> tuple[str, str]:
     """(original key, prepared key) of one call: playlist / date / call."""
     playlist = str(playlist_uuid) if playlist_uuid else "no-playlist"

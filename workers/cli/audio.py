@@ -82,7 +82,7 @@ def add_commands(sub: Subparsers) -> None:
 
 
 def status(args: argparse.Namespace, settings: Settings) -> int:
-    with psycopg.connect(settings.database_url.reveal()) as conn:
+    with psycopg.connect(settings.services.database_url.reveal()) as conn:
         rows = conn.execute(STATUS).fetchall()
         failures = conn.execute(FAILURES).fetchall()
     if not rows:
@@ -102,7 +102,7 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def retry(args: argparse.Namespace, settings: Settings) -> int:
-    with psycopg.connect(settings.database_url.reveal()) as conn:
+    with psycopg.connect(settings.services.database_url.reveal()) as conn:
         row = conn.execute(RETRY, {"codes": args.code, "calls": args.call}).fetchone()
     assert row is not None
     total, untranscribed, failed, failed_attempts, done, in_progress = row

@@ -18,20 +18,22 @@ def check(what: str, arg: str | None, settings: Settings) -> tuple[bool, str]:
     if what == "worker":
         return _worker(arg or "ingest", settings)
     if what == "metrics":
-        return _http_ok(f"http://127.0.0.1:{int(arg or settings.metrics_port)}/metrics", "metrics")
+        return _http_ok(
+            f"http://127.0.0.1:{int(arg or settings.operations.metrics_port)}/metrics", "metrics"
+        )
     return _http_ok(f"http://127.0.0.1:{int(arg or 5555)}/healthcheck", "flower")
 
 
 def _beat(settings: Settings) -> tuple[bool, str]:
     """Beat rewrites its schedule file after every tick (beat_sync_every=1)."""
-    files = list(Path(settings.state_dir).glob("celerybeat-schedule*"))
+    files = list(Path(settings.services.state_dir).glob("celerybeat-schedule*"))
     if not files:
-        return False, f"no beat schedule file in {settings.state_dir}"
+        return False, f"no beat schedule file in {settings.services.state_dir}"
     age = time.time() - max(f.stat().st_mtime for f in files)
     shortest = min(
-        settings.ingest_interval_sec,
-        settings.audio_worker_interval_sec,
-        settings.transcription_dispatch_interval_sec,
+        settings.jobs.ingest_interval_sec,
+        settings.jobs.audio_worker_interval_sec,
+        settings.jobs.transcription_dispatch_interval_sec,
     )
     limit = 3 * shortest + 30
     return age <= limit, f"beat last ticked {age:.0f}s ago (limit {limit:.0f}s)"

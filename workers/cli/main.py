@@ -45,7 +45,7 @@ COMMAND_MODULES: list[str] = [
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from workers.core.migrate import MigrationError, ensure_database, migrate
 
-    dsn = settings.database_url.reveal()
+    dsn = settings.services.database_url.reveal()
     try:
         if ensure_database(dsn):
             print("created the database")

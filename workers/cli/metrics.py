@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import _SilentHandler
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
@@ -41,13 +42,13 @@ class CachedSnapshot:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = ConnectionPool(
-            settings.database_url.reveal(),
+            settings.services.database_url.reveal(),
             min_size=1,
             max_size=1,
-            timeout=settings.db_connect_timeout_sec,
+            timeout=settings.services.db_connect_timeout_sec,
             kwargs={
                 "autocommit": True,
-                "connect_timeout": int(settings.db_connect_timeout_sec),
+                "connect_timeout": int(settings.services.db_connect_timeout_sec),
                 "application_name": APPLICATION_NAME,
             },
             name=APPLICATION_NAME,
@@ -63,7 +64,10 @@ class CachedSnapshot:
         """(snapshot, seconds it took to read, its age in seconds)."""
         with self._lock:
             now = time.monotonic()
-            if self._snap is None or now - self._taken_at >= self.settings.metrics_cache_sec:
+            if (
+                self._snap is None
+                or now - self._taken_at >= self.settings.operations.metrics_cache_sec
+            ):
                 self._snap = snapshot(self.settings, totals=True, connect=self.pool.connection)
                 self._taken_at = time.monotonic()
                 self._took = self._taken_at - now
@@ -77,7 +81,7 @@ class PipelineCollector(Collector):
     def __init__(self, source: CachedSnapshot) -> None:
         self.source = source
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         snap, took_sec, age_sec = self.source.get()
         yield from families(snap)
         up = GaugeMetricFamily("bcfy_scrape_ok", "1 when every source answered this reading")
@@ -93,7 +97,7 @@ class PipelineCollector(Collector):
         yield age
 
 
-def families(snap: Snapshot) -> Iterator[Any]:
+def families(snap: Snapshot) -> Iterator[Metric]:
     backlog = GaugeMetricFamily("bcfy_stage_backlog", "Calls waiting for a stage", labels=["stage"])
     working = GaugeMetricFamily(
         "bcfy_stage_in_flight", "Calls a stage is working on", labels=["stage"]
@@ -167,6 +171,9 @@ def families(snap: Snapshot) -> Iterator[Any]:
     yield latency
 
 
+_Request = socket.socket | tuple[bytes, socket.socket]  # (socketserver's; a socket here)
+
+
 class BoundedWSGIServer(WSGIServer):
     """Serves requests on a fixed number of threads; further connections wait their turn."""
 
@@ -174,10 +181,10 @@ class BoundedWSGIServer(WSGIServer):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metrics")
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def process_request(self, request: _Request, client_address: Any) -> None:
         self.executor.submit(self._handle, request, client_address)
 
-    def _handle(self, request: Any, client_address: Any) -> None:
+    def _handle(self, request: _Request, client_address: Any) -> None:
         try:
             self.finish_request(request, client_address)
         except Exception:
@@ -196,7 +203,7 @@ def serve(settings: Settings, address: str, port: int) -> tuple[BoundedWSGIServe
         address_family = family
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, threads=settings.metrics_max_concurrency, **kwargs)
+            super().__init__(*args, threads=settings.operations.metrics_max_concurrency, **kwargs)
 
     server = make_server(address, port, make_wsgi_app(REGISTRY), Server, _SilentHandler)
     return server, source
@@ -210,8 +217,8 @@ def add_commands(sub: Subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    address = args.address or settings.metrics_address
-    port = args.port or settings.metrics_port
+    address = args.address or settings.operations.metrics_address
+    port = args.port or settings.operations.metrics_port
     server, source = serve(settings, address, port)
     shown = f"[{address}]" if ":" in address else address
     print(f"metrics on http://{shown}:{port}/metrics", flush=True)

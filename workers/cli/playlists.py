@@ -81,7 +81,7 @@ def add_playlist(args: argparse.Namespace, settings: Settings) -> int:
         + (f", counties {', '.join(map(str, ctids))}" if ctids else "")
     )
     if created:
-        print(f"the ingest job polls it every {settings.ingest_interval_sec:g} s")
+        print(f"the ingest job polls it every {settings.jobs.ingest_interval_sec:g} s")
     return 0
 
 

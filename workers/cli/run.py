@@ -24,7 +24,7 @@ import time
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -42,6 +42,9 @@ from workers.dev.services import (
     postgres_reachable,
     redis_reachable,
 )
+
+if TYPE_CHECKING:
+    from workers.dev.simulator import FeedSimulator
 
 STOP_GRACE_SEC = 30
 PROGRESS_EVERY_SEC = 5.0
@@ -69,29 +72,29 @@ class Supervisor:
     flower_port: int = 5555
     children: list[Child] = field(default_factory=list)
     servers: list[ThrowawayRedis | ThrowawayPostgres] = field(default_factory=list)
-    simulator: Any = None
+    simulator: FeedSimulator | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     last_transcript_id: int = 0
 
     @property
     def state(self) -> Path:
-        return Path(self.settings.state_dir).resolve()
+        return Path(self.settings.services.state_dir).resolve()
 
     @property
     def demo(self) -> bool:
         s = self.settings
-        return not (s.bcfy_api_key_id and s.bcfy_api_key and s.bcfy_app_id)
+        return not (s.broadcastify.api_key_id and s.broadcastify.api_key and s.broadcastify.app_id)
 
     # --- set-up ---------------------------------------------------------------------------
 
     def ensure_services(self) -> None:
-        redis_url = self.settings.redis_url.reveal()
+        redis_url = self.settings.services.redis_url.reveal()
         if not redis_reachable(redis_url):
             print(f"Redis at {redact_url(redis_url)} is not answering: starting one")
             server = ThrowawayRedis().start()
             self.servers.append(server)
             redis_url = server.url
-        db_url = self.settings.database_url.reveal()
+        db_url = self.settings.services.database_url.reveal()
         server_dsn = psycopg.conninfo.make_conninfo(db_url, dbname="postgres")
         if not postgres_reachable(server_dsn):
             print(f"PostgreSQL at {redact_url(db_url)} is not answering: starting one")
@@ -171,7 +174,7 @@ class Supervisor:
         self.start("worker-audio", worker_argv("audio", s))
         self.start("worker-transcription", worker_argv("transcription", s))
         self.start("beat", beat_argv(s, ["--schedule", str(self.state / "celerybeat-schedule")]))
-        if not (self.demo or s.flower_basic_auth):
+        if not (self.demo or s.operations.flower_basic_auth):
             print("Flower not started: set FLOWER_BASIC_AUTH=user:password to run it")
             return False
         if self.demo:
@@ -269,7 +272,7 @@ def run(settings: Settings, flower_port: int = 5555) -> int:
             sup.follow(sup.start_simulator())
         else:
             print(
-                f"using the Broadcastify service at {settings.bcfy_api_base}"
+                f"using the Broadcastify service at {settings.broadcastify.api_base}"
                 " (followed playlists: bcfy playlists list)"
             )
             sup.pause_demo_playlists()

@@ -23,11 +23,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from workers.cli import Subparsers
 from workers.core.migrate import SCHEMA_FILE_NAME, SQL_DIR, discover
 from workers.core.settings import Settings
 
@@ -90,7 +90,7 @@ def pg_dump_schema(url: str, major: int) -> str:
     if password is not None:
         env["PGPASSWORD"] = str(password)
     argv = [pg_dump_binary(major), "--schema-only", "--no-owner", "--no-privileges"]
-    argv.append("--dbname=" + psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
+    argv.append("--dbname=" + psycopg.conninfo.make_conninfo("", **params))
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SchemaError(f"pg_dump failed: {done.stderr.strip()}")
@@ -277,7 +277,7 @@ def stale_message(path: Path) -> str:
 # --- the command -------------------------------------------------------------------------------
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subparsers) -> None:
     parser = sub.add_parser(
         "schema", help="write sql/schema.sql: the whole schema after all migrations"
     )
@@ -292,7 +292,7 @@ def schema(args: argparse.Namespace, settings: Settings) -> int:
     from workers.dev.services import ServiceError, postgres_server
 
     try:
-        with postgres_server(_server_url(settings.database_url.reveal())) as admin_url:
+        with postgres_server(_server_url(settings.services.database_url.reveal())) as admin_url:
             text = generate(admin_url)
     except (SchemaError, ServiceError, psycopg.Error) as exc:
         print(f"bcfy schema: {exc}", file=sys.stderr)

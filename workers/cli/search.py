@@ -6,7 +6,9 @@
 The query is web-search syntax (websearch_to_tsquery): words are ANDed and stemmed ("fires"
 finds "fire"), "quoted phrases" match in order, `or` and `-word` work. Newest call first; each
 hit shows the call's time, playlist, talkgroup, a snippet with the matches highlighted
-(ts_headline, computed for the shown rows only) and the path of its audio.
+(ts_headline, computed for the shown rows only), when in the call the matching words were said
+(where the recogniser gave word times) and the path of its audio. --json adds every segment
+and word with its times.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -33,9 +36,18 @@ _START, _STOP = "\x02", "\x03"
 _MARKS = re.compile(f"([{_START}{_STOP}])")
 
 SEARCH_SQL = f"""
-WITH q AS (SELECT websearch_to_tsquery('english', %(query)s) AS query),
+WITH q0 AS (SELECT websearch_to_tsquery('english', %(query)s) AS query),
+q AS (
+    -- The query's lexemes, to find the words that match (querytree leaves negated ones out).
+    SELECT query, ARRAY(
+               SELECT replace(m[1], '''''', '''')
+                 FROM regexp_matches(querytree(query), '''((?:[^'']|'''')+)''', 'g') AS m
+           ) AS lexemes
+      FROM q0
+),
 hits AS (
-    SELECT t.call_id, t.text, t.confidence, c.started_at, c.playlist_uuid, c.group_id,
+    SELECT t.call_id, t.text, t.confidence, t.segments, c.started_at, c.playlist_uuid,
+           c.group_id,
            coalesce(c.display, c.descr, c.grouping) AS talkgroup,
            coalesce(a.original_path, a.prepared_path) AS audio_path
       FROM transcripts t
@@ -54,7 +66,14 @@ hits AS (
 SELECT h.call_id, h.started_at, p.name, h.playlist_uuid, h.group_id, h.talkgroup,
        ts_headline('english', translate(h.text, E'\\x02\\x03', E'\\uFFFD\\uFFFD'), q.query,
                    'StartSel={_START}, StopSel={_STOP}, MaxWords=35, MinWords=15'),
-       h.audio_path, h.confidence
+       h.audio_path, h.confidence, h.segments,
+       (SELECT coalesce(jsonb_agg(w.word ORDER BY s.n, w.n), '[]')
+          FROM jsonb_array_elements(h.segments) WITH ORDINALITY AS s (segment, n)
+         CROSS JOIN LATERAL jsonb_array_elements(
+                   CASE WHEN jsonb_typeof(s.segment -> 'words') = 'array'
+                        THEN s.segment -> 'words' ELSE '[]' END
+               ) WITH ORDINALITY AS w (word, n)
+         WHERE tsvector_to_array(to_tsvector('english', w.word ->> 'text')) && q.lexemes)
   FROM hits h
  CROSS JOIN q
   LEFT JOIN bcfy_playlists p ON p.uuid = h.playlist_uuid
@@ -73,6 +92,12 @@ class Hit:
     snippet: str  # matches between _START and _STOP
     audio_path: str | None  # absolute, or None when the call has no stored audio
     confidence: float | None
+    # As stored: [{"start", "end", "text", "confidence", "words": [{"start", "end", "text",
+    # "confidence"}, ...]}, ...], seconds from the start of the call; "words" is empty or
+    # missing where the backend gave no word times (README, "Word timings").
+    segments: list[dict[str, Any]]
+    # The words that match the query, in order, with their times: where to listen.
+    matches: list[dict[str, Any]]
 
 
 def search_transcripts(
@@ -101,6 +126,8 @@ def search_transcripts(
             snippet=r[6],
             audio_path=str(store / r[7]) if r[7] else None,
             confidence=r[8],
+            segments=r[9],
+            matches=r[10],
         )
         for r in rows
     ]
@@ -138,14 +165,14 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         with psycopg.connect(
-            settings.database_url.reveal(),
-            connect_timeout=int(settings.db_connect_timeout_sec),
+            settings.services.database_url.reveal(),
+            connect_timeout=int(settings.services.db_connect_timeout_sec),
             autocommit=True,
         ) as conn:
             hits = search_transcripts(
                 conn,
                 args.query,
-                audio_store_dir=settings.audio_store_dir,
+                audio_store_dir=settings.audio.store_dir,
                 playlist=args.playlist,
                 group=args.group,
                 since=args.since,
@@ -176,9 +203,19 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
         group = f"{group_id} ({talkgroup})" if talkgroup else group_id
         print(f"{when}  {playlist}  {group}")
         print(f"    {_highlighted(h.snippet, start, stop)}")
+        if h.matches:
+            at = ", ".join(_clock(m.get("start")) for m in h.matches[:5])
+            print(f"    said at {at}{' ...' if len(h.matches) > 5 else ''}")
         print(f"    {terminal_safe(h.audio_path) or '(no audio stored)'}")
     print(f"{len(hits)} call{'s' if len(hits) != 1 else ''}, newest first")
     return 0
+
+
+def _clock(seconds: Any) -> str:
+    """Seconds from the start of the call as m:ss.s."""
+    value = float(seconds) if isinstance(seconds, int | float) else 0.0
+    minutes, rest = divmod(value, 60)
+    return f"{int(minutes)}:{rest:04.1f}"
 
 
 def _highlighted(snippet: str, start: str, stop: str) -> str:

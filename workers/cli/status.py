@@ -21,7 +21,7 @@ from psycopg.rows import TupleRow
 
 from beat_schedule import PERIODIC_JOBS, QUEUES
 from workers.cli import Subparsers
-from workers.core import clock
+from workers.core import clock, rows
 from workers.core.counters import COUNTERS
 from workers.core.locks import holder_of, late_count, skip_count
 from workers.core.settings import Settings
@@ -233,10 +233,8 @@ def _from_database(snap: Snapshot, conn: psycopg.Connection[TupleRow], *, detail
         return conn.execute(query).fetchall() if details else []
 
     def one_row(query: str, params: tuple[str] | None = None) -> TupleRow:
-        row = conn.execute(query, params).fetchone()
-        if row is None:  # aggregates without GROUP BY: always exactly one row
-            raise RuntimeError("a status query returned no row")
-        return row
+        # aggregates without GROUP BY: always exactly one row
+        return rows.one_row(conn.execute(query, params).fetchone(), "a status query")
 
     calls5, calls1, polls_failed5, polls_failed1, quarantined = one_row(_INGEST)
     snap.stages["ingest"] = Stage(
@@ -342,7 +340,8 @@ def snapshot(
 
 def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect | None) -> None:
     if connect is None:
-        connect = lambda: psycopg.connect(settings.database_url.reveal(), connect_timeout=5)  # noqa: E731
+        url = settings.services.database_url.reveal()
+        connect = lambda: psycopg.connect(url, connect_timeout=5)  # noqa: E731
     with connect() as conn:
         _from_database(snap, conn, details=not totals)
         if totals:
@@ -350,10 +349,10 @@ def _with_db(settings: Settings, snap: Snapshot, totals: bool, connect: Connect 
 
 
 def _with_redis(settings: Settings, snap: Snapshot) -> None:
-    client = redis.Redis.from_url(settings.redis_url.reveal(), socket_timeout=5)
+    client = redis.Redis.from_url(settings.services.redis_url.reveal(), socket_timeout=5)
     try:
         _from_redis(snap, client)
-        _clock_offsets(snap, client, settings.job_misfire_grace_sec)
+        _clock_offsets(snap, client, settings.jobs.misfire_grace_sec)
     finally:
         client.close()
 

@@ -66,7 +66,7 @@ from workers.core.records import (
     whole_number,
     whole_number_or_none,
 )
-from workers.core.settings import Settings
+from workers.core.settings import BroadcastifySettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,24 @@ class BroadcastifyClient:
     """
 
     def __init__(
-        self, settings: Settings, http: httpx.AsyncClient, *, clock: Clock = time.time
+        self,
+        bcfy: BroadcastifySettings,
+        http: httpx.AsyncClient,
+        *,
+        total_timeout_sec: float,
+        min_poll_gap_sec: float,
+        retry_budget_sec: float,
+        clock: Clock = time.time,
     ) -> None:
-        self.settings = settings
+        self.bcfy = bcfy
         self.http = http
         self.clock = clock
-        self.base = settings.bcfy_api_base.rstrip("/")
+        # From other stages' settings: HTTP_TOTAL_TIMEOUT_SEC per exchange, the 5 s rule
+        # (INGEST_MIN_POLL_GAP_SEC), and retry_budget() below.
+        self.total_timeout_sec = total_timeout_sec
+        self.min_poll_gap_sec = min_poll_gap_sec
+        self.retry_budget_sec = retry_budget_sec
+        self.base = bcfy.api_base.rstrip("/")
         self.tokens_minted = 0
         self._token: str | None = None
         self._token_expires = 0.0
@@ -160,9 +172,22 @@ class BroadcastifyClient:
         self._last_request_end: dict[str, float] = {}
         self._pace_locks: dict[str, asyncio.Lock] = {}
         self._backoff = wait_exponential_jitter(
-            multiplier=settings.bcfy_retry_backoff_sec,
-            max=settings.bcfy_retry_backoff_max_sec,
-            jitter=settings.bcfy_retry_backoff_sec,
+            multiplier=bcfy.retry_backoff_sec,
+            max=bcfy.retry_backoff_max_sec,
+            jitter=bcfy.retry_backoff_sec,
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, http: httpx.AsyncClient, *, clock: Clock = time.time
+    ) -> BroadcastifyClient:
+        return cls(
+            settings.broadcastify,
+            http,
+            total_timeout_sec=settings.services.http_total_timeout_sec,
+            min_poll_gap_sec=settings.ingest.min_poll_gap_sec,
+            retry_budget_sec=retry_budget(settings),
+            clock=clock,
         )
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -262,7 +287,7 @@ class BroadcastifyClient:
     ) -> tuple[int, JSONObject]:
         """(status, JSON object) of one request, with transient failures retried; with a
         `pace`, every attempt keeps the 5 s rule of its selector."""
-        s = self.settings
+        s = self.bcfy
         if self._config_error_held():
             # The service said the key is unknown: asking again soon would only repeat that.
             assert self._config_error is not None
@@ -278,8 +303,8 @@ class BroadcastifyClient:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(TransientError),
                 stop=stop_any(
-                    stop_after_attempt(s.bcfy_retry_attempts),
-                    stop_before_delay(retry_budget(s)),
+                    stop_after_attempt(s.retry_attempts),
+                    stop_before_delay(self.retry_budget_sec),
                 ),
                 wait=lambda state: self._wait(state, pace),
                 before_sleep=self._log_retry,
@@ -305,10 +330,9 @@ class BroadcastifyClient:
     def _wait(self, state: RetryCallState, pace: Pace | None = None) -> float:
         """Retry-After when the service gave one, else exponential backoff with jitter; never
         less than what is left of the selector's gap since its last request."""
-        s = self.settings
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, TransientError) and exc.retry_after is not None:
-            wait = min(exc.retry_after, retry_budget(s))
+            wait = min(exc.retry_after, self.retry_budget_sec)
         else:
             wait = self._backoff(state)
         return max(wait, self._gap_left(pace))
@@ -317,7 +341,7 @@ class BroadcastifyClient:
         """Seconds until the selector may be asked again (0 without a pace or a last request)."""
         if pace is None or pace.key not in self._last_request_end:
             return 0.0
-        due = self._last_request_end[pace.key] + self.settings.ingest_min_poll_gap_sec
+        due = self._last_request_end[pace.key] + self.min_poll_gap_sec
         return max(0.0, due - time.monotonic())
 
     @staticmethod
@@ -395,7 +419,7 @@ class BroadcastifyClient:
         """One HTTP exchange under the total timeout; classify the answer."""
         headers = {"Authorization": f"Bearer {token}"}
         try:
-            async with asyncio.timeout(self.settings.http_total_timeout_sec):
+            async with asyncio.timeout(self.total_timeout_sec):
                 async with self.http.stream(
                     method, self.base + path, params=params, data=data, headers=headers
                 ) as response:
@@ -434,7 +458,7 @@ class BroadcastifyClient:
     async def _read_body(self, response: httpx.Response, path: str) -> bytes:
         """The answer's body, read in chunks up to BCFY_MAX_RESPONSE_BYTES (decoded): a larger
         one is refused as soon as it says so (Content-Length) or grows past the cap."""
-        cap = self.settings.bcfy_max_response_bytes
+        cap = self.bcfy.max_response_bytes
         # None when absent or unreadable: the count below still holds.
         declared = whole_number_or_none(response.headers.get("Content-Length"), "Content-Length", 0)
         if declared is not None and declared > cap:
@@ -452,32 +476,29 @@ class BroadcastifyClient:
 
     async def _valid_token(self, as_user: bool) -> str:
         """The cached token, or a new one when it is missing or within the margin of expiry."""
-        if as_user and self._user is None and self.settings.bcfy_username:
+        if as_user and self._user is None and self.bcfy.username:
             async with self._login_lock:
                 if self._user is None:
                     await self._log_in()
         if not as_user:
             return self._mint(user=None)
         now = self.clock()
-        if (
-            self._token is None
-            or now >= self._token_expires - self.settings.bcfy_jwt_renew_margin_sec
-        ):
+        if self._token is None or now >= self._token_expires - self.bcfy.jwt_renew_margin_sec:
             self._token = self._mint(user=self._user)
-            self._token_expires = now + self.settings.bcfy_jwt_lifetime_sec
+            self._token_expires = now + self.bcfy.jwt_lifetime_sec
         return self._token
 
     def _forget_token(self) -> None:
         self._token = None
 
     def _mint(self, user: tuple[int, str] | None) -> str:
-        s = self.settings
+        s = self.bcfy
         missing = [
             name
             for name, value in (
-                ("BCFY_API_KEY_ID", s.bcfy_api_key_id),
-                ("BCFY_API_KEY", s.bcfy_api_key),
-                ("BCFY_APP_ID", s.bcfy_app_id),
+                ("BCFY_API_KEY_ID", s.api_key_id),
+                ("BCFY_API_KEY", s.api_key),
+                ("BCFY_APP_ID", s.app_id),
             )
             if not value
         ]
@@ -485,28 +506,31 @@ class BroadcastifyClient:
             raise ConfigurationError(f"the Broadcastify API needs {', '.join(missing)}: not set")
         now = int(self.clock())
         claims: dict[str, str | int] = {
-            "iss": s.bcfy_app_id,
+            "iss": s.app_id,
             "iat": now,
-            "exp": now + int(s.bcfy_jwt_lifetime_sec),
+            "exp": now + int(s.jwt_lifetime_sec),
         }
         if user is not None:
             claims["sub"], claims["utk"] = user
         self.tokens_minted += 1
         return jwt.encode(
-            claims, s.bcfy_api_key.reveal(), algorithm="HS256", headers={"kid": s.bcfy_api_key_id}
+            claims,
+            s.api_key.reveal(),
+            algorithm="HS256",
+            headers={"kid": s.api_key_id},
         )
 
     async def _log_in(self) -> None:
         """User auth for non-public playlists: uid and token, sent with an app-only JWT."""
-        s = self.settings
-        if not s.bcfy_password:
+        s = self.bcfy
+        if not s.password:
             raise ConfigurationError("BCFY_USERNAME is set but BCFY_PASSWORD is not")
         try:
             _, body = await self._attempt(
                 "POST",
                 "/common/v1/auth",
                 None,
-                {"username": s.bcfy_username, "password": s.bcfy_password.reveal()},
+                {"username": s.username, "password": s.password.reveal()},
                 as_user=False,
             )
         except (ConfigurationError, TransientError):
@@ -523,14 +547,14 @@ class BroadcastifyClient:
             raise ConfigurationError("login as BCFY_USERNAME: no uid and token in the answer")
         self._user = (uid, utk)
         self._forget_token()
-        log.info("bcfy api: logged in as %s (uid %s)", s.bcfy_username, uid)
+        log.info("bcfy api: logged in as %s (uid %s)", s.username, uid)
 
 
 def retry_budget(settings: Settings) -> float:
     """Seconds within which retries may start: BCFY_RETRY_BUDGET_SEC, cut down so that the
     last attempt (up to HTTP_TOTAL_TIMEOUT_SEC) still ends inside a job's soft time limit."""
-    room = settings.job_soft_time_limit_sec - settings.http_total_timeout_sec
-    return max(0.0, min(settings.bcfy_retry_budget_sec, room))
+    room = settings.jobs.soft_time_limit_sec - settings.services.http_total_timeout_sec
+    return max(0.0, min(settings.broadcastify.retry_budget_sec, room))
 
 
 # --- helpers ---------------------------------------------------------------------------------

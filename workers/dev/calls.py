@@ -9,14 +9,19 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import av
 import numpy as np
 import psycopg
 
+from workers.core.rows import one_row
 from workers.dev.simulator import AudioFault, FeedSimulator
 from workers.dev.simulator.audio import load_clips
+
+if TYPE_CHECKING:
+    from workers.dev.simulator.server import _Answer
 
 CLIPS, SILENCE = load_clips()
 
@@ -76,7 +81,7 @@ def insert_call(
     url: str,
     duration: float | None,
     *,
-    playlist: Any = None,
+    playlist: str | UUID | None = None,
     started_at: datetime | None = None,
     size: int | None = None,
     group_id: str = "1-100",
@@ -99,11 +104,10 @@ def insert_call(
             json.dumps(raw or {"url": url, "ts": ts, "duration": duration}),
         ),
     ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return int(one_row(row)[0])
 
 
-def store_record(conn: psycopg.Connection, record: dict, playlist: Any) -> int:
+def store_record(conn: psycopg.Connection, record: dict, playlist: str | UUID | None) -> int:
     """A call record as the simulator serves it, stored the way ingest stores it."""
     return insert_call(
         conn,
@@ -134,11 +138,11 @@ def slow_audio(sim: FeedSimulator, latency: float) -> None:
     simulator's own latency switch covers the API only)."""
     answer = sim.handle_audio
 
-    def delayed(path: str) -> Any:
+    def delayed(path: str) -> _Answer:
         time.sleep(latency)
         return answer(path)
 
-    sim.handle_audio = delayed  # type: ignore[method-assign]
+    sim.handle_audio = delayed  # type: ignore[method-assign]  # this instance's route, wrapped
 
 
 class HeldAudio:
@@ -155,7 +159,7 @@ class HeldAudio:
         self._cond = threading.Condition()
         answer = sim.handle_audio
 
-        def held(path: str) -> Any:
+        def held(path: str) -> _Answer:
             if path == self.path:
                 with self._cond:
                     self.arrived += 1
@@ -165,7 +169,7 @@ class HeldAudio:
                         self._cond.wait_for(lambda: self._released >= mine, most_sec)
             return answer(path)
 
-        sim.handle_audio = held  # type: ignore[method-assign]
+        sim.handle_audio = held  # type: ignore[method-assign]  # this instance's route, wrapped
 
     def release_all(self) -> None:
         with self._cond:

@@ -29,10 +29,10 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import psycopg
 import redis
@@ -40,6 +40,7 @@ from celery import Celery
 from psycopg.rows import TupleRow
 
 from workers.core.processes import beat_argv, worker_argv
+from workers.core.rows import one_row
 from workers.core.settings import load_settings
 from workers.dev.procs import CLK_TCK, Proc, run_cli, wait_until
 from workers.dev.services import Servers
@@ -147,9 +148,9 @@ def queue_lengths(broker: redis.Redis, *, unacked: bool = False) -> dict[str, in
 
 
 def take_sample(db: psycopg.Connection[TupleRow], broker: redis.Redis, published: int) -> Sample:
-    row = db.execute(_COUNTS).fetchone()
-    assert row is not None
-    stored, audio_settled, dispatch_pending, in_pool, transcribed = row
+    stored, audio_settled, dispatch_pending, in_pool, transcribed = one_row(
+        db.execute(_COUNTS).fetchone(), "the sampler's counts"
+    )
     return Sample(
         time.time(),
         published,
@@ -208,7 +209,11 @@ def slope_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def period_means(
-    samples: Sequence[Sample], start: float, end: float, period: float, value: Any
+    samples: Sequence[Sample],
+    start: float,
+    end: float,
+    period: float,
+    value: Callable[[Sample], float],
 ) -> list[tuple[float, float]]:
     """(middle, mean of value(sample)) for each whole `period` from `start` within `end`.
 
@@ -268,6 +273,40 @@ def read_calls(db: psycopg.Connection[TupleRow]) -> list[CallRecord]:
     return [CallRecord(*row) for row in db.execute(_CALLS).fetchall()]
 
 
+class _Timeline(NamedTuple):
+    """A published call's way through both stages (unix seconds; recognition: seconds)."""
+
+    published: float
+    stored: float
+    ready: float
+    dispatched: float
+    claimed: float
+    finished: float
+    recognition: float
+
+    @staticmethod
+    def of(c: CallRecord, published: dict[str, float]) -> _Timeline | None:
+        """None for a call not published by this run or not through both stages yet."""
+        if (
+            c.url not in published
+            or c.ready_at is None
+            or c.dispatched_at is None
+            or c.claimed_at is None
+            or c.finished_at is None
+            or c.recognition_sec is None
+        ):
+            return None
+        return _Timeline(
+            published[c.url],
+            c.stored_at,
+            c.ready_at,
+            c.dispatched_at,
+            c.claimed_at,
+            c.finished_at,
+            float(c.recognition_sec),
+        )
+
+
 @dataclass(frozen=True)
 class Latency:
     """Call-to-transcript latencies (seconds) of the calls given, and where the time went."""
@@ -290,34 +329,17 @@ class Latency:
 
     @staticmethod
     def of(calls: Sequence[CallRecord], published: dict[str, float]) -> Latency:
-        done = [
-            c
-            for c in calls
-            if c.url in published
-            and c.finished_at is not None
-            and c.recognition_sec is not None
-            and c.ready_at is not None
-            and c.dispatched_at is not None
-            and c.claimed_at is not None
-        ]
-        pub = [published[c.url] for c in done]
-        rec = [float(c.recognition_sec or 0) for c in done]
+        done = [t for c in calls if (t := _Timeline.of(c, published)) is not None]
         return Latency(
             calls=len(done),
-            included=[c.finished_at - p for c, p in zip(done, pub, strict=True)],  # type: ignore[operator]
-            excluded=[
-                c.finished_at - p - r  # type: ignore[operator]
-                for c, p, r in zip(done, pub, rec, strict=True)
-            ],
-            poll=[c.stored_at - p for c, p in zip(done, pub, strict=True)],
-            audio=[c.ready_at - c.stored_at for c in done],  # type: ignore[operator]
-            dispatch=[c.dispatched_at - c.ready_at for c in done],  # type: ignore[operator]
-            queue=[c.claimed_at - c.dispatched_at for c in done],  # type: ignore[operator]
-            recognition=rec,
-            store=[
-                c.finished_at - c.claimed_at - r  # type: ignore[operator]
-                for c, r in zip(done, rec, strict=True)
-            ],
+            included=[t.finished - t.published for t in done],
+            excluded=[t.finished - t.published - t.recognition for t in done],
+            poll=[t.stored - t.published for t in done],
+            audio=[t.ready - t.stored for t in done],
+            dispatch=[t.dispatched - t.ready for t in done],
+            queue=[t.claimed - t.dispatched for t in done],
+            recognition=[t.recognition for t in done],
+            store=[t.finished - t.claimed - t.recognition for t in done],
         )
 
     def summary(self) -> str:
@@ -464,11 +486,13 @@ class Pipeline:
 
     def transcribed(self, urls: set[str]) -> int:
         with self.db() as conn:
-            (n,) = conn.execute(
-                "SELECT count(*) FROM transcripts t JOIN bcfy_calls_raw r ON r.id = t.call_id"
-                " WHERE r.url = ANY(%s)",
-                (list(urls),),
-            ).fetchone()  # type: ignore[misc]
+            (n,) = one_row(
+                conn.execute(
+                    "SELECT count(*) FROM transcripts t JOIN bcfy_calls_raw r ON r.id = t.call_id"
+                    " WHERE r.url = ANY(%s)",
+                    (list(urls),),
+                ).fetchone()
+            )
         return int(n)
 
     # --- running -----------------------------------------------------------------------------
@@ -487,17 +511,22 @@ class Pipeline:
     def settled(self) -> bool:
         """Every published call stored, and every stored call through both stages (or failed)."""
         with self.db() as conn:
-            (stored,) = conn.execute(
-                "SELECT count(*) FROM bcfy_calls_raw WHERE url = ANY(%s)",
-                (list(self.published),),
-            ).fetchone()  # type: ignore[misc]
-            (open_calls,) = conn.execute(
-                """SELECT count(*) FROM bcfy_calls_raw r
-                     LEFT JOIN call_audio a ON a.call_id = r.id
-                     LEFT JOIN call_transcription t ON t.call_id = r.id
-                    WHERE a.state IS DISTINCT FROM 'failed'
-                      AND t.state IS DISTINCT FROM 'done' AND t.state IS DISTINCT FROM 'failed'"""
-            ).fetchone()  # type: ignore[misc]
+            (stored,) = one_row(
+                conn.execute(
+                    "SELECT count(*) FROM bcfy_calls_raw WHERE url = ANY(%s)",
+                    (list(self.published),),
+                ).fetchone()
+            )
+            (open_calls,) = one_row(
+                conn.execute(
+                    """SELECT count(*) FROM bcfy_calls_raw r
+                         LEFT JOIN call_audio a ON a.call_id = r.id
+                         LEFT JOIN call_transcription t ON t.call_id = r.id
+                        WHERE a.state IS DISTINCT FROM 'failed'
+                          AND t.state IS DISTINCT FROM 'done'
+                          AND t.state IS DISTINCT FROM 'failed'"""
+                ).fetchone()
+            )
         return bool(stored >= len(self.published) and open_calls == 0)
 
     def drain(self, timeout: float) -> float:

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
+    """The first true value `check` returns (so never None), polling every `every` s; an
+    AssertionError naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()

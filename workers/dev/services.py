@@ -26,6 +26,7 @@ import redis
 from psycopg import sql
 
 from workers.core.children import die_with_parent
+from workers.core.identity import process_is_gone, worker_identity
 from workers.core.migrate import migrate
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -297,7 +298,7 @@ def postgres_server(dsn: str | None = None, *, reuse: bool = True) -> Iterator[s
 def empty_redis_db(base_url: str, claim_key: str) -> Iterator[str]:
     """The URL of an empty database index on base_url's server that no one else uses, marked
     as ours with `claim_key`; flushed on exit."""
-    me = f"{socket.gethostname()}:{os.getpid()}"
+    me = worker_identity()
     for index in range(15, 0, -1):
         # The index goes in the URL: a URL's own /N would override a db= argument.
         url = urlunsplit(urlsplit(base_url)._replace(path=f"/{index}"))
@@ -323,21 +324,12 @@ def empty_redis_db(base_url: str, claim_key: str) -> Iterator[str]:
 
 
 def _claimed_by_a_dead_process(owner: bytes | str | None) -> bool:
-    """Whether a claim ("host:pid", or a bare pid from before hosts were named) is this
+    """Whether a claim (a worker identity, or a bare pid from before hosts were named) is this
     machine's and its process is gone."""
     if owner is None:
         return False
     text = owner.decode(errors="replace") if isinstance(owner, bytes) else owner
-    host, _, pid = text.rpartition(":")
-    if host not in ("", socket.gethostname()) or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # alive, someone else's
-    return False
+    return process_is_gone(f"{socket.gethostname()}:{text}" if text.isdigit() else text)
 
 
 @contextlib.contextmanager

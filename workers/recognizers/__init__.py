@@ -1,6 +1,6 @@
 """Speech recognisers behind one small interface, chosen by TRANSCRIBE_BACKEND.
 
-    recognizer = process_recognizer(settings)      # made once per process
+    recognizer = process_recognizer(settings.transcription)   # made once per process
     result = recognizer.transcribe(Path("call.flac"), name="call-42.flac")
 
 `transcribe` is blocking: the whisper and pocketsphinx backends are CPU work, the openai backend
@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.core.settings import Settings
+from workers.core.settings import PoolSettings, TranscriptionSettings
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,29 @@ def vocabulary_terms(raw: str) -> list[str]:
     return terms
 
 
-def build_recognizer(settings: Settings) -> Recognizer:
+def pool_processes(pools: PoolSettings) -> int:
+    """How many transcription processes share this machine's CPUs (TRANSCRIPTION_POOL and
+    TRANSCRIPTION_CONCURRENCY: solo runs one, 0 means one per CPU)."""
+    if pools.transcription_pool == "solo":
+        return 1
+    return pools.transcription_concurrency or os.cpu_count() or 1
+
+
+def build_recognizer(
+    transcription: TranscriptionSettings, *, pool_processes: int | None = None
+) -> Recognizer:
     """A recogniser for TRANSCRIBE_BACKEND; RecognizerConfigError if it cannot work.
 
+    `pool_processes`: how many recognisers share the CPUs (whisper divides them among its
+    threads; None: one per CPU, so one thread each).
     Cheap for whisper: its model is checked here (the file's sha256 for the packaged one) but
     loaded on first use, so a worker's parent process can check the settings without holding
     a model that every pool process would then share or copy."""
-    backend = settings.transcribe_backend
+    backend = transcription.backend
     if backend == "auto":
         from workers.recognizers.whisper_backend import whisper_unavailable
 
-        why_not = whisper_unavailable(settings)
+        why_not = whisper_unavailable(transcription)
         if why_not is None:
             backend = "whisper"
         else:
@@ -148,35 +160,38 @@ def build_recognizer(settings: Settings) -> Recognizer:
                 "`whisper` extra: pip install 'bcfy-pipeline[whisper]')",
                 why_not,
             )
-            if settings.transcribe_language.lower() not in ("en", "en-us"):
+            if transcription.language.lower() not in ("en", "en-us"):
                 raise RecognizerConfigError(
-                    f"TRANSCRIBE_LANGUAGE={settings.transcribe_language!r}: whisper is not "
+                    f"TRANSCRIBE_LANGUAGE={transcription.language!r}: whisper is not "
                     f"available ({why_not}) and pocketsphinx has only US English"
                 )
             backend = "pocketsphinx"
     if backend == "whisper":
         from workers.recognizers.whisper_backend import WhisperRecognizer
 
-        return WhisperRecognizer(settings)
+        return WhisperRecognizer(transcription, pool_processes=pool_processes)
     if backend == "pocketsphinx":
         from workers.recognizers.pocketsphinx_backend import PocketsphinxRecognizer
 
-        return PocketsphinxRecognizer.from_settings(settings)
+        return PocketsphinxRecognizer.from_settings(transcription)
     if backend == "openai":
         from workers.recognizers.openai_backend import OpenAIRecognizer
 
-        return OpenAIRecognizer(settings)
-    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={settings.transcribe_backend!r} is unknown")
+        return OpenAIRecognizer(transcription)
+    raise RecognizerConfigError(f"TRANSCRIBE_BACKEND={transcription.backend!r} is unknown")
 
 
 _process_recognizer: tuple[int, Recognizer] | None = None
 
 
-def process_recognizer(settings: Settings) -> Recognizer:
+def process_recognizer(
+    transcription: TranscriptionSettings, *, pool_processes: int | None = None
+) -> Recognizer:
     """This process's recogniser, made on first use (never shared across a fork)."""
     global _process_recognizer
     if _process_recognizer is None or _process_recognizer[0] != os.getpid():
-        _process_recognizer = (os.getpid(), build_recognizer(settings))
+        recognizer = build_recognizer(transcription, pool_processes=pool_processes)
+        _process_recognizer = (os.getpid(), recognizer)
     return _process_recognizer[1]
 
 

@@ -26,7 +26,7 @@ import httpx
 
 from workers.clients.http import StatusClass, retry_after_of, status_class
 from workers.core.runtime import Runtime
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     PermanentRecognitionError,
     Recognition,
@@ -41,15 +41,15 @@ from workers.recognizers.whisper_segments import Candidate, SegmentFilter, judge
 class OpenAIRecognizer:
     backend = "openai"
 
-    def __init__(self, settings: Settings) -> None:
-        if not settings.transcribe_openai_model:
+    def __init__(self, transcription: TranscriptionSettings) -> None:
+        if not transcription.openai_model:
             raise RecognizerConfigError("TRANSCRIBE_OPENAI_MODEL must be set")
-        self.settings = settings
-        self.model = settings.transcribe_openai_model
-        self.url = settings.transcribe_openai_base_url.rstrip("/") + "/audio/transcriptions"
-        self.prompt = prompt_for(vocabulary_terms(settings.transcribe_vocabulary))
-        self.language = settings.transcribe_language.split("-")[0].lower() or None
-        self.rule = SegmentFilter.from_settings(settings)
+        self.transcription = transcription
+        self.model = transcription.openai_model
+        self.url = transcription.openai_base_url.rstrip("/") + "/audio/transcriptions"
+        self.prompt = prompt_for(vocabulary_terms(transcription.vocabulary))
+        self.language = transcription.language.split("-")[0].lower() or None
+        self.rule = SegmentFilter.from_settings(transcription)
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
         audio = audio_path.read_bytes()
@@ -59,7 +59,7 @@ class OpenAIRecognizer:
     async def transcribe_bytes(
         self, http: httpx.AsyncClient, audio: bytes, name: str
     ) -> Recognition:
-        s = self.settings
+        s = self.transcription
         form: dict[str, str | list[str]] = {
             "model": self.model,
             "response_format": "verbose_json",
@@ -72,15 +72,14 @@ class OpenAIRecognizer:
         if self.prompt:
             form["prompt"] = self.prompt
         headers = {"Accept": "application/json"}
-        key = s.transcribe_openai_api_key
+        key = s.openai_api_key
         if key:
             headers["Authorization"] = f"Bearer {key.reveal()}"
-        limit = s.transcribe_openai_timeout_sec
+        limit = s.openai_timeout_sec
+        # Reading the answer takes as long as recognition: the shared client's connect and
+        # pool timeouts (HTTP_CONNECT_TIMEOUT_SEC) stay, read and write get this limit.
         timeout = httpx.Timeout(
-            connect=s.http_connect_timeout_sec,
-            read=limit,
-            write=limit,
-            pool=s.http_connect_timeout_sec,
+            connect=http.timeout.connect, read=limit, write=limit, pool=http.timeout.pool
         )
         try:
             async with asyncio.timeout(limit):
@@ -197,7 +196,7 @@ def _error_message(response: httpx.Response) -> str:
     return " ".join(str(message).split())[:300]
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None

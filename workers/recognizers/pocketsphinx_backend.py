@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.audio.codec import RECOGNIZER_RATE, AudioDecodeError, decode_mono, probe
-from workers.core.settings import Settings
+from workers.audio.codec import RECOGNIZER_RATE, decode_prepared, pieces_at_pauses
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
@@ -37,7 +37,6 @@ FRAMES_PER_SEC = 100  # the model's frame rate (-frate)
 # end of each piece: memory stays flat, and Celery's soft time limit gets a chance between
 # pieces (it cannot interrupt the decoder's C code).
 MAX_UTTERANCE_SEC = 30.0
-CUT_SEARCH_SEC = 5.0
 # A pause this long between words starts a new segment.
 SEGMENT_GAP_SEC = 0.5
 COMPOUND_JOINER = "_"
@@ -82,9 +81,9 @@ class PocketsphinxRecognizer:
         self.vocabulary = vocabulary or []
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PocketsphinxRecognizer:
-        extra = settings.transcribe_pocketsphinx_dict
-        return cls(vocabulary_terms(settings.transcribe_vocabulary), Path(extra) if extra else None)
+    def from_settings(cls, transcription: TranscriptionSettings) -> PocketsphinxRecognizer:
+        extra = transcription.pocketsphinx_dict
+        return cls(vocabulary_terms(transcription.vocabulary), Path(extra) if extra else None)
 
     def _new_entries(self, entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Words the dictionary has already get the new pronunciation as an alternate."""
@@ -123,16 +122,12 @@ class PocketsphinxRecognizer:
         return compounds
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
-        samples = decode_mono(audio_path, RECOGNIZER_RATE)
-        if samples.size == 0 and probe(audio_path).sample_rate == 0:
-            # Something that is not audio at all can open as an empty stream.
-            raise AudioDecodeError("no audio stream with a sample rate")
-        return self.recognize_samples(samples)
+        return self.recognize_samples(decode_prepared(audio_path))
 
     def recognize_samples(self, samples: np.ndarray) -> Recognition:
         duration = len(samples) / RECOGNIZER_RATE
         words: list[_Word] = []
-        for start, end in utterance_bounds(samples):
+        for start, end in pieces_at_pauses(samples, MAX_UTTERANCE_SEC):
             words += self._decode(samples[start:end], offset=start / RECOGNIZER_RATE)
         segments = _segments(words)
         text = " ".join(s.text for s in segments)
@@ -197,30 +192,10 @@ def _segments(words: list[_Word]) -> list[Segment]:
             end=round(g[-1].end, 2),
             text=" ".join(w.text for w in g),
             confidence=round(float(np.mean([w.prob for w in g])), 4),
-            words=[
-                Word(round(w.start, 2), round(w.end, 2), w.text, round(w.prob, 4)) for w in g
-            ],
+            words=[Word(round(w.start, 2), round(w.end, 2), w.text, round(w.prob, 4)) for w in g],
         )
         for g in groups
     ]
-
-
-def utterance_bounds(samples: np.ndarray, rate: int = RECOGNIZER_RATE) -> list[tuple[int, int]]:
-    """Sample ranges of at most MAX_UTTERANCE_SEC covering the audio, each cut at the quietest
-    10 ms in the last CUT_SEARCH_SEC of its window (a pause, in speech)."""
-    n, limit = len(samples), int(MAX_UTTERANCE_SEC * rate)
-    frame = rate // 100
-    bounds, start = [], 0
-    while n - start > limit:
-        lo, hi = start + limit - int(CUT_SEARCH_SEC * rate), start + limit
-        window = samples[lo:hi].astype(np.float32)
-        energy = (window[: len(window) // frame * frame].reshape(-1, frame) ** 2).mean(axis=1)
-        cut = lo + int(np.argmin(energy)) * frame + frame // 2
-        bounds.append((start, cut))
-        start = cut
-    if n > start or not bounds:
-        bounds.append((start, n))
-    return bounds
 
 
 def _read_dictionary(path: Path) -> list[tuple[str, str]]:

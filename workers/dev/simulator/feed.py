@@ -188,7 +188,7 @@ class Playlist:
             "public": self.public,
             "listeners": self.listeners,
             "ctids": list(self.ctids),
-            "groups": [_pick(g.as_json(), _PLAYLIST_GROUP_KEYS) for g in self.groups],
+            "groups": [_pick(geo.camel_json(g), _PLAYLIST_GROUP_KEYS) for g in self.groups],
         }
 
 
@@ -221,7 +221,7 @@ class Feed:
         self._playlists: dict[str, Playlist] = {}
         self._all = Timeline()
         self._by_group: dict[str, list[Call]] = {}
-        self._by_identity: dict[tuple[Any, Any, Any], Call] = {}
+        self._by_identity: dict[tuple[object, object, object], Call] = {}
         self._by_audio_key: dict[str, Call] = {}
         self._previous_answer: dict[tuple[str, Selector], list[Call]] = {}
         self._last_poll: dict[tuple[str, Selector], float] = {}
@@ -500,12 +500,12 @@ class Feed:
             group = self._find_group(group_id)
         if group is None:
             raise ApiError(E_NOT_FOUND, "unknown group")
-        return group.as_json()
+        return geo.camel_json(group)
 
     def node_get(self, node_id: int) -> dict[str, Any]:
         if node_id not in geo.NODES:
             raise ApiError(E_NOT_FOUND, "unknown node")
-        return geo.NODES[node_id].as_json()
+        return geo.camel_json(geo.NODES[node_id])
 
     # --- audio, counters, inspection ----------------------------------------------------------
 
@@ -584,7 +584,7 @@ class Feed:
         return geo.ROSTER.get(group_id)
 
 
-def identity(record: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+def identity(record: Mapping[str, Any]) -> tuple[object, object, object]:
     """How the simulator tells calls apart: groupId, ts and the call's own audio url."""
     return (record.get("groupId"), record.get("ts"), record.get("url"))
 

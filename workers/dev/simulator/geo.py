@@ -6,6 +6,7 @@ Ids are plausible, not the service's real ones (US state ids follow FIPS, as the
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,17 @@ def counties_of(stid: int) -> list[dict[str, Any]] | None:
 # --- radio systems, talkgroups and nodes ----------------------------------------------------
 
 
+def camel_json(record: Any) -> dict[str, Any]:
+    """A dataclass as the service writes it: its fields in order, named in camelCase
+    (`node_id` -> `nodeId`)."""
+    return {_camel(f.name): getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
+
+
 @dataclass(frozen=True)
 class Node:
     node_id: int
@@ -103,17 +115,6 @@ class Node:
     ctid: int
     lat: float
     lon: float
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "nodeId": self.node_id,
-            "sid": self.sid,
-            "siteId": self.site_id,
-            "name": self.name,
-            "ctid": self.ctid,
-            "lat": self.lat,
-            "lon": self.lon,
-        }
 
 
 @dataclass(frozen=True)
@@ -132,22 +133,6 @@ class Group:
     display: str
     grouping: str
     ctid: int
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "groupId": self.group_id,
-            "sid": self.sid,
-            "siteId": self.site_id,
-            "nodeId": self.node_id,
-            "feedId": self.feed_id,
-            "tgId": self.tg_id,
-            "tag": self.tag,
-            "freq": self.freq,
-            "descr": self.descr,
-            "display": self.display,
-            "grouping": self.grouping,
-            "ctid": self.ctid,
-        }
 
 
 # sid, siteId, nodeId, feedId, ctid, system name, control channel (MHz), lat, lon

@@ -83,6 +83,9 @@ class Principal:
     uid: int | None  # set when the token acts as a user
 
 
+Headers = Mapping[str, str]  # a request's (aiohttp's CIMultiDictProxy[str] is one)
+
+
 class _Answer:
     """What a route returns: status, body, headers, and how many call records it serves."""
 
@@ -295,7 +298,7 @@ class FeedSimulator:
         return response
 
     def _answer(
-        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+        self, method: str, path: str, query: dict[str, list[str]], headers: Headers, body: bytes
     ) -> _Answer:
         if path.startswith("/audio/"):
             return self.handle_audio(path)
@@ -304,7 +307,7 @@ class FeedSimulator:
         return self.handle_api("GET" if method == "HEAD" else method, path, query, headers, body)
 
     def handle_api(
-        self, method: str, path: str, query: dict[str, list[str]], headers: Any, body: bytes
+        self, method: str, path: str, query: dict[str, list[str]], headers: Headers, body: bytes
     ) -> _Answer:
         route = None
         for route_method, pattern, name in _API_ROUTES:
@@ -492,18 +495,26 @@ class FeedSimulator:
     def _api_states(
         self, who: Principal, query: dict[str, list[str]], body: bytes, coid: str
     ) -> _Answer:
-        states = geo.states_of(whole_number("coid", coid, _SECONDS_OR_ID))
-        if states is None:
-            raise ApiError(E_NOT_FOUND, "unknown country")
-        return self._geo_list("states", states)
+        return self._geo_children("states", geo.states_of, "coid", coid, "unknown country")
 
     def _api_counties(
         self, who: Principal, query: dict[str, list[str]], body: bytes, stid: str
     ) -> _Answer:
-        counties = geo.counties_of(whole_number("stid", stid, _SECONDS_OR_ID))
-        if counties is None:
-            raise ApiError(E_NOT_FOUND, "unknown state")
-        return self._geo_list("counties", counties)
+        return self._geo_children("counties", geo.counties_of, "stid", stid, "unknown state")
+
+    def _geo_children(
+        self,
+        key: str,
+        children_of: Callable[[int], list[dict[str, Any]] | None],
+        parent_name: str,
+        parent_id: str,
+        unknown: str,
+    ) -> _Answer:
+        """The list of `key` under one parent (a country's states, a state's counties)."""
+        children = children_of(whole_number(parent_name, parent_id, _SECONDS_OR_ID))
+        if children is None:
+            raise ApiError(E_NOT_FOUND, unknown)
+        return self._geo_list(key, children)
 
     def _api_county(
         self, who: Principal, query: dict[str, list[str]], body: bytes, ctid: str
