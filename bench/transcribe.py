@@ -172,7 +172,9 @@ def recognise_files(
     from workers.recognizers import build_recognizer
 
     t0 = time.perf_counter()
-    recognizer = build_recognizer(load_settings(os.environ)) if backend != BASELINE else None
+    recognizer = (
+        build_recognizer(load_settings(os.environ).transcription) if backend != BASELINE else None
+    )
     if recognizer is not None:  # a model may load on first use: this call pays for it
         recognizer.transcribe(Path(files[0]), name="warm-up")
     loaded = time.perf_counter() - t0
@@ -190,7 +192,7 @@ def recognise_files(
     tuned_texts = []
     if recognizer is not None and vocabulary_files:
         settings = load_settings({**os.environ, "TRANSCRIBE_VOCABULARY": VOCABULARY})
-        tuned = build_recognizer(settings)
+        tuned = build_recognizer(settings.transcription)
         tuned_texts = [tuned.transcribe(Path(f), name=Path(f).name).text for f in vocabulary_files]
     return {
         "load": loaded,
@@ -479,7 +481,7 @@ def _recognise_share(env: dict[str, str], paths: list[Path]) -> None:
     from workers.core.settings import load_settings
     from workers.recognizers import build_recognizer
 
-    recognizer = build_recognizer(load_settings(env))
+    recognizer = build_recognizer(load_settings(env).transcription)
     for path in paths:
         recognizer.transcribe(path, name=path.name)
 
@@ -505,8 +507,8 @@ def bench_pool(
 ) -> list[str]:
     logdir = Path(tempfile.mkdtemp(prefix="bcfy-bench-workers-"))
     audio = sum(c["duration"] for c in pool_clips(calls))
-    walls = {(b, k): [] for b in backends for k in (1, 2)}
-    bare = {(b, k): [] for b in backends for k in (1, 2)}
+    walls: dict[tuple[str, int], list[float]] = {(b, k): [] for b in backends for k in (1, 2)}
+    bare: dict[tuple[str, int], list[float]] = {(b, k): [] for b in backends for k in (1, 2)}
     cases = [(kind, b, k) for b in backends for kind in ("pool", "bare") for k in (1, 2)]
     try:
         for round_no in range(rounds):  # interleaved, so drift on a shared machine hits all alike
