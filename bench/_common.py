@@ -90,10 +90,11 @@ def heading(script: str, details: str) -> str:
     return f"# bench/{script}.py  {time.strftime('%Y-%m-%d %H:%M:%S')}  {details}"
 
 
-def report(script: str, lines: list[str], *, keep: bool = True) -> None:
-    """Print the report and, with keep, make it bench/results/<script>.txt."""
+def report(script: str, lines: list[str], *, keep: bool = True, echo: bool = True) -> None:
+    """Print the report (unless not echo) and, with keep, make it bench/results/<script>.txt."""
     text = "\n".join(lines)
-    print(text)
+    if echo:
+        print(text)
     if keep:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{script}.txt").write_text(text + "\n")

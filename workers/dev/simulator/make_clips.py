@@ -9,7 +9,6 @@ The clips are committed, so tests, the simulator and demo mode need no speech sy
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import tempfile
@@ -61,13 +60,14 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resampled.astype(np.float32)
 
 
-def radio(samples: np.ndarray, rng: random.Random) -> np.ndarray:
+def pad_and_hiss(samples: np.ndarray, rng: np.random.Generator, hiss: float = 0.004) -> np.ndarray:
     """Pad with squelch silence and add a little hiss, so it sounds (and decodes) like a call."""
     pad = np.zeros(int(SQUELCH_SEC * SAMPLE_RATE), dtype=np.float32)
     speech = samples / (np.abs(samples).max() or 1.0) * 0.7
     out = np.concatenate([pad, speech, pad])
-    noise = np.array([rng.gauss(0, 0.004) for _ in range(len(out))], dtype=np.float32)
-    return np.clip(out + noise, -1, 1)
+    noise = rng.normal(0, hiss, len(out)).astype(np.float32) if hiss else 0.0
+    clipped: np.ndarray = np.clip(out + noise, -1, 1).astype(np.float32)
+    return clipped
 
 
 def encode_m4a(samples: np.ndarray, path: Path) -> None:
@@ -92,7 +92,7 @@ def main() -> None:
         raise SystemExit(
             "espeak-ng is needed to make the clips (Debian: apt-get install espeak-ng)"
         )
-    rng = random.Random(1)
+    rng = np.random.default_rng(1)
     CLIPS_DIR.mkdir(exist_ok=True)
     index = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,13 +100,13 @@ def main() -> None:
             wav = Path(tmp) / f"{n}.wav"
             synthesize(text, wav, speed=150)
             samples, rate = read_mono(wav)
-            samples = radio(resample(samples, rate, SAMPLE_RATE), rng)
+            samples = pad_and_hiss(resample(samples, rate, SAMPLE_RATE), rng)
             name = f"call{n:02d}.m4a"
             encode_m4a(samples, CLIPS_DIR / name)
             index.append(
                 {"file": name, "text": text, "duration": round(len(samples) / SAMPLE_RATE, 3)}
             )
-        silence = np.array([rng.gauss(0, 0.0005) for _ in range(SAMPLE_RATE * 3)], dtype=np.float32)
+        silence = rng.normal(0, 0.0005, SAMPLE_RATE * 3).astype(np.float32)
         encode_m4a(silence, CLIPS_DIR / "silence.m4a")
     (CLIPS_DIR / "clips.json").write_text(
         json.dumps(
