@@ -618,26 +618,31 @@ class _ServiceWatch:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=30)
+        # The last service may be replaced after the last sample: one more, once it is done.
+        self._sample()
 
     def _run(self) -> None:
         while not self.stopping.wait(0.5):
-            try:
-                by_service = self.stack.service_containers()
-            except (AssertionError, subprocess.SubprocessError, ValueError):
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            by_service = self.stack.service_containers()
+        except (AssertionError, subprocess.SubprocessError, ValueError):
+            return
+        down = []
+        for name in APP_SERVICES:
+            running = [c for c in by_service.get(name, []) if c["State"] == "running"]
+            if not running:
+                down.append(name)
                 continue
-            down = []
-            for name in APP_SERVICES:
-                running = [c for c in by_service.get(name, []) if c["State"] == "running"]
-                if not running:
-                    down.append(name)
-                    continue
-                cid = str(running[0]["Id"])
-                first = self._first_ids.setdefault(name, cid)
-                if cid != first and name not in self.replaced_order:
-                    self.replaced_order.append(name)
-            if down:
-                self.down_sets.append(down)
-            self.most_down_at_once = max(self.most_down_at_once, len(down))
+            cid = str(running[0]["Id"])
+            first = self._first_ids.setdefault(name, cid)
+            if cid != first and name not in self.replaced_order:
+                self.replaced_order.append(name)
+        if down:
+            self.down_sets.append(down)
+        self.most_down_at_once = max(self.most_down_at_once, len(down))
 
 
 def cursor_positions(stack: Stack) -> dict[str, str]:
