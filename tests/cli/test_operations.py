@@ -29,6 +29,9 @@ from workers.dev.services import free_port
 
 pytestmark = pytest.mark.slow
 
+# `bcfy run` starts a pool per queue: the three stages and the alerts' deliveries.
+POOLS = ("ingest", "audio", "transcription", "notify")
+
 
 def processes_with(marker: str) -> list[int]:
     """Live processes whose environment carries the marker (all of `bcfy run`'s children)."""
@@ -96,7 +99,7 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
         assert snap["stages"]["transcription"]["done"]["5m"] >= 1
         assert len(snap["playlists"]) == 2
         assert all(p["last_poll_ok"] and p["cursor"] for p in snap["playlists"])
-        for queue in ("ingest", "audio", "transcription"):
+        for queue in POOLS:
             assert snap["workers"][queue], f"no {queue} worker online: {snap['workers']}"
         assert snap["jobs"]["tasks.ingest.poll_followed_playlists"]["last_outcome"] in (
             "ok",
@@ -113,11 +116,11 @@ def test_make_run_demo_reaches_transcripts_and_stops_cleanly(run_env, tmp_path):
         assert "bcfy_scrape_ok 1.0" in scrape
         assert 'bcfy_call_to_transcript_seconds{quantile="0.95",recognition="excluded"' in scrape
 
-        # Flower shows the three pools (demo mode: no login).
+        # Flower shows the four pools (demo mode: no login).
         workers = httpx.get(
             f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", timeout=20
         ).json()
-        assert {name.split("@")[0] for name in workers} == {"ingest", "audio", "transcription"}
+        assert {name.split("@")[0] for name in workers} == set(POOLS)
         flower_metrics = httpx.get(f"http://127.0.0.1:{flower_port}/metrics", timeout=10).text
         assert "flower_events_total" in flower_metrics, "Flower's task metrics"
     finally:
@@ -228,4 +231,4 @@ def test_status_says_what_is_unreachable_and_shows_the_rest(run_env):
     assert out.returncode == 1
     snap = json.loads(out.stdout)
     assert any(p.startswith("database unavailable") for p in snap["problems"])
-    assert set(snap["queues"]) == {"ingest", "audio", "transcription"}
+    assert set(snap["queues"]) == set(POOLS)
