@@ -7,7 +7,8 @@
    BCFY_APP_ID): the feed simulator runs in this process with demo playlists, which are
    followed through `bcfy playlists add` like real ones.
 4. Beat, the four worker pools (ingest, audio, transcription, notify) and Flower start as
-   child processes, logging to BCFY_STATE_DIR/logs; every few seconds a progress line, and each new transcript as it lands.
+   child processes, logging to BCFY_STATE_DIR/logs; every few seconds a progress line, and
+   each new transcript as it lands.
 5. Ctrl-C (or SIGTERM) stops everything: each child gets SIGTERM, so Celery's warm shutdown
    finishes running work (a call cut short is handed back by its lease); what is left after the
    grace period is killed, the whole process group, so no orphan survives. Servers stop last.
