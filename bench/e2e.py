@@ -5,12 +5,12 @@ stage that saturates first, at given arrival rates.
                         [--logs DIR] [--set NAME=VALUE ...] [--no-save]
 
 For each arrival rate (calls per second over all playlists, Poisson, on the real clock): a
-fresh pipeline (workers/dev/pipeline.py: the feed simulator over real HTTP, `bcfy
-playlists add`, beat and the three pools with the command lines and settings of `bcfy
-beat|worker`, the default recogniser), a warm-up call per playlist, DURATION seconds of
-traffic, then the drain. Every second meanwhile it samples each stage's backlog: calls
-published but not stored (poll), stored but not prepared (audio), prepared but not sent to the pool (dispatch), sent but
-not transcribed (transcription). Reported per rate, over the traffic after its first 20 s:
+fresh pipeline (workers/dev/pipeline.py: the feed simulator over real HTTP, `bcfy playlists
+add`, beat and the three pools with the command lines and settings of `bcfy beat|worker`, the
+default recogniser), a warm-up call per playlist, DURATION seconds of traffic, then the drain.
+Every second meanwhile it samples each stage's backlog: calls published but not stored (poll),
+stored but not prepared (audio), prepared but not sent to the pool (dispatch), sent but not
+transcribed (transcription). Reported per rate, over the traffic after its first 20 s:
 
   * sustained: transcripts per second, and its ratio to the arrivals (1.00: keeping up). Counts
     rise in steps, one per poll; rates are least-squares slopes over means of whole poll
