@@ -29,7 +29,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +43,7 @@ from beat_schedule import QUEUES
 from workers.core.processes import beat_argv, worker_argv
 from workers.core.rows import one_row
 from workers.core.settings import load_settings
+from workers.dev.hosts import HostNetwork
 from workers.dev.procs import CLK_TCK, Proc, run_cli, wait_until
 from workers.dev.services import Servers
 from workers.dev.simulator import FeedSimulator
@@ -394,6 +395,9 @@ class Pipeline:
     workdir: Path
     seed: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Test hosts to run the processes on (start's layout), and the simulator listening on
+    # their bridge's address; None: everything on this machine, the simulator on loopback.
+    network: HostNetwork | None = None
     sim: FeedSimulator = field(init=False)
     env: dict[str, str] = field(init=False)
     procs: dict[str, Proc] = field(init=False, default_factory=dict)
@@ -405,7 +409,8 @@ class Pipeline:
 
     def __enter__(self) -> Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.sim = FeedSimulator(seed=self.seed).start()
+        sim_host = self.network.bridge_address if self.network else "127.0.0.1"
+        self.sim = FeedSimulator(seed=self.seed, host=sim_host).start()
         self.env = Servers(self.database_url, self.redis_url).worker_env(
             self.workdir,
             AUDIO_STORE_DIR=str(self.workdir / "audio"),
@@ -454,16 +459,37 @@ class Pipeline:
                 raise RuntimeError(f"bcfy playlists add failed: {out.stderr or out.stdout}")
         return self.playlists
 
-    def start(self) -> None:
-        """Beat and the three pools, with the command lines `bcfy beat|worker` use."""
+    def start(self, layout: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Beat and the pools, with the command lines `bcfy beat|worker` use: all on this
+        machine (processes `worker-<queue>` and `beat`), or as `layout` places them on the
+        hosts of `network`: host name -> its roles, each a queue's pool or "beat" (processes
+        `<host>.<role>`). Beat starts once every pool is ready."""
         settings = load_settings({**os.environ, **self.env})
-        for queue in QUEUES:
-            name = f"worker-{queue}"
-            self.procs[name] = Proc(name, worker_argv(queue, settings), self.env, self.workdir)
-        for queue in QUEUES:
-            self.procs[f"worker-{queue}"].wait_for_log(" ready.", timeout=90)
-        self.procs["beat"] = Proc("beat", beat_argv(settings), self.env, self.workdir)
-        self.procs["beat"].wait_for_log("beat: Starting...", timeout=60)
+        placed = [
+            (host, role)
+            for host, roles in (layout or {"": (*QUEUES, "beat")}).items()
+            for role in roles
+        ]
+        for starting, ready in (("pools", " ready."), ("beat", "beat: Starting...")):
+            started = []
+            for host, role in placed:
+                if (role == "beat") != (starting == "beat"):
+                    continue
+                argv = beat_argv(settings) if role == "beat" else worker_argv(role, settings)
+                name = f"{host}.{role}" if host else "beat" if role == "beat" else f"worker-{role}"
+                if host and self.network is not None:
+                    host_ = self.network.hosts[host]
+                    proc = self.network.start(host_, name, argv, self.env, self.workdir)
+                else:
+                    proc = Proc(name, argv, self.env, self.workdir)
+                self.procs[name] = proc
+                started.append(proc)
+            for proc in started:
+                proc.wait_for_log(ready, timeout=90)
+
+    def procs_on(self, host: str) -> list[Proc]:
+        """The processes start placed on `host`."""
+        return [proc for name, proc in self.procs.items() if name.startswith(f"{host}.")]
 
     def trigger(self, task: str) -> None:
         """Send a job its trigger by name, as the stages do."""
@@ -541,9 +567,8 @@ class Pipeline:
 
     def quiesce(self, timeout: float = 30) -> None:
         """Stop beat, then wait until no message is queued or unacknowledged."""
-        beat = self.procs.pop("beat", None)
-        if beat is not None:
-            beat.stop()
+        for name in [n for n in self.procs if n == "beat" or n.endswith(".beat")]:
+            self.procs.pop(name).stop()
 
         def idle() -> bool:
             with redis.Redis.from_url(self.redis_url) as client:

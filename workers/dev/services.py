@@ -37,9 +37,9 @@ class ServiceError(RuntimeError):
     pass
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -82,15 +82,20 @@ def _postgres_bindir() -> Path:
 
 @dataclass
 class ThrowawayRedis:
-    """A redis-server on a free port, keeping nothing on disk."""
+    """A redis-server on a free port of `host` (an address of this machine: loopback, or a test
+    network's bridge, workers.dev.hosts), keeping nothing on disk."""
 
-    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free one
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bcfy-redis-")))
     proc: subprocess.Popen[bytes] | None = None
 
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> ThrowawayRedis:
         binary = shutil.which("redis-server")
@@ -104,7 +109,11 @@ class ThrowawayRedis:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
+                # Protected mode answers only loopback when there is no password; a bridge
+                # address is bound for the test hosts behind it.
+                "--protected-mode",
+                "yes" if self.host == "127.0.0.1" else "no",
                 "--save",
                 "",
                 "--appendonly",
@@ -131,16 +140,22 @@ class ThrowawayRedis:
 
 @dataclass
 class ThrowawayPostgres:
-    """A PostgreSQL cluster in a temporary directory, trust auth, on a free port."""
+    """A PostgreSQL cluster in a temporary directory, trust auth, on a free port of `host`;
+    clients from loopback and from the network `clients` (CIDR, e.g. a test network's /24)."""
 
-    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    clients: str = ""
+    port: int = 0  # 0: a free one
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bcfy-pg-")))
     user: str = "postgres"
     started: bool = False
 
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+
     @property
     def dsn(self) -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{self.user}@{self.host}:{self.port}/postgres"
 
     def _run(self, *args: str) -> None:
         cmd = list(args)
@@ -173,6 +188,10 @@ class ThrowawayPostgres:
             raise ServiceError(
                 f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')}"
             ) from exc
+        if self.clients:
+            # initdb's trust lines name loopback only.
+            with open(data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.clients} trust\n")
         self.start_server()
         return self
 
@@ -193,7 +212,7 @@ class ThrowawayPostgres:
                 # outage tests do) still loses nothing, since the WAL reached the OS. Commits
                 # stay synchronous: with synchronous_commit off an immediate stop lost rows a
                 # test had seen committed.
-                f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 "
+                f"-p {self.port} -k {self.workdir} -c listen_addresses={self.host} "
                 "-c fsync=off -c full_page_writes=off",
                 "start",
             )
@@ -265,14 +284,17 @@ class Servers:
 
 
 @contextlib.contextmanager
-def redis_server(url: str | None = None, *, reuse: bool = True) -> Iterator[str]:
+def redis_server(
+    url: str | None = None, *, reuse: bool = True, host: str = "127.0.0.1"
+) -> Iterator[str]:
     """A Redis server's URL: `url` (by default REDIS_URL, then the standard local port) when it
-    answers, else a throwaway redis-server's, stopped on exit. reuse=False: always throwaway."""
+    answers, else a throwaway redis-server's on `host`, stopped on exit. reuse=False: always
+    throwaway."""
     for candidate in [url] if url else [os.environ.get("REDIS_URL"), LOCAL_REDIS_URL]:
         if reuse and candidate and redis_reachable(candidate):
             yield candidate
             return
-    server = ThrowawayRedis().start()
+    server = ThrowawayRedis(host).start()
     try:
         yield server.url
     finally:
@@ -280,14 +302,17 @@ def redis_server(url: str | None = None, *, reuse: bool = True) -> Iterator[str]
 
 
 @contextlib.contextmanager
-def postgres_server(dsn: str | None = None, *, reuse: bool = True) -> Iterator[str]:
+def postgres_server(
+    dsn: str | None = None, *, reuse: bool = True, host: str = "127.0.0.1", clients: str = ""
+) -> Iterator[str]:
     """A PostgreSQL server's DSN: `dsn` (by default DATABASE_URL, then the standard local port)
-    when it answers, else a throwaway cluster's, stopped on exit. reuse=False: always throwaway."""
+    when it answers, else a throwaway cluster's on `host` (clients: see ThrowawayPostgres),
+    stopped on exit. reuse=False: always throwaway."""
     for candidate in [dsn] if dsn else [os.environ.get("DATABASE_URL"), LOCAL_POSTGRES_DSN]:
         if reuse and candidate and postgres_reachable(candidate):
             yield candidate
             return
-    server = ThrowawayPostgres().start()
+    server = ThrowawayPostgres(host, clients).start()
     try:
         yield server.dsn
     finally:
@@ -358,14 +383,19 @@ def scratch_servers(
     redis_url: str | None = None,
     database_url: str | None = None,
     reuse: bool = True,
+    host: str = "127.0.0.1",
+    clients: str = "",
 ) -> Iterator[Servers]:
     """PostgreSQL and Redis for one test session or bench run: the given servers (by default
     REDIS_URL / DATABASE_URL, then the standard local ports) when they answer and `reuse`, else
-    throwaway ones. The run gets a database of its own (named from db_prefix, migrated, dropped
-    at the end) and an empty Redis database index (claimed with claim_key, flushed at the end)."""
+    throwaway ones on `host` (PostgreSQL's clients: see ThrowawayPostgres). The run gets a
+    database of its own (named from db_prefix, migrated, dropped at the end) and an empty Redis
+    database index (claimed with claim_key, flushed at the end)."""
     with contextlib.ExitStack() as stack:
-        redis_base = stack.enter_context(redis_server(redis_url, reuse=reuse))
-        pg_base = stack.enter_context(postgres_server(database_url, reuse=reuse))
+        redis_base = stack.enter_context(redis_server(redis_url, reuse=reuse, host=host))
+        pg_base = stack.enter_context(
+            postgres_server(database_url, reuse=reuse, host=host, clients=clients)
+        )
         yield Servers(
             database_url=stack.enter_context(scratch_database(pg_base, db_prefix)),
             redis_url=stack.enter_context(empty_redis_db(redis_base, claim_key)),

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import jwt
 from aiohttp import web
 
+from workers.core.settings import is_loopback_host
 from workers.dev.http_server import BackgroundServer
 from workers.dev.simulator import geo
 from workers.dev.simulator.audio import WRONG_TYPE_PAGE, load_clips, oversize_stream, truncated
@@ -235,15 +236,18 @@ class FeedSimulator:
 
     def pipeline_env(self) -> dict[str, str]:
         """The settings that point a pipeline at this simulator: its API with the demo key,
-        and its audio host, which is on loopback, so downloads must be allowed to go there."""
+        and its audio host, which is on loopback or a test network (workers.dev.hosts), so
+        downloads must be allowed to go there, and plain http to it too."""
         kid, (secret, app_id) = next(iter(self.api_keys.items()))
+        address = self.audio_host.rsplit(":", 1)[0]
         return {
             "BCFY_API_BASE": self.url,
             "BCFY_API_KEY_ID": kid,
             "BCFY_API_KEY": secret,
             "BCFY_APP_ID": app_id,
             "AUDIO_ALLOWED_HOSTS": self.audio_host,
-            "AUDIO_ALLOWED_INTERNAL_NETWORKS": f"{self.audio_host.rsplit(':', 1)[0]}/32",
+            "AUDIO_ALLOWED_INTERNAL_NETWORKS": f"{address}/32",
+            **({} if is_loopback_host(address) else {"BCFY_ALLOW_INSECURE_HTTP": "true"}),
         }
 
     @property
@@ -533,6 +537,8 @@ class FeedSimulator:
         match = _AUDIO_PATH.match(path)
         call = self._feed.audio_call(match.group(2)) if match else None
         self.count("audio")
+        if self.faults.audio_latency > 0:
+            time.sleep(self.faults.audio_latency)
         if call is None or not match:
             return _Answer(b"not found\n", 404, "text/plain")
         fault = AudioFault.OK if match.group(1) else call.audio  # /audio/r/: a redirect's target
