@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from workers.core.settings import SettingsError, load_settings
+from workers.dev.calls import slow_audio
 from workers.dev.hosts import HostNetwork, why_no_hosts
 from workers.dev.pipeline import Pipeline
 from workers.dev.procs import wait_until
@@ -160,7 +161,7 @@ def test_hosts_take_over_the_work_of_hosts_cut_off(
         p.wait_for_warmup(timeout=180)
         # Each download takes a second, as from a distant audio host: a host is caught
         # holding leases.
-        p.sim.faults.audio_latency = 1.0
+        slow_audio(p.sim, 1.0)
         traffic = threading.Thread(target=p.run_traffic, args=(RATE, TRAFFIC_SEC), daemon=True)
         traffic.start()
 

@@ -39,8 +39,6 @@ class Faults:
     """Mutable at any time; the server reads it on every request."""
 
     latency: float = 0.0  # seconds added to every API answer (not audio, not /_sim)
-    # Seconds before every audio answer: a distant audio host, so downloads hold their leases.
-    audio_latency: float = 0.0
     fail_next_429: int = 0  # the next N API answers are HTTP 429 ...
     retry_after: int = 2  # ... with this Retry-After (seconds)
     fail_next_500: int = 0  # the next N API answers are HTTP 500
@@ -92,7 +90,7 @@ def _check(name: str, value: Any) -> Any:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"{name}: expected a number >= 0")
-    if name in ("latency", "audio_latency", "max_pos_age", "min_poll_interval"):
+    if name in ("latency", "max_pos_age", "min_poll_interval"):
         return float(value)
     if value != int(value):
         raise ValueError(f"{name}: expected a whole number")

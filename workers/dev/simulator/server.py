@@ -537,8 +537,6 @@ class FeedSimulator:
         match = _AUDIO_PATH.match(path)
         call = self._feed.audio_call(match.group(2)) if match else None
         self.count("audio")
-        if self.faults.audio_latency > 0:
-            time.sleep(self.faults.audio_latency)
         if call is None or not match:
             return _Answer(b"not found\n", 404, "text/plain")
         fault = AudioFault.OK if match.group(1) else call.audio  # /audio/r/: a redirect's target
