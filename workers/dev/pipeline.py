@@ -39,7 +39,7 @@ import redis
 from celery import Celery
 from psycopg.rows import TupleRow
 
-from beat_schedule import QUEUES
+from beat_schedule import QUEUES, task_routes
 from workers.core.processes import beat_argv, worker_argv
 from workers.core.rows import one_row
 from workers.core.settings import load_settings
@@ -491,10 +491,22 @@ class Pipeline:
         """The processes start placed on `host`."""
         return [proc for name, proc in self.procs.items() if name.startswith(f"{host}.")]
 
+    def stop_host(self, host: str) -> dict[str, int | None]:
+        """Stop (warm shutdown) the processes start placed on `host`; their exit codes."""
+        codes = {}
+        for name in [n for n in self.procs if n.startswith(f"{host}.")]:
+            proc = self.procs.pop(name)
+            proc.stop(timeout=30)
+            codes[name] = proc.popen.returncode
+        return codes
+
     def trigger(self, task: str) -> None:
         """Send a job its trigger by name, as the stages do."""
         client = Celery(broker=self.redis_url)
-        client.conf.update(task_serializer="json", accept_content=["json"])
+        # Routed to the job's queue, as the stages send it (unrouted, it would go to "celery").
+        client.conf.update(
+            task_serializer="json", accept_content=["json"], task_routes=task_routes()
+        )
         try:
             client.send_task(task)
         finally:
