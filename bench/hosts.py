@@ -71,6 +71,7 @@ class Run:
     steady: float
     from_ready: float
     worker_cpu: float
+    worker_cores: float  # the workers' CPU seconds per second of the turn
     server_cpu: dict[str, float]
     busy_cores: float
 
@@ -159,12 +160,13 @@ def timed(
     them; the figures of the turn."""
     p.start({host: [role] for host in hosts})
     procs = [proc for host in hosts for proc in p.procs_on(host)]
-    cpu0, servers0, (busy0, total0) = 0.0, servers_cpu(pids), machine_cpu()
+    servers0, (busy0, total0) = servers_cpu(pids), machine_cpu()
     cpu0 = sum(group_cpu_sec(proc.pid) for proc in procs)
     t_ready = time.time()
     go()
     wait_until(lambda: len(finished()) >= calls, 900, f"{calls} calls through {role}", every=0.1)
     cpu = sum(group_cpu_sec(proc.pid) for proc in procs) - cpu0
+    elapsed = time.time() - t_ready
     servers1, (busy1, total1) = servers_cpu(pids), machine_cpu()
     for host in hosts:
         p.stop_host(host)
@@ -174,6 +176,7 @@ def timed(
         steady=steady_rate(done),
         from_ready=calls / (last - t_ready),
         worker_cpu=cpu / calls,
+        worker_cores=cpu / elapsed,
         server_cpu={k: (servers1[k] - servers0[k]) / calls for k in servers0},
         busy_cores=(busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1),
     )
@@ -333,8 +336,8 @@ def main() -> None:
         " (the machine is shared with other work)",
         "",
         f"{'stage':13} {'hosts':>5} {'calls/s steady':>20} {'calls/s from ready':>20}"
-        f" {'busy cores':>17} {'worker cpu s/call':>18}  servers cpu s/call"
-        " (postgres redis seaweedfs simulator)",
+        f" {'busy cores':>17} {'workers cores':>17} {'worker cpu s/call':>18}"
+        "  servers cpu s/call (postgres redis seaweedfs simulator)",
     ]
     for (stage, k), rs in runs.items():
         server = {
@@ -344,6 +347,7 @@ def main() -> None:
             f"{stage:13} {k:5d} {spread((r.steady for r in rs), '.2f'):>20}"
             f" {spread((r.from_ready for r in rs), '.2f'):>20}"
             f" {spread((r.busy_cores for r in rs), '.2f'):>17}"
+            f" {spread((r.worker_cores for r in rs), '.2f'):>17}"
             f" {spread((r.worker_cpu for r in rs), '.3f'):>18}  "
             + " ".join(f"{v:.3f}" for v in server.values())
         )
@@ -356,6 +360,15 @@ def main() -> None:
             f"goal: two {stage} hosts >= 1.8 x one -> {'met' if ratio >= 1.8 else 'NOT met'}"
             f" ({ratio:.2f} x; per round {spread(per_round, '.2f')})"
         )
+    one_host = statistics.median(r.worker_cores for r in runs[("transcription", 1)])
+    lines += [
+        f"transcription is CPU-bound: one host's worker keeps {one_host:.2f} cores busy, so two"
+        f" would need {2 * one_host:.2f} of this machine's {os.cpu_count()} (shared with the"
+        " servers and with other work); audio waits on the network (the audio answers' latency"
+        " times AUDIO_DOWNLOAD_CONCURRENCY per process), not on the CPU",
+        "busy cores: the whole machine's, other work included; workers cores: the measured"
+        " hosts' workers alone",
+    ]
     report("hosts", lines, keep=not args.no_keep)
 
 
