@@ -361,6 +361,13 @@ def main() -> None:
             f" ({ratio:.2f} x; per round {spread(per_round, '.2f')})"
         )
     one_host = statistics.median(r.worker_cores for r in runs[("transcription", 1)])
+    for stage in ("audio", "transcription"):
+        per_cpu = [statistics.median(1 / r.worker_cpu for r in runs[(stage, k)]) for k in (1, 2)]
+        lines.append(
+            f"{stage}: calls per worker CPU second, one host {per_cpu[0]:.2f}, two hosts"
+            f" {per_cpu[1]:.2f} ({per_cpu[1] / per_cpu[0]:.2f} x): what splitting the pool"
+            " over hosts costs in work per call"
+        )
     lines += [
         f"transcription is CPU-bound: one host's worker keeps {one_host:.2f} cores busy, so two"
         f" would need {2 * one_host:.2f} of this machine's {os.cpu_count()} (shared with the"
