@@ -28,18 +28,14 @@ from psycopg.rows import TupleRow
 
 from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
-from workers.audio.prepare import PreparedAudio, validate_and_convert
-from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.audio.prepare import ORIGINAL_EXTENSIONS, PreparedAudio, validate_and_convert
+from workers.audio.store import call_keys, store_for
 from workers.core.backoff import backoff_sec
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
 from workers.core.text import error_text
 
 log = logging.getLogger(__name__)
-
-
-def store_for(settings: Settings) -> FilesystemAudioStore:
-    return FilesystemAudioStore(settings.audio.store_dir)
 
 
 def stale_temp_age(settings: Settings) -> float:
@@ -198,7 +194,7 @@ class CallPreparer:
         taken = await self.claim.take_over(call_ids)
         loop = asyncio.get_running_loop()
         for call_id in taken.lost_calls:  # what the dead process was writing for it
-            await loop.run_in_executor(None, self.store.discard_temps, call_id)
+            await loop.run_in_executor(None, self.store.work.discard_temps, call_id)
         return taken
 
     async def prepare(self, call: ClaimedCall) -> AudioOutcome:
@@ -247,7 +243,7 @@ class CallPreparer:
             )
         finally:
             self.in_progress.discard(call.call_id)
-            self.store.discard(original, flac)
+            self.store.work.discard(original, flac)
 
     async def start_attempt(self, call: ClaimedCall) -> bool:
         """Log the call's attempt, committed before its download starts (the risky work:
@@ -266,8 +262,9 @@ class CallPreparer:
 
     def fresh_temps(self, call_id: int) -> tuple[Path, Path]:
         """Drop what an earlier, dead attempt left; two new temporary files. (Blocking.)"""
-        self.store.discard_temps(call_id)
-        return self.store.temp_file(call_id, "original"), self.store.temp_file(call_id, "prepared")
+        work = self.store.work
+        work.discard_temps(call_id)
+        return work.temp_file(call_id, "original"), work.temp_file(call_id, "prepared")
 
     async def download(self, call: ClaimedCall, dest: Path) -> Downloaded:
         got = await download(
@@ -297,7 +294,6 @@ class CallPreparer:
         original_key, prepared_key = call_keys(
             call.call_id, call.playlist_uuid, call.started_at, prepared.extension
         )
-        loop = asyncio.get_running_loop()
         async with db_connection() as conn:
             cur = await conn.execute(
                 MARK_READY,
@@ -322,9 +318,9 @@ class CallPreparer:
             if not (row and row[0]):
                 log.warning("audio: call %s: lease lost before it was stored", call.call_id)
                 return AudioOutcome.LEASE_LOST
-            await loop.run_in_executor(
-                None, self.store.promote, [(original, original_key), (flac, prepared_key)]
-            )
+            # Uploaded (or renamed) while the row is locked; should the commit then fail, the
+            # call is tried again (same keys) or fails for good, and forget_call removes them.
+            await self.store.promote([(original, original_key), (flac, prepared_key)])
         return AudioOutcome.READY
 
     async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> AudioOutcome:
@@ -365,11 +361,26 @@ class CallPreparer:
             log.warning(
                 "audio: call %s failed after %d attempts: %s", call.call_id, attempts, failure
             )
+            await self.forget_call(call)
             return AudioOutcome.FAILED
         log.info(
             "audio: call %s attempt %d: %s; next in %.0fs", call.call_id, attempts, failure, delay
         )
         return AudioOutcome.RETRY
+
+    async def forget_call(self, call: ClaimedCall) -> None:
+        """A call failed for good leaves nothing in the store: an earlier attempt may have
+        stored its files and then failed to commit (the keys are known up to the original's
+        extension, so every possible one is named; deleting a missing key is fine)."""
+        keys = {
+            key
+            for extension in ORIGINAL_EXTENSIONS
+            for key in call_keys(call.call_id, call.playlist_uuid, call.started_at, extension)
+        }
+        try:
+            await self.store.delete(sorted(keys))
+        except Exception as exc:
+            log.warning("audio: call %s: could not remove its stored files: %s", call.call_id, exc)
 
     async def end_attempt(
         self,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from tests.support.procs import start_beat, start_worker
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.dev.calls import publish
 from workers.dev.simulator import FeedSimulator
 
@@ -127,7 +127,7 @@ def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
             data = store.local_path(row[f"{kind}_path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == row[f"{kind}_sha256"], row["call_id"]
             assert len(data) == row[f"{kind}_bytes"]
-    assert store.temp_files() == [], "no temporary file left behind"
+    assert store.work.temp_files() == [], "no temporary file left behind"
     return len(ready)
 
 
