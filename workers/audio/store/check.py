@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from workers.audio.store import StoreError, store_for, uses_object_store
 from workers.core.settings import Settings, SettingsError, load_settings
@@ -42,6 +43,9 @@ def check_store(settings: Settings, *, write: bool) -> str | None:
     described = settings.describe()
     env.update({name: described[name] for name in _STORE_VARIABLES})
     env["AUDIO_S3_SECRET_ACCESS_KEY"] = settings.audio.s3_secret_access_key.reveal()
+    # This code's own root first, whatever the worker's directory or PYTHONPATH.
+    root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # Retries and timeouts are bounded by HTTP_TOTAL_TIMEOUT_SEC per step (three at most).
     limit = 4 * settings.services.http_total_timeout_sec + 30
     try:
