@@ -209,8 +209,9 @@ def _http_url(raw: str) -> str:
         raise ValueError("expected an http:// or https:// URL that can be read") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ValueError("expected an http:// or https:// URL")
-    if "@" in parts.netloc:
-        # It would be printed by `bcfy settings` and end up in error texts and logs.
+    if "@" in raw:
+        # It would be printed by `bcfy settings` and end up in error texts and logs. Anywhere
+        # in the URL: "http://key:se/cret@host" reads as host "key", path "/cret@host".
         raise ValueError(
             "must not carry a user name or password (credentials have their own settings)"
         )
@@ -991,7 +992,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             value = f.metadata["parse"](raw)
         except ValueError as exc:
             # Never echo a secret's value back, even a malformed one, nor a URL's password.
-            shown = "" if f.type in ("Secret",) else f" {redact_url(raw)!r}"
+            # ("@" anywhere: a password urllib did not read as one, e.g. holding a "/".)
+            hide = f.type in ("Secret",) or "@" in raw
+            shown = "" if hide else f" {redact_url(raw)!r}"
             problems.append(f"{name}{shown}: {exc}")
             continue
         problem = _check_field(f, value)
