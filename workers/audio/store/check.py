@@ -48,16 +48,16 @@ def check_store(settings: Settings, *, write: bool) -> str | None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # Retries and timeouts are bounded by HTTP_TOTAL_TIMEOUT_SEC per step (three at most).
     limit = 4 * settings.services.http_total_timeout_sec + 30
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "workers.audio.store.check", *(["--write"] if write else [])],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=limit,
-        )
-    except subprocess.TimeoutExpired:
-        return f"the audio store did not answer within {limit:g}s (AUDIO_S3_ENDPOINT)"
+    argv = [sys.executable, "-m", "workers.audio.store.check", *(["--write"] if write else [])]
+    for _ in range(2):  # once more if the child was killed by a signal, not by its verdict
+        try:
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=limit, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return f"the audio store did not answer within {limit:g}s (AUDIO_S3_ENDPOINT)"
+        if done.returncode >= 0:
+            break
     if done.returncode == 0:
         return None
     return done.stderr.strip() or f"the store check exited with status {done.returncode}"
@@ -74,4 +74,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Without the interpreter's shutdown: obstore's runtime threads are still there, and a
+    # shutdown racing them once ended in SIGABRT here.
+    os._exit(status)

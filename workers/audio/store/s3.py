@@ -243,10 +243,10 @@ class S3AudioStore:
             )
         if code in REFUSED_CODES or status in (401, 403):
             return StoreConfigError(
-                f"{CREDENTIALS}: {where} refused them ({code or status}) while {doing} in "
-                f"bucket {self.bucket!r}"
+                f"{CREDENTIALS}: {where} refused them ({code or status}) while {doing} "
+                f"(bucket {self.bucket!r})"
             )
-        return StoreError(f"{doing} in s3://{self.bucket}: {self.scrub(_summary(text))}")
+        return StoreError(f"{doing} (s3://{self.bucket}): {self.scrub(_summary(text))}")
 
     def scrub(self, text: str) -> str:
         secret = self.audio.s3_secret_access_key.reveal()
