@@ -20,7 +20,7 @@ from tasks.audio.claims import (
     fail_exhausted_leases,
     split_evenly,
 )
-from tasks.audio.preparation import CallPreparer, stale_temp_age
+from tasks.audio.preparation import CallPreparer, forget_call_ids, stale_temp_age
 from workers.app import app
 from workers.audio.store import store_for
 from workers.core.identity import unique_token, worker_identity
@@ -57,6 +57,7 @@ async def process_pending_audio(ctx: JobContext) -> None:
         log.warning(
             "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
         )
+        await forget_call_ids(store_for(s), lost)
     if not claim.call_ids:
         return
     chunks = split_evenly(claim.call_ids, calls_per_task(s))

@@ -19,8 +19,10 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -29,7 +31,7 @@ from psycopg.rows import TupleRow
 from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
 from workers.audio.prepare import ORIGINAL_EXTENSIONS, PreparedAudio, validate_and_convert
-from workers.audio.store import call_keys, store_for
+from workers.audio.store import AudioStore, call_keys, store_for
 from workers.core.backoff import backoff_sec
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
@@ -42,6 +44,41 @@ def stale_temp_age(settings: Settings) -> float:
     """A temporary file untouched this long has no live writer: downloads have a deadline and
     their writers renew leases far more often."""
     return 2 * max(settings.audio.lease_sec, settings.services.http_total_timeout_sec)
+
+
+async def forget_calls(
+    store: AudioStore, calls: Iterable[tuple[int, UUID | None, datetime]]
+) -> None:
+    """Calls that failed for good leave nothing in the store: an earlier attempt may have
+    stored their files and then failed to commit, or died between the two. The keys are known
+    up to the original's extension, so every possible one is named (a missing key is fine)."""
+    keys = sorted(
+        {
+            key
+            for call_id, playlist_uuid, started_at in calls
+            for extension in ORIGINAL_EXTENSIONS
+            for key in call_keys(call_id, playlist_uuid, started_at, extension)
+        }
+    )
+    if not keys:
+        return
+    try:
+        await store.delete(keys)
+    except Exception as exc:
+        log.warning("audio: could not remove the stored files of failed calls: %s", exc)
+
+
+async def forget_call_ids(store: AudioStore, call_ids: list[int]) -> None:
+    """forget_calls, for calls known by id (failed as worker_lost)."""
+    if not call_ids:
+        return
+    async with db_connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, playlist_uuid, started_at FROM bcfy_calls_raw WHERE id = ANY(%s)",
+            (call_ids,),
+        )
+        rows = await cur.fetchall()
+    await forget_calls(store, rows)
 
 
 # Logged and committed as the call's download starts, naming the process: should that process
@@ -195,6 +232,7 @@ class CallPreparer:
         loop = asyncio.get_running_loop()
         for call_id in taken.lost_calls:  # what the dead process was writing for it
             await loop.run_in_executor(None, self.store.work.discard_temps, call_id)
+        await forget_call_ids(self.store, taken.lost_calls)
         return taken
 
     async def prepare(self, call: ClaimedCall) -> AudioOutcome:
@@ -369,18 +407,7 @@ class CallPreparer:
         return AudioOutcome.RETRY
 
     async def forget_call(self, call: ClaimedCall) -> None:
-        """A call failed for good leaves nothing in the store: an earlier attempt may have
-        stored its files and then failed to commit (the keys are known up to the original's
-        extension, so every possible one is named; deleting a missing key is fine)."""
-        keys = {
-            key
-            for extension in ORIGINAL_EXTENSIONS
-            for key in call_keys(call.call_id, call.playlist_uuid, call.started_at, extension)
-        }
-        try:
-            await self.store.delete(sorted(keys))
-        except Exception as exc:
-            log.warning("audio: call %s: could not remove its stored files: %s", call.call_id, exc)
+        await forget_calls(self.store, [(call.call_id, call.playlist_uuid, call.started_at)])
 
     async def end_attempt(
         self,

@@ -39,7 +39,7 @@ from tasks.transcription.policy import (
 )
 from workers.alerts.delivery import trigger_alert_delivery
 from workers.app import app
-from workers.audio.store import store_for
+from workers.audio.store import StoreError, store_for
 from workers.core.identity import worker_identity
 from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
@@ -136,6 +136,9 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
         why = f"soft time limit ({s.transcription.soft_time_limit_sec:g}s) reached"
+    except StoreError as exc:
+        # The store could not be read (down, refusing): retried; the recogniser is fine.
+        why = f"audio store: {exc}"
     except Exception as exc:
         # A database outage, or a fault of ours: counted against the attempts, then failed.
         log.exception("call %s: transcription attempt %d failed", call_id, claim.attempt)
