@@ -3,15 +3,18 @@ audio pool prepares calls into the bucket and keeps no copy in its work director
 transcription pool reads them from the bucket, refuses one changed behind its back, and leaves
 no fetched copy; a call that fails for good leaves no object (even one an earlier attempt
 uploaded); retention deletes objects with their rows; a worker whose credentials are refused
-does not start."""
+does not start; `bcfy search` gives a time-limited link to the audio."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 
+import httpx
 import obstore
 import pytest
 
@@ -24,8 +27,8 @@ from workers.audio.store import call_keys, store_for
 from workers.audio.store.s3 import S3AudioStore
 from workers.core.runtime import Runtime
 from workers.core.settings import load_settings
-from workers.dev.calls import publish
-from workers.dev.procs import wait_until
+from workers.dev.calls import insert_call, publish
+from workers.dev.procs import run_cli, wait_until
 from workers.dev.simulator import AudioFault
 
 pytestmark = pytest.mark.slow
@@ -152,3 +155,32 @@ def test_an_audio_worker_whose_credentials_are_refused_does_not_start(clean, s3_
     assert out.returncode != 0
     assert "bcfy: cannot start" in out.stderr and "AUDIO_S3_SECRET_ACCESS_KEY" in out.stderr
     assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
+
+
+def test_search_shows_a_time_limited_link_to_the_audio_in_s3(db, clean, s3_env, tmp_path):
+    env = clean.worker_env(tmp_path, **s3_env, AUDIO_S3_LINK_TTL_SEC="600")
+    store = store_for(load_settings(env))
+    assert isinstance(store, S3AudioStore)
+    call_id = insert_call(db, "https://calls.broadcastify.com/x.m4a", 5.0)
+    key = f"no-playlist/2026-01-02/{call_id}.16k.flac"
+    obstore.put(store.client(), store.path(key), b"fLaC the call")
+    db.execute(
+        "UPDATE call_audio SET state = 'ready', prepared_path = %s, ready_at = now()"
+        " WHERE call_id = %s",
+        (key, call_id),
+    )
+    db.execute(
+        "INSERT INTO transcripts (call_id, text, backend, model, confidence)"
+        " VALUES (%s, 'structure fire on main street', 'pocketsphinx', 'test', 0.8)",
+        (call_id,),
+    )
+    found = run_cli("search", "fire", "--json", env=env)
+    assert found.returncode == 0, found.stderr
+    (hit,) = json.loads(found.stdout)
+    assert hit["audio_path"] is None and "X-Amz-Expires=600" in hit["audio_url"]
+    assert hit["audio_url_expires_at"] > datetime.now(UTC).isoformat()
+    assert httpx.get(hit["audio_url"]).content == b"fLaC the call"
+    text = run_cli("search", "fire", env=env)
+    assert text.returncode == 0 and "X-Amz-Signature=" in text.stdout
+    assert "link valid until" in text.stdout
+    assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in found.stdout + text.stdout

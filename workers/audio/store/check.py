@@ -77,6 +77,7 @@ if __name__ == "__main__":
     status = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    # Without the interpreter's shutdown: obstore's runtime threads are still there, and a
-    # shutdown racing them once ended in SIGABRT here.
+    # Without the interpreter's shutdown: a process that exits right after one of obstore's
+    # async calls sometimes aborts (SIGABRT, a runtime thread still finishing the call meets
+    # the shutdown; about 1 in 15 here).
     os._exit(status)

@@ -18,6 +18,7 @@ string, since requests are signed in headers); the secret key is scrubbed from t
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import mimetypes
 import os
@@ -212,13 +213,19 @@ class S3AudioStore:
     async def link(self, key: str) -> str:
         """A presigned GET URL, valid AUDIO_S3_LINK_TTL_SEC (never logged: it is a
         credential for the object while it lasts)."""
+        # obstore's synchronous sign, in an executor: signing is local computation, and a
+        # process that exits right after one of obstore's *async* calls sometimes aborts
+        # (SIGABRT: a runtime thread still finishing the call meets the interpreter's shutdown;
+        # 4 in 60 runs here), which `bcfy search` would do.
+        sign = functools.partial(
+            obstore.sign,
+            self.client(),
+            "GET",
+            self.path(key),
+            timedelta(seconds=self.audio.s3_link_ttl_sec),
+        )
         try:
-            return await obstore.sign_async(
-                self.client(),
-                "GET",
-                self.path(key),
-                timedelta(seconds=self.audio.s3_link_ttl_sec),
-            )
+            return await asyncio.get_running_loop().run_in_executor(None, sign)
         except Exception as exc:
             self._raise(exc, f"signing a link to {key}")
 
