@@ -18,7 +18,7 @@ import httpx
 import obstore
 import pytest
 
-from tests.support.audio import audio_rows, truncate_calls
+from tests.support.audio import audio_rows, files_in, truncate_calls
 from workers.audio.store import (
     AudioStore,
     StoreConfigError,
@@ -90,7 +90,7 @@ def test_objects_round_trip_whole_with_their_sha256(backend: Backend) -> None:
     # Written again by a later attempt: replaced whole.
     digests |= stored(store, {KEY: b"second attempt"})
     assert read(store, KEY, digests[KEY]) == b"second attempt"
-    assert store.work.temp_files() == [], "nothing left in the work directory"
+    assert files_in(store.work.path) == [], "nothing left in the work directory"
 
 
 def test_a_large_object_goes_in_parts_and_reads_back_equal(backend: Backend) -> None:
@@ -108,7 +108,7 @@ def test_an_object_changed_behind_the_stores_back_is_refused_on_read(backend: Ba
     backend.overwrite(KEY, b"other audio, same length")
     with pytest.raises(StoredAudioMismatch, match="sha256"):
         read(backend.store, KEY, digests[KEY])
-    assert backend.store.work.temp_files() == [], "the bad copy is not kept"
+    assert files_in(backend.store.work.path) == [], "the bad copy is not kept"
 
 
 def test_deleted_objects_are_gone_and_deleting_twice_is_fine(backend: Backend) -> None:

@@ -19,7 +19,7 @@ import obstore
 import pytest
 
 from tests.conftest import ROOT
-from tests.support.audio import add_calls, audio_rows, make_env, start_audio
+from tests.support.audio import add_calls, audio_rows, files_in, make_env, start_audio
 from tests.support.procs import start_worker
 from tests.support.transcription import start_transcription
 from workers.audio.prepare import ORIGINAL_EXTENSIONS
@@ -90,7 +90,7 @@ def test_calls_go_through_s3_with_no_shared_directory(
             assert copy.stat().st_size == rows[call_id][f"{kind}_bytes"]
             store.release(copy)
     assert not no_dir.exists(), "nothing written to a local store"
-    assert list((tmp_path / "audio-host-work").iterdir()) == [], "no copy left in the work dir"
+    assert files_in(tmp_path / "audio-host-work") == [], "no copy left in the work dir"
     assert rows[doomed]["error_code"] == "too_large"
     assert not any(exists(store, k) for k in failed_calls_keys(store, row))
 
@@ -114,7 +114,7 @@ def test_calls_go_through_s3_with_no_shared_directory(
     ).fetchone()
     assert "prepared audio is corrupt" in why and "sha256" in why
     assert db.execute("SELECT count(*) FROM transcripts").fetchone() == (3,)
-    assert list((tmp_path / "asr-host-work").iterdir()) == [], "fetched copies removed"
+    assert files_in(tmp_path / "asr-host-work") == [], "fetched copies removed"
 
     # Retention: the originals' objects go with their columns (7 days after preparation).
     db.execute("UPDATE call_audio SET ready_at = now() - interval '8 days' WHERE state = 'ready'")

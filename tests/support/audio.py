@@ -117,6 +117,11 @@ def attempt_rows(db: psycopg.Connection, call_id: int) -> list[tuple]:
     ).fetchall()
 
 
+def files_in(directory: Path) -> list[Path]:
+    """Every file under a directory (a work directory's leftovers)."""
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
 def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
     """Every ready call's original and prepared files match their recorded size and sha256, and
     no temporary file is left in the store; returns how many calls are ready."""

@@ -50,6 +50,7 @@ MULTIPART_CHUNK = 5 * 1024 * 1024  # S3's smallest part
 MULTIPART_CONCURRENCY = 4
 READ_CHUNK = 1024 * 1024
 CHECK_KEY = ".bcfy-store-check"
+FETCHED_DIR = "fetched"
 # The server's answer to a request it refused for its credentials or permissions.
 REFUSED_CODES = frozenset(
     {
@@ -73,6 +74,9 @@ class S3AudioStore:
         self.services = services
         self.bucket, self.prefix = split_store_url(audio.store_url)
         self.work = WorkDir(work_dir(audio))
+        # Copies fetched for reading, apart: the audio pool's sweep of old temporary files
+        # (its work directory may be this one) must not take a copy being recognised.
+        self.fetched = WorkDir(self.work.path / FETCHED_DIR)
         self._client: S3Store | None = None
         self._client_pid = 0
 
@@ -166,7 +170,8 @@ class S3AudioStore:
     async def fetch(self, key: str, sha256: str | None, call_id: int) -> Path:
         """Stream the object into a local temporary file, hashing as it comes; a copy whose
         sha256 differs from the recorded one is removed and refused."""
-        dest = self.work.temp_file(call_id, "fetched")
+        self.fetched.discard_temps(call_id)  # what an earlier, killed reader left
+        dest = self.fetched.temp_file(call_id, "fetched")
         try:
             digest = hashlib.sha256()
             try:
@@ -193,12 +198,12 @@ class S3AudioStore:
                     f"not the {sha256} recorded when it was stored"
                 )
         except BaseException:
-            self.work.discard(dest)
+            self.fetched.discard(dest)
             raise
         return dest
 
     def release(self, path: Path) -> None:
-        self.work.discard(path)
+        self.fetched.discard(path)
 
     async def delete(self, keys: Sequence[str]) -> int:
         """One bulk request per 1000 keys; missing objects are fine (S3 cannot tell them)."""
