@@ -270,8 +270,9 @@ def main() -> None:
     ap.add_argument("--no-keep", action="store_true", help="do not write bench/results")
     args = ap.parse_args()
     reason = why_no_hosts()
-    if reason is not None:
-        raise SystemExit(f"bench/hosts.py: test hosts cannot be made here: {reason}")
+    if reason is not None:  # `make bench` goes on with the others
+        print(f"bench/hosts.py skipped: test hosts cannot be made here: {reason}")
+        return
 
     configs = [("audio", 1), ("audio", 2), ("transcription", 1), ("transcription", 2)]
     calls = {"audio": args.audio_calls, "transcription": args.transcription_calls}
