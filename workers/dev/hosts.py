@@ -30,7 +30,6 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from workers.core.identity import process_is_gone
 from workers.dev.procs import Proc
@@ -150,12 +149,7 @@ class HostNetwork:
         _ip("-n", netns, "link", "set", "lo", "up")
         return Host(name, netns, address, link, self.workdir / "hosts" / name)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
