@@ -36,6 +36,7 @@ from workers.dev.procs import Proc
 
 PREFIX = "bcfyh"  # every name this module makes starts with it, then the run's pid
 _NAMED = re.compile(rf"^{PREFIX}(\d+)")
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 # Where a run's /24 is picked: 10.200.0.0 - 10.249.255.0, none in use on this machine.
 _FIRST_NET, _NETS = int(ipaddress.IPv4Address("10.200.0.0")) >> 8, 50 * 256
 
@@ -108,8 +109,12 @@ class HostNetwork:
     """A bridge and one namespace per host name, made on enter and removed on exit."""
 
     def __init__(self, names: Sequence[str], workdir: Path) -> None:
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(f"host names must be distinct: {names}")
+        """One at a time in a process (its names carry the pid); `names`: distinct hostnames,
+        at most 99."""
+        if len(set(names)) != len(names) or not 0 < len(names) < 100:
+            raise ValueError(f"host names must be distinct, 1 to 99 of them: {names}")
+        if bad := [n for n in names if not _HOSTNAME.fullmatch(n)]:
+            raise ValueError(f"not hostnames (a-z, 0-9, '-'): {bad}")
         self.names = list(names)
         self.workdir = workdir
         self.run = f"{PREFIX}{os.getpid()}"
