@@ -194,16 +194,10 @@ def test_hosts_take_over_the_work_of_hosts_cut_off(
 
         traffic.join()
         drained = p.drain(timeout=900)  # a deadline for the event, not a speed bound
-        for name in ("beat.beat",):
-            p.procs.pop(name).stop()
-        survivors = {
-            name: proc
-            for name, proc in p.procs.items()
-            if not name.startswith(("audio-1.", "transcription-1."))
-        }
-        for proc in survivors.values():
-            proc.stop(timeout=30)
-        exit_codes = {name: proc.popen.returncode for name, proc in survivors.items()}
+        p.stop_host("beat")
+        exit_codes: dict[str, int | None] = {}
+        for host in ("ingest", "audio-2", "transcription-2"):  # the hosts still connected
+            exit_codes |= p.stop_host(host)
         calls = p.calls()
         sim_stats = p.sim.stats(per_call=True)
         published = dict(p.published)
@@ -219,7 +213,7 @@ def test_hosts_take_over_the_work_of_hosts_cut_off(
         }
         runs = db.execute("SELECT job, worker, outcome FROM job_runs").fetchall()
         prepared_paths = [path for (path,) in db.execute("SELECT prepared_path FROM call_audio")]
-        logs = {name: text for name, text in p.logs() if name in survivors}
+        logs = {name: text for name, text in p.logs() if name in exit_codes}
 
     # Every call published was served once, stored once, prepared once (one attempt ended
     # ready) and transcribed once.
