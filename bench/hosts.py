@@ -2,7 +2,7 @@
 hosts against one.
 
     python bench/hosts.py [--rounds 5] [--audio-calls 300] [--transcription-calls 30]
-                          [--latency 0.2]
+                          [--latency 0.2] [--pin]
 
 The hosts are network namespaces (workers.dev.hosts): ingest (which runs the dispatcher),
 audio-1, audio-2, transcription-1, transcription-2, each with its own address, hostname and
@@ -23,7 +23,9 @@ are medians over rounds with their range, ratios both of the medians and round b
 
 CPU seconds per call of the workers and of each server (PostgreSQL, Redis, SeaweedFS, and this
 process, which runs the simulator) are measured meanwhile from /proc, with the machine's busy
-cores: what limits the ratio on a two-core machine.
+cores: what limits the ratio on a two-core machine. With --pin each audio and transcription host
+is kept to a CPU of its own (the first of each pool on CPU 0, the second on CPU 1), as separate
+machines would be; its figures go to bench/results/hosts_pinned.txt.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ AUDIO_HOSTS = ("audio-1", "audio-2")
 TRANSCRIPTION_HOSTS = ("transcription-1", "transcription-2")
 HOSTS = ("ingest", *AUDIO_HOSTS, *TRANSCRIPTION_HOSTS)
 CLAIM_JOB = "tasks.audio.process_pending_audio"
+# --pin: the first host of each pool on CPU 0, the second on CPU 1 (the servers and ingest on
+# either): one-core hosts, as machines of their own would be.
+PINNED = {"audio-1": "0", "transcription-1": "0", "audio-2": "1", "transcription-2": "1"}
 SETTINGS = {
     "INGEST_CONCURRENCY": "1",
     "AUDIO_CONCURRENCY": "1",
@@ -267,6 +272,11 @@ def main() -> None:
     ap.add_argument("--audio-calls", type=int, default=300)
     ap.add_argument("--transcription-calls", type=int, default=30)
     ap.add_argument("--latency", type=float, default=0.2, help="s before each audio answer")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="keep each audio and transcription host to a CPU of its own (taskset)",
+    )
     ap.add_argument("--no-keep", action="store_true", help="do not write bench/results")
     args = ap.parse_args()
     reason = why_no_hosts()
@@ -280,7 +290,7 @@ def main() -> None:
     loads = []
     with (
         TemporaryDirectory(prefix="bcfy-bench-hosts-") as tmp,
-        HostNetwork(HOSTS, Path(tmp)) as net,
+        HostNetwork(HOSTS, Path(tmp), PINNED if args.pin else None) as net,
         scratch_servers(
             "bcfy_bench",
             "bcfy:bench",
@@ -332,7 +342,8 @@ def main() -> None:
         ),
         f"# backlogs: audio {args.audio_calls} calls (audio answered {args.latency:g} s late),"
         f" transcription {args.transcription_calls} calls; store: S3 (SeaweedFS on the bridge);"
-        " one pool process per host, Whisper (the default recogniser) on 1 thread",
+        " one pool process per host, Whisper (the default recogniser) on 1 thread"
+        + ("; each audio and transcription host kept to a CPU of its own" if args.pin else ""),
         f"# load average (1 min) after each round: {' '.join(f'{x:.1f}' for x in loads)}"
         " (the machine is shared with other work)",
         "",
@@ -377,7 +388,7 @@ def main() -> None:
         "busy cores: the whole machine's, other work included; workers cores: the measured"
         " hosts' workers alone",
     ]
-    report("hosts", lines, keep=not args.no_keep)
+    report("hosts_pinned" if args.pin else "hosts", lines, keep=not args.no_keep)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and addresses of their own, can be cut off, and leave nothing behind, however th
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -153,3 +154,20 @@ def test_the_leftovers_of_a_dead_run_are_removed_and_a_live_runs_kept(tmp_path: 
         subprocess.run(["ip", "netns", "del", f"{live}-x"], capture_output=True)
         subprocess.run(["ip", "netns", "del", f"{gone}-x"], capture_output=True)
         subprocess.run(["ip", "link", "del", gone], capture_output=True)
+
+
+def test_a_host_kept_to_a_cpu_runs_only_there(tmp_path: Path) -> None:
+    with HostNetwork(["pinned", "free"], tmp_path, cpus={"pinned": "0"}) as net:
+        seen = {}
+        for name, host in net.hosts.items():
+            proc = net.start(
+                host,
+                name,
+                [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                {},
+                tmp_path,
+            )
+            proc.popen.wait(30)
+            proc.stop()
+            seen[name] = proc.log().strip()
+    assert seen == {"pinned": "[0]", "free": str(sorted(os.sched_getaffinity(0)))}

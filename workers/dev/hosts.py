@@ -77,6 +77,7 @@ class Host:
     address: str
     link: str  # the root namespace's end of its veth pair: down cuts the host off
     root: Path  # its own directories live here
+    cpus: str = ""  # the CPUs its processes may run on (taskset's list, e.g. "1"); "": any
 
     def env(self) -> dict[str, str]:
         """Its own working and temporary directories, as a machine of its own has them; and a
@@ -98,6 +99,7 @@ class Host:
         execs the next, so the process (its id, its process group, its parent-death signal)
         is the one started."""
         return [
+            *(("taskset", "--cpu-list", self.cpus) if self.cpus else ()),
             *("ip", "netns", "exec", self.netns),
             *("unshare", "--uts", "--"),
             *("/bin/sh", "-c", 'hostname "$0" && exec "$@"', self.name),
@@ -108,14 +110,18 @@ class Host:
 class HostNetwork:
     """A bridge and one namespace per host name, made on enter and removed on exit."""
 
-    def __init__(self, names: Sequence[str], workdir: Path) -> None:
+    def __init__(
+        self, names: Sequence[str], workdir: Path, cpus: Mapping[str, str] | None = None
+    ) -> None:
         """One at a time in a process (its names carry the pid); `names`: distinct hostnames,
-        at most 99."""
+        at most 99; `cpus`: the CPUs some of them are kept to, as a machine of their own has
+        its own (Host.cpus)."""
         if len(set(names)) != len(names) or not 0 < len(names) < 100:
             raise ValueError(f"host names must be distinct, 1 to 99 of them: {names}")
         if bad := [n for n in names if not _HOSTNAME.fullmatch(n)]:
             raise ValueError(f"not hostnames (a-z, 0-9, '-'): {bad}")
         self.names = list(names)
+        self.cpus = dict(cpus or {})
         self.workdir = workdir
         self.run = f"{PREFIX}{os.getpid()}"
         self.bridge = self.run  # at most 12 characters of the 15 a link name may have
@@ -152,7 +158,8 @@ class HostNetwork:
         _ip("-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         _ip("-n", netns, "link", "set", "eth0", "up")
         _ip("-n", netns, "link", "set", "lo", "up")
-        return Host(name, netns, address, link, self.workdir / "hosts" / name)
+        root = self.workdir / "hosts" / name
+        return Host(name, netns, address, link, root, self.cpus.get(name, ""))
 
     def __exit__(self, *exc: object) -> None:
         self.close()
