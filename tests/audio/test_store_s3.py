@@ -128,6 +128,9 @@ def test_calls_go_through_s3_with_no_shared_directory(
     assert not any(exists(store, k) for k in originals)
     assert all(r["original_path"] is None for c, r in audio_rows(db).items() if c in good)
     assert all(exists(store, audio_rows(db)[c]["prepared_path"]) for c in good)
+    for proc in procs:  # the workers' logs: never the secret, never a signed URL
+        assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in proc.log()
+        assert "X-Amz-Signature" not in proc.log() and "X-Amz-Credential" not in proc.log()
 
 
 def sql_calls(db) -> list[dict]:
