@@ -97,6 +97,8 @@ class S3AudioStore:
             }
             if a.s3_endpoint:
                 config["endpoint"] = a.s3_endpoint
+            # obstore also reads the AWS_* variables for what this leaves open (the README says
+            # so): credentials from the environment or the instance's role when these are empty.
             if a.s3_access_key_id:
                 config["access_key_id"] = a.s3_access_key_id
                 config["secret_access_key"] = a.s3_secret_access_key.reveal()
