@@ -2,8 +2,9 @@
 audio pool prepares calls into the bucket and keeps no copy in its work directory; the
 transcription pool reads them from the bucket, refuses one changed behind its back, and leaves
 no fetched copy; a call that fails for good leaves no object (even one an earlier attempt
-uploaded); retention deletes objects with their rows; a worker whose credentials are refused
-does not start; `bcfy search` gives a time-limited link to the audio."""
+uploaded, or one whose commit failed after its upload); retention deletes objects with their
+rows; a worker whose credentials are refused does not start; `bcfy search` gives a
+time-limited link to the audio."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ import httpx
 import obstore
 import pytest
 
+from tasks.audio.preparation import CallPreparer
 from tests.conftest import ROOT
-from tests.support.audio import add_calls, audio_rows, files_in, make_env, start_audio
+from tests.support.audio import add_calls, audio_rows, claim, files_in, make_env, start_audio
 from tests.support.procs import start_worker
+from tests.support.s3 import FlakyS3
 from tests.support.transcription import start_transcription
 from workers.audio.prepare import ORIGINAL_EXTENSIONS
 from workers.audio.store import call_keys, store_for
 from workers.audio.store.s3 import S3AudioStore
 from workers.core.runtime import Runtime
-from workers.core.settings import load_settings
+from workers.core.settings import Secret, get_settings, load_settings
 from workers.dev.calls import insert_call, publish
 from workers.dev.procs import run_cli, wait_until
 from workers.dev.simulator import AudioFault
@@ -187,3 +190,51 @@ def test_search_shows_a_time_limited_link_to_the_audio_in_s3(db, clean, s3_env, 
     assert text.returncode == 0 and "X-Amz-Signature=" in text.stdout
     assert "link valid until" in text.stdout
     assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in found.stdout + text.stdout
+
+
+REFUSE_COMMIT = """
+CREATE FUNCTION test_refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the commit fails (test)'; END $$;
+CREATE CONSTRAINT TRIGGER test_refuse_ready AFTER UPDATE ON call_audio
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.state = 'ready')
+  EXECUTE FUNCTION test_refuse_commit();
+"""
+
+
+def test_files_uploaded_by_an_attempt_whose_commit_failed_go_when_the_call_fails(
+    db, clean, sim, s3_env, tmp_path
+):
+    call_id, _ = publish(sim, db, sim.add_playlist())
+    (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
+    with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as counted:
+        s = get_settings().with_values(
+            AUDIO_STORE_URL=s3_env["AUDIO_STORE_URL"],
+            AUDIO_S3_ENDPOINT=counted.endpoint,
+            AUDIO_S3_ACCESS_KEY_ID=s3_env["AUDIO_S3_ACCESS_KEY_ID"],
+            AUDIO_S3_SECRET_ACCESS_KEY=Secret(s3_env["AUDIO_S3_SECRET_ACCESS_KEY"]),
+            AUDIO_S3_PATH_STYLE="true",
+            AUDIO_WORK_DIR=str(tmp_path / "work"),
+            AUDIO_ALLOWED_HOSTS=(sim.audio_host,),
+            AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
+            AUDIO_MAX_ATTEMPTS=1,
+        )
+        store = store_for(s)
+        assert isinstance(store, S3AudioStore)
+        db.execute(REFUSE_COMMIT)
+        try:
+            claimed = asyncio.run(claim(clean, s, "test-claim"))
+            rt = Runtime.current()
+            done = rt.run(CallPreparer(s, rt.http, "test-claim", "test:1").run(claimed.call_ids))
+        finally:
+            db.execute("DROP TRIGGER test_refuse_ready ON call_audio")
+            db.execute("DROP FUNCTION test_refuse_commit()")
+            Runtime.shutdown_current()
+        assert done.failed == 1
+        state, code, error = db.execute(
+            "SELECT state, error_code, last_error FROM call_audio WHERE call_id = %s", (call_id,)
+        ).fetchone()
+        assert (state, code) == ("failed", "internal") and "the commit fails" in error
+        prepared = call_keys(call_id, row["playlist_uuid"], row["started_at"], "m4a")[1]
+        uploads = [path for method, path in counted.requests if method == "PUT"]
+        assert any(path.endswith(prepared) for path in uploads), "uploaded before the commit"
+        assert not any(exists(store, k) for k in failed_calls_keys(store, row)), "and gone"

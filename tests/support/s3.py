@@ -42,6 +42,7 @@ class FlakyS3:
         self.failures = failures
         self.refused = 0
         self.passed = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of each passed through
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +59,7 @@ class FlakyS3:
                     self.end_headers()
                     return
                 proxy.passed += 1
+                proxy.requests.append((self.command, self.path))
                 # The Host header is signed: it goes through unchanged.
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "content-length"}
                 answer = httpx.request(
