@@ -173,6 +173,8 @@ def test_an_s3_server_refusing_for_a_while_is_retried_with_backoff(s3_env, tmp_p
         with pytest.raises(StoreError, match="503") as caught:
             read(store_for(s), KEY, digests[KEY])
         assert flaky.refused > 3 + 1, "retried before giving up"
+        with pytest.raises(StoreError, match="storing"):  # the first failure, not a group
+            stored(store_for(s), {KEY: b"x", KEY.replace("42.", "43."): b"y"})
         assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in str(caught.value)
         assert len(str(caught.value)) < 600
 

@@ -152,8 +152,14 @@ class S3AudioStore:
                 self._raise(exc, "writing to the bucket")
 
     async def promote(self, files: Sequence[tuple[Path, str]]) -> None:
-        """Upload each file (multipart when large), each visible whole or not at all."""
-        await asyncio.gather(*(self._upload(temp, key) for temp, key in files))
+        """Upload each file (multipart when large), each visible whole or not at all; the
+        uploads run at once, and one failing cancels the others."""
+        try:
+            async with asyncio.TaskGroup() as uploads:
+                for temp, key in files:
+                    uploads.create_task(self._upload(temp, key))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
 
     async def _upload(self, temp: Path, key: str) -> None:
         content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
