@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import httpx
@@ -20,9 +17,8 @@ import obstore
 import pytest
 
 from tasks.audio.preparation import CallPreparer
-from tests.conftest import ROOT
 from tests.support.audio import add_calls, audio_rows, claim, files_in, make_env, start_audio
-from tests.support.procs import start_worker
+from tests.support.procs import refused_start, start_worker
 from tests.support.s3 import FlakyS3
 from tests.support.transcription import start_transcription
 from workers.audio.prepare import ORIGINAL_EXTENSIONS
@@ -143,21 +139,8 @@ def sql_calls(db) -> list[dict]:
 
 def test_an_audio_worker_whose_credentials_are_refused_does_not_start(clean, s3_env, tmp_path):
     secret = "not-" + s3_env["AUDIO_S3_SECRET_ACCESS_KEY"][::-1]
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "audio"],
-        cwd=ROOT,
-        env={
-            "PATH": os.environ["PATH"],
-            "REDIS_URL": clean.redis_url,
-            "DATABASE_URL": clean.database_url,
-            **s3_env,
-            "AUDIO_S3_SECRET_ACCESS_KEY": secret,
-            "AUDIO_WORK_DIR": str(tmp_path),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = s3_env | {"AUDIO_S3_SECRET_ACCESS_KEY": secret, "AUDIO_WORK_DIR": str(tmp_path)}
+    out = refused_start("audio", clean, env)
     assert out.returncode != 0
     assert "bcfy: cannot start" in out.stderr and "AUDIO_S3_SECRET_ACCESS_KEY" in out.stderr
     assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
