@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import obstore
@@ -127,6 +128,12 @@ def test_calls_go_through_s3_with_no_shared_directory(
     assert not any(exists(store, k) for k in originals)
     assert all(r["original_path"] is None for c, r in audio_rows(db).items() if c in good)
     assert all(exists(store, audio_rows(db)[c]["prepared_path"]) for c in good)
+    for proc in procs:
+        # The S3 client (obstore, with its runtime's threads) was made in the pool processes,
+        # after the fork, never in a worker's parent process.
+        assert "_obstore" not in Path(f"/proc/{proc.pid}/maps").read_text(), proc.name
+    audio_pool = Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children").read_text().split()
+    assert any("_obstore" in Path(f"/proc/{pid}/maps").read_text() for pid in audio_pool)
     for proc in procs:  # the workers' logs: never the secret, never a signed URL
         assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in proc.log()
         assert "X-Amz-Signature" not in proc.log() and "X-Amz-Credential" not in proc.log()
