@@ -8,6 +8,9 @@ would bring botocore (~100 MB) and leave multipart and its clean-up to us.
 
 obstore runs a tokio runtime, started on first use: the client is made lazily, in the process
 that uses it (never a Celery parent before its fork), and again after a fork (checked by pid).
+A process that exits right after an async obstore call sometimes aborts (SIGABRT: the runtime's
+thread finishing the call meets the interpreter's shutdown): pool processes leave by os._exit,
+the start-up check's child too, and links are signed with the synchronous call.
 
 Atomicity: a PUT, or a multipart upload's completion, makes the object visible whole; before
 that readers see the previous version or nothing. Errors are re-raised as StoreError with a
