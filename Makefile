@@ -41,6 +41,7 @@ bench: install                     ## benchmarks; results land in bench/results/
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/audio.py
+	$(BIN)/python bench/store.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/status.py
 	$(BIN)/python bench/alerts.py

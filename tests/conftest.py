@@ -28,8 +28,8 @@ from workers.dev.services import Servers, scratch_servers
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Fixtures of the ingestion tests (ingest, ingest_manual).
-pytest_plugins = ("tests.support.ingest",)
+# Fixtures of the ingestion tests (ingest, ingest_manual) and of the S3 server (s3_service, s3_env).
+pytest_plugins = ("tests.support.ingest", "tests.support.s3")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
   preparation.py  preparing one claimed call: download, convert, store, record the outcome
   jobs.py         the Celery tasks below (imported here, so that workers.app's `include`
                   of "tasks.audio" registers them)
+  startup.py      the audio store's start-up check (workers/audio/store/check.py)
 
 Two tasks on the `audio` queue:
 
@@ -41,3 +42,4 @@ AUDIO_MAX_ATTEMPTS deaths too.
 """
 
 from tasks.audio import jobs as jobs
+from tasks.audio import startup as startup

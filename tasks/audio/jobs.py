@@ -20,8 +20,9 @@ from tasks.audio.claims import (
     fail_exhausted_leases,
     split_evenly,
 )
-from tasks.audio.preparation import CallPreparer, stale_temp_age, store_for
+from tasks.audio.preparation import CallPreparer, forget_call_ids, stale_temp_age
 from workers.app import app
+from workers.audio.store import store_for
 from workers.core.identity import unique_token, worker_identity
 from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
@@ -42,7 +43,7 @@ async def process_pending_audio(ctx: JobContext) -> None:
     """Claim a batch of due calls and hand them to the audio pool."""
     s = ctx.settings
     loop = asyncio.get_running_loop()
-    swept = await loop.run_in_executor(None, store_for(s).sweep_temps, stale_temp_age(s))
+    swept = await loop.run_in_executor(None, store_for(s).work.sweep_temps, stale_temp_age(s))
     if swept:
         log.warning("audio: removed %d abandoned temporary files", swept)
     owner = unique_token()  # a claim's name: who made it, unique to this pass
@@ -56,6 +57,7 @@ async def process_pending_audio(ctx: JobContext) -> None:
         log.warning(
             "audio: %d calls failed: their worker died on every attempt: %s", len(lost), lost
         )
+        await forget_call_ids(store_for(s), lost)
     if not claim.call_ids:
         return
     chunks = split_evenly(claim.call_ids, calls_per_task(s))

@@ -19,8 +19,10 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -28,8 +30,8 @@ from psycopg.rows import TupleRow
 
 from tasks.audio.claims import MARK_FAILED, ClaimedCall, HeldClaim, TakeOver
 from workers.audio.download import AudioFailure, Downloaded, UrlPolicy, download
-from workers.audio.prepare import PreparedAudio, validate_and_convert
-from workers.audio.store import FilesystemAudioStore, call_keys
+from workers.audio.prepare import ORIGINAL_EXTENSIONS, PreparedAudio, validate_and_convert
+from workers.audio.store import AudioStore, call_keys, store_for
 from workers.core.backoff import backoff_sec
 from workers.core.runtime import db_connection
 from workers.core.settings import Settings
@@ -38,14 +40,45 @@ from workers.core.text import error_text
 log = logging.getLogger(__name__)
 
 
-def store_for(settings: Settings) -> FilesystemAudioStore:
-    return FilesystemAudioStore(settings.audio.store_dir)
-
-
 def stale_temp_age(settings: Settings) -> float:
     """A temporary file untouched this long has no live writer: downloads have a deadline and
     their writers renew leases far more often."""
     return 2 * max(settings.audio.lease_sec, settings.services.http_total_timeout_sec)
+
+
+async def forget_calls(
+    store: AudioStore, calls: Iterable[tuple[int, UUID | None, datetime]]
+) -> None:
+    """Calls that failed for good leave nothing in the store: an earlier attempt may have
+    stored their files and then failed to commit, or died between the two. The keys are known
+    up to the original's extension, so every possible one is named (a missing key is fine)."""
+    keys = sorted(
+        {
+            key
+            for call_id, playlist_uuid, started_at in calls
+            for extension in ORIGINAL_EXTENSIONS
+            for key in call_keys(call_id, playlist_uuid, started_at, extension)
+        }
+    )
+    if not keys:
+        return
+    try:
+        await store.delete(keys)
+    except Exception as exc:
+        log.warning("audio: could not remove the stored files of failed calls: %s", exc)
+
+
+async def forget_call_ids(store: AudioStore, call_ids: list[int]) -> None:
+    """forget_calls, for calls known by id (failed as worker_lost)."""
+    if not call_ids:
+        return
+    async with db_connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, playlist_uuid, started_at FROM bcfy_calls_raw WHERE id = ANY(%s)",
+            (call_ids,),
+        )
+        rows = await cur.fetchall()
+    await forget_calls(store, rows)
 
 
 # Logged and committed as the call's download starts, naming the process: should that process
@@ -198,7 +231,8 @@ class CallPreparer:
         taken = await self.claim.take_over(call_ids)
         loop = asyncio.get_running_loop()
         for call_id in taken.lost_calls:  # what the dead process was writing for it
-            await loop.run_in_executor(None, self.store.discard_temps, call_id)
+            await loop.run_in_executor(None, self.store.work.discard_temps, call_id)
+        await forget_call_ids(self.store, taken.lost_calls)
         return taken
 
     async def prepare(self, call: ClaimedCall) -> AudioOutcome:
@@ -247,7 +281,7 @@ class CallPreparer:
             )
         finally:
             self.in_progress.discard(call.call_id)
-            self.store.discard(original, flac)
+            self.store.work.discard(original, flac)
 
     async def start_attempt(self, call: ClaimedCall) -> bool:
         """Log the call's attempt, committed before its download starts (the risky work:
@@ -266,8 +300,9 @@ class CallPreparer:
 
     def fresh_temps(self, call_id: int) -> tuple[Path, Path]:
         """Drop what an earlier, dead attempt left; two new temporary files. (Blocking.)"""
-        self.store.discard_temps(call_id)
-        return self.store.temp_file(call_id, "original"), self.store.temp_file(call_id, "prepared")
+        work = self.store.work
+        work.discard_temps(call_id)
+        return work.temp_file(call_id, "original"), work.temp_file(call_id, "prepared")
 
     async def download(self, call: ClaimedCall, dest: Path) -> Downloaded:
         got = await download(
@@ -297,7 +332,6 @@ class CallPreparer:
         original_key, prepared_key = call_keys(
             call.call_id, call.playlist_uuid, call.started_at, prepared.extension
         )
-        loop = asyncio.get_running_loop()
         async with db_connection() as conn:
             cur = await conn.execute(
                 MARK_READY,
@@ -322,9 +356,9 @@ class CallPreparer:
             if not (row and row[0]):
                 log.warning("audio: call %s: lease lost before it was stored", call.call_id)
                 return AudioOutcome.LEASE_LOST
-            await loop.run_in_executor(
-                None, self.store.promote, [(original, original_key), (flac, prepared_key)]
-            )
+            # Uploaded (or renamed) while the row is locked; should the commit then fail, the
+            # call is tried again (same keys) or fails for good, and forget_call removes them.
+            await self.store.promote([(original, original_key), (flac, prepared_key)])
         return AudioOutcome.READY
 
     async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> AudioOutcome:
@@ -365,11 +399,15 @@ class CallPreparer:
             log.warning(
                 "audio: call %s failed after %d attempts: %s", call.call_id, attempts, failure
             )
+            await self.forget_call(call)
             return AudioOutcome.FAILED
         log.info(
             "audio: call %s attempt %d: %s; next in %.0fs", call.call_id, attempts, failure, delay
         )
         return AudioOutcome.RETRY
+
+    async def forget_call(self, call: ClaimedCall) -> None:
+        await forget_calls(self.store, [(call.call_id, call.playlist_uuid, call.started_at)])
 
     async def end_attempt(
         self,

@@ -12,7 +12,7 @@ from datetime import datetime
 import psycopg
 from psycopg.rows import TupleRow
 
-from tasks.audio.preparation import store_for
+from workers.audio.store import store_for
 from workers.core.settings import Settings
 
 

@@ -10,10 +10,10 @@ files; NULLing without a list would leave files nobody can find.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from tasks.maintenance.run import Run
+from workers.audio.store import is_valid_key
 from workers.core.runtime import db_connection
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ async def _trash_batch(run: Run) -> int:
     if not rows:
         return 0
     doomed = [key for key, referenced in rows if not referenced]
-    removed = await asyncio.get_running_loop().run_in_executor(None, _remove, run, doomed)
+    removed = await _remove(run, doomed)
     run.ensure_lock()
     async with db_connection() as conn:
         await conn.execute(
@@ -49,17 +49,13 @@ async def _trash_batch(run: Run) -> int:
     return len(rows)
 
 
-def _remove(run: Run, keys: list[str]) -> int:
-    removed = 0
+async def _remove(run: Run, keys: list[str]) -> int:
+    """Through the store (files, or objects in one bulk request). A key that is not one of
+    the store's (outside its root) is logged and its entry dropped."""
+    valid = []
     for key in keys:
-        try:
-            path = run.store.local_path(key)
-        except ValueError:
+        if not is_valid_key(key):
             log.error("maintenance: %r is outside the audio store; entry dropped", key)
-            continue
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass  # removed before a crash, or by hand: the row already says it is gone
-    return removed
+        else:
+            valid.append(key)
+    return await run.store.delete(valid) if valid else 0

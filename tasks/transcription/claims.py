@@ -47,7 +47,8 @@ class TranscriptionClaim:
     """A call this process now holds for transcription: its attempt number and audio file."""
 
     attempt: int
-    prepared_path: str
+    prepared_path: str  # the prepared audio's key in the store
+    prepared_sha256: str | None  # checked when it is read
 
 
 class Skip(str):
@@ -62,7 +63,8 @@ async def claim_call(
         row = await (
             await conn.execute(
                 """SELECT t.state, t.due_at <= now(), t.due_at, t.attempts, t.claimed_by,
-                          t.last_error, a.state, a.prepared_path
+                          t.last_error, a.state, a.prepared_path,
+                          a.prepared_sha256
                      FROM call_transcription t
                      LEFT JOIN call_audio a ON a.call_id = t.call_id
                     WHERE t.call_id = %s
@@ -72,7 +74,7 @@ async def claim_call(
         ).fetchone()
         if row is None:
             return Skip("no such call waiting for transcription (its audio was never ready)")
-        state, due, due_at, attempts, claimed_by, last_error, audio_state, prepared = row
+        (state, due, due_at, attempts, claimed_by, last_error, audio_state, prepared, sha256) = row
         if state == "done":
             return Skip("already transcribed: duplicate delivery dropped")
         if state == "failed":
@@ -105,7 +107,7 @@ async def claim_call(
                 WHERE call_id = %s""",
             (worker, settings.transcription.time_limit_sec + CLAIM_MARGIN_SEC, call_id),
         )
-        return TranscriptionClaim(attempts + 1, prepared)
+        return TranscriptionClaim(attempts + 1, prepared, sha256)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Coroutine
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -40,6 +39,7 @@ from tasks.transcription.policy import (
 )
 from workers.alerts.delivery import trigger_alert_delivery
 from workers.app import app
+from workers.audio.store import StoreError, store_for
 from workers.core.identity import worker_identity
 from workers.core.jobs import JobContext, periodic_job
 from workers.core.runtime import Runtime
@@ -113,12 +113,16 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
     why: str
     retry_after: float | None = None
     started = time.perf_counter()
+    store = store_for(s)
     try:
-        audio = Path(s.audio.store_dir) / claim.prepared_path
-        if not audio.is_file():
-            raise FileNotFoundError(2, "no such file", str(audio))
+        # A local copy (S3: fetched into AUDIO_WORK_DIR), its sha256 checked: never a path
+        # assumed to be shared with the audio pool's host.
+        audio = rt.run(store.fetch(claim.prepared_path, claim.prepared_sha256, call_id))
         recognizer = process_recognizer(s.transcription, pool_processes=pool_processes(s.pools))
-        result = recognizer.transcribe(audio, name=f"call-{call_id}.flac")
+        try:
+            result = recognizer.transcribe(audio, name=f"call-{call_id}.flac")
+        finally:
+            store.release(audio)
         elapsed = time.perf_counter() - started
         stored = rt.run(
             store_transcript(call_id, recognizer.backend, result, elapsed, s.alerts.max_per_minute)
@@ -132,6 +136,9 @@ def transcribe_call(self: Task, call_id: int, reclaim: str | None = None) -> Tra
         why, retry_after = reason(exc), exc.retry_after
     except SoftTimeLimitExceeded:
         why = f"soft time limit ({s.transcription.soft_time_limit_sec:g}s) reached"
+    except StoreError as exc:
+        # The store could not be read (down, refusing): retried; the recogniser is fine.
+        why = f"audio store: {exc}"
     except Exception as exc:
         # A database outage, or a fault of ours: counted against the attempts, then failed.
         log.exception("call %s: transcription attempt %d failed", call_id, claim.attempt)

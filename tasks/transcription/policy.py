@@ -1,9 +1,10 @@
 """The error policy: what a failed transcription attempt leads to.
 
-Permanent failures (the service refused the audio, the prepared file is missing or cannot be
-decoded) are recorded as `failed` with the reason at once. Anything else is retried with
-exponential backoff and jitter (a Celery retry whose countdown stays well below the broker's
-visibility timeout) until the call used up TRANSCRIBE_MAX_ATTEMPTS, then recorded as `failed`.
+Permanent failures (the service refused the audio, the prepared file is missing, differs from
+its recorded sha256 or cannot be decoded) are recorded as `failed` with the reason at once.
+Anything else is retried with exponential backoff and jitter (a Celery retry whose countdown
+stays well below the broker's visibility timeout) until the call used up
+TRANSCRIBE_MAX_ATTEMPTS, then recorded as `failed`.
 The database counts the attempts, across retries and re-dispatches.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workers.audio.codec import AudioDecodeError
+from workers.audio.store import StoredAudioMismatch
 from workers.core.backoff import backoff_sec
 from workers.core.settings import Settings
 from workers.core.text import error_text
@@ -22,6 +24,7 @@ PERMANENT_ERRORS: tuple[type[Exception], ...] = (
     PermanentRecognitionError,
     AudioDecodeError,
     FileNotFoundError,
+    StoredAudioMismatch,  # never a transcript of other audio than the call's
 )
 
 
@@ -68,6 +71,8 @@ def reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, FileNotFoundError):
         text = f"prepared audio is missing: {exc.filename}"
+    elif isinstance(exc, StoredAudioMismatch):
+        text = f"prepared audio is corrupt: {exc}"
     elif isinstance(exc, AudioDecodeError):
         text = f"prepared audio cannot be decoded: {exc}"
     elif not isinstance(exc, PermanentRecognitionError | TransientRecognitionError):

@@ -20,7 +20,7 @@ from tests.support.audio import assert_stored_files_match, audio_rows, claim
 from workers.audio.codec import probe
 from workers.audio.download import AudioFailure
 from workers.audio.prepare import PreparedAudio, validate_and_convert
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.core.backoff import JITTER
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings, get_settings

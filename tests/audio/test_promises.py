@@ -37,7 +37,7 @@ from tests.conftest import Services
 from tests.support.audio import attempt_rows, audio_rows, claim
 from workers.audio.download import AudioFailure, UrlPolicy, download
 from workers.audio.prepare import PreparedAudio, validate_and_convert
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings, get_settings
 from workers.dev.calls import insert_call
@@ -237,7 +237,7 @@ def test_a_server_trickling_forever_is_cut_at_the_download_deadline(db, clean, s
     row = audio_rows(db)[call]
     assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "timeout", 2)
     assert attempt_rows(db, call) == [(1, "retry", "timeout"), (2, "failed", "timeout")]
-    assert FilesystemAudioStore(s.audio.store_dir).temp_files() == []
+    assert FilesystemAudioStore(s.audio.store_dir).work.temp_files() == []
 
 
 # --- Host header and TLS server name ---------------------------------------------------------

@@ -20,7 +20,7 @@ from tests.support.audio import (
     start_audio,
     states,
 )
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.dev.calls import HeldAudio, publish
 from workers.dev.procs import Proc, run_cli, wait_until
 
@@ -142,7 +142,7 @@ def test_a_call_that_kills_its_pool_process_fails_as_worker_lost_and_the_rest_ar
     assert states(db) == {"ready": len(others), "failed": 1}
     # The take-over that failed the call removes its temporary files right after that commit.
     store = FilesystemAudioStore(tmp_path / "store")
-    wait_until(lambda: store.temp_files() == [], 60, "the dead call's temporary files removed")
+    wait_until(lambda: store.work.temp_files() == [], 60, "the dead call's temporary files removed")
     assert assert_stored_files_match(db, tmp_path / "store") == len(others)
     status = run_cli("status", env=env)
     assert status.returncode == 0, status.stderr

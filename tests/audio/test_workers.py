@@ -23,7 +23,7 @@ from tests.support.audio import (
 )
 from tests.support.ingest import api_env, follow_with_cli
 from tests.support.procs import start_worker
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.dev.calls import insert_call, publish, slow_audio
 from workers.dev.procs import wait_until
 from workers.dev.simulator import AudioFault
@@ -141,7 +141,7 @@ def test_sigkill_mid_batch_ends_with_every_call_ready_exactly_once(db, clean, pr
     doomed.kill_group(signal.SIGKILL)
     doomed.popen.wait(10)
     assert states(db).get("ready", 0) == 0
-    assert FilesystemAudioStore(tmp_path / "store").temp_files(), "the dead left temp files"
+    assert FilesystemAudioStore(tmp_path / "store").work.temp_files(), "the dead left temp files"
     time.sleep(1)
     start_audio(procs, env, tmp_path, "a2")
     wait_until(lambda: states(db).get("ready") == len(calls), 60, "every call ready")

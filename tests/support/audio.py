@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from tests.support.procs import start_beat, start_worker
-from workers.audio.store import FilesystemAudioStore
+from workers.audio.store.filesystem import FilesystemAudioStore
 from workers.dev.calls import publish
 from workers.dev.simulator import FeedSimulator
 
@@ -117,6 +117,11 @@ def attempt_rows(db: psycopg.Connection, call_id: int) -> list[tuple]:
     ).fetchall()
 
 
+def files_in(directory: Path) -> list[Path]:
+    """Every file under a directory (a work directory's leftovers)."""
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
 def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
     """Every ready call's original and prepared files match their recorded size and sha256, and
     no temporary file is left in the store; returns how many calls are ready."""
@@ -127,7 +132,7 @@ def assert_stored_files_match(db: psycopg.Connection, store_dir: Path) -> int:
             data = store.local_path(row[f"{kind}_path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == row[f"{kind}_sha256"], row["call_id"]
             assert len(data) == row[f"{kind}_bytes"]
-    assert store.temp_files() == [], "no temporary file left behind"
+    assert store.work.temp_files() == [], "no temporary file left behind"
     return len(ready)
 
 

@@ -77,7 +77,7 @@ def test_search_query_uses_the_full_text_index(many_transcripts):
     conn = many_transcripts
     (seqscan,) = conn.execute("SHOW enable_seqscan").fetchone()
     assert seqscan == "on", "the planner chooses freely"
-    hits = search_transcripts(conn, "structure fire", audio_store_dir="/tmp")
+    hits = search_transcripts(conn, "structure fire")
     assert len(hits) == MATCHING, "the query finds what the table holds"
 
     plan = explain(conn, query="structure fire")

@@ -37,6 +37,8 @@ from workers.audio.store import file_digest, sync_file
 
 # FFmpeg demuxer name -> the extension the original is stored under.
 EXTENSIONS = {"mp3": "mp3", "aac": "aac", "wav": "wav", "ogg": "ogg", "flac": "flac"}
+# Every extension extension_for can give.
+ORIGINAL_EXTENSIONS = ("m4a", *EXTENSIONS.values(), "bin")
 
 
 @dataclass(frozen=True)

@@ -8,24 +8,26 @@ ANDed and stemmed ("fires" finds "fire"), "quoted phrases" match in order, `or` 
 work; a query that reads as nothing to look for is refused. Newest call first; each
 hit shows the call's time, playlist, talkgroup, a snippet with the matches highlighted
 (ts_headline, computed for the shown rows only), when in the call the matching words were said
-(where the recogniser gave word times) and the path of its audio. --json adds every segment
+(where the recogniser gave word times) and where its audio is: a path with the filesystem
+store, a time-limited link (AUDIO_S3_LINK_TTL_SEC) with the S3 store. --json adds every segment
 and word with its times.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
 
+from workers.audio.store import StoreError, store_for, uses_object_store
 from workers.cli import Subparsers
 from workers.core.fulltext import TSQUERY_SQL, QueryError, check_query
 from workers.core.records import whole_number_or_none
@@ -92,7 +94,7 @@ class Hit:
     group_id: str
     talkgroup: str | None
     snippet: str  # matches between _START and _STOP
-    audio_path: str | None  # absolute, or None when the call has no stored audio
+    audio_key: str | None  # in the audio store; None when the call has no stored audio
     confidence: float | None
     # As stored: [{"start", "end", "text", "confidence", "words": [{"start", "end", "text",
     # "confidence"}, ...]}, ...], seconds from the start of the call; "words" is empty or
@@ -100,13 +102,17 @@ class Hit:
     segments: list[dict[str, Any]]
     # The words that match the query, in order, with their times: where to listen.
     matches: list[dict[str, Any]]
+    # Where to get the audio: an absolute path (filesystem store) or a presigned URL valid
+    # until audio_url_expires_at (S3 store); both None when it has no stored audio.
+    audio_path: str | None = None
+    audio_url: str | None = None
+    audio_url_expires_at: str | None = None
 
 
 def search_transcripts(
     conn: psycopg.Connection[TupleRow],
     query: str,
     *,
-    audio_store_dir: str,
     playlist: str | None = None,
     group: str | None = None,
     since: datetime | None = None,
@@ -116,7 +122,6 @@ def search_transcripts(
         SEARCH_SQL,
         {"query": query, "playlist": playlist, "group": group, "since": since, "limit": limit},
     ).fetchall()
-    store = Path(audio_store_dir).resolve()
     return [
         Hit(
             call_id=r[0],
@@ -126,13 +131,31 @@ def search_transcripts(
             group_id=r[4],
             talkgroup=r[5],
             snippet=r[6],
-            audio_path=str(store / r[7]) if r[7] else None,
+            audio_key=r[7],
             confidence=r[8],
             segments=r[9],
             matches=r[10],
         )
         for r in rows
     ]
+
+
+async def with_audio_links(hits: list[Hit], settings: Settings) -> list[Hit]:
+    """Each hit with where its audio can be had: a path, or a time-limited link."""
+    store = store_for(settings)
+    s3 = uses_object_store(settings.audio)
+    expires = (datetime.now(UTC) + timedelta(seconds=settings.audio.s3_link_ttl_sec)).isoformat()
+    out = []
+    for h in hits:
+        if h.audio_key is None:
+            out.append(h)
+            continue
+        link = await store.link(h.audio_key)
+        if s3:
+            out.append(replace(h, audio_url=link, audio_url_expires_at=expires))
+        else:
+            out.append(replace(h, audio_path=link))
+    return out
 
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -179,7 +202,6 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
             hits = search_transcripts(
                 conn,
                 args.query,
-                audio_store_dir=settings.audio.store_dir,
                 playlist=args.playlist,
                 group=args.group,
                 since=args.since,
@@ -187,6 +209,11 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
             )
     except psycopg.OperationalError as exc:
         print(f"bcfy search: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        hits = asyncio.run(with_audio_links(hits, settings))
+    except StoreError as exc:
+        print(f"bcfy search: cannot make links to the audio: {exc}", file=sys.stderr)
         return 1
     if args.json:
         out = []
@@ -213,7 +240,10 @@ def _search(args: argparse.Namespace, settings: Settings) -> int:
         if h.matches:
             at = ", ".join(_clock(m.get("start")) for m in h.matches[:5])
             print(f"    said at {at}{' ...' if len(h.matches) > 5 else ''}")
-        print(f"    {terminal_safe(h.audio_path) or '(no audio stored)'}")
+        if h.audio_url:
+            print(f"    {terminal_safe(h.audio_url)}  (link valid until {h.audio_url_expires_at})")
+        else:
+            print(f"    {terminal_safe(h.audio_path) or '(no audio stored)'}")
     print(f"{len(hits)} call{'s' if len(hits) != 1 else ''}, newest first")
     return 0
 

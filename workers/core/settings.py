@@ -209,8 +209,9 @@ def _http_url(raw: str) -> str:
         raise ValueError("expected an http:// or https:// URL that can be read") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ValueError("expected an http:// or https:// URL")
-    if "@" in parts.netloc:
-        # It would be printed by `bcfy settings` and end up in error texts and logs.
+    if "@" in raw:
+        # It would be printed by `bcfy settings` and end up in error texts and logs. Anywhere
+        # in the URL: "http://key:se/cret@host" reads as host "key", path "/cret@host".
         raise ValueError(
             "must not carry a user name or password (credentials have their own settings)"
         )
@@ -246,6 +247,63 @@ def _basic_auth(raw: str) -> Secret:
         if not (sep and user.strip() and password):
             raise ValueError("expected user:password[,user:password]")
     return Secret(raw.strip())
+
+
+# S3 bucket names (AWS's rules, which R2, MinIO, SeaweedFS, Garage and Ceph follow): 3 to 63
+# lower-case letters, digits, dots and hyphens, starting and ending with a letter or digit.
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _bucket_problem(bucket: str) -> str | None:
+    import ipaddress
+
+    if not 3 <= len(bucket) <= 63:
+        return "a bucket name is 3 to 63 characters long"
+    if not set(bucket) <= _BUCKET_CHARS:
+        return "a bucket name has only lower-case letters, digits, dots and hyphens"
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        return "a bucket name starts and ends with a letter or digit"
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        return "a bucket name has no two dots in a row, nor a dot next to a hyphen"
+    try:
+        ipaddress.ip_address(bucket)
+    except ValueError:
+        return None
+    return "a bucket name is not an IP address"
+
+
+def split_store_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of a valid AUDIO_STORE_URL; the prefix has no leading or trailing /."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix
+
+
+def _store_url(raw: str) -> str:
+    """AUDIO_STORE_URL: s3://bucket or s3://bucket/prefix, normalised (no trailing slash)."""
+    value = raw.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() != "s3":
+        raise ValueError("expected s3://bucket or s3://bucket/prefix (empty: AUDIO_STORE_DIR)")
+    if any(c in rest for c in "?#@\\") or any(ord(c) < 32 or ord(c) == 127 for c in rest):
+        raise ValueError(
+            "expected s3://bucket/prefix without a query, fragment, user name or control"
+            " characters (credentials have their own settings)"
+        )
+    bucket, _, prefix = rest.partition("/")
+    problem = _bucket_problem(bucket)
+    if problem:
+        raise ValueError(f"{problem} (s3://bucket/prefix)")
+    parts = prefix.strip("/").split("/") if prefix.strip("/") else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("the prefix has an empty, '.' or '..' part (s3://bucket/a/b)")
+    return "/".join(["s3:/", bucket, *parts])
+
+
+def _region(raw: str) -> str:
+    value = raw.strip()
+    if not value.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("expected a region name such as us-east-1, auto or garage")
+    return value
 
 
 POOL_TYPES = ("prefork", "solo")
@@ -441,6 +499,26 @@ class AudioSettings:
 
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
     store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
+
+    # Where audio is stored: empty for the filesystem store at AUDIO_STORE_DIR; s3://bucket or
+    # s3://bucket/prefix for an S3-compatible object store (workers/audio/store/).
+    store_url: str = _env("AUDIO_STORE_URL", _store_url, "")
+    # The S3 server (empty: AWS S3), its region, credentials (empty: the AWS_* environment,
+    # then the instance's role), and addressing: auto is path-style when an endpoint is set
+    # (MinIO, SeaweedFS, Garage, Ceph), virtual-hosted (bucket.host) for AWS.
+    s3_endpoint: str = _env("AUDIO_S3_ENDPOINT", _http_url, "")
+    s3_region: str = _env("AUDIO_S3_REGION", _region, "us-east-1")
+    s3_access_key_id: str = _env("AUDIO_S3_ACCESS_KEY_ID", _text, "")
+    s3_secret_access_key: Secret = _env("AUDIO_S3_SECRET_ACCESS_KEY", _secret, Secret(""))
+    s3_path_style: str = _env(
+        "AUDIO_S3_PATH_STYLE", _text, "auto", choices=("auto", "true", "false")
+    )
+    # How long a link shown by `bcfy search` works (S3 presigned URLs: at most 7 days).
+    s3_link_ttl_sec: float = _env("AUDIO_S3_LINK_TTL_SEC", _number, 3600.0, min=1, max=604800)
+    # A local directory for work in progress (downloads, conversions, copies fetched for
+    # recognition). Empty: AUDIO_STORE_DIR/.tmp for the filesystem store (the same filesystem,
+    # so a file is renamed into place), <system temp dir>/bcfy-audio-work for S3.
+    work_dir: str = _env("AUDIO_WORK_DIR", _text, "")
     worker_batch_size: int = _env("AUDIO_WORKER_BATCH_SIZE", _integer, 20, min=1, max=1000)
     # Claimed calls not yet finished, across all audio workers: no claim beyond this many, so
     # a backlog waits in PostgreSQL, not in the broker where leases would run out.
@@ -776,6 +854,10 @@ def _check_consistency(s: Settings) -> list[str]:
         )
     if services.http_read_timeout_sec > services.http_total_timeout_sec:
         problems.append("HTTP_READ_TIMEOUT_SEC must not exceed HTTP_TOTAL_TIMEOUT_SEC")
+    if bool(audio.s3_access_key_id) != bool(audio.s3_secret_access_key):
+        problems.append(
+            "AUDIO_S3_ACCESS_KEY_ID and AUDIO_S3_SECRET_ACCESS_KEY are set together, or neither"
+        )
     if audio.retry_base_sec > audio.retry_max_sec:
         problems.append("AUDIO_RETRY_BASE_SEC must not exceed AUDIO_RETRY_MAX_SEC")
     if audio.max_in_flight < audio.worker_batch_size:
@@ -910,7 +992,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             value = f.metadata["parse"](raw)
         except ValueError as exc:
             # Never echo a secret's value back, even a malformed one, nor a URL's password.
-            shown = "" if f.type in ("Secret",) else f" {redact_url(raw)!r}"
+            # ("@" anywhere: a password urllib did not read as one, e.g. holding a "/".)
+            hide = f.type in ("Secret",) or "@" in raw
+            shown = "" if hide else f" {redact_url(raw)!r}"
             problems.append(f"{name}{shown}: {exc}")
             continue
         problem = _check_field(f, value)

