@@ -39,6 +39,7 @@ import pytest
 import yaml
 from obstore.store import S3Store
 
+from tests.support.env import env_file_text
 from workers.dev.procs import ROOT, wait_until
 from workers.dev.services import free_port
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator
@@ -326,19 +327,6 @@ class Stack:
         )
 
 
-def _env_file(example: str, values: dict[str, str]) -> str:
-    lines, seen = [], set()
-    for line in example.splitlines():
-        name = line.split("=", 1)[0]
-        if not line.startswith("#") and "=" in line and name in values:
-            lines.append(f"{name}={values[name]}")
-            seen.add(name)
-        else:
-            lines.append(line)
-    lines += [f"{name}={value}" for name, value in values.items() if name not in seen]
-    return "\n".join(lines) + "\n"
-
-
 def _stage(stage: Path, env: dict[str, str]) -> None:
     """The checkout as a user has it (git's files, as they are now), with the wheelhouse, the
     override and a .env: the test never touches the checkout's own .env."""
@@ -356,7 +344,7 @@ def _stage(stage: Path, env: dict[str, str]) -> None:
             shutil.copy2(source, stage / name)
     shutil.copytree(WHEELHOUSE, stage / "var" / "wheelhouse")
     (stage / "compose.override.yaml").write_text(OVERRIDE_HEADER + yaml.safe_dump(_override()))
-    (stage / ".env").write_text(_env_file((ROOT / ".env.example").read_text(), env))
+    (stage / ".env").write_text(env_file_text(env))
 
 
 OVERRIDE_HEADER = """\

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from beat_schedule import QUEUES
+from tests.support.env import env_file_text
 from workers.core.processes import worker_argv
 from workers.core.settings import load_settings
 from workers.dev.procs import ROOT
@@ -40,20 +41,6 @@ REQUIRED_ENV = {
 }
 
 
-def env_text(values: dict[str, str]) -> str:
-    """.env.example with these values: each replaces its variable's line, or is added."""
-    lines, seen = [], set()
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        name = line.split("=", 1)[0]
-        if not line.startswith("#") and "=" in line and name in values:
-            lines.append(f"{name}={values[name]}")
-            seen.add(name)
-        else:
-            lines.append(line)
-    lines += [f"{name}={value}" for name, value in values.items() if name not in seen]
-    return "\n".join(lines) + "\n"
-
-
 def compose_command() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -69,7 +56,7 @@ def test_a_compose_binary_accepts_the_file(tmp_path: Path):
     if command is None:
         pytest.skip("no compose binary here (.ci/run installs Debian's docker-compose)")
     shutil.copy(ROOT / "compose.yaml", tmp_path / "compose.yaml")
-    (tmp_path / ".env").write_text(env_text(REQUIRED_ENV))
+    (tmp_path / ".env").write_text(env_file_text(REQUIRED_ENV))
     out = subprocess.run(
         [*command, "-f", "compose.yaml", "config"],
         cwd=tmp_path,
@@ -300,7 +287,7 @@ def _config(tmp_path: Path, env_text: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_resolves_secrets_only_where_they_are_needed(tmp_path: Path):
-    filled = env_text(SECRETS_ENV)
+    filled = env_file_text(SECRETS_ENV)
     out = _config(tmp_path, filled)
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
@@ -337,7 +324,7 @@ def test_another_object_store_is_set_in_env(tmp_path: Path):
         "AUDIO_S3_ENDPOINT": "https://0123abcd.r2.cloudflarestorage.com",
         "AUDIO_S3_REGION": "auto",
     }
-    out = _config(tmp_path, env_text({**SECRETS_ENV, **r2}))
+    out = _config(tmp_path, env_file_text({**SECRETS_ENV, **r2}))
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     for name in WORKERS:
