@@ -80,7 +80,8 @@ worker-notify: install             ## keyword alerts: notifications, the outbox'
 # --- containers (compose.yaml) ------------------------------------------------------------
 .env:
 	cp .env.example .env
-	@echo "made .env from .env.example: set POSTGRES_PASSWORD, REDIS_PASSWORD, FLOWER_BASIC_AUTH and the keys"
+	@echo "made .env from .env.example: set POSTGRES_PASSWORD, REDIS_PASSWORD, FLOWER_BASIC_AUTH,"
+	@echo "AUDIO_S3_ACCESS_KEY_ID, AUDIO_S3_SECRET_ACCESS_KEY (the object store's login) and the keys"
 
 up: .env
 	$(COMPOSE) up -d --build
@@ -96,7 +97,7 @@ logs:
 # wait in Redis for the new one.
 deploy: .env
 	$(COMPOSE) build
-	$(COMPOSE) up -d redis postgres
+	$(COMPOSE) up -d redis postgres seaweedfs
 	$(COMPOSE) run --rm migrate
 	for svc in worker-ingest worker-audio worker-transcription worker-notify beat flower metrics; do \
 	  $(COMPOSE) up -d --no-deps $$svc || exit 1; \

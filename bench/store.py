@@ -13,6 +13,10 @@ timing, warmed with a few calls, and stopped after it; each turn writes to a fre
 prefix. Figures are medians over ROUNDS with their range.
 
 Goal: the object store's throughput >= 0.8 x the filesystem store's (ratio of the medians).
+
+Also the memory a 25 MB original (AUDIO_MAX_BYTES) takes to upload and to fetch back, in a fresh
+process: the RSS high-water mark each step adds (parts of MULTIPART_CHUNK, MULTIPART_CONCURRENCY
+at once, are all an upload should hold; a fetch streams to disk), medians over ROUNDS.
 The SeaweedFS server runs on the same two cores as the workers, PostgreSQL and Redis: its CPU
 is part of what the object store costs here.
 """
@@ -20,8 +24,10 @@ is part of what the object store costs here.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -29,14 +35,71 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import heading, report, rotated, run_bench, servers, spread, start_worker
+from bench._common import ROOT, heading, report, rotated, run_bench, servers, spread, start_worker
 from bench.audio import celery_client, one_round
+from workers.audio.store.s3 import MULTIPART_CHUNK, MULTIPART_CONCURRENCY
 from workers.dev.calls import slow_audio
 from workers.dev.procs import Proc
 from workers.dev.services import s3_server
 from workers.dev.simulator import FeedSimulator
 
 STORES = ("filesystem", "s3")
+LARGE_BYTES = 25_000_000
+
+# Run in a fresh interpreter with the S3 settings in its environment: a large file uploaded,
+# then fetched back; prints how much each step raised the RSS high-water mark over the RSS it
+# started with (KiB; Linux's VmHWM, reset before each step), as JSON.
+MEMORY_CHILD = """
+import asyncio, json, os, sys
+from pathlib import Path
+from workers.audio.store import store_for
+from workers.core.settings import load_settings
+store = store_for(load_settings())
+source = store.work.temp_file(1, "large")
+with open(source, "wb") as f:
+    for _ in range(int(sys.argv[1]) // 1_000_000):
+        f.write(os.urandom(1_000_000))
+from workers.audio.store import file_digest
+_, sha256 = file_digest(source)
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+async def main():
+    marks = []
+    reset_peak()
+    base = status("VmRSS")
+    await store.promote([(source, "bench/large.m4a")])
+    marks.append(status("VmHWM") - base)
+    reset_peak()
+    base = status("VmRSS")
+    copy = await store.fetch("bench/large.m4a", sha256, 1)
+    marks.append(status("VmHWM") - base)
+    store.release(copy)
+    store.work.discard(source)
+    await store.delete(["bench/large.m4a"])
+    return marks
+print(json.dumps(asyncio.run(main())), flush=True)
+os._exit(0)  # no interpreter shutdown right after obstore's async calls (see s3.py)
+"""
+
+
+def large_file_memory(env: dict[str, str], rounds: int) -> list[tuple[float, float]]:
+    """(MB the upload added to the RSS high-water mark, MB the fetch added), per round."""
+    out = []
+    for _ in range(rounds):
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(LARGE_BYTES)],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        uploaded, fetched = json.loads(done.stdout.strip().splitlines()[-1])
+        out.append((uploaded / 1024, fetched / 1024))
+    return out
 
 
 def main() -> None:
@@ -92,6 +155,10 @@ def main() -> None:
                     flush=True,
                 )
         endpoint = s3.endpoint
+        memory = large_file_memory(
+            s3.env(f"bench-store/{uuid.uuid4().hex[:8]}") | {"AUDIO_WORK_DIR": f"{tmp}/mem"},
+            args.rounds,
+        )
 
     rates = {name: [args.calls / e for e, _ in rs] for name, rs in runs.items()}
     rate = {name: statistics.median(r) for name, r in rates.items()}
@@ -117,6 +184,12 @@ def main() -> None:
     lines.append(
         f"goal: object store >= 0.8 x filesystem store -> {'met' if ratio >= 0.8 else 'NOT met'}"
         f" ({ratio:.2f} x; per round {spread(per_round, '.2f')})"
+    )
+    lines.append(
+        f"a {LARGE_BYTES / 1e6:.0f} MB file: its upload adds"
+        f" {spread(m[0] for m in memory)} MB to the RSS high-water mark, its fetch"
+        f" {spread(m[1] for m in memory)} MB (parts of {MULTIPART_CHUNK / 2**20:g} MiB,"
+        f" {MULTIPART_CONCURRENCY} at once)"
     )
     report("store", lines)
 

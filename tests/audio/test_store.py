@@ -19,11 +19,13 @@ import obstore
 import pytest
 
 from tests.support.audio import audio_rows, files_in, truncate_calls
+from tests.support.s3 import FlakyS3
 from workers.audio.store import (
     AudioStore,
     StoreConfigError,
     StoredAudioMismatch,
     StoredAudioMissing,
+    StoreError,
     call_keys,
     store_for,
 )
@@ -156,6 +158,25 @@ def test_a_missing_bucket_or_refused_credentials_name_the_setting(s3_env, tmp_pa
     assert check_store(load_settings(base), write=True) is None
     for text in (str(caught.value), said, str(refused.describe())):
         assert wrong not in text and secret not in text
+
+
+def test_an_s3_server_refusing_for_a_while_is_retried_with_backoff(s3_env, tmp_path) -> None:
+    with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=3) as flaky:
+        s = load_settings(
+            s3_env | {"AUDIO_S3_ENDPOINT": flaky.endpoint, "AUDIO_WORK_DIR": str(tmp_path)}
+        )
+        digests = stored(store_for(s), {KEY: b"through a busy server"})
+        assert flaky.refused == 3 and flaky.passed >= 1, "refused, then retried"
+        assert read(store_for(s), KEY, digests[KEY]) == b"through a busy server"
+        # A server that keeps refusing: a short error once the retries are spent.
+        flaky.failures = 10**6
+        with pytest.raises(StoreError, match="503") as caught:
+            read(store_for(s), KEY, digests[KEY])
+        assert flaky.refused > 3 + 1, "retried before giving up"
+        with pytest.raises(StoreError, match="storing"):  # the first failure, not a group
+            stored(store_for(s), {KEY: b"x", KEY.replace("42.", "43."): b"y"})
+        assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in str(caught.value)
+        assert len(str(caught.value)) < 600
 
 
 # --- the filesystem store's own --------------------------------------------------------------

@@ -2,31 +2,31 @@
 audio pool prepares calls into the bucket and keeps no copy in its work directory; the
 transcription pool reads them from the bucket, refuses one changed behind its back, and leaves
 no fetched copy; a call that fails for good leaves no object (even one an earlier attempt
-uploaded); retention deletes objects with their rows; a worker whose credentials are refused
-does not start; `bcfy search` gives a time-limited link to the audio."""
+uploaded, or one whose commit failed after its upload); retention deletes objects with their
+rows; a worker whose credentials are refused does not start; `bcfy search` gives a
+time-limited link to the audio."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import obstore
 import pytest
 
-from tests.conftest import ROOT
-from tests.support.audio import add_calls, audio_rows, files_in, make_env, start_audio
-from tests.support.procs import start_worker
+from tasks.audio.preparation import CallPreparer
+from tests.support.audio import add_calls, audio_rows, claim, files_in, make_env, start_audio
+from tests.support.procs import refused_start, start_worker
+from tests.support.s3 import FlakyS3
 from tests.support.transcription import start_transcription
 from workers.audio.prepare import ORIGINAL_EXTENSIONS
 from workers.audio.store import call_keys, store_for
 from workers.audio.store.s3 import S3AudioStore
 from workers.core.runtime import Runtime
-from workers.core.settings import load_settings
+from workers.core.settings import Secret, get_settings, load_settings
 from workers.dev.calls import insert_call, publish
 from workers.dev.procs import run_cli, wait_until
 from workers.dev.simulator import AudioFault
@@ -128,6 +128,15 @@ def test_calls_go_through_s3_with_no_shared_directory(
     assert not any(exists(store, k) for k in originals)
     assert all(r["original_path"] is None for c, r in audio_rows(db).items() if c in good)
     assert all(exists(store, audio_rows(db)[c]["prepared_path"]) for c in good)
+    for proc in procs:
+        # The S3 client (obstore, with its runtime's threads) was made in the pool processes,
+        # after the fork, never in a worker's parent process.
+        assert "_obstore" not in Path(f"/proc/{proc.pid}/maps").read_text(), proc.name
+    audio_pool = Path(f"/proc/{procs[0].pid}/task/{procs[0].pid}/children").read_text().split()
+    assert any("_obstore" in Path(f"/proc/{pid}/maps").read_text() for pid in audio_pool)
+    for proc in procs:  # the workers' logs: never the secret, never a signed URL
+        assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in proc.log()
+        assert "X-Amz-Signature" not in proc.log() and "X-Amz-Credential" not in proc.log()
 
 
 def sql_calls(db) -> list[dict]:
@@ -137,21 +146,8 @@ def sql_calls(db) -> list[dict]:
 
 def test_an_audio_worker_whose_credentials_are_refused_does_not_start(clean, s3_env, tmp_path):
     secret = "not-" + s3_env["AUDIO_S3_SECRET_ACCESS_KEY"][::-1]
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "audio"],
-        cwd=ROOT,
-        env={
-            "PATH": os.environ["PATH"],
-            "REDIS_URL": clean.redis_url,
-            "DATABASE_URL": clean.database_url,
-            **s3_env,
-            "AUDIO_S3_SECRET_ACCESS_KEY": secret,
-            "AUDIO_WORK_DIR": str(tmp_path),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = s3_env | {"AUDIO_S3_SECRET_ACCESS_KEY": secret, "AUDIO_WORK_DIR": str(tmp_path)}
+    out = refused_start("audio", clean, env)
     assert out.returncode != 0
     assert "bcfy: cannot start" in out.stderr and "AUDIO_S3_SECRET_ACCESS_KEY" in out.stderr
     assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
@@ -184,3 +180,51 @@ def test_search_shows_a_time_limited_link_to_the_audio_in_s3(db, clean, s3_env, 
     assert text.returncode == 0 and "X-Amz-Signature=" in text.stdout
     assert "link valid until" in text.stdout
     assert s3_env["AUDIO_S3_SECRET_ACCESS_KEY"] not in found.stdout + text.stdout
+
+
+REFUSE_COMMIT = """
+CREATE FUNCTION test_refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN RAISE EXCEPTION 'the commit fails (test)'; END $$;
+CREATE CONSTRAINT TRIGGER test_refuse_ready AFTER UPDATE ON call_audio
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.state = 'ready')
+  EXECUTE FUNCTION test_refuse_commit();
+"""
+
+
+def test_files_uploaded_by_an_attempt_whose_commit_failed_go_when_the_call_fails(
+    db, clean, sim, s3_env, tmp_path
+):
+    call_id, _ = publish(sim, db, sim.add_playlist())
+    (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
+    with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as counted:
+        s = get_settings().with_values(
+            AUDIO_STORE_URL=s3_env["AUDIO_STORE_URL"],
+            AUDIO_S3_ENDPOINT=counted.endpoint,
+            AUDIO_S3_ACCESS_KEY_ID=s3_env["AUDIO_S3_ACCESS_KEY_ID"],
+            AUDIO_S3_SECRET_ACCESS_KEY=Secret(s3_env["AUDIO_S3_SECRET_ACCESS_KEY"]),
+            AUDIO_S3_PATH_STYLE="true",
+            AUDIO_WORK_DIR=str(tmp_path / "work"),
+            AUDIO_ALLOWED_HOSTS=(sim.audio_host,),
+            AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
+            AUDIO_MAX_ATTEMPTS=1,
+        )
+        store = store_for(s)
+        assert isinstance(store, S3AudioStore)
+        db.execute(REFUSE_COMMIT)
+        try:
+            claimed = asyncio.run(claim(clean, s, "test-claim"))
+            rt = Runtime.current()
+            done = rt.run(CallPreparer(s, rt.http, "test-claim", "test:1").run(claimed.call_ids))
+        finally:
+            db.execute("DROP TRIGGER test_refuse_ready ON call_audio")
+            db.execute("DROP FUNCTION test_refuse_commit()")
+            Runtime.shutdown_current()
+        assert done.failed == 1
+        state, code, error = db.execute(
+            "SELECT state, error_code, last_error FROM call_audio WHERE call_id = %s", (call_id,)
+        ).fetchone()
+        assert (state, code) == ("failed", "internal") and "the commit fails" in error
+        prepared = call_keys(call_id, row["playlist_uuid"], row["started_at"], "m4a")[1]
+        uploads = [path for method, path in counted.requests if method == "PUT"]
+        assert any(path.endswith(prepared) for path in uploads), "uploaded before the commit"
+        assert not any(exists(store, k) for k in failed_calls_keys(store, row)), "and gone"

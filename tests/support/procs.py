@@ -60,6 +60,26 @@ def start_worker(
     return proc.started("ready.")
 
 
+def refused_start(
+    queue: str, servers: Servers, env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`celery -A workers.app worker -Q QUEUE` on the session's servers with only `env` (and
+    PATH), run until it exits: a worker whose settings are refused stops at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue],
+        cwd=ROOT,
+        env={
+            "PATH": os.environ["PATH"],
+            "REDIS_URL": servers.redis_url,
+            "DATABASE_URL": servers.database_url,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_beat(
     name: str,
     env: Mapping[str, str],

@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.transcription.dispatch import queued_messages
-from tests.support.procs import start_worker
+from tests.support.procs import refused_start, start_worker
 from tests.support.speech import words_found
 from tests.support.transcription import (
     mark_dispatched,
@@ -29,7 +27,7 @@ from tests.support.transcription import (
 )
 from tests.transcription.conftest import CLIP_TEXT, Calls
 from tests.transcription.fake_openai import Reply, verbose_json
-from workers.dev.procs import ROOT, Proc, wait_until
+from workers.dev.procs import Proc, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -323,19 +321,7 @@ def test_sigkill_of_the_whole_worker_mid_task_ends_with_one_transcript(
     ],
 )
 def test_a_transcription_worker_with_a_misconfigured_backend_does_not_start(env, named, clean):
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "transcription"],
-        cwd=ROOT,
-        env={
-            "PATH": os.environ["PATH"],
-            "REDIS_URL": clean.redis_url,
-            "DATABASE_URL": clean.database_url,
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = refused_start("transcription", clean, env, timeout=60)
     assert out.returncode != 0
     assert "bcfy: cannot start" in out.stderr and named in out.stderr
     assert "Traceback" not in out.stderr

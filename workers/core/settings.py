@@ -499,7 +499,6 @@ class AudioSettings:
 
     # Where audio files are stored (originals and the 16 kHz FLAC made for recognisers).
     store_dir: str = _env("AUDIO_STORE_DIR", _text, "var/audio")
-
     # Where audio is stored: empty for the filesystem store at AUDIO_STORE_DIR; s3://bucket or
     # s3://bucket/prefix for an S3-compatible object store (workers/audio/store/).
     store_url: str = _env("AUDIO_STORE_URL", _store_url, "")

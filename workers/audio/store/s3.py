@@ -2,12 +2,15 @@
 (MinIO, SeaweedFS, Garage, Ceph, R2), through obstore (Rust's object_store).
 
 Why obstore: its calls are awaitables on the process's asyncio loop; it uploads from a file in
-parts (multipart above MULTIPART_CHUNK, at most MULTIPART_CONCURRENCY parts in memory), streams
+parts (multipart above MULTIPART_CHUNK, MULTIPART_CONCURRENCY parts at once), streams
 gets, retries with backoff, signs URLs and speaks path-style, in one small wheel. aiobotocore
 would bring botocore (~100 MB) and leave multipart and its clean-up to us.
 
 obstore runs a tokio runtime, started on first use: the client is made lazily, in the process
 that uses it (never a Celery parent before its fork), and again after a fork (checked by pid).
+A process that exits right after an async obstore call sometimes aborts (SIGABRT: the runtime's
+thread finishing the call meets the interpreter's shutdown): pool processes leave by os._exit,
+the start-up check's child too, and links are signed with the synchronous call.
 
 Atomicity: a PUT, or a multipart upload's completion, makes the object visible whole; before
 that readers see the previous version or nothing. Errors are re-raised as StoreError with a
@@ -44,10 +47,11 @@ from workers.core.settings import AudioSettings, ServiceSettings, split_store_ur
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
-# Objects larger than this are uploaded in parts of this size, this many parts at once: the
-# memory an upload holds is bounded by their product whatever the file's size.
+# Objects larger than this are uploaded in parts of this size, this many parts at once: what an
+# upload holds grows far slower than the file (bench/store.py measures it: about 23 MB for a
+# 25 MB file; 4 at once took some 5 MB more, for no gain on calls, mostly under one part).
 MULTIPART_CHUNK = 5 * 1024 * 1024  # S3's smallest part
-MULTIPART_CONCURRENCY = 4
+MULTIPART_CONCURRENCY = 2
 READ_CHUNK = 1024 * 1024
 CHECK_KEY = ".bcfy-store-check"
 FETCHED_DIR = "fetched"
@@ -97,6 +101,8 @@ class S3AudioStore:
             }
             if a.s3_endpoint:
                 config["endpoint"] = a.s3_endpoint
+            # obstore also reads the AWS_* variables for what this leaves open (the README says
+            # so): credentials from the environment or the instance's role when these are empty.
             if a.s3_access_key_id:
                 config["access_key_id"] = a.s3_access_key_id
                 config["secret_access_key"] = a.s3_secret_access_key.reveal()
@@ -150,8 +156,14 @@ class S3AudioStore:
                 self._raise(exc, "writing to the bucket")
 
     async def promote(self, files: Sequence[tuple[Path, str]]) -> None:
-        """Upload each file (multipart when large), each visible whole or not at all."""
-        await asyncio.gather(*(self._upload(temp, key) for temp, key in files))
+        """Upload each file (multipart when large), each visible whole or not at all; the
+        uploads run at once, and one failing cancels the others."""
+        try:
+            async with asyncio.TaskGroup() as uploads:
+                for temp, key in files:
+                    uploads.create_task(self._upload(temp, key))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
 
     async def _upload(self, temp: Path, key: str) -> None:
         content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
