@@ -38,12 +38,14 @@ they cannot show more CPU than two cores give.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -59,6 +61,7 @@ from workers.core.rows import one_row
 from workers.core.settings import load_settings
 from workers.dev.calls import CLIPS, make_flac, publish, slow_audio
 from workers.dev.procs import Proc, group_cpu_sec, wait_until
+from workers.dev.services import Servers
 from workers.dev.simulator import FeedSimulator
 
 CLAIM_JOB = "tasks.audio.process_pending_audio"
@@ -113,6 +116,62 @@ def celery_client(redis_url: str) -> Celery:
 def trigger(client: Celery) -> None:
     """What ingest does after storing new calls: send the claim job by name."""
     client.send_task(CLAIM_JOB, queue="audio")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every turn of an audio bench runs on: servers, broker client, simulator, database,
+    a scratch directory and where the workers' logs go."""
+
+    services: Servers
+    client: Celery
+    sim: FeedSimulator
+    db: psycopg.Connection
+    tmp: Path
+    logdir: Path
+
+    def turn(
+        self, name: str, calls: int, workers: int, processes: int, **store: str
+    ) -> tuple[float, float]:
+        """Start `workers` audio workers of `processes` each with the settings `store` (where the
+        audio goes, download concurrency), warm them up untimed, time `calls` calls through
+        them (one_round), and stop them."""
+        env = self.services.worker_env(
+            self.tmp,
+            AUDIO_ALLOWED_HOSTS=self.sim.audio_host,
+            AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
+            AUDIO_POOL="prefork",
+            AUDIO_CONCURRENCY=str(processes),
+            LOG_LEVEL="INFO",  # the worker says "ready." at INFO
+            **store,
+        )
+        procs: list[Proc] = []
+        try:
+            for i in range(workers):
+                procs.append(start_worker("audio", f"{name}{i}", env, self.logdir))
+            # Warm-up, untimed: connections, imports in the pool processes.
+            one_round(self.db, self.client, self.sim, 2 * workers * processes, procs)
+            return one_round(self.db, self.client, self.sim, calls, procs)
+        finally:
+            for p in procs:
+                p.stop(timeout=10)
+
+
+@contextlib.contextmanager
+def audio_bench(latency: float, logs: str | None) -> Iterator[Bench]:
+    """The servers, simulator (audio answered `latency` s late) and scratch directory of an
+    audio bench's run; the workers' logs go to `logs` (kept) or the scratch directory."""
+    with (
+        servers() as services,
+        celery_client(services.redis_url) as client,
+        FeedSimulator(seed=1) as sim,
+        TemporaryDirectory() as tmp,
+        services.db() as db,
+    ):
+        slow_audio(sim, latency)
+        logdir = Path(logs or tmp)
+        logdir.mkdir(parents=True, exist_ok=True)
+        yield Bench(services, client, sim, db, Path(tmp), logdir)
 
 
 def conversion_cpu_per_audio_minute(repeats: int = 5) -> float:
@@ -262,38 +321,17 @@ def main() -> None:
     ]
     # Per configuration, per round: (seconds to the last call ready, worker CPU seconds).
     runs: dict[str, list[tuple[float, float]]] = {c.name: [] for c in configs}
-    with (
-        servers() as services,
-        celery_client(services.redis_url) as client,
-        FeedSimulator(seed=1) as sim,
-        TemporaryDirectory() as tmp,
-        services.db() as db,
-    ):
-        slow_audio(sim, args.latency)
-        logdir = Path(args.logs or tmp)
-        logdir.mkdir(parents=True, exist_ok=True)
+    with audio_bench(args.latency, args.logs) as bench:
         for round_no in range(args.rounds):
             for config in rotated(configs, round_no):
-                env = services.worker_env(
-                    Path(tmp),
-                    AUDIO_STORE_DIR=f"{tmp}/store",
-                    AUDIO_ALLOWED_HOSTS=sim.audio_host,
-                    AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
-                    AUDIO_POOL="prefork",
-                    AUDIO_CONCURRENCY=str(config.processes),
+                elapsed, cpu = bench.turn(
+                    "bench",
+                    args.calls,
+                    config.workers,
+                    config.processes,
+                    AUDIO_STORE_DIR=f"{bench.tmp}/store",
                     AUDIO_DOWNLOAD_CONCURRENCY=str(config.concurrency),
-                    LOG_LEVEL="INFO",  # the worker says "ready." at INFO
                 )
-                procs: list[Proc] = []
-                try:
-                    for i in range(config.workers):
-                        procs.append(start_worker("audio", f"bench{i}", env, logdir))
-                    # Warm-up, untimed: connections, imports in the pool processes.
-                    one_round(db, client, sim, 2 * config.workers * config.processes, procs)
-                    elapsed, cpu = one_round(db, client, sim, args.calls, procs)
-                finally:
-                    for p in procs:
-                        p.stop(timeout=10)
                 runs[config.name].append((elapsed, cpu))
                 print(
                     f"round {round_no + 1}/{args.rounds}  {config.name:42}"

@@ -31,17 +31,13 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, heading, report, rotated, run_bench, servers, spread, start_worker
-from bench.audio import celery_client, one_round
+from bench._common import ROOT, heading, report, rotated, run_bench, spread
+from bench.audio import audio_bench
 from workers.audio.store.s3 import MULTIPART_CHUNK, MULTIPART_CONCURRENCY
-from workers.dev.calls import slow_audio
-from workers.dev.procs import Proc
 from workers.dev.services import s3_server
-from workers.dev.simulator import FeedSimulator
 
 STORES = ("filesystem", "s3")
 LARGE_BYTES = 25_000_000
@@ -112,17 +108,8 @@ def main() -> None:
 
     # Per store, per round: (seconds to the last call ready, worker CPU seconds).
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in STORES}
-    with (
-        servers() as services,
-        s3_server() as s3,
-        celery_client(services.redis_url) as client,
-        FeedSimulator(seed=1) as sim,
-        TemporaryDirectory() as tmp,
-        services.db() as db,
-    ):
-        slow_audio(sim, args.latency)
-        logdir = Path(args.logs or tmp)
-        logdir.mkdir(parents=True, exist_ok=True)
+    with audio_bench(args.latency, args.logs) as bench, s3_server() as s3:
+        tmp = bench.tmp
         for round_no in range(args.rounds):
             for store in rotated(list(STORES), round_no):
                 turn = uuid.uuid4().hex[:8]
@@ -131,23 +118,8 @@ def main() -> None:
                     if store == "s3"
                     else {"AUDIO_STORE_DIR": f"{tmp}/store-{turn}"}
                 )
-                env = services.worker_env(
-                    Path(tmp),
-                    AUDIO_ALLOWED_HOSTS=sim.audio_host,
-                    AUDIO_ALLOWED_INTERNAL_NETWORKS="127.0.0.1/32",
-                    AUDIO_POOL="prefork",
-                    AUDIO_CONCURRENCY="2",
-                    LOG_LEVEL="INFO",  # the worker says "ready." at INFO
-                    **where,
-                )
-                procs: list[Proc] = []
-                try:
-                    procs.append(start_worker("audio", f"bench-{store}", env, logdir))
-                    one_round(db, client, sim, 4, procs)  # warm-up, untimed
-                    elapsed, cpu = one_round(db, client, sim, args.calls, procs)
-                finally:
-                    for p in procs:
-                        p.stop(timeout=10)
+                # The shipped pool: one worker of 2 processes, the default download concurrency.
+                elapsed, cpu = bench.turn(f"bench-{store}", args.calls, 1, 2, **where)
                 runs[store].append((elapsed, cpu))
                 print(
                     f"round {round_no + 1}/{args.rounds}  {store:10} "

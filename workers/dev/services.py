@@ -143,13 +143,7 @@ class ThrowawayRedis:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _stop_server(self.proc, self.workdir)
 
 
 @dataclass
@@ -406,14 +400,7 @@ class ThrowawayS3:
         return f"/buckets/{self.bucket}" in names
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        _stop_server(self.proc, self.workdir)
 
 
 def configured_s3() -> S3Service | None:
@@ -449,6 +436,18 @@ def s3_server(host: str = "127.0.0.1", *, reuse: bool = True) -> Iterator[S3Serv
         yield server.service
     finally:
         server.stop()
+
+
+def _stop_server(proc: subprocess.Popen[bytes] | None, workdir: Path) -> None:
+    """Stop a throwaway server (SIGTERM, then SIGKILL after 10 s) and remove its directory."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _wait_for(check: object, what: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
