@@ -138,6 +138,20 @@ def test_a_link_gets_the_audio_until_it_expires(backend: Backend) -> None:
     assert httpx.get(expiring).status_code == 403
 
 
+def test_a_stray_aws_session_token_is_not_sent_with_the_configured_keys(
+    s3_env, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A token of some other account left in the worker's environment: obstore reads AWS_*.
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "stray-token-of-another-account")
+    s = load_settings(s3_env | {"AUDIO_WORK_DIR": str(tmp_path)})
+    store = S3AudioStore(s.audio, s.services)  # its client made with the variable set
+    digests = stored(store, {KEY: b"signed with our keys alone"})
+    assert read(store, KEY, digests[KEY]) == b"signed with our keys alone"
+    link = asyncio.run(store.link(KEY))
+    assert "X-Amz-Security-Token" not in link and "stray-token" not in link
+    assert httpx.get(link).content == b"signed with our keys alone"
+
+
 def test_a_missing_bucket_or_refused_credentials_name_the_setting(s3_env, tmp_path) -> None:
     secret = s3_env["AUDIO_S3_SECRET_ACCESS_KEY"]
     base = s3_env | {"AUDIO_WORK_DIR": str(tmp_path)}

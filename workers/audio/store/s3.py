@@ -45,7 +45,7 @@ from workers.audio.store import (
 from workers.core.settings import AudioSettings, ServiceSettings, split_store_url
 
 if TYPE_CHECKING:
-    from obstore.store import S3Store
+    from obstore.store import S3Credential, S3CredentialProvider, S3Store
 
 # Objects larger than this are uploaded in parts of this size, this many parts at once: what an
 # upload holds grows far slower than the file (bench/store.py measures it: about 23 MB for a
@@ -68,6 +68,23 @@ REFUSED_CODES = frozenset(
     }
 )
 CREDENTIALS = "AUDIO_S3_ACCESS_KEY_ID / AUDIO_S3_SECRET_ACCESS_KEY"
+
+
+def static_credentials(audio: AudioSettings) -> S3CredentialProvider | None:
+    """AUDIO_S3_ACCESS_KEY_ID / AUDIO_S3_SECRET_ACCESS_KEY as obstore's credential provider,
+    None when they are empty. Given as config instead, the keys would be sent with whatever
+    AWS_SESSION_TOKEN the environment holds (obstore reads AWS_* beneath its config, and an
+    empty session_token is sent as an empty token): a stray token of another account would
+    break every signature, or go to an endpoint it was never meant for."""
+    if not audio.s3_access_key_id:
+        return None
+    credential: S3Credential = {
+        "access_key_id": audio.s3_access_key_id,
+        "secret_access_key": audio.s3_secret_access_key.reveal(),
+        "token": None,
+        "expires_at": None,  # static: obstore asks once
+    }
+    return lambda: credential
 
 
 class S3AudioStore:
@@ -103,12 +120,10 @@ class S3AudioStore:
                 config["endpoint"] = a.s3_endpoint
             # obstore also reads the AWS_* variables for what this leaves open (the README says
             # so): credentials from the environment or the instance's role when these are empty.
-            if a.s3_access_key_id:
-                config["access_key_id"] = a.s3_access_key_id
-                config["secret_access_key"] = a.s3_secret_access_key.reveal()
             self._client = S3Store(
                 self.bucket,
                 config=config,  # type: ignore[arg-type]
+                credential_provider=static_credentials(a),
                 client_options={
                     "allow_http": a.s3_endpoint.startswith("http://"),
                     "connect_timeout": timedelta(seconds=s.http_connect_timeout_sec),
