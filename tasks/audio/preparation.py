@@ -333,6 +333,13 @@ class CallPreparer:
             call.call_id, call.playlist_uuid, call.started_at, prepared.extension
         )
         async with db_connection() as conn:
+            # The files are uploaded inside this transaction, the row locked (claims skip locked
+            # rows): should this host stop or lose the network mid-upload, the server ends the
+            # session and its lock once it has been idle this long, not when TCP notices (hours).
+            await conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                (str(int(1000 * stale_temp_age(self.s))),),
+            )
             cur = await conn.execute(
                 MARK_READY,
                 {

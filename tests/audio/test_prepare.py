@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from workers.core.backoff import JITTER
 from workers.core.runtime import Runtime
 from workers.core.settings import Settings, get_settings
 from workers.dev.calls import CLIPS, SILENCE, insert_call, make_flac, make_wav, publish
+from workers.dev.procs import wait_until
 from workers.dev.simulator import AudioFault, FeedSimulator
 from workers.dev.simulator.server import _Answer
 
@@ -306,3 +308,42 @@ def test_a_call_too_long_fails_at_its_first_attempt_and_leaves_no_file(db, clean
     assert (row["state"], row["error_code"], row["attempts"]) == ("failed", "too_long", 1)
     assert "AUDIO_MAX_DURATION_SEC" in row["last_error"]
     assert assert_stored_files_match(db, tmp_path / "store") == 0
+
+
+def test_a_host_stopped_mid_upload_does_not_keep_its_call_locked(
+    db, clean, sim, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    """The files are stored while the call's row is locked. A host that stops (or loses the
+    network) mid-upload says nothing more to the database: its lock must still end, or no
+    other host could ever claim the call (claims skip locked rows)."""
+    s = settings_for(
+        sim, tmp_path, AUDIO_LEASE_SEC=1.0, HTTP_READ_TIMEOUT_SEC=1.0, HTTP_TOTAL_TIMEOUT_SEC=1.0
+    )
+    call, _ = publish(sim, db, sim.add_playlist())
+    claimed = asyncio.run(claim(clean, s, "stalled"))
+    rt = Runtime.current()
+    prep = CallPreparer(s, rt.http, "stalled", "test:1")
+    uploading, resume = threading.Event(), threading.Event()
+
+    async def stalled_upload(files: object) -> None:
+        uploading.set()
+        await asyncio.get_running_loop().run_in_executor(None, resume.wait)
+
+    monkeypatch.setattr(prep.store, "promote", stalled_upload)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(rt.run(prep.run(claimed.call_ids))))
+    worker.start()
+    try:
+        wait_until(uploading.is_set, 60, "the upload to start")
+
+        def claimable() -> bool:
+            sql = "SELECT 1 FROM call_audio WHERE call_id = %s FOR UPDATE SKIP LOCKED"
+            return db.execute(sql, (call,)).fetchone() is not None
+
+        wait_until(claimable, 60, "the stalled host's lock on the call to end")
+    finally:
+        resume.set()
+        worker.join()
+    # Its commit came too late: the call is not ready, but tried again.
+    assert outcome and outcome[0].ready == 0  # type: ignore[attr-defined]
+    assert audio_rows(db)[call]["state"] == "pending"
