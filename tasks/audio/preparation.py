@@ -336,9 +336,12 @@ class CallPreparer:
             # The files are uploaded inside this transaction, the row locked (claims skip locked
             # rows): should this host stop or lose the network mid-upload, the server ends the
             # session and its lock once it has been idle this long, not when TCP notices (hours).
+            # This host gives up first, at half that: the upload is cancelled and the row
+            # rolled back, rather than an upload finishing after the server ended the session.
+            locked_for = stale_temp_age(self.s)
             await conn.execute(
                 "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-                (str(int(1000 * stale_temp_age(self.s))),),
+                (str(int(1000 * locked_for)),),
             )
             cur = await conn.execute(
                 MARK_READY,
@@ -365,7 +368,13 @@ class CallPreparer:
                 return AudioOutcome.LEASE_LOST
             # Uploaded (or renamed) while the row is locked; should the commit then fail, the
             # call is tried again (same keys) or fails for good, and forget_call removes them.
-            await self.store.promote([(original, original_key), (flac, prepared_key)])
+            try:
+                async with asyncio.timeout(locked_for / 2):
+                    await self.store.promote([(original, original_key), (flac, prepared_key)])
+            except TimeoutError:
+                raise AudioFailure(
+                    "store_timeout", f"storing the files took over {locked_for / 2:g}s"
+                ) from None
         return AudioOutcome.READY
 
     async def mark_failed(self, call: ClaimedCall, failure: AudioFailure) -> AudioOutcome:

@@ -341,6 +341,8 @@ def test_a_host_stopped_mid_upload_does_not_keep_its_call_locked(
             return db.execute(sql, (call,)).fetchone() is not None
 
         wait_until(claimable, 60, "the stalled host's lock on the call to end")
+        # The host gave its upload up by itself (it does not wait on the stalled store).
+        wait_until(lambda: bool(outcome), 60, "the stalled host to give up its upload")
     finally:
         resume.set()
         worker.join()
