@@ -31,7 +31,7 @@ from workers.audio.store import (
 )
 from workers.audio.store.check import check_store
 from workers.audio.store.filesystem import FilesystemAudioStore
-from workers.audio.store.s3 import MULTIPART_CHUNK, S3AudioStore
+from workers.audio.store.s3 import FETCHED_STALE_SEC, MULTIPART_CHUNK, S3AudioStore
 from workers.core.settings import Settings, SettingsError, load_settings
 from workers.dev.calls import insert_call
 from workers.dev.procs import run_cli
@@ -111,6 +111,21 @@ def test_an_object_changed_behind_the_stores_back_is_refused_on_read(backend: Ba
     with pytest.raises(StoredAudioMismatch, match="sha256"):
         read(backend.store, KEY, digests[KEY])
     assert files_in(backend.store.work.path) == [], "the bad copy is not kept"
+
+
+def test_copies_left_by_killed_readers_are_removed_by_later_reads(s3_env, tmp_path) -> None:
+    """A transcription process killed while recognising (its hard time limit) leaves its fetched
+    copy; a later read on the host removes copies that old, and keeps fresh ones (a reader in
+    another process may be using them)."""
+    store = store_for(load_settings(s3_env | {"AUDIO_WORK_DIR": str(tmp_path / "work")}))
+    assert isinstance(store, S3AudioStore)
+    digests = stored(store, {KEY: b"audio"})
+    old, fresh = store.fetched.temp_file(7, "fetched"), store.fetched.temp_file(8, "fetched")
+    stale = time.time() - FETCHED_STALE_SEC - 60
+    os.utime(old, (stale, stale))
+    assert read(store, KEY, digests[KEY]) == b"audio"
+    assert not old.exists()
+    assert fresh.exists()
 
 
 def test_deleted_objects_are_gone_and_deleting_twice_is_fine(backend: Backend) -> None:

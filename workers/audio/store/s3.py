@@ -55,6 +55,10 @@ MULTIPART_CONCURRENCY = 2
 READ_CHUNK = 1024 * 1024
 CHECK_KEY = ".bcfy-store-check"
 FETCHED_DIR = "fetched"
+# A fetched copy untouched this long has no reader: one call's recognition ends within
+# TRANSCRIBE_TIME_LIMIT_SEC, below the broker's visibility timeout (an hour by default). Copies a
+# killed process left are removed by the next fetch on the host.
+FETCHED_STALE_SEC = 6 * 3600.0
 # The server's answer to a request it refused for its credentials or permissions.
 REFUSED_CODES = frozenset(
     {
@@ -198,6 +202,7 @@ class S3AudioStore:
         """Stream the object into a local temporary file, hashing as it comes; a copy whose
         sha256 differs from the recorded one is removed and refused."""
         self.fetched.discard_temps(call_id)  # what an earlier, killed reader left
+        self.fetched.sweep_temps(FETCHED_STALE_SEC)  # and what killed readers of others left
         dest = self.fetched.temp_file(call_id, "fetched")
         try:
             digest = hashlib.sha256()
