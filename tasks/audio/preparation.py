@@ -52,20 +52,31 @@ async def forget_calls(
     """Calls that failed for good leave nothing in the store: an earlier attempt may have
     stored their files and then failed to commit, or died between the two. The keys are known
     up to the original's extension, so every possible one is named (a missing key is fine)."""
-    keys = sorted(
-        {
-            key
-            for call_id, playlist_uuid, started_at in calls
-            for extension in ORIGINAL_EXTENSIONS
-            for key in call_keys(call_id, playlist_uuid, started_at, extension)
-        }
-    )
-    if not keys:
+    owners = {
+        key: call_id
+        for call_id, playlist_uuid, started_at in calls
+        for extension in ORIGINAL_EXTENSIONS
+        for key in call_keys(call_id, playlist_uuid, started_at, extension)
+    }
+    if not owners:
         return
+    keys = sorted(owners)
     try:
         await store.delete(keys)
     except Exception as exc:
-        log.warning("audio: could not remove the stored files of failed calls: %s", exc)
+        # The store is down or refuses: the keys go to retention's trash list, whose run
+        # removes them later (keys a call_audio row names again are kept).
+        log.warning(
+            "audio: could not remove the stored files of failed calls now (%s); "
+            "the next maintenance run removes them",
+            exc,
+        )
+        async with db_connection() as conn:
+            await conn.execute(
+                "INSERT INTO audio_file_trash (key, call_id)"
+                " SELECT * FROM unnest(%s::text[], %s::bigint[]) ON CONFLICT (key) DO NOTHING",
+                (keys, [owners[k] for k in keys]),
+            )
 
 
 async def forget_call_ids(store: AudioStore, call_ids: list[int]) -> None:

@@ -17,7 +17,7 @@ import httpx
 import obstore
 import pytest
 
-from tasks.audio.preparation import CallPreparer
+from tasks.audio.preparation import CallPreparer, ChunkOutcome
 from tests.support.audio import add_calls, audio_rows, claim, files_in, make_env, start_audio
 from tests.support.procs import refused_start, start_worker
 from tests.support.s3 import FlakyS3
@@ -26,7 +26,7 @@ from workers.audio.prepare import ORIGINAL_EXTENSIONS
 from workers.audio.store import call_keys, store_for
 from workers.audio.store.s3 import S3AudioStore
 from workers.core.runtime import Runtime
-from workers.core.settings import Secret, get_settings, load_settings
+from workers.core.settings import Secret, Settings, get_settings, load_settings
 from workers.dev.calls import insert_call, publish
 from workers.dev.procs import run_cli, wait_until
 from workers.dev.simulator import AudioFault
@@ -191,34 +191,44 @@ CREATE CONSTRAINT TRIGGER test_refuse_ready AFTER UPDATE ON call_audio
 """
 
 
+def through_proxy(s3_env: dict[str, str], proxy: FlakyS3, sim, tmp_path: Path) -> Settings:
+    """In-process audio settings on the S3 store behind `proxy`, one attempt per call."""
+    return get_settings().with_values(
+        AUDIO_STORE_URL=s3_env["AUDIO_STORE_URL"],
+        AUDIO_S3_ENDPOINT=proxy.endpoint,
+        AUDIO_S3_ACCESS_KEY_ID=s3_env["AUDIO_S3_ACCESS_KEY_ID"],
+        AUDIO_S3_SECRET_ACCESS_KEY=Secret(s3_env["AUDIO_S3_SECRET_ACCESS_KEY"]),
+        AUDIO_S3_PATH_STYLE="true",
+        AUDIO_WORK_DIR=str(tmp_path / "work"),
+        AUDIO_ALLOWED_HOSTS=(sim.audio_host,),
+        AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
+        AUDIO_MAX_ATTEMPTS=1,
+    )
+
+
+def prepare_refusing_commit(db, clean, s: Settings) -> ChunkOutcome:
+    """Prepare the pending call in this process with its commit refused (a trigger)."""
+    db.execute(REFUSE_COMMIT)
+    try:
+        claimed = asyncio.run(claim(clean, s, "test-claim"))
+        rt = Runtime.current()
+        return rt.run(CallPreparer(s, rt.http, "test-claim", "test:1").run(claimed.call_ids))
+    finally:
+        db.execute("DROP TRIGGER test_refuse_ready ON call_audio")
+        db.execute("DROP FUNCTION test_refuse_commit()")
+        Runtime.shutdown_current()
+
+
 def test_files_uploaded_by_an_attempt_whose_commit_failed_go_when_the_call_fails(
     db, clean, sim, s3_env, tmp_path
 ):
     call_id, _ = publish(sim, db, sim.add_playlist())
     (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
     with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as counted:
-        s = get_settings().with_values(
-            AUDIO_STORE_URL=s3_env["AUDIO_STORE_URL"],
-            AUDIO_S3_ENDPOINT=counted.endpoint,
-            AUDIO_S3_ACCESS_KEY_ID=s3_env["AUDIO_S3_ACCESS_KEY_ID"],
-            AUDIO_S3_SECRET_ACCESS_KEY=Secret(s3_env["AUDIO_S3_SECRET_ACCESS_KEY"]),
-            AUDIO_S3_PATH_STYLE="true",
-            AUDIO_WORK_DIR=str(tmp_path / "work"),
-            AUDIO_ALLOWED_HOSTS=(sim.audio_host,),
-            AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
-            AUDIO_MAX_ATTEMPTS=1,
-        )
+        s = through_proxy(s3_env, counted, sim, tmp_path)
         store = store_for(s)
         assert isinstance(store, S3AudioStore)
-        db.execute(REFUSE_COMMIT)
-        try:
-            claimed = asyncio.run(claim(clean, s, "test-claim"))
-            rt = Runtime.current()
-            done = rt.run(CallPreparer(s, rt.http, "test-claim", "test:1").run(claimed.call_ids))
-        finally:
-            db.execute("DROP TRIGGER test_refuse_ready ON call_audio")
-            db.execute("DROP FUNCTION test_refuse_commit()")
-            Runtime.shutdown_current()
+        done = prepare_refusing_commit(db, clean, s)
         assert done.failed == 1
         state, code, error = db.execute(
             "SELECT state, error_code, last_error FROM call_audio WHERE call_id = %s", (call_id,)
@@ -228,3 +238,30 @@ def test_files_uploaded_by_an_attempt_whose_commit_failed_go_when_the_call_fails
         uploads = [path for method, path in counted.requests if method == "PUT"]
         assert any(path.endswith(prepared) for path in uploads), "uploaded before the commit"
         assert not any(exists(store, k) for k in failed_calls_keys(store, row)), "and gone"
+
+
+def test_files_of_a_failed_call_the_store_would_not_delete_go_with_the_next_maintenance(
+    db, clean, sim, s3_env, tmp_path
+):
+    """The store refuses the deletes when the call fails for good: its files are listed in
+    retention's trash, and the next maintenance run removes them."""
+    call_id, _ = publish(sim, db, sim.add_playlist())
+    (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
+    with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as proxy:
+        s = through_proxy(s3_env, proxy, sim, tmp_path)
+        store = store_for(s)
+        assert isinstance(store, S3AudioStore)
+        proxy.refuse_deletes = True
+        assert prepare_refusing_commit(db, clean, s).failed == 1
+        keys = failed_calls_keys(store, row)
+        prepared = call_keys(call_id, row["playlist_uuid"], row["started_at"], "m4a")[1]
+        assert exists(store, prepared), "uploaded, and not deleted (the store refused)"
+        trash = db.execute("SELECT key, call_id FROM audio_file_trash").fetchall()
+        assert sorted(trash) == [(k, call_id) for k in keys]
+        proxy.refuse_deletes = False
+        from tasks.maintenance.jobs import run_maintenance
+
+        Runtime.current().run(run_maintenance(s))
+        Runtime.shutdown_current()
+        assert not any(exists(store, k) for k in keys)
+    assert db.execute("SELECT count(*) FROM audio_file_trash").fetchone() == (0,)

@@ -35,13 +35,15 @@ def s3_settings(env: dict[str, str], **extra: str) -> Settings:
 
 class FlakyS3:
     """A proxy in front of the S3 server that answers the first `failures` requests with 503
-    SlowDown (as S3 does under load), then passes everything through: real HTTP both ways."""
+    SlowDown (as S3 does under load), then passes everything through (deletes refused while
+    `refuse_deletes` is set): real HTTP both ways."""
 
     def __init__(self, target: str, failures: int) -> None:
         self.target = target.rstrip("/")
         self.failures = failures
         self.refused = 0
         self.passed = 0
+        self.refuse_deletes = False  # deletes answered 403 AccessDenied (not retried) while set
         self.requests: list[tuple[str, str]] = []  # (method, path) of each passed through
         proxy = self
 
@@ -52,6 +54,12 @@ class FlakyS3:
             def relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                deleting = self.command == "DELETE" or "?delete" in self.path
+                if proxy.refuse_deletes and deleting:
+                    self.send_response(403)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if proxy.refused < proxy.failures:
                     proxy.refused += 1
                     self.send_response(503)
