@@ -144,10 +144,14 @@ def sql_calls(db) -> list[dict]:
     return [dict(zip(("call_id", "playlist_uuid", "started_at"), r, strict=True)) for r in cur]
 
 
-def test_an_audio_worker_whose_credentials_are_refused_does_not_start(clean, s3_env, tmp_path):
+@pytest.mark.parametrize("queue", ["audio", "transcription", "ingest"])
+def test_a_worker_whose_store_credentials_are_refused_does_not_start(
+    queue, clean, s3_env, tmp_path
+):
+    """Every pool that touches the store (ingest: retention's deletes) checks it at start."""
     secret = "not-" + s3_env["AUDIO_S3_SECRET_ACCESS_KEY"][::-1]
     env = s3_env | {"AUDIO_S3_SECRET_ACCESS_KEY": secret, "AUDIO_WORK_DIR": str(tmp_path)}
-    out = refused_start("audio", clean, env)
+    out = refused_start(queue, clean, env)
     assert out.returncode != 0
     assert "bcfy: cannot start" in out.stderr and "AUDIO_S3_SECRET_ACCESS_KEY" in out.stderr
     assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
