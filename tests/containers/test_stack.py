@@ -577,6 +577,41 @@ def test_the_audio_is_in_the_object_store_and_no_worker_shares_a_directory(stack
     assert S3_SECRET not in logs
 
 
+# Asked from worker-ingest: for each request, the HTTP status it gets.
+_UNAUTHENTICATED = """
+import json, sys, urllib.error, urllib.request
+out = []
+for method, url in json.loads(sys.argv[1]):
+    try:
+        out.append(urllib.request.urlopen(urllib.request.Request(url, method=method)).status)
+    except urllib.error.HTTPError as exc:
+        out.append(exc.code)
+print(json.dumps(out))
+"""
+
+
+def test_the_object_store_refuses_other_containers_without_its_login(stack: Stack):
+    # Another container on the network reaches SeaweedFS's filer, master and volume ports, but
+    # without the S3 login (and the keys and certificate only seaweedfs has) it may not read,
+    # write or delete through them: the audio is behind the S3 gateway alone.
+    key = _bucket_keys(stack)[0]
+    requests = [
+        ("GET", f"http://seaweedfs:8888/buckets/{BUCKET}/{key}"),
+        ("GET", f"http://seaweedfs:8888/buckets/{BUCKET}/"),
+        ("DELETE", f"http://seaweedfs:8888/buckets/{BUCKET}/{key}"),
+        ("GET", "http://seaweedfs:9333/dir/assign"),
+        ("GET", "http://seaweedfs:9333/dir/lookup?volumeId=1"),
+    ]
+    shown = stack.compose(
+        "exec", "-T", "worker-ingest", "python3", "-c", _UNAUTHENTICATED, json.dumps(requests)
+    )  # fmt: skip
+    statuses = json.loads(shown.strip().splitlines()[-1])
+    refused = [status in (401, 403) for status in statuses]
+    assert all(refused), list(zip(requests, statuses, strict=True))
+    # The object is still there, whole, for the workers' login.
+    assert key in _bucket_keys(stack)
+
+
 def _bucket_keys(stack: Stack) -> list[str]:
     """Every key in the bucket, listed by the seaweedfs container's address on the network."""
     ctr = json.loads(stack.engine.podman("inspect", str(stack.running("seaweedfs")["Id"])))[0]

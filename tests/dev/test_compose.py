@@ -110,7 +110,7 @@ def test_exactly_one_beat_and_one_pool_per_queue():
 def test_data_lives_in_volumes():
     assert "pgdata:/var/lib/postgresql/data" in SERVICES["postgres"]["volumes"]
     assert "seaweedfs:/data" in SERVICES["seaweedfs"]["volumes"]
-    assert set(COMPOSE["volumes"]) == {"pgdata", "redis", "seaweedfs", "beat"}
+    assert set(COMPOSE["volumes"]) == {"pgdata", "redis", "seaweedfs", "seaweedfs-tls", "beat"}
 
 
 def test_no_directory_is_shared_between_pools():
@@ -126,6 +126,8 @@ def test_no_directory_is_shared_between_pools():
     for name, service in SERVICES.items():
         for volume in service.get("volumes", []):
             users.setdefault(volume.split(":", 1)[0], []).append(name)
+    # seaweedfs-tls (the object store's certificate) is made by the one-shot of that name.
+    assert users.pop("seaweedfs-tls") == ["seaweedfs", "seaweedfs-tls"]
     assert all(len(names) == 1 for names in users.values()), users
 
 
@@ -160,13 +162,42 @@ def test_the_object_store_makes_its_bucket_at_start_and_is_healthy_once_it_is_th
     assert "-master.telemetry=false" in store["command"]
     check = " ".join(store["healthcheck"]["test"])
     assert "127.0.0.1:8333/healthz" in check
-    assert "/buckets/$$S3_BUCKET/" in check
+    # The bucket is asked of the S3 API with the login (the filer answers no one without a
+    # token), which curl reads from stdin rather than its command line.
+    assert "--aws-sigv4" in check and '"http://127.0.0.1:8333/$$S3_BUCKET"' in check
+    assert "-K -" in check and "$$AWS_SECRET_ACCESS_KEY" in check.split("|")[0]
     assert store["restart"] == "unless-stopped"
     # Its login is the workers' one, from .env: an identity SeaweedFS makes from AWS_*.
     assert store["environment"]["AWS_ACCESS_KEY_ID"].startswith("${AUDIO_S3_ACCESS_KEY_ID:?")
     assert store["environment"]["AWS_SECRET_ACCESS_KEY"].startswith(
         "${AUDIO_S3_SECRET_ACCESS_KEY:?"
     )
+
+
+def test_the_object_stores_other_ports_refuse_other_containers():
+    # Only S3 (8333) is for clients; `weed mini` binds its filer, master, volume and admin
+    # ports to the same address, so each refuses what does not come from inside the container.
+    store = SERVICES["seaweedfs"]
+    assert "-whiteList=127.0.0.1,@" in store["command"]  # master and volume admin HTTP
+    # Filer and volume HTTP: tokens signed with four keys made at each start, in the process's
+    # environment (security.toml's [jwt.*] keys), never in compose.yaml or .env.
+    script = store["entrypoint"][2]
+    assert store["entrypoint"][:2] == ["/bin/sh", "-c"] and store["entrypoint"][3:] == ["weed"]
+    assert "SIGNING SIGNING_READ FILER_SIGNING FILER_SIGNING_READ" in script
+    assert '"WEED_JWT_$${key}_KEY=$$(head -c 32 /dev/urandom | base64)"' in script
+    assert script.endswith('exec /usr/bin/weed -logtostderr=true "$$@"')
+    assert not any(name.startswith("WEED_JWT") for name in store["environment"])
+    # gRPC: mutual TLS for every component, with a certificate from a CA whose key is deleted
+    # once it has signed it (no other client certificate can be made).
+    assert store["environment"]["WEED_GRPC_CA"] == "/tls/ca.crt"
+    assert "for part in MASTER VOLUME FILER S3 ADMIN WORKER CLIENT" in script
+    assert "seaweedfs-tls:/tls:ro" in store["volumes"]
+    assert store["depends_on"]["seaweedfs-tls"]["condition"] == "service_completed_successfully"
+    tls = SERVICES["seaweedfs-tls"]
+    assert tls["restart"] == "no" and "user" not in tls  # the image's user, not root
+    made = tls["command"][2]
+    assert '-keyout "$$ca/ca.key"' in made and 'rm -rf "$$ca"' in made
+    assert "[ -s node.crt ] && exit 0" in made  # made once, kept in its volume
 
 
 def test_the_object_store_is_the_version_the_tests_run():
