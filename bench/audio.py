@@ -291,12 +291,19 @@ def memory_report(code: Path, rounds: int) -> list[str]:
     return lines
 
 
-def main() -> None:
+def audio_bench_arguments() -> argparse.ArgumentParser:
+    """The options every audio bench takes: calls per turn, the audio's latency, rounds, and
+    where to keep the workers' logs."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--logs", help="keep the workers' logs in this directory")
+    return ap
+
+
+def main() -> None:
+    ap = audio_bench_arguments()
     ap.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="instead of the default"
     )

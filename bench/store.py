@@ -23,7 +23,6 @@ is part of what the object store costs here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, heading, report, rotated, run_bench, spread
-from bench.audio import audio_bench
+from bench.audio import audio_bench, audio_bench_arguments
 from workers.audio.store.s3 import MULTIPART_CHUNK, MULTIPART_CONCURRENCY
 from workers.dev.services import s3_server
 
@@ -99,12 +98,7 @@ def large_file_memory(env: dict[str, str], rounds: int) -> list[tuple[float, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--latency", type=float, default=0.2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--logs", help="keep the workers' logs in this directory")
-    args = ap.parse_args()
+    args = audio_bench_arguments().parse_args()
 
     # Per store, per round: (seconds to the last call ready, worker CPU seconds).
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in STORES}

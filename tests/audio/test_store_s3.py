@@ -195,9 +195,12 @@ CREATE CONSTRAINT TRIGGER test_refuse_ready AFTER UPDATE ON call_audio
 """
 
 
-def through_proxy(s3_env: dict[str, str], proxy: FlakyS3, sim, tmp_path: Path) -> Settings:
-    """In-process audio settings on the S3 store behind `proxy`, one attempt per call."""
-    return get_settings().with_values(
+def through_proxy(
+    s3_env: dict[str, str], proxy: FlakyS3, sim, tmp_path: Path
+) -> tuple[Settings, S3AudioStore]:
+    """In-process audio settings on the S3 store behind `proxy`, one attempt per call; and
+    that store."""
+    s = get_settings().with_values(
         AUDIO_STORE_URL=s3_env["AUDIO_STORE_URL"],
         AUDIO_S3_ENDPOINT=proxy.endpoint,
         AUDIO_S3_ACCESS_KEY_ID=s3_env["AUDIO_S3_ACCESS_KEY_ID"],
@@ -208,6 +211,9 @@ def through_proxy(s3_env: dict[str, str], proxy: FlakyS3, sim, tmp_path: Path) -
         AUDIO_ALLOWED_INTERNAL_NETWORKS=("127.0.0.1/32",),
         AUDIO_MAX_ATTEMPTS=1,
     )
+    store = store_for(s)
+    assert isinstance(store, S3AudioStore)
+    return s, store
 
 
 def prepare_refusing_commit(db, clean, s: Settings) -> ChunkOutcome:
@@ -229,9 +235,7 @@ def test_files_uploaded_by_an_attempt_whose_commit_failed_go_when_the_call_fails
     call_id, _ = publish(sim, db, sim.add_playlist())
     (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
     with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as counted:
-        s = through_proxy(s3_env, counted, sim, tmp_path)
-        store = store_for(s)
-        assert isinstance(store, S3AudioStore)
+        s, store = through_proxy(s3_env, counted, sim, tmp_path)
         done = prepare_refusing_commit(db, clean, s)
         assert done.failed == 1
         state, code, error = db.execute(
@@ -252,9 +256,7 @@ def test_files_of_a_failed_call_the_store_would_not_delete_go_with_the_next_main
     call_id, _ = publish(sim, db, sim.add_playlist())
     (row,) = [r for r in sql_calls(db) if r["call_id"] == call_id]
     with FlakyS3(s3_env["AUDIO_S3_ENDPOINT"], failures=0) as proxy:
-        s = through_proxy(s3_env, proxy, sim, tmp_path)
-        store = store_for(s)
-        assert isinstance(store, S3AudioStore)
+        s, store = through_proxy(s3_env, proxy, sim, tmp_path)
         proxy.refuse_deletes = True
         assert prepare_refusing_commit(db, clean, s).failed == 1
         keys = failed_calls_keys(store, row)
