@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -476,11 +477,12 @@ def _remove(stack: Stack) -> None:
     """`down --volumes`, then whatever compose left of this project (by its label), the network
     and the app image."""
     engine = stack.engine
+    label = f"label=com.docker.compose.project={PROJECT}"
+    containers = engine.podman("ps", "--all", "--quiet", "--no-trunc", "--filter", label).split()
     try:
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=900)
     except (AssertionError, subprocess.SubprocessError) as exc:
         say(f"compose down: {exc}")
-    label = f"label=com.docker.compose.project={PROJECT}"
     for ctr in engine.podman("ps", "--all", "--quiet", "--filter", label).split():
         engine.podman("rm", "--force", "--volumes", ctr, check=False)
     for volume in engine.podman("volume", "ls", "--quiet", "--filter", label).split():
@@ -489,6 +491,28 @@ def _remove(stack: Stack) -> None:
     engine.podman("rmi", "--force", APP_IMAGE, check=False)
     # The build stage's image, untagged once the build is done.
     engine.podman("image", "prune", "--force", "--filter", "dangling=true", check=False)
+    left = _kill_monitors_of(containers)
+    if left:
+        say(f"stopped {left} conmon processes that outlived their containers")
+
+
+def _kill_monitors_of(containers: list[str]) -> int:
+    """Kill the conmon processes still watching these (removed) containers: an exec session's
+    monitor, started through the Docker API, was seen to outlive its container."""
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"conmon") or b"-c" not in argv:
+            continue
+        watched = argv[argv.index(b"-c") + 1 :][:1]
+        if watched and watched[0].decode(errors="replace") in containers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+    return killed
 
 
 # --- what an operator sees ---------------------------------------------------------------------
