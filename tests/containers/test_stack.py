@@ -224,6 +224,7 @@ class Stack:
     compose_argv: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)  # wall clock: process start times
 
     def compose(self, *args: str, timeout: float = EVENT_TIMEOUT) -> str:
         out = subprocess.run(
@@ -478,7 +479,6 @@ def _remove(stack: Stack) -> None:
     and the app image."""
     engine = stack.engine
     label = f"label=com.docker.compose.project={PROJECT}"
-    containers = engine.podman("ps", "--all", "--quiet", "--no-trunc", "--filter", label).split()
     try:
         stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=900)
     except (AssertionError, subprocess.SubprocessError) as exc:
@@ -491,24 +491,35 @@ def _remove(stack: Stack) -> None:
     engine.podman("rmi", "--force", APP_IMAGE, check=False)
     # The build stage's image, untagged once the build is done.
     engine.podman("image", "prune", "--force", "--filter", "dangling=true", check=False)
-    left = _kill_monitors_of(containers)
+    existing = set(engine.podman("ps", "--all", "--quiet", "--no-trunc").split())
+    left = _kill_orphan_monitors(existing, stack.started)
     if left:
         say(f"stopped {left} conmon processes that outlived their containers")
 
 
-def _kill_monitors_of(containers: list[str]) -> int:
-    """Kill the conmon processes still watching these (removed) containers: an exec session's
-    monitor, started through the Docker API, was seen to outlive its container."""
+def _kill_orphan_monitors(existing: set[str], since: float) -> int:
+    """Kill the conmon processes started since `since` that watch a container podman no longer
+    has: exec sessions' monitors, started through the Docker API, were seen to outlive their
+    containers (16 after one run)."""
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    ticks = os.sysconf("SC_CLK_TCK")
     killed = 0
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            # Field 22 of stat, after the parenthesised name: start time, in ticks since boot.
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            born = boot + int(stat[19]) / ticks
+        except (OSError, IndexError, ValueError):
             continue
-        if not argv or not argv[0].endswith(b"conmon") or b"-c" not in argv:
+        if not argv[0].endswith(b"conmon") or b"-c" not in argv or born < since:
             continue
         watched = argv[argv.index(b"-c") + 1 :][:1]
-        if watched and watched[0].decode(errors="replace") in containers:
+        if watched and watched[0].decode(errors="replace") not in existing:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed += 1
